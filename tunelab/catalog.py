@@ -1,0 +1,101 @@
+"""The embedded SQLite catalog: one row per run (training, evaluation, ...), with lineage.
+
+Schema changes are numbered migrations applied in order; ``PRAGMA user_version`` records
+how far a database has come, so an old workspace upgrades itself on open.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+MIGRATIONS: list[str] = [
+    # 1: runs
+    """
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        name TEXT,
+        status TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        dir TEXT NOT NULL,
+        parent_id TEXT,
+        base_model TEXT,
+        dataset_id TEXT,
+        config_json TEXT,
+        metrics_json TEXT
+    );
+    CREATE INDEX runs_kind ON runs(kind);
+    CREATE INDEX runs_parent ON runs(parent_id);
+    """,
+]
+
+
+class Catalog:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._migrate()
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30)
+        con.row_factory = sqlite3.Row
+        return con
+
+    def _migrate(self) -> None:
+        with self._connect() as con:
+            version = con.execute("PRAGMA user_version").fetchone()[0]
+            for i, sql in enumerate(MIGRATIONS[version:], start=version + 1):
+                con.executescript(sql)
+                con.execute(f"PRAGMA user_version = {i}")
+
+    def add_run(self, *, id: str, kind: str, dir: Path, name: str | None = None, status: str = "running",
+                parent_id: str | None = None, base_model: str | None = None, dataset_id: str | None = None,
+                config: dict | None = None) -> None:
+        now = time.time()
+        with self._connect() as con:
+            con.execute(
+                "INSERT OR REPLACE INTO runs (id, kind, name, status, created_at, updated_at, dir, parent_id,"
+                " base_model, dataset_id, config_json, metrics_json) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (id, kind, name, status, now, now, str(dir), parent_id, base_model, dataset_id,
+                 json.dumps(config or {}, default=str), None),
+            )
+
+    def update_run(self, id: str, *, status: str | None = None, metrics: dict | None = None) -> None:
+        sets, args = ["updated_at = ?"], [time.time()]
+        if status is not None:
+            sets.append("status = ?")
+            args.append(status)
+        if metrics is not None:
+            sets.append("metrics_json = ?")
+            args.append(json.dumps(metrics, default=str))
+        with self._connect() as con:
+            con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, id))
+
+    def get_run(self, id: str) -> dict[str, Any] | None:
+        with self._connect() as con:
+            row = con.execute("SELECT * FROM runs WHERE id = ?", (id,)).fetchone()
+        return _row(row) if row else None
+
+    def list_runs(self, kind: str | None = None, parent_id: str | None = None) -> list[dict[str, Any]]:
+        q, args = "SELECT * FROM runs WHERE 1=1", []
+        if kind:
+            q += " AND kind = ?"
+            args.append(kind)
+        if parent_id:
+            q += " AND parent_id = ?"
+            args.append(parent_id)
+        with self._connect() as con:
+            rows = con.execute(q + " ORDER BY created_at", args).fetchall()
+        return [_row(r) for r in rows]
+
+
+def _row(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["config"] = json.loads(d.pop("config_json") or "{}")
+    d["metrics"] = json.loads(d.pop("metrics_json") or "null")
+    return d

@@ -1,0 +1,208 @@
+"""The tunelab command line: a thin map from commands to library functions (no logic here).
+
+Heavy libraries (torch, transformers, peft) are imported inside the commands, so
+``tunelab --help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from tunelab.errors import TunelabError
+
+app = typer.Typer(help="tunelab: data → fine-tuning → evaluation → serving, on your own machine.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+models_app = typer.Typer(help="Pull and list models.", no_args_is_help=True)
+runs_app = typer.Typer(help="List and inspect runs in the catalog.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(runs_app, name="runs")
+
+WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="TUNELAB_WORKSPACE",
+                            help="workspace folder (default ./tunelab-workspace)")
+
+
+def guarded(fn):
+    """User mistakes become one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*a, **kw):
+        try:
+            return fn(*a, **kw)
+        except TunelabError as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted; continue with --resume RUN_ID", fg="yellow", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _ws(path):
+    from tunelab.workspace import Workspace
+
+    return Workspace.resolve(path)
+
+
+@app.command()
+@guarded
+def train(
+    recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (recipe: sft, model:, data:, ...)"),
+    set_: list[str] = typer.Option([], "--set", help="override a field: --set train.learning_rate=1e-4"),
+    resume: Optional[str] = typer.Option(None, "--resume", help="continue run RUN_ID from its last checkpoint"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Train a model from a recipe; prints a summary and the run id."""
+    from tunelab import recipes
+
+    ws = _ws(workspace)
+    if resume:
+        import yaml
+
+        run_dir = ws.run_dir(resume)
+        name = yaml.safe_load((run_dir / "config.yaml").read_text())["recipe"]
+        cls, fn = recipes.get(name)
+        summary = fn(None, ws, resume=resume)
+    else:
+        if recipe is None:
+            raise TunelabError("give a recipe file, or --resume RUN_ID")
+        cfg, fn = recipes.load_recipe(recipe, set_)
+        summary = fn(cfg, ws)
+    _print_summary(summary)
+
+
+@app.command()
+@guarded
+def validate(recipes_: list[Path] = typer.Argument(..., metavar="RECIPE...", help="recipe files"),
+             set_: list[str] = typer.Option([], "--set")):
+    """Check recipe files without running them; every problem is listed."""
+    from tunelab import recipes
+
+    for r in recipes_:
+        recipes.load_recipe(r, set_)
+        typer.echo(f"ok: {r}")
+
+
+@app.command("eval")
+@guarded
+def eval_(
+    run: str = typer.Argument(..., help="run id (or prefix, or folder)"),
+    data: Optional[Path] = typer.Option(None, help="held-out file (default: the recipe's data.test)"),
+    limit: Optional[int] = typer.Option(None, help="evaluate the first N examples"),
+    no_base: bool = typer.Option(False, "--no-base", help="skip the base model"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Evaluate base vs tuned on the same held-out set with fixed decoding."""
+    from tunelab.eval.run import evaluate_run, print_eval
+
+    res = evaluate_run(run, _ws(workspace), data=data, limit=limit, with_base=not no_base)
+    print_eval(res)
+
+
+@app.command()
+@guarded
+def report(run: str = typer.Argument(...), workspace: Optional[Path] = WorkspaceOpt):
+    """(Re)write a run's self-contained report.html."""
+    from tunelab.eval.run import report_run
+
+    typer.echo(str(report_run(run, _ws(workspace))))
+
+
+@app.command()
+@guarded
+def demo(
+    workspace: Optional[Path] = WorkspaceOpt,
+    set_: list[str] = typer.Option([], "--set", help="override a field of the demo recipe"),
+):
+    """The main job: pull SmolLM2-135M-Instruct, LoRA-tune it on support tickets, evaluate, report."""
+    from tunelab.demo import run_demo
+
+    run_demo(_ws(workspace), set_)
+
+
+@models_app.command("pull")
+@guarded
+def models_pull(name: str, force: bool = typer.Option(False, help="rebuild even if present"),
+                workspace: Optional[Path] = WorkspaceOpt):
+    """Build a ready HF folder for a packaged model (or download a hub id) into the model cache."""
+    from tunelab.models import pull
+
+    typer.echo(str(pull(name, _ws(workspace), force=force)))
+
+
+@models_app.command("list")
+@guarded
+def models_list(workspace: Optional[Path] = WorkspaceOpt):
+    """Packaged models and models in the cache."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.models import list_models
+
+    t = Table("name", "kind", "wheel installed", "pulled", "path / how to get it")
+    for m in list_models(_ws(workspace)):
+        t.add_row(m["name"], m["kind"], "yes" if m["installed"] else "no", "yes" if m["pulled"] else "no",
+                  m["path"] or (m["how"] if not m["installed"] else f"tunelab models pull {m['name']}"))
+    Console().print(t)
+
+
+@runs_app.command("list")
+@guarded
+def runs_list(kind: Optional[str] = None, workspace: Optional[Path] = WorkspaceOpt):
+    """Runs in the catalog, oldest first."""
+    import datetime as dt
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("id", "kind", "status", "created", "base model", "dataset", "key metrics")
+    for r in _ws(workspace).catalog().list_runs(kind=kind):
+        m = r["metrics"] or {}
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(m.items())[:4])
+        t.add_row(r["id"], r["kind"], r["status"], dt.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M"),
+                  r["base_model"] or "", r["dataset_id"] or "", shown)
+    Console().print(t)
+
+
+@runs_app.command("show")
+@guarded
+def runs_show(run: str, workspace: Optional[Path] = WorkspaceOpt):
+    """Everything the catalog and the run folder know about a run."""
+    import json
+
+    ws = _ws(workspace)
+    d = ws.run_dir(run)
+    row = ws.catalog().get_run(d.name) or {}
+    out = {"catalog": row}
+    for name in ("summary.json", "lineage.json"):
+        if (d / name).exists():
+            out[name.removesuffix(".json")] = json.loads((d / name).read_text())
+    out["children"] = [r["id"] for r in ws.catalog().list_runs(parent_id=d.name)]
+    out["files"] = sorted(p.name for p in d.iterdir())
+    typer.echo(json.dumps(out, indent=2, default=str))
+
+
+def _print_summary(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"run {s.get('run_id')}", show_header=False)
+    for k in ("status", "method", "steps", "early_stopped", "best_step", "best_eval_loss", "final_train_loss",
+              "tokens_per_s", "trainable_params", "trainable_percent", "train_runtime_s", "output"):
+        if k in s:
+            v = s[k]
+            t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(t)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Reading records and mapping formats to canonical (TRL-named) records."""

@@ -1,0 +1,362 @@
+"""A self-contained HTML report for one fine-tuning run.
+
+``write_report`` writes ``<run_dir>/report.html`` plus ``<run_dir>/plots/*.png``. The plots are
+also embedded in the HTML as base64 ``data:`` URIs and the CSS is inline, so the report opens
+offline as a single file. Every value taken from the run is HTML-escaped; missing or NaN
+numbers are shown as "—".
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+MAX_SAMPLES = 20
+DASH = "—"
+
+# Metrics where a lower value is better; every other metric is higher-is-better.
+LOWER_IS_BETTER = {"perplexity", "ppl"}
+# Display order for known metrics; unknown ones follow alphabetically.
+METRIC_ORDER = ["rougeL", "rouge1", "rouge2", "rougeLsum", "bleu", "chrf", "exact_match", "perplexity"]
+# Metrics reported on a 0-100 scale, divided by 100 for the bounded bar chart.
+PERCENT_SCALE = {"bleu", "chrf"}
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:1200px;
+padding:0 1rem;color:#1d1d1f;line-height:1.45}
+h1{margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
+.muted{color:#666;font-size:.9rem}
+table{border-collapse:collapse;margin:.5rem 0}
+th,td{border:1px solid #ddd;padding:.3rem .6rem;text-align:left;vertical-align:top}
+th{background:#f5f5f7}td.num{text-align:right;font-variant-numeric:tabular-nums}
+td.best{font-weight:700}.up{color:#1a7f37}.down{color:#c62828}
+pre{background:#f6f8fa;border:1px solid #e1e4e8;padding:.6rem;overflow:auto;white-space:pre-wrap;
+word-break:break-word;font-size:.85rem;margin:.2rem 0}
+img{max-width:100%;height:auto;border:1px solid #eee}
+.sample{border:1px solid #ddd;border-radius:6px;padding:.6rem;margin:1rem 0}
+.cols{display:grid;grid-template-columns:repeat(auto-fit,minmax(240px,1fr));gap:.6rem}
+.label{font-weight:600;font-size:.85rem;color:#444}
+"""
+
+
+def write_report(
+    run_dir: Path,
+    *,
+    title: str,
+    config: dict,
+    summary: dict,
+    metrics_rows: list[dict],
+    eval_metrics: dict | None = None,
+    samples: list[dict] | None = None,
+    lineage: dict | None = None,
+    environment: dict | None = None,
+) -> Path:
+    """Write ``report.html`` (and ``plots/*.png``) into ``run_dir``; return the HTML path."""
+    run_dir = Path(run_dir)
+    plots_dir = run_dir / "plots"
+    plots_dir.mkdir(parents=True, exist_ok=True)
+
+    loss_png = _loss_plot(metrics_rows, summary)
+    _atomic_write(plots_dir / "loss.png", loss_png)
+    metrics_png = _metrics_plot(eval_metrics) if eval_metrics else None
+    if metrics_png is not None:
+        _atomic_write(plots_dir / "metrics.png", metrics_png)
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="muted">Generated {_esc(time.strftime("%Y-%m-%d %H:%M:%S %Z"))}</p>',
+        "<h2>Summary</h2>",
+        _summary_table(summary),
+        "<h2>Training</h2>",
+        _img(loss_png, "Training and validation loss by step"),
+        "<h2>Evaluation</h2>",
+        _eval_section(eval_metrics, metrics_png),
+        "<h2>Samples</h2>",
+        _samples_section(samples or []),
+        "<h2>Config</h2>",
+        _pre_json(config),
+    ]
+    if lineage is not None:
+        parts += ["<h2>Lineage</h2>", _pre_json(lineage)]
+    if environment is not None:
+        parts += ["<h2>Environment</h2>", _pre_json(environment)]
+    parts.append("</body></html>\n")
+
+    out = run_dir / "report.html"
+    _atomic_write(out, "\n".join(parts).encode("utf-8"))
+    return out
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any) -> float | None:
+    """``value`` as a finite float, or None if it is missing, not a number, NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    f = float(value)
+    return f if math.isfinite(f) else None
+
+
+def _fmt(value: Any) -> str:
+    """Display text (unescaped) for one value; None and NaN become a dash."""
+    if value is None:
+        return DASH
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return DASH
+        if math.isinf(value):
+            return "∞" if value > 0 else "−∞"
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list, tuple)):
+        return _json(value, indent=None)
+    return str(value)
+
+
+def _json(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(obj, indent=indent, ensure_ascii=False, default=str)
+
+
+def _pre_json(obj: Any) -> str:
+    return f"<pre>{_esc(_json(obj))}</pre>"
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested dicts as dotted keys: ``{"examples": {"kept": 3}}`` -> ``[("examples.kept", 3)]``."""
+    items: list[tuple[str, Any]] = []
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            items += _flatten(value, f"{name}.")
+        else:
+            items.append((name, value))
+    return items
+
+
+def _summary_table(summary: dict) -> str:
+    if not summary:
+        return '<p class="muted">No summary.</p>'
+    rows = "".join(
+        f'<tr><th scope="row">{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>' for k, v in _flatten(summary)
+    )
+    return f"<table>{rows}</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _model_order(names: list[str]) -> list[str]:
+    """``base`` first, ``tuned`` second, the rest as given."""
+    head = [n for n in ("base", "tuned") if n in names]
+    return head + [n for n in names if n not in head]
+
+
+def _metric_order(names: set[str]) -> list[str]:
+    known = [m for m in METRIC_ORDER if m in names]
+    return known + sorted(names - set(known))
+
+
+def _better(metric: str, base: float, tuned: float) -> str:
+    """``"tuned"``, ``"base"`` or ``"tie"`` for one metric."""
+    if tuned == base:
+        return "tie"
+    tuned_wins = tuned < base if metric.lower() in LOWER_IS_BETTER else tuned > base
+    return "tuned" if tuned_wins else "base"
+
+
+def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
+    models: dict[str, dict] = (eval_metrics or {}).get("models") or {}
+    if not models:
+        return '<p class="muted">No evaluation was run.</p>'
+    names = _model_order(list(models))
+    metrics = _metric_order({m for scores in models.values() for m in (scores or {})})
+    compare = "base" in models and "tuned" in models
+
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    if compare:
+        head += "<th>tuned − base</th><th>better</th>"
+    rows = []
+    for metric in metrics:
+        values = {n: (models[n] or {}).get(metric) for n in names}
+        b, t = _num(values.get("base")), _num(values.get("tuned"))
+        both = compare and b is not None and t is not None
+        best = _better(metric, b, t) if both else None
+        cells = "".join(
+            f'<td class="num{" best" if n == best else ""}">{_esc(_fmt(values[n]))}</td>' for n in names
+        )
+        if compare:
+            delta = f"{t - b:+.4g}" if both else DASH
+            css = {"tuned": "up", "base": "down"}.get(best or "", "")
+            cells += f'<td class="num">{_esc(delta)}</td><td class="{css}">{_esc(best or DASH)}</td>'
+        rows.append(f"<tr><th scope=\"row\">{_esc(metric)}</th>{cells}</tr>")
+
+    note = "Lower is better for perplexity; higher is better for the rest."
+    n = eval_metrics.get("n_examples") if eval_metrics else None
+    parts = [
+        f'<p class="muted">{_esc(f"{_fmt(n)} examples. " if n is not None else "")}{_esc(note)}</p>',
+        f"<table><thead><tr><th>metric</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>",
+    ]
+    if metrics_png is not None:
+        parts.append(_img(metrics_png, "Bounded metrics by model"))
+    details = {k: v for k, v in (eval_metrics or {}).items() if k not in ("models", "n_examples")}
+    if details:
+        parts.append(_pre_json(details))
+    return "\n".join(parts)
+
+
+def _samples_section(samples: list[dict]) -> str:
+    if not samples:
+        return '<p class="muted">No samples.</p>'
+    shown = samples[:MAX_SAMPLES]
+    parts = [f'<p class="muted">Showing {len(shown)} of {len(samples)}.</p>']
+    for i, s in enumerate(shown):
+        outputs = s.get("outputs") or {}
+        cols = [("reference", s.get("reference"))] + [(n, outputs[n]) for n in _model_order(list(outputs))]
+        col_html = "".join(
+            f'<div><div class="label">{_esc(name)}</div><pre>{_esc(_text(text))}</pre></div>' for name, text in cols
+        )
+        parts.append(
+            f'<div class="sample"><div class="label">#{_esc(s.get("id", i))} · prompt</div>'
+            f'<pre>{_esc(_text(s.get("prompt")))}</pre><div class="cols">{col_html}</div></div>'
+        )
+    return "\n".join(parts)
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return DASH
+    return value if isinstance(value, str) else _json(value)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _new_figure(width: float, height: float):
+    """A figure drawn by the Agg canvas, without touching pyplot's global backend."""
+    from tunelab._optional import require
+
+    require("matplotlib", "eval")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
+    """Steps and values of ``key`` for the rows where both are finite numbers."""
+    pairs = ((_num(r.get("step")), _num(r.get(key))) for r in rows)
+    points = sorted((s, v) for s, v in pairs if s is not None and v is not None)
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def _loss_plot(rows: list[dict], summary: dict) -> bytes:
+    """Training and validation loss vs step, marking the best checkpoint and the early stop."""
+    fig = _new_figure(8, 4.5)
+    ax = fig.add_subplot()
+    train_x, train_y = _series(rows, "loss")
+    val_x, val_y = _series(rows, "eval_loss")
+    if train_x:
+        ax.plot(train_x, train_y, color="#1f77b4", linewidth=1.2, label="training loss")
+    if val_x:
+        ax.plot(val_x, val_y, color="#ff7f0e", marker="o", markersize=4, label="validation loss")
+    if not (train_x or val_x):
+        ax.text(0.5, 0.5, "no loss values recorded", ha="center", va="center", transform=ax.transAxes)
+
+    markers = [(summary.get("best_step"), "best checkpoint", "#2ca02c", "--")]
+    if summary.get("early_stopped"):
+        markers.append((summary.get("stopped_step"), "early stop", "#d62728", ":"))
+    for step, label, color, style in markers:
+        x = _num(step)
+        if x is None:
+            continue
+        ax.axvline(x, color=color, linestyle=style, linewidth=1.2, label=f"{label} (step {_fmt(step)})")
+        ax.text(x, 0.98, f"{label} ", color=color, rotation=90, ha="right", va="top",
+                fontsize=8, transform=ax.get_xaxis_transform())
+
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=4, fontsize=8, frameon=False)
+    return _png(fig)
+
+
+def _bounded(metric: str, value: Any) -> float | None:
+    """The metric on a 0-1 scale if it belongs in the bar chart, else None."""
+    v = _num(value)
+    if v is None:
+        return None
+    if metric.lower().startswith("rouge") or metric == "exact_match":
+        return v
+    if metric in PERCENT_SCALE:
+        return v / 100
+    return None
+
+
+def _metrics_plot(eval_metrics: dict) -> bytes | None:
+    """Grouped bars per bounded metric (rouge*, bleu/100, chrf/100, exact_match), one bar per model."""
+    models: dict[str, dict] = eval_metrics.get("models") or {}
+    names = _model_order(list(models))
+    metrics = [m for m in _metric_order({m for s in models.values() for m in (s or {})})
+               if any(_bounded(m, (models[n] or {}).get(m)) is not None for n in names)]
+    if not metrics:
+        return None
+
+    fig = _new_figure(max(6, 1.2 * len(metrics) + 2), 4)
+    ax = fig.add_subplot()
+    width = 0.8 / len(names)
+    top = 1.0
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(metrics))]
+        ys = [_bounded(m, (models[name] or {}).get(m)) for m in metrics]
+        top = max([top] + [y for y in ys if y is not None])
+        ax.bar(xs, [math.nan if y is None else y for y in ys], width=width, label=name)
+    labels = [f"{m}/100" if m in PERCENT_SCALE else m for m in metrics]
+    ax.set_xticks(range(len(metrics)), labels)
+    ax.set_ylim(0, top * 1.05 if top > 1 else 1)
+    ax.set_ylabel("score (0–1)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+# --------------------------------------------------------------------------- io
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path.tmp`` and rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

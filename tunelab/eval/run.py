@@ -1,0 +1,230 @@
+"""``tunelab eval``: the base and the tuned model on the same held-out set, fixed decoding.
+
+Writes ``<run>/eval/{base,tuned}.jsonl`` (one row per example), ``<run>/eval/metrics.json``,
+records the evaluation in the catalog as a child of the run, and refreshes ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.workspace import Workspace, read_jsonl, write_json
+
+
+def _load_cfg(run_dir: Path):
+    import yaml
+
+    from tunelab import config as cfglib
+    from tunelab import recipes
+
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+    cls, _ = recipes.get(raw.get("recipe", "sft"))
+    return cfglib.validate(cls, raw, str(run_dir / "config.yaml"))
+
+
+def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
+             desc: str = "generate") -> tuple[list[str], list[dict]]:
+    """Greedy decoding, left-padded batches. Returns texts and per-example timing/token counts."""
+    import torch
+    from tqdm.auto import tqdm
+
+    pad = tokenizer.pad_token_id
+    texts, stats = [], []
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
+    out_text: dict[int, str] = {}
+    out_stat: dict[int, dict] = {}
+    model.eval()
+    with tqdm(total=len(prompts), desc=desc, unit="ex", dynamic_ncols=True) as bar:
+        for b in range(0, len(order), batch_size):
+            idx = order[b: b + batch_size]
+            n = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), n), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), n), dtype=torch.long)
+            for row, i in enumerate(idx):
+                p = prompts[i]
+                ids[row, n - len(p):] = torch.tensor(p)
+                mask[row, n - len(p):] = 1
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                     do_sample=False, num_beams=1, pad_token_id=pad,
+                                     eos_token_id=tokenizer.eos_token_id)
+            dt = time.perf_counter() - t0
+            for row, i in enumerate(idx):
+                new = gen[row, n:].tolist()
+                if tokenizer.eos_token_id in new:
+                    new = new[: new.index(tokenizer.eos_token_id)]
+                out_text[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
+                out_stat[i] = {"new_tokens": len(new), "batch_time_s": round(dt, 4)}
+            bar.update(len(idx))
+    texts = [out_text[i] for i in range(len(prompts))]
+    stats = [out_stat[i] for i in range(len(prompts))]
+    return texts, stats
+
+
+def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[float, int]:
+    """Summed NLL of reference responses (teacher forcing) and the number of scored tokens."""
+    import torch
+
+    from tunelab.train._numerics import PadCollator, masked_nll
+
+    collate = PadCollator(pad_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(feats), batch_size):
+            batch = collate(feats[b: b + batch_size])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            nll, n = masked_nll(logits, batch["labels"])
+            total += float(nll)
+            count += n
+    return total, count
+
+
+def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int | None = None,
+                 with_base: bool = True) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.eval import metrics as M
+    from tunelab.models import resolve
+    from tunelab.train._numerics import prompt_ids, tokenize_all_chats
+    from tunelab.train.sft import load_chats
+
+    transformers.logging.set_verbosity_error()
+    run_dir = ws.run_dir(ref)
+    run_id = run_dir.name
+    cfg = _load_cfg(run_dir)
+    data_path = str(data) if data else cfg.data.test
+    if not data_path:
+        raise TunelabError("no held-out set: give --data FILE or set data.test in the recipe")
+    rejects: list[dict] = []
+    chats = load_chats(data_path, cfg.data, rejects, limit or cfg.eval.limit)
+    if not chats:
+        raise TunelabError(f"no usable examples in {data_path} ({len(rejects)} rejected)")
+    adapter = run_dir / "adapter"
+    full = run_dir / "model"
+    if not adapter.is_dir() and not full.is_dir():
+        raise TunelabError(f"run {run_id} has no trained weights yet (no adapter/ or model/); finish it with "
+                           f"'tunelab train --resume {run_id}'")
+    tuned_dir = adapter if adapter.is_dir() else full
+    tokenizer = AutoTokenizer.from_pretrained(tuned_dir)  # saved with the run: same chat template
+    base_path = resolve(cfg.model.name, ws)
+
+    prompts = [prompt_ids(tokenizer, c) for c in chats]
+    refs = [c[-1]["content"] for c in chats]
+    feats, _ = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
+    gen_cfg = {"strategy": "greedy", "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
+
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        tuned = PeftModel.from_pretrained(base, adapter)
+    else:
+        tuned = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)
+
+    def score(model, name: str) -> tuple[dict, list[dict]]:
+        t0 = time.perf_counter()
+        preds, gstats = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
+                                 desc=f"eval {name}")
+        gen_s = time.perf_counter() - t0
+        nll, n = response_nll(model, feats, cfg.eval.batch_size, tokenizer.pad_token_id)
+        m = M.text_metrics(preds, refs)
+        m["perplexity"] = M.perplexity(nll, n)
+        new_tokens = sum(s["new_tokens"] for s in gstats)
+        m["generated_tokens"] = new_tokens
+        m["generation_s"] = round(gen_s, 3)
+        m["generation_tokens_per_s"] = round(new_tokens / gen_s, 2) if gen_s > 0 else None
+        per = M.rouge_per_example(preds, refs)
+        rows = [{"index": i, "prompt": chats[i][-2]["content"] if len(chats[i]) > 1 else "",
+                 "reference": refs[i], "prediction": preds[i], "rougeL": per[i]["rougeL"], **gstats[i]}
+                for i in range(len(chats))]
+        return m, rows
+
+    results: dict[str, dict] = {}
+    rows_by_model: dict[str, list[dict]] = {}
+    results["tuned"], rows_by_model["tuned"] = score(tuned, "tuned")
+    if with_base:
+        if adapter.is_dir():
+            with tuned.disable_adapter():
+                results["base"], rows_by_model["base"] = score(tuned, "base")
+        else:
+            results["base"], rows_by_model["base"] = score(base, "base")
+
+    out = run_dir / "eval"
+    out.mkdir(exist_ok=True)
+    for name, rows in rows_by_model.items():
+        tmp = out / f"{name}.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        tmp.replace(out / f"{name}.jsonl")
+    order = ["base", "tuned"] if "base" in results else ["tuned"]
+    res = {"run_id": run_id, "data": str(Path(data_path).resolve()), "n_examples": len(chats),
+           "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order}}
+    write_json(out / "metrics.json", res)
+    eval_id = f"eval-{run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    cat = ws.catalog()
+    cat.add_run(id=eval_id, kind="eval", dir=out, parent_id=run_id, base_model=cfg.model.name, status="completed",
+                config={"data": data_path, "limit": limit, "decoding": gen_cfg})
+    cat.update_run(eval_id, metrics={f"{m}_{k}": v for m, r in res["models"].items() for k, v in r.items()
+                                     if k in ("rougeL", "bleu", "perplexity")})
+    res["report"] = str(report_run(run_id, ws))
+    return res
+
+
+def report_run(ref: str, ws: Workspace) -> Path:
+    """Gather a run's files and write its report.html."""
+    from tunelab.eval.report import write_report
+
+    run_dir = ws.run_dir(ref)
+
+    def _json(name):
+        p = run_dir / name
+        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else None
+
+    import yaml
+
+    ev = _json("eval/metrics.json")
+    samples = None
+    if ev:
+        per = {m: read_jsonl(run_dir / "eval" / f"{m}.jsonl") for m in ev["models"]}
+        first = next(iter(per.values()))
+        samples = [{"id": r["index"], "prompt": r["prompt"], "reference": r["reference"],
+                    "outputs": {m: per[m][i]["prediction"] for m in per if i < len(per[m])}}
+                   for i, r in enumerate(first)]
+    return write_report(
+        run_dir,
+        title=f"tunelab run {run_dir.name}",
+        config=yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")),
+        summary=_json("summary.json") or {"run_id": run_dir.name, "status": "not finished"},
+        metrics_rows=read_jsonl(run_dir / "metrics.jsonl"),
+        eval_metrics=ev,
+        samples=samples,
+        lineage=_json("lineage.json"),
+        environment=_json("environment.json"),
+    )
+
+
+def print_eval(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    models = list(res["models"])
+    t = Table(title=f"held-out evaluation: {res['n_examples']} examples, greedy decoding")
+    t.add_column("metric")
+    for m in models:
+        t.add_column(m, justify="right")
+    if len(models) == 2:
+        t.add_column("tuned − base", justify="right")
+    for k in ("rougeL", "rouge1", "rouge2", "bleu", "chrf", "exact_match", "perplexity", "generation_tokens_per_s"):
+        vals = [res["models"][m].get(k) for m in models]
+        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in vals]
+        if len(models) == 2 and all(isinstance(v, (int, float)) for v in vals):
+            cells.append(f"{vals[1] - vals[0]:+.4f}")
+        t.add_row(k, *cells)
+    Console().print(t)
+    if res.get("report"):
+        Console().print(f"report: {res['report']}")

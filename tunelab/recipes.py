@@ -1,0 +1,32 @@
+"""Named recipes: ``recipe:`` in a YAML file → (config class, run function), imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from tunelab.errors import ConfigError
+
+RECIPES: dict[str, str] = {
+    "sft": "tunelab.train.sft:SFTConfig:run",
+}
+
+
+def get(name: str):
+    if name not in RECIPES:
+        raise ConfigError([f"recipe: unknown recipe '{name}'; known: {', '.join(sorted(RECIPES))}"])
+    mod, cls, fn = RECIPES[name].split(":")
+    m = importlib.import_module(mod)
+    return getattr(m, cls), getattr(m, fn)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None):
+    """Read a recipe file; return (config, run function)."""
+    from tunelab import config as cfglib
+
+    raw = cfglib.apply_overrides(cfglib.load_yaml(path), overrides or [])
+    name = raw.get("recipe")
+    if not name:
+        raise ConfigError([f"recipe: missing; say which recipe this is ({', '.join(sorted(RECIPES))})"], str(path))
+    cls, fn = get(str(name))
+    return cfglib.validate(cls, raw, str(path)), fn

@@ -1,0 +1,57 @@
+"""Config sections shared by recipes (DESIGN principle 5): model, data, lora, train, eval."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from tunelab.config import Strict
+
+
+class ModelSection(Strict):
+    name: str = Field(description="packaged name, local HF folder or hub id")
+
+
+class ChatDataSection(Strict):
+    train: str = Field(description="training file (.jsonl, .jsonl.gz, .json, .csv)")
+    validation: str | None = Field(None, description="validation file; or use validation_split")
+    validation_split: float = Field(0.0, ge=0.0, lt=0.5, description="share of train held out by content hash")
+    test: str | None = Field(None, description="held-out test file for tunelab eval")
+    format: Literal["auto", "alpaca", "prompt_completion", "messages"] = "auto"
+    system_prompt: str | None = Field(None, description="system message put before each chat that has none")
+    max_length: int = Field(512, ge=8, description="tokens; longer examples are truncated and counted")
+    limit: int | None = Field(None, ge=1, description="use only the first N training records")
+
+
+class LoraSection(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | str = "all-linear"
+
+
+class TrainSection(Strict):
+    learning_rate: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides epochs)")
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    weight_decay: float = Field(0.0, ge=0.0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    seed: int = 42
+    eval_every: int = Field(50, ge=1, description="steps between validation passes (and checkpoints)")
+    early_stopping_patience: int | None = Field(3, ge=1, description="stop after N evals without improvement")
+    save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the best one is always kept)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool | None = Field(None, description="None: chosen per device (off on CPU)")
+    group_by_length: bool = Field(True, description="batch similar lengths together: less padding")
+
+
+class GenerationSection(Strict):
+    max_new_tokens: int = Field(96, ge=1)
+    batch_size: int = Field(16, ge=1)
+    limit: int | None = Field(None, ge=1, description="evaluate on the first N test records")
+

@@ -1,0 +1,1 @@
+"""Training recipes, one file per method, sharing numerics from _numerics.py."""

@@ -1,0 +1,93 @@
+"""Trainer callbacks: metrics.jsonl (loss, validation loss, lr, tokens/s per step) and a progress bar."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+class MetricsJsonl(TrainerCallback):
+    """Append one JSON row per logged step to ``metrics.jsonl`` with tokens/s over that step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._t0 = None
+        self._tokens0 = 0
+        self._last = None
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t0 = time.perf_counter()
+        self._tokens0 = state.num_input_tokens_seen
+
+    def on_step_end(self, args, state, control, **kw):
+        dt = time.perf_counter() - self._t0 if self._t0 else float("nan")
+        tokens = state.num_input_tokens_seen - self._tokens0
+        self._last = {"step_time_s": round(dt, 4), "step_tokens": int(tokens),
+                      "tokens_per_s": round(tokens / dt, 2) if dt > 0 else None}
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
+        if "eval_loss" in logs:
+            row["eval_loss"] = logs["eval_loss"]
+            row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50))
+        elif "loss" in logs:
+            row.update({k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if k in logs})
+            row["tokens_seen"] = state.num_input_tokens_seen
+            if self._last:
+                row.update(self._last)
+        else:
+            return  # end-of-training summary logs go to summary.json instead
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+class Progress(TrainerCallback):
+    """One tqdm bar for the run with the latest loss and validation loss."""
+
+    def __init__(self, desc: str = "train"):
+        self.desc = desc
+        self.bar = None
+        self.post: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kw):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
+                        dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = logs or {}
+        if "loss" in logs:
+            self.post["loss"] = f"{logs['loss']:.3f}"
+        if "eval_loss" in logs:
+            self.post["val"] = f"{logs['eval_loss']:.3f}"
+        if self.bar:
+            self.bar.set_postfix(self.post, refresh=False)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar:
+            self.bar.close()
+            self.bar = None
+
+
+def truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop rows logged after ``after_step`` (work lost to an interruption, redone on resume)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    path.write_text("".join(x + "\n" for x in keep), encoding="utf-8")

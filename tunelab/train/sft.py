@@ -1,0 +1,279 @@
+"""Instruction tuning (SFT): LoRA or full fine-tuning of a causal LM on chat/instruction records.
+
+    tunelab train examples/sft_lora_support.yaml [--set train.epochs=2] [--resume RUN_ID]
+
+Top to bottom: resolve the model → tokenizer (+ chat template) → data (masked labels,
+truncation counted) → model (+ LoRA) → transformers Trainer with validation, early
+stopping and checkpoints → save the best adapter/model with the tokenizer → summary.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from tunelab import config as cfglib
+from tunelab.config import Strict
+from tunelab.errors import TunelabError
+from tunelab.sections import ChatDataSection, GenerationSection, LoraSection, ModelSection, TrainSection
+from tunelab.workspace import Workspace, sha256_file, write_json
+
+
+class SFTConfig(Strict):
+    """Recipe for instruction tuning."""
+
+    recipe: Literal["sft"] = "sft"
+    name: str | None = Field(None, description="a short name used in the run id")
+    model: ModelSection
+    data: ChatDataSection
+    method: Literal["lora", "full"] = "lora"
+    lora: LoraSection = LoraSection()
+    train: TrainSection = TrainSection()
+    eval: GenerationSection = GenerationSection()
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_chats(path: str, data: ChatDataSection, rejects: list[dict], limit: int | None = None) -> list[list[dict]]:
+    """Read a file into chat message lists; unusable records go to ``rejects`` with file, line and reason."""
+    from tunelab.data.formats import BadRecord, read_records, to_messages
+
+    chats = []
+    for line, rec in read_records(path):
+        if limit is not None and len(chats) >= limit:
+            break
+        try:
+            if isinstance(rec, BadRecord):
+                raise rec
+            chats.append(to_messages(rec, data.format, data.system_prompt))
+        except BadRecord as e:
+            rejects.append({"file": str(path), "line": line, "reason": str(e)})
+    return chats
+
+
+def split_validation(chats: list[list[dict]], share: float, seed: int) -> tuple[list, list]:
+    from tunelab.data.split import content_fraction
+
+    train, val = [], []
+    for c in chats:
+        (val if content_fraction(c, salt=f"val{seed}") < share else train).append(c)
+    return train, val
+
+
+def dataset_lineage(data: ChatDataSection) -> dict:
+    files = {k: getattr(data, k) for k in ("train", "validation", "test") if getattr(data, k)}
+    hashes = {k: {"path": str(Path(v).resolve()), "sha256": sha256_file(v)} for k, v in files.items()}
+    blob = json.dumps({"files": {k: v["sha256"] for k, v in hashes.items()},
+                       "config": data.model_dump(mode="json", exclude={"train", "validation", "test"})},
+                      sort_keys=True)
+    return {"dataset_id": "ds-" + hashlib.sha256(blob.encode()).hexdigest()[:16], "files": hashes}
+
+
+# ----------------------------------------------------------------------------- run
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is written last, so a kill mid-save is skipped)."""
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
+
+
+def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None = None,
+        parent_id: str | None = None) -> dict:
+    """Train; return the summary (also written to ``summary.json``)."""
+    ws = workspace or Workspace.resolve()
+    catalog = ws.catalog()
+
+    if resume:
+        run_dir = ws.run_dir(resume)
+        run_id = run_dir.name
+        cfg = cfglib.load(SFTConfig, run_dir / "config.yaml")  # the run's own config, not the file's
+    else:
+        run_id, run_dir = ws.new_run_dir("sft", cfg.name)
+        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+    started = time.time()
+
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback
+
+    from tunelab.environment import capture
+    from tunelab.models import resolve
+    from tunelab.train import callbacks as cb
+    from tunelab.train._numerics import PadCollator, ensure_chat_template, tokenize_all_chats
+    from tunelab.train.device import plan
+
+    transformers.logging.set_verbosity_error()
+    model_path = resolve(cfg.model.name, ws)
+    lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": cfg.model.name,
+               "base_model_path": str(model_path), **dataset_lineage(cfg.data)}
+    write_json(run_dir / "lineage.json", lineage)
+    write_json(run_dir / "environment.json", capture())
+    if not resume:
+        catalog.add_run(id=run_id, kind="sft", dir=run_dir, name=cfg.name, parent_id=parent_id,
+                        base_model=cfg.model.name, dataset_id=lineage["dataset_id"], config=cfg.model_dump(mode="json"))
+    else:
+        catalog.update_run(run_id, status="running")
+
+    try:
+        # 1. tokenizer, with a chat template (the model's own, or tunelab's plain one)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        template_added = ensure_chat_template(tokenizer)
+
+        # 2. data: chats → masked token ids; every reject and truncation counted
+        rejects: list[dict] = []
+        chats = load_chats(cfg.data.train, cfg.data, rejects, cfg.data.limit)
+        if cfg.data.validation:
+            val_chats = load_chats(cfg.data.validation, cfg.data, rejects)
+        elif cfg.data.validation_split > 0:
+            chats, val_chats = split_validation(chats, cfg.data.validation_split, cfg.train.seed)
+        else:
+            val_chats = []
+        with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
+        val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length)
+        if not train_feats:
+            raise TunelabError(f"no usable training examples in {cfg.data.train} "
+                               f"({len(rejects)} rejected; see {run_dir / 'rejects.jsonl'})")
+        data_report = {"train": train_stats.as_dict(), "validation": val_stats.as_dict(), "rejected": len(rejects)}
+        _print_data_report(data_report, cfg.data.max_length)
+
+        # 3. model (+ adapter)
+        dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        if cfg.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
+
+        # 4. trainer
+        steps_per_epoch = math.ceil(len(train_feats) / (cfg.train.batch_size * cfg.train.grad_accum))
+        total_steps = cfg.train.max_steps or math.ceil(steps_per_epoch * cfg.train.epochs)
+        has_val = bool(val_feats)
+        ckpt_dir = run_dir / "checkpoints"
+        args = TrainingArguments(
+            output_dir=str(ckpt_dir),
+            per_device_train_batch_size=cfg.train.batch_size,
+            per_device_eval_batch_size=cfg.train.batch_size,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            learning_rate=cfg.train.learning_rate,
+            num_train_epochs=cfg.train.epochs,
+            max_steps=cfg.train.max_steps or -1,
+            lr_scheduler_type=cfg.train.scheduler,
+            warmup_steps=int(round(cfg.train.warmup_ratio * total_steps)),
+            weight_decay=cfg.train.weight_decay,
+            max_grad_norm=cfg.train.max_grad_norm,
+            seed=cfg.train.seed,
+            data_seed=cfg.train.seed,
+            bf16=dplan.precision == "bf16",
+            fp16=dplan.precision == "fp16",
+            use_cpu=dplan.device == "cpu",
+            activation_checkpointing=dplan.gradient_checkpointing,
+            eval_strategy="steps" if has_val else "no",
+            eval_steps=cfg.train.eval_every,
+            save_strategy="steps",
+            save_steps=cfg.train.eval_every,
+            save_total_limit=cfg.train.save_total_limit,
+            load_best_model_at_end=has_val,
+            metric_for_best_model="eval_loss" if has_val else None,
+            greater_is_better=False if has_val else None,
+            restore_callback_states_from_checkpoint=True,
+            logging_strategy="steps",
+            logging_steps=1,
+            include_num_input_tokens_seen="non_padding",
+            train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+            report_to="none",
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            save_only_model=False,
+        )
+        callbacks = [cb.MetricsJsonl(run_dir / "metrics.jsonl"), cb.Progress(f"sft {run_id}")]
+        if has_val and cfg.train.early_stopping_patience:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+        trainer = Trainer(model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
+                          data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                          callbacks=callbacks)
+        trainer.remove_callback(PrinterCallback)
+
+        resume_from = None
+        if resume:
+            resume_from = last_checkpoint(ckpt_dir)
+            if resume_from is None:
+                print("no complete checkpoint yet: starting this run from the beginning")
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            else:
+                cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
+                print(f"resuming from {resume_from.name}")
+        else:
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        print(f"device: {dplan.why}; {trainable:,} trainable of {total:,} parameters "
+              f"({100 * trainable / total:.2f}%); {total_steps} steps")
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+
+        # 5. save the best weights (load_best_model_at_end restored them) with the tokenizer
+        out_dir = run_dir / ("adapter" if cfg.method == "lora" else "model")
+        tmp = run_dir / f".{out_dir.name}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.rename(out_dir)
+
+        st = trainer.state
+        stopped_early = has_val and st.global_step < st.max_steps
+        best_step = int(st.best_model_checkpoint.rsplit("-", 1)[-1]) if st.best_model_checkpoint else st.global_step
+        train_rows = [r for r in st.log_history if "loss" in r and "eval_loss" not in r]
+        summary = {
+            "run_id": run_id,
+            "status": "completed",
+            "method": cfg.method,
+            "base_model": cfg.model.name,
+            "output": str(out_dir),
+            "steps": st.global_step,
+            "max_steps": st.max_steps,
+            "early_stopped": bool(stopped_early),
+            "stopped_step": st.global_step,
+            "best_step": best_step,
+            "best_eval_loss": st.best_metric,
+            "best_checkpoint": st.best_model_checkpoint,
+            "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+            "train_runtime_s": round(out.metrics.get("train_runtime", 0.0), 2),
+            "tokens_seen": st.num_input_tokens_seen,
+            "tokens_per_s": round(st.num_input_tokens_seen / max(out.metrics.get("train_runtime", 1e-9), 1e-9), 2),
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": round(100 * trainable / total, 4),
+            "device": dplan.__dict__,
+            "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
+            "data": data_report,
+            "wall_time_s": round(time.time() - started, 2),
+        }
+        write_json(run_dir / "summary.json", summary)
+        catalog.update_run(run_id, status="completed", metrics={
+            k: summary[k] for k in ("final_train_loss", "best_eval_loss", "best_step", "steps", "tokens_per_s")})
+        return summary
+    except BaseException as e:
+        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
+
+
+def _print_data_report(rep: dict, max_length: int) -> None:
+    tr, va = rep["train"], rep["validation"]
+    print(f"data: {tr['kept']} train / {va['kept']} validation examples, {tr['tokens']:,} train tokens "
+          f"({tr['label_tokens']:,} in responses), p95 length {tr['length_p95']}; "
+          f"truncated at {max_length} tokens: {tr['truncated'] + va['truncated']}; "
+          f"dropped (no response tokens left): {tr['dropped_no_labels'] + va['dropped_no_labels']}; "
+          f"rejected records: {rep['rejected']}")

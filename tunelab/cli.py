@@ -148,7 +148,7 @@ def models_list(workspace: Optional[Path] = WorkspaceOpt):
     for m in list_models(_ws(workspace)):
         t.add_row(m["name"], m["kind"], "yes" if m["installed"] else "no", "yes" if m["pulled"] else "no",
                   m["path"] or (m["how"] if not m["installed"] else f"tunelab models pull {m['name']}"))
-    Console().print(t)
+    _console().print(t)
 
 
 @runs_app.command("list")
@@ -166,7 +166,7 @@ def runs_list(kind: Optional[str] = None, workspace: Optional[Path] = WorkspaceO
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(m.items())[:4])
         t.add_row(r["id"], r["kind"], r["status"], dt.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M"),
                   r["base_model"] or "", r["dataset_id"] or "", shown)
-    Console().print(t)
+    _console().print(t)
 
 
 @runs_app.command("show")
@@ -187,6 +187,13 @@ def runs_show(run: str, workspace: Optional[Path] = WorkspaceOpt):
     typer.echo(json.dumps(out, indent=2, default=str))
 
 
+def _console():
+    """A rich console; wide when piped so ids and paths are never cut."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240)
+
+
 def _print_summary(s: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -197,7 +204,7 @@ def _print_summary(s: dict) -> None:
         if k in s:
             v = s[k]
             t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
-    Console().print(t)
+    _console().print(t)
 
 
 def main() -> None:

@@ -69,6 +69,9 @@ def split_validation(chats: list[list[dict]], share: float, seed: int) -> tuple[
 
 def dataset_lineage(data: ChatDataSection) -> dict:
     files = {k: getattr(data, k) for k in ("train", "validation", "test") if getattr(data, k)}
+    missing = [f"data.{k}: file not found: {v}" for k, v in files.items() if not Path(v).is_file()]
+    if missing:
+        raise TunelabError("; ".join(missing))
     hashes = {k: {"path": str(Path(v).resolve()), "sha256": sha256_file(v)} for k, v in files.items()}
     blob = json.dumps({"files": {k: v["sha256"] for k, v in hashes.items()},
                        "config": data.model_dump(mode="json", exclude={"train", "validation", "test"})},
@@ -84,12 +87,27 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
 
 
+def write_probe(model, input_ids: list[int], path: Path) -> None:
+    """Save the final model's logits on one fixed input, so anyone can check that the saved
+    artifact, loaded back with plain transformers/peft, reproduces the trained model."""
+    import torch
+    from safetensors.torch import save_file
+
+    model.eval()
+    ids = torch.tensor([input_ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, -4:].float()  # last 4 positions: small on disk
+    save_file({"input_ids": ids[0], "logits": logits.contiguous()}, str(path))
+
+
 def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train; return the summary (also written to ``summary.json``)."""
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
 
+    if not resume:
+        dataset_lineage(cfg.data)  # fail on a missing file before a run directory is made
     if resume:
         run_dir = ws.run_dir(resume)
         run_id = run_dir.name
@@ -134,6 +152,9 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             val_chats = load_chats(cfg.data.validation, cfg.data, rejects)
         elif cfg.data.validation_split > 0:
             chats, val_chats = split_validation(chats, cfg.data.validation_split, cfg.train.seed)
+            if not val_chats:
+                print("warning: validation_split left no validation examples (too few distinct records); "
+                      "training without validation or early stopping")
         else:
             val_chats = []
         with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
@@ -148,6 +169,7 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
 
         # 3. model (+ adapter)
         dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
+        transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         if cfg.method == "lora":
             from peft import LoraConfig, get_peft_model
@@ -231,6 +253,7 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
+        write_probe(trainer.model, (val_feats or train_feats)[0]["input_ids"], run_dir / "probe.safetensors")
 
         st = trainer.state
         stopped_early = has_val and st.global_step < st.max_steps

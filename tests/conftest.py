@@ -1,0 +1,93 @@
+"""Shared test fixtures: a tiny random-init Llama with a tokenizer trained in the test, and ../shared."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the suite may download
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+
+def shared_dir() -> Path | None:
+    p = Path(os.environ.get("TUNELAB_SHARED") or ROOT.parent / "shared")
+    return p if p.is_dir() else None
+
+
+@pytest.fixture
+def shared() -> Path:
+    p = shared_dir()
+    if p is None:
+        pytest.skip("../shared is absent (set TUNELAB_SHARED)")
+    return p
+
+
+COLORS = ["red", "blue", "green", "yellow", "purple", "orange", "black", "white"]
+ADJECTIVES = ["small", "big", "old", "young", "happy", "sleepy", "fast", "slow", "tiny", "loud"]
+ANIMALS = ["cat", "dog", "bird", "fish", "frog", "bear", "lion", "duck"]
+
+
+def write_color_data(path: Path, n: int, seed: int = 0) -> Path:
+    """Alpaca records with a learnable rule: every animal has one fixed color."""
+    rng = random.Random(seed)
+    rule = {a: COLORS[i] for i, a in enumerate(ANIMALS)}
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, adj = rng.choice(ANIMALS), rng.choice(ADJECTIVES)
+            q = rng.choice(["What color is the {j} {a}?", "Tell me the color of the {j} {a}.",
+                            "Which color does the {j} {a} have?"])
+            f.write(json.dumps({"instruction": q.format(a=a, j=adj), "input": "",
+                                "output": f"The {adj} {a} is {rule[a]}."}) + "\n")
+    return path
+
+
+def make_tiny_model(folder: Path, corpus: list[str]) -> Path:
+    """A random-init 2-layer Llama and a BPE tokenizer trained on ``corpus``: built here, nothing downloaded."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+                      tie_word_embeddings=True,
+                      # Large enough weights that frozen embeddings allow confident logits: with the
+                      # default 0.02, LoRA (which cannot grow the embeddings) plateaus near uniform.
+                      initializer_range=0.25)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny")
+    data = write_color_data(d / "corpus.jsonl", 200, seed=123)
+    corpus = [json.loads(l)["instruction"] + " " + json.loads(l)["output"] for l in data.read_text().splitlines()]
+    corpus += ["### User:", "### Assistant:", "system user assistant"]
+    return make_tiny_model(d / "model", corpus)
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the real tunelab CLI in a subprocess."""
+    import subprocess
+
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "tunelab", *args], cwd=cwd, env=e, capture_output=True,
+                          text=True, timeout=timeout)

@@ -208,6 +208,13 @@ def _print_summary(s: dict) -> None:
 
 
 def main() -> None:
+    import os
+    import warnings
+
+    # Library deprecation chatter (renamed arguments inside transformers/peft) is not the user's to fix.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
 
 

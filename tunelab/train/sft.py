@@ -87,6 +87,21 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
     return max(done, key=lambda p: int(p.name.split("-")[-1])) if done else None
 
 
+def _trainer_class():
+    from transformers import Trainer
+
+    from tunelab.train._numerics import response_only_loss
+
+    class SFTTrainer(Trainer):
+        """transformers' Trainer with one override: the loss computes logits on response tokens only."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = response_only_loss(model, inputs, num_items_in_batch)
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return SFTTrainer
+
+
 def write_probe(model, input_ids: list[int], path: Path) -> None:
     """Save the final model's logits on one fixed input, so anyone can check that the saved
     artifact, loaded back with plain transformers/peft, reproduces the trained model."""
@@ -221,11 +236,13 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             dataloader_num_workers=0,
             remove_unused_columns=False,
             save_only_model=False,
+            prediction_loss_only=True,
         )
+        _SFTTrainer = _trainer_class()
         callbacks = [cb.MetricsJsonl(run_dir / "metrics.jsonl"), cb.Progress(f"sft {run_id}")]
         if has_val and cfg.train.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-        trainer = Trainer(model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
+        trainer = _SFTTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
                           data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                           callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)

@@ -1,0 +1,1 @@
+"""Data preparation steps: small, one-method transforms/filters over canonical records."""

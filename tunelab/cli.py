@@ -20,7 +20,9 @@ app = typer.Typer(help="tunelab: data → fine-tuning → evaluation → serving
 models_app = typer.Typer(help="Pull and list models.", no_args_is_help=True)
 runs_app = typer.Typer(help="List and inspect runs in the catalog.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Prepare datasets: raw files to a versioned, documented dataset.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
+app.add_typer(data_app, name="data")
 
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="TUNELAB_WORKSPACE",
                             help="workspace folder (default ./tunelab-workspace)")
@@ -125,6 +127,25 @@ def demo(
     run_demo(_ws(workspace), set_)
 
 
+@data_app.command("prepare")
+@guarded
+def data_prepare(
+    recipe: Path = typer.Argument(..., help="data recipe YAML (recipe: data, name:, inputs:, steps:, split:)"),
+    set_: list[str] = typer.Option([], "--set", help="override a field"),
+    strict: bool = typer.Option(False, "--strict", help="fail when any record is rejected"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Read, validate, clean, dedup, redact and split raw files into a dataset version."""
+    from tunelab import recipes
+    from tunelab.data.prepare import PrepareConfig, run
+
+    cfg, _ = recipes.load_recipe(recipe, set_)
+    if not isinstance(cfg, PrepareConfig):
+        raise TunelabError(f"{recipe} is a '{cfg.recipe}' recipe; data prepare needs 'recipe: data'")
+    m = run(cfg, _ws(workspace), strict=strict or None)
+    _print_manifest(m)
+
+
 @models_app.command("pull")
 @guarded
 def models_pull(name: str, force: bool = typer.Option(False, help="rebuild even if present"),
@@ -185,6 +206,28 @@ def runs_show(run: str, workspace: Optional[Path] = WorkspaceOpt):
     out["children"] = [r["id"] for r in ws.catalog().list_runs(parent_id=d.name)]
     out["files"] = sorted(p.name for p in d.iterdir())
     typer.echo(json.dumps(out, indent=2, default=str))
+
+
+def _print_manifest(m: dict) -> None:
+    from rich.table import Table
+
+    c = m["counts"]
+    t = Table(title=f"dataset {m['dataset_id']}" + (" (already prepared: reused)" if m.get("reused") else ""))
+    t.add_column("stage")
+    t.add_column("records", justify="right")
+    t.add_row("read", f"{c['read']:,}")
+    for reason, n in sorted(c["rejected_by_reason"].items(), key=lambda x: -x[1]):
+        t.add_row(f"rejected: {reason}", f"{n:,}")
+    for s in m["steps"]:
+        for reason, n in s["dropped"].items():
+            t.add_row(f"dropped by {s['kind']}: {reason}", f"{n:,}")
+    t.add_row("kept", f"{c['kept']:,}")
+    for s, n in m["splits"].items():
+        t.add_row(f"  {s}", f"{n:,}")
+    if m.get("pii", {}).get("by_type"):
+        t.add_row("PII found", ", ".join(f"{k} {v}" for k, v in sorted(m["pii"]["by_type"].items())))
+    _console().print(t)
+    _console().print(f"written: {m.get('path', '')}")
 
 
 def _console():

@@ -9,6 +9,7 @@ from tunelab.errors import ConfigError
 
 RECIPES: dict[str, str] = {
     "sft": "tunelab.train.sft:SFTConfig:run",
+    "data": "tunelab.data.prepare:PrepareConfig:run",
 }
 
 

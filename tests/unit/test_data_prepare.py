@@ -147,3 +147,14 @@ def test_bad_step_config_is_reported(tmp_path):
         run(_cfg(files, steps=[{"kind": "nope"}, {"kind": "pii", "style": "mask", "colour": 1}]),
             Workspace.resolve(tmp_path / "ws"))
     assert "steps.0.kind: unknown step 'nope'" in str(e.value) and "steps.1 (pii)" in str(e.value)
+
+
+def test_training_run_records_the_prepared_dataset_id(tmp_path):
+    from tunelab.sections import ChatDataSection
+    from tunelab.train.sft import dataset_lineage
+
+    files = _write_broken_corpus(tmp_path / "raw")
+    m = run(_cfg(files), Workspace.resolve(tmp_path / "ws"))
+    lin = dataset_lineage(ChatDataSection(train=str(Path(m["path"]) / "train.jsonl")))
+    assert lin["dataset_id"] == m["dataset_id"]
+    assert {s["sha256"] for s in lin["dataset_sources"]} == {s["sha256"] for s in m["sources"]}

@@ -27,6 +27,17 @@ def render_datacard(m: dict) -> str:
                    ", ".join(f"{r}: {n:,}" for r, n in s["dropped"].items()) or "0")
                   for i, s in enumerate(m["steps"])], ("#", "step", "settings", "dropped")),
     ]
+    sel = m.get("selection")
+    if sel:
+        lines = []
+        if sel.get("dsir"):
+            d = sel["dsir"]
+            lines.append(f"DSIR importance resampling toward {d['target_records']:,} target examples kept "
+                         f"{d['kept']:,} of {d['of']:,} records; KL(target‖data) over hashed n-grams went from "
+                         f"{d['kl_target_raw']} to {d['kl_target_selected']} (lower is closer to the target).")
+        if sel.get("capped_to") is not None:
+            lines.append(f"Per-label cap {sel['config']['max_per_label']}: {sel['capped_to']:,} records kept.")
+        parts.append("## Selection\n\n" + "\n\n".join(lines))
     if c["rejected_by_reason"]:
         parts.append("### Rejected records by reason\n\n" + _table(
             sorted(c["rejected_by_reason"].items(), key=lambda x: -x[1]), ("reason", "records")) +

@@ -50,12 +50,22 @@ class SplitSpec(Strict):
     salt: str = ""
 
 
+class SelectSpec(Strict):
+    target: list[str] = Field(default_factory=list, description="files of target-domain examples (DSIR)")
+    size: int | None = Field(None, ge=1, description="records to keep by DSIR importance resampling")
+    ratio: float | None = Field(None, gt=0, le=1, description="or the share of records to keep")
+    buckets: int = Field(10_000, ge=100)
+    max_per_label: int | None = Field(None, ge=1, description="cap each label (after DSIR)")
+    seed: int = 0
+
+
 class PrepareConfig(Strict):
     recipe: Literal["data"] = "data"
     name: str
     inputs: list[InputSpec] = Field(min_length=1)
     steps: list[StepSpec] = Field(default_factory=list)
     split: SplitSpec = SplitSpec()
+    select: SelectSpec | None = None
     export: list[str] = Field(default_factory=list, description="extra formats to write, e.g. [bedrock_conversation]")
     license: str | None = None
     intended_use: str | None = None
@@ -91,6 +101,9 @@ def build_steps(specs: list[StepSpec]) -> list:
 def content_id(cfg: PrepareConfig, file_hashes: dict[str, str], steps: list) -> str:
     blob = json.dumps({"files": sorted(file_hashes.values()), "inputs": [i.model_dump(exclude={"path"}) for i in cfg.inputs],
                        "steps": [[type(s).__name__, s.config()] for s in steps], "split": cfg.split.model_dump(),
+                       "select": cfg.select.model_dump() if cfg.select else None,
+                       "select_targets": [sha256_file(t) for t in (cfg.select.target if cfg.select else [])
+                                          if Path(t).is_file()],
                        "tunelab": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -176,6 +189,10 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
         if counts["kept"] == 0:
             raise TunelabError(f"no record survived ({counts['read']} read, {n_rejected} rejected); nothing written")
 
+        selection = _select(cfg.select, staged, index) if cfg.select else None
+        if selection is not None:
+            index = [index[i] for i in selection.pop("keep")]
+
         # split by content hash; with labels, each label is split on its own (stratified)
         groups: dict[str, list] = defaultdict(list)
         for label, frac, off in index:
@@ -200,6 +217,8 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
                 line = f.readline()
                 if not line:
                     break
+                if off not in assign:  # not selected
+                    continue
                 s = assign[off]
                 handles[s].write(line)
                 rec = json.loads(line)
@@ -232,8 +251,10 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
             "steps": [{"kind": spec.kind, "class": type(st).__name__, "config": st.config(),
                        "dropped": dict(counts["dropped"].get(st.name, {}))} for spec, st in zip(cfg.steps, steps)],
             "counts": {"read": counts["read"], "rejected": n_rejected, "rejected_by_reason": dict(counts["rejected"]),
-                       "dropped": sum(sum(c.values()) for c in counts["dropped"].values()), "kept": counts["kept"]},
+                       "dropped": sum(sum(c.values()) for c in counts["dropped"].values()), "kept": counts["kept"],
+                       "selected": len(index)},
             "kinds": dict(kinds),
+            "selection": selection,
             "splits": {s: split_counts.get(s, 0) for s in ("train", "validation", "test")},
             "labels": {s: dict(sorted(c.items())) for s, c in label_counts.items()},
             "split_config": cfg.split.model_dump(),
@@ -256,3 +277,50 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
     ws.catalog().update_run(dataset_id, metrics={"kept": manifest["counts"]["kept"], **manifest["splits"]})
     manifest["path"] = str(final)
     return manifest
+
+
+def _select(spec: SelectSpec, staged: Path, index: list[tuple[str, float, int]]) -> dict:
+    """DSIR toward ``spec.target`` and/or per-label caps over the staged records; returns kept positions + report."""
+    from tunelab.data import select as sel
+    from tunelab.data.readers import read
+    from tunelab.data.records import to_canonical
+    from tunelab.data.steps.base import texts
+
+    def staged_texts():
+        with open(staged, encoding="utf-8") as f:
+            for line in f:
+                yield " ".join(texts(json.loads(line)))
+
+    keep = list(range(len(index)))
+    report: dict[str, Any] = {"config": spec.model_dump()}
+    if spec.target and (spec.size or spec.ratio):
+        target, raw = sel.NgramModel(spec.buckets), sel.NgramModel(spec.buckets)
+        n_target = 0
+        for path in spec.target:
+            for _, _, rec in read(path):
+                try:
+                    target.add(" ".join(texts(to_canonical(rec))))
+                    n_target += 1
+                except Exception:
+                    continue
+        if n_target == 0:
+            raise TunelabError("select.target: no usable target records")
+        for t in staged_texts():
+            raw.add(t)
+        lp, lq = target.log_probs, raw.log_probs
+        weights = [sel.log_weight(t, lp, lq) for t in staged_texts()]
+        k = spec.size or max(1, round(spec.ratio * len(index)))
+        keep = sel.gumbel_top_k(weights, k, spec.seed)
+        chosen = sel.NgramModel(spec.buckets)
+        wanted = set(keep)
+        for i, t in enumerate(staged_texts()):
+            if i in wanted:
+                chosen.add(t)
+        report["dsir"] = {"target_records": n_target, "kept": len(keep), "of": len(index),
+                          "kl_target_raw": round(sel.kl(target.counts, raw.counts), 4),
+                          "kl_target_selected": round(sel.kl(target.counts, chosen.counts), 4)}
+    if spec.max_per_label:
+        keep = sel.cap_per_label([lab for lab, _, _ in index], keep, spec.max_per_label, spec.seed)
+        report["capped_to"] = len(keep)
+    report["keep"] = keep
+    return report

@@ -76,7 +76,13 @@ def dataset_lineage(data: ChatDataSection) -> dict:
     blob = json.dumps({"files": {k: v["sha256"] for k, v in hashes.items()},
                        "config": data.model_dump(mode="json", exclude={"train", "validation", "test"})},
                       sort_keys=True)
-    return {"dataset_id": "ds-" + hashlib.sha256(blob.encode()).hexdigest()[:16], "files": hashes}
+    out = {"dataset_id": "ds-" + hashlib.sha256(blob.encode()).hexdigest()[:16], "files": hashes}
+    manifest = Path(data.train).parent / "manifest.json"
+    if manifest.is_file():  # a version made by `tunelab data prepare`: lineage continues to its raw files
+        m = json.loads(manifest.read_text(encoding="utf-8"))
+        out.update({"dataset_id": m.get("dataset_id", out["dataset_id"]), "dataset_version": str(manifest.parent),
+                    "dataset_sources": m.get("sources", [])})
+    return out
 
 
 # ----------------------------------------------------------------------------- run

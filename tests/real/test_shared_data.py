@@ -15,13 +15,15 @@ from tunelab.data.readers import TEXT_SUFFIXES, read
 from tunelab.data.records import to_canonical
 from tunelab.workspace import Workspace
 
-READABLE = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv", ".parquet", *TEXT_SUFFIXES)
+READABLE = (".jsonl", ".jsonl.gz", ".json", ".csv", ".tsv", ".parquet", ".conll", ".annotated", *TEXT_SUFFIXES)
 
 
 def test_every_shared_dataset_file_reads(shared):
     files = [f for f in sorted((shared / "data").rglob("*")) if f.is_file() and f.name.lower().endswith(READABLE)
              and f.name not in ("SOURCES.jsonl",) and not f.name.upper().startswith(("README", "LICENSE"))]
     assert len(files) >= 15
+    # every dataset folder contributes at least one readable file
+    assert {f.relative_to(shared / "data").parts[0] for f in files} == {d.name for d in (shared / "data").iterdir() if d.is_dir()}
     for f in files:
         items = list(itertools.islice(read(f), 50))
         assert items, f
@@ -84,3 +86,10 @@ def test_cuad_text_folder(shared, tmp_path, unit):
     folder = shared / "data" / "cuad-contracts" / "full_contract_txt"
     n = sum(1 for _ in itertools.islice(read(folder, unit), 300))
     assert n == 300
+
+
+def test_wnut17_conll_sentences(shared):
+    f = shared / "data" / "wnut17" / "wnut17train.conll"
+    _, line, rec = next(iter(read(f)))
+    assert line == 1 and rec["tokens"][0] == "@paulwalk" and len(rec["tokens"]) == len(rec["ner_tags"])
+    assert any(t != "O" for _, _, r in itertools.islice(read(f), 200) for t in r["ner_tags"])

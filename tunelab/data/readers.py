@@ -3,7 +3,7 @@
 JSONL (also .gz): one record per line; invalid JSON or invalid UTF-8 on a line becomes a
 BadRecord for that line only. JSON arrays (or objects keyed by id). CSV/TSV: encoding found
 by an incremental UTF-8 scan (falls back to cp1252/latin-1), CRLF handled. Parquet: in
-batches. Plain text: a file or a folder of .txt/.md files, one document per file or per
+batches. CoNLL token/tag columns (NER). Plain text: a file or a folder of .txt/.md files, one document per file or per
 paragraph.
 """
 
@@ -126,6 +126,26 @@ def read_text(p: Path, unit: Literal["document", "paragraph"] = "document") -> I
             line += para.count("\n") + 2
 
 
+def read_conll(p: Path) -> Iterator[Item]:
+    """CoNLL columns (token, tag), sentences separated by blank lines → {text, tokens, ner_tags}."""
+    enc = detect_encoding(p)
+    tokens: list[str] = []
+    tags: list[str] = []
+    start = 1
+    with open(p, encoding=enc) as f:
+        for i, line in enumerate(f, 1):
+            cols = line.rstrip("\r\n").split("\t") if "\t" in line else line.split()
+            if not cols or not cols[0]:
+                if tokens:
+                    yield str(p), start, {"text": " ".join(tokens), "tokens": tokens, "ner_tags": tags}
+                tokens, tags, start = [], [], i + 1
+                continue
+            tokens.append(cols[0])
+            tags.append(cols[-1] if len(cols) > 1 else "O")
+    if tokens:
+        yield str(p), start, {"text": " ".join(tokens), "tokens": tokens, "ner_tags": tags}
+
+
 def read(path: str | Path, text_unit: Literal["document", "paragraph"] = "document") -> Iterator[Item]:
     """Dispatch on the file name; a folder is read as plain-text documents."""
     p = Path(path)
@@ -142,4 +162,6 @@ def read(path: str | Path, text_unit: Literal["document", "paragraph"] = "docume
         return read_csv(p)
     if name.endswith(".parquet"):
         return read_parquet(p)
-    raise TunelabError(f"{p}: unsupported file type; use .jsonl(.gz), .json, .csv, .tsv, .parquet, .txt/.md or a folder")
+    if name.endswith((".conll", ".conllu", ".annotated")):
+        return read_conll(p)
+    raise TunelabError(f"{p}: unsupported file type; use .jsonl(.gz), .json, .csv, .tsv, .parquet, .conll, .txt/.md or a folder")

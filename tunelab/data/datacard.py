@@ -9,7 +9,7 @@ def _table(rows: list[tuple], head: tuple) -> str:
     return "\n".join(out)
 
 
-def render_datacard(m: dict) -> str:
+def render_datacard(m: dict, profile: dict | None = None) -> str:
     c = m["counts"]
     parts = [
         f"# Dataset card: {m['name']}",
@@ -53,5 +53,36 @@ def render_datacard(m: dict) -> str:
         p = m["pii"]
         parts.append("## PII\n\n" + f"Style: {p.get('style')}. Records with PII: {p.get('records_with_pii')}.\n\n"
                      + (_table(sorted(p["by_type"].items()), ("type", "found")) if p.get("by_type") else "None found."))
+    if profile:
+        parts.append(_profile_section(profile))
     parts.append("## Files\n\n" + ", ".join(f"`{f}`" for f in m["files"]))
     return "\n\n".join(parts) + "\n"
+
+
+def _profile_section(p: dict) -> str:
+    unit = p.get("unit", "tokens")
+    rows = [(s, f"{v.get('records', 0):,}", f"{v.get('total', 0):,}", v.get("p50"), v.get("p95"), v.get("max"),
+             f"{v.get('over_max_length_share', 0):.1%}") for s, v in (p.get("splits") or {}).items()]
+    out = ["## Profile",
+           f"Lengths in {unit}" + (f" ({p['tokenizer']})" if p.get("tokenizer") else " (no tokenizer given: "
+                                   "set profile.tokenizer to count the target model's tokens)") + ".",
+           _table(rows, ("split", "records", unit, "p50", "p95", "max", f"over {p.get('max_length')}"))]
+    est = p.get("training_estimate") or {}
+    if est:
+        out.append(f"Estimated training {unit} for {p.get('epochs')} epoch(s): {int(est.get('total', 0)):,} "
+                   f"({int(est.get('total_after_truncation', 0)):,} after truncation).")
+    rep = p.get("representativeness") or {}
+    clusters = rep.get("clusters") or {}
+    if clusters.get("rows"):
+        crow = [(r["cluster"], ", ".join(r.get("terms") or [])[:60], f"{r.get('train_share', 0):.1%}",
+                 f"{r.get('test_share', 0):.1%}", "yes" if r.get("under_represented") else "")
+                for r in clusters["rows"]]
+        out.append("### Representativeness (MiniLM clusters of train; where test falls)\n\n"
+                   + _table(crow, ("cluster", "top terms", "train", "test", "under-represented")))
+    elif rep.get("clusters_note") or clusters.get("note"):
+        out.append("Cluster coverage: " + str(rep.get("clusters_note") or clusters.get("note")))
+    if p.get("warnings"):
+        out.append("### Warnings\n\n" + "\n".join(f"- {w}" for w in p["warnings"]))
+    if rep.get("note"):
+        out.append(f"_{rep['note']}_")
+    return "\n\n".join(out)

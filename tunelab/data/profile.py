@@ -269,14 +269,20 @@ def _manifest_rates(manifest: dict | None, notes: list[str]) -> tuple[dict, dict
 # --------------------------------------------------------------------------- demographic terms
 
 
-def _lexicon_patterns() -> dict[str, dict[str, re.Pattern]]:
-    out: dict[str, dict[str, re.Pattern]] = {}
+_WORDS = re.compile(r"\w+(?:[-']\w+)*")
+
+
+def _lexicon_patterns() -> tuple[re.Pattern, dict[str, list[tuple[str, str]]], int]:
+    """A word splitter, term → (dimension, group), and the longest term in words.
+
+    Terms are looked up as word n-grams in a dict: one pass over the words instead of a
+    regex alternation of every term, which cost ~270 µs per 1 KB record."""
+    owners: dict[str, list[tuple[str, str]]] = defaultdict(list)
     for dim, groups in DEMOGRAPHIC_TERMS.items():
-        out[dim] = {}
         for group, terms in groups.items():
-            alts = "|".join(sorted((re.escape(t).replace(r"\ ", r"\s+") for t in terms), key=len, reverse=True))
-            out[dim][group] = re.compile(rf"(?<![\w-])(?:{alts})(?![\w-])", re.IGNORECASE)
-    return out
+            for t in terms:
+                owners[" ".join(_WORDS.findall(t.lower()))].append((dim, group))
+    return _WORDS, dict(owners), max(len(t.split()) for t in owners)
 
 
 def _demographics(by_split: dict[str, dict[str, Counter]], warnings: list[str]) -> dict:
@@ -569,10 +575,11 @@ def profile_dataset(version_dir: Path, *, tokenizer=None, max_length: int = 2048
                 label_fields[lab[0]] += 1
                 label_counts[split][lab[1]] += 1
             text = record_text(rec)
-            for dim, groups in patterns.items():
-                for group, pat in groups.items():
-                    if pat.search(text):
-                        demo[split][dim][group] += 1
+            words = patterns[0].findall(text.lower())
+            hits = {pair for n in range(1, patterns[2] + 1) for i in range(len(words) - n + 1)
+                    for pair in patterns[1].get(" ".join(words[i:i + n]), ())}
+            for dim, group in hits:
+                demo[split][dim][group] += 1
             if embed:
                 if split == "train":
                     train_seen += 1

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from tunelab.data.formats import BadRecord, read_records, to_messages
+from tunelab.data.formats import BadRecord, to_messages
+from tunelab.data.readers import read
 from tunelab.data.split import content_fraction
 
 
@@ -42,15 +43,15 @@ def test_bad_records_have_reasons(rec, reason):
 def test_readers(tmp_path):
     recs = [{"instruction": "a", "output": "b"}, {"instruction": "c", "output": "d"}]
     (tmp_path / "x.jsonl").write_text(json.dumps(recs[0]) + "\n\n{not json\n" + json.dumps(recs[1]) + "\n")
-    got = list(read_records(tmp_path / "x.jsonl"))
+    got = [(line, r) for _, line, r in read(tmp_path / "x.jsonl")]
     assert got[0] == (1, recs[0]) and isinstance(got[1][1], BadRecord) and got[1][0] == 3 and got[2] == (4, recs[1])
     with gzip.open(tmp_path / "x.jsonl.gz", "wt") as f:
         f.write(json.dumps(recs[0]) + "\n")
-    assert [r for _, r in read_records(tmp_path / "x.jsonl.gz")] == [recs[0]]
+    assert [r for _, _, r in read(tmp_path / "x.jsonl.gz")] == [recs[0]]
     (tmp_path / "x.json").write_text(json.dumps(recs))
-    assert [r for _, r in read_records(tmp_path / "x.json")] == recs
+    assert [r for _, _, r in read(tmp_path / "x.json")] == recs
     (tmp_path / "x.csv").write_text("instruction,output\r\na,b\r\n")
-    assert [r for _, r in read_records(tmp_path / "x.csv")] == [recs[0]]
+    assert [r for _, _, r in read(tmp_path / "x.csv")] == [recs[0]]
 
 
 def test_content_split_is_stable():

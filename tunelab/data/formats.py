@@ -1,23 +1,12 @@
-"""Record formats → canonical chat ``messages`` (TRL key names) for instruction tuning.
+"""Chat records for instruction tuning, and the record-level checks every format shares.
 
-Accepted per record (auto-detected, or named with ``format:``):
-- ``alpaca``: ``instruction`` (+ optional ``input``) and ``output``;
-- ``prompt_completion``: ``prompt`` and ``completion`` (strings, or lists of chat messages);
-- ``messages``: ``messages`` = [{"role", "content"}, ...] ending with an assistant turn.
-Extra keys (ids, labels, metadata) are kept aside, never fed to the model.
+``to_messages`` maps any chat-kind record (Alpaca, prompt/completion, messages, ShareGPT,
+Bedrock conversation; see tunelab.data.records) to a list of chat messages, optionally
+prefixed with a system prompt. Extra keys (ids, labels, meta) are ignored.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import json
-from pathlib import Path
-from typing import Iterator, Literal
-
-from tunelab.errors import TunelabError
-
-FormatName = Literal["auto", "alpaca", "prompt_completion", "messages"]
 ROLES = {"system", "user", "assistant"}
 
 
@@ -25,29 +14,8 @@ class BadRecord(ValueError):
     """A record that cannot be used; the message is the reason."""
 
 
-def detect_format(rec: dict) -> str:
-    if "messages" in rec:
-        return "messages"
-    if "instruction" in rec and "output" in rec:
-        return "alpaca"
-    if "prompt" in rec and "completion" in rec:
-        return "prompt_completion"
-    raise BadRecord(f"unknown format: keys {sorted(rec)[:8]} match none of alpaca (instruction/output), "
-                    "prompt_completion (prompt/completion) or messages")
-
-
-def _text(rec: dict, key: str, required: bool = True) -> str:
-    v = rec.get(key)
-    if v is None or (isinstance(v, str) and not v.strip()):
-        if required:
-            raise BadRecord(f"field '{key}' is missing or empty")
-        return ""
-    if not isinstance(v, str):
-        raise BadRecord(f"field '{key}' must be a string, got {type(v).__name__}")
-    return v
-
-
-def _check_messages(msgs: object) -> list[dict]:
+def check_messages(msgs: object) -> list[dict]:
+    """Validate a chat: roles known, a system message only first, user/assistant alternating, ending with the assistant."""
     if not isinstance(msgs, list) or not msgs:
         raise BadRecord("'messages' must be a non-empty list")
     out = []
@@ -69,64 +37,26 @@ def _check_messages(msgs: object) -> list[dict]:
     return out
 
 
+def required_text(rec: dict, key: str, required: bool = True) -> str:
+    """``rec[key]`` as a non-empty string, or BadRecord saying what is wrong."""
+    v = rec.get(key)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        if required:
+            raise BadRecord(f"field '{key}' is missing or empty")
+        return ""
+    if not isinstance(v, str):
+        raise BadRecord(f"field '{key}' must be a string, got {type(v).__name__}")
+    return v
+
+
 def to_messages(rec: dict, fmt: str = "auto", system_prompt: str | None = None) -> list[dict]:
     """Map one record to chat messages; raise BadRecord with the reason when it cannot be used."""
-    if not isinstance(rec, dict):
-        raise BadRecord(f"a record must be a JSON object, got {type(rec).__name__}")
-    fmt = detect_format(rec) if fmt == "auto" else fmt
-    if fmt == "alpaca":
-        user = _text(rec, "instruction")
-        extra = _text(rec, "input", required=False)
-        if extra:
-            user = f"{user}\n\n{extra}"
-        msgs = [{"role": "user", "content": user}, {"role": "assistant", "content": _text(rec, "output")}]
-    elif fmt == "prompt_completion":
-        p, c = rec.get("prompt"), rec.get("completion")
-        if isinstance(p, list) and isinstance(c, list):
-            msgs = _check_messages(p + c)
-        else:
-            msgs = [{"role": "user", "content": _text(rec, "prompt")},
-                    {"role": "assistant", "content": _text(rec, "completion")}]
-    elif fmt == "messages":
-        msgs = _check_messages(rec.get("messages"))
-    else:
-        raise BadRecord(f"unknown format '{fmt}'")
+    from tunelab.data.records import kind, to_canonical
+
+    canon = to_canonical(rec, fmt)
+    if "messages" not in canon:
+        raise BadRecord(f"instruction tuning needs chat or instruction records, got a {kind(canon)} record")
+    msgs = canon["messages"]
     if system_prompt and msgs[0]["role"] != "system":
         msgs = [{"role": "system", "content": system_prompt}, *msgs]
     return msgs
-
-
-def read_records(path: str | Path) -> Iterator[tuple[int, dict | BadRecord]]:
-    """Yield (line number, record or BadRecord) from .jsonl(.gz), .json (array) or .csv/.tsv."""
-    p = Path(path)
-    if not p.is_file():
-        raise TunelabError(f"data file not found: {p}")
-    name = p.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(p, "rt", encoding="utf-8", errors="strict") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield i, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield i, BadRecord(f"invalid JSON: {e.msg}")
-    elif name.endswith(".json"):
-        try:
-            data = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise TunelabError(f"{p}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        if isinstance(data, dict):  # {"id": record, ...}
-            data = list(data.values())
-        if not isinstance(data, list):
-            raise TunelabError(f"{p}: expected a JSON array of records")
-        for i, rec in enumerate(data, 1):
-            yield i, rec
-    elif name.endswith((".csv", ".tsv")):
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f, delimiter="\t" if name.endswith(".tsv") else ",")
-            for i, row in enumerate(reader, 2):
-                yield i, dict(row)
-    else:
-        raise TunelabError(f"{p}: unsupported file type; use .jsonl, .jsonl.gz, .json, .csv or .tsv")

@@ -15,7 +15,6 @@ look, they are not a fairness audit and say nothing about how a model behaves.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from typing import Any, Iterator
 
 from tunelab.data.records import kind as _kind
 from tunelab.errors import TunelabError
+from tunelab._plot import new_figure as _figure, png_bytes as _png
 
 SPLITS = ("train", "validation", "test")
 PERCENTILES = (50, 90, 95, 99)
@@ -440,19 +440,6 @@ def _clusters(train_texts: list[str], train_total: int, ref_texts: list[str], re
 # --------------------------------------------------------------------------- charts
 
 
-def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
 
 
 def _lengths_chart(lengths: dict[str, list[int]], max_length: int, unit: str) -> bytes:

@@ -18,7 +18,7 @@ Canonical kinds (see steps/base.py): chat ``{"messages"}``, preference ``{"promp
 
 from __future__ import annotations
 
-from tunelab.data.formats import BadRecord, _check_messages
+from tunelab.data.formats import BadRecord, check_messages as _check_messages, required_text as _str
 
 FORMATS = ("alpaca", "prompt_completion", "bedrock_cpt", "bedrock_conversation", "messages", "sharegpt",
            "preference", "classification", "text")
@@ -58,17 +58,6 @@ def _bedrock_like(rec: dict) -> bool:
     return isinstance(msgs, list) and bool(msgs) and isinstance(msgs[0], dict) and isinstance(msgs[0].get("content"), list)
 
 
-def _str(rec: dict, key: str, required: bool = True) -> str:
-    v = rec.get(key)
-    if v is None or (isinstance(v, str) and not v.strip()):
-        if required:
-            raise BadRecord(f"field '{key}' is missing or empty")
-        return ""
-    if not isinstance(v, str):
-        raise BadRecord(f"field '{key}' must be a string, got {type(v).__name__}")
-    return v
-
-
 def split_hh(chosen: str, rejected: str) -> dict:
     """hh-rlhf style: both transcripts share the prompt up to the last "\\n\\nAssistant:"."""
     cut = chosen.rfind(HH_ASSISTANT)
@@ -86,6 +75,8 @@ def split_hh(chosen: str, rejected: str) -> dict:
 
 def to_canonical(rec: dict, fmt: str = "auto", mapping: dict[str, str] | None = None) -> dict:
     """One raw record → a canonical record; raises BadRecord with the reason."""
+    if not isinstance(rec, dict):
+        raise BadRecord(f"a record must be a JSON object, got {type(rec).__name__}")
     if mapping:
         rec = {**rec, **{canon: rec[src] for canon, src in mapping.items() if src in rec}}
     fmt = detect(rec) if fmt == "auto" else fmt
@@ -95,6 +86,8 @@ def to_canonical(rec: dict, fmt: str = "auto", mapping: dict[str, str] | None = 
         return {"messages": [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
                              {"role": "assistant", "content": _str(rec, "output")}]}
     if fmt == "prompt_completion":
+        if isinstance(rec.get("prompt"), list) and isinstance(rec.get("completion"), list):  # conversational
+            return {"messages": _check_messages(rec["prompt"] + rec["completion"])}
         return {"messages": [{"role": "user", "content": _str(rec, "prompt")},
                              {"role": "assistant", "content": _str(rec, "completion")}]}
     if fmt == "bedrock_cpt":

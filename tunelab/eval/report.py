@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+from tunelab._plot import new_figure as _new_figure, png_bytes as _png
 
 MAX_SAMPLES = 20
 DASH = "—"
@@ -255,23 +255,6 @@ def _text(value: Any) -> str:
 # --------------------------------------------------------------------------- plots
 
 
-def _new_figure(width: float, height: float):
-    """A figure drawn by the Agg canvas, without touching pyplot's global backend."""
-    from tunelab._optional import require
-
-    require("matplotlib", "eval")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    return buf.getvalue()
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:

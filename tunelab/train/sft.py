@@ -43,10 +43,11 @@ class SFTConfig(Strict):
 
 def load_chats(path: str, data: ChatDataSection, rejects: list[dict], limit: int | None = None) -> list[list[dict]]:
     """Read a file into chat message lists; unusable records go to ``rejects`` with file, line and reason."""
-    from tunelab.data.formats import BadRecord, read_records, to_messages
+    from tunelab.data.formats import BadRecord, to_messages
+    from tunelab.data.readers import read
 
     chats = []
-    for line, rec in read_records(path):
+    for _, line, rec in read(path):
         if limit is not None and len(chats) >= limit:
             break
         try:

@@ -162,3 +162,17 @@ def test_prepare_counts_near_duplicates(tmp_path):
     rejects = [json.loads(line) for line in (Path(m["path"]) / "rejects.jsonl").read_text().splitlines()]
     # detail: the 0-based index, among the records the step saw, of the kept record
     assert sorted((r["line"], r["detail"]) for r in rejects) == [(13, "3"), (14, "5"), (16, "14")]
+
+
+def test_fast_update_equals_datasketch_update_batch():
+    import numpy as np
+
+    from tunelab.data.steps.near_dedup import NearDedup, _shingle_array, _update, record_words
+
+    step = NearDedup()
+    rec = {"text": "the quick brown fox jumps over the lazy dog again and again today"}
+    slow = step.minhash(rec)  # the public datasketch path
+    fast = step._minhash.copy()
+    fast.clear()
+    _update(fast, _shingle_array(record_words(rec), step.ngram))
+    assert np.array_equal(fast.hashvalues, slow.hashvalues)

@@ -71,6 +71,34 @@ def _word_crcs(words: list[str]) -> np.ndarray:
                            count=len(words))
 
 
+def _shingle_array(words: list[str], ngram: int) -> np.ndarray:
+    if len(words) >= ngram:
+        wh = _word_crcs(words)
+        m = len(words) - ngram + 1
+        h = wh[:m].copy()
+        for k in range(1, ngram):
+            h *= _P
+            h += wh[k:k + m]
+        return h
+    return np.asarray(shingle_hashes(words, ngram), dtype=np.uint32)
+
+
+def _update(m, hashes: np.ndarray) -> None:
+    """``m.update_batch(hashes)`` without datasketch's per-element Python hashfunc calls (identity
+    here): the same CPU arithmetic on the whole array (a test checks equal hash values)."""
+    try:
+        from datasketch.minhash import _SCHEME_DTYPES, _SCHEME_LEGACY, _SCHEME_WIDTHS, _fmix
+    except ImportError:  # another datasketch version: the public, slower path
+        m.update_batch(hashes.tolist())
+        return
+    if m.scheme == _SCHEME_LEGACY or len(hashes) == 0:
+        m.update_batch(hashes.tolist())
+        return
+    a, b = m.permutations
+    hv = _fmix(hashes.astype(_SCHEME_DTYPES[m.scheme]).reshape(-1, 1), _SCHEME_WIDTHS[m.scheme])
+    m.hashvalues = np.minimum(m.hashvalues, (hv * a + b).min(axis=0))
+
+
 def shingle_hashes(words: list[str], ngram: int = 5) -> list[int]:
     """32-bit hashes of ``shingles(words, ngram)``, what the MinHash is built from.
 
@@ -145,12 +173,12 @@ class NearDedup(Step):
     def __call__(self, rec: dict) -> dict | Drop:
         i = self.count
         self.count += 1
-        hashes = shingle_hashes(record_words(rec), self.ngram)
-        if not hashes:
+        hashes = _shingle_array(record_words(rec), self.ngram)
+        if not len(hashes):
             return rec
         m = self._minhash
         m.clear()
-        m.update_batch(hashes)
+        _update(m, hashes)
         hv = m.hashvalues
         cands = self._lsh.query(m)
         if cands:
@@ -158,7 +186,7 @@ class NearDedup(Step):
             sigs = np.stack([self.signature(r) for r in rows]) if len(rows) > 1 else self.signature(rows[0])[None]
             sims = np.count_nonzero(sigs == hv, axis=1)
             if self.verify:
-                mine = np.unique(np.asarray(hashes, dtype=np.uint32))
+                mine = np.unique(hashes)
                 # only candidates whose estimate is within ~4 sd below the threshold can be true matches
                 floor = (self.threshold - 4 * (self.threshold * (1 - self.threshold) / self.num_perm) ** 0.5) * self.num_perm
                 best_j, best_row = -1.0, None
@@ -182,6 +210,6 @@ class NearDedup(Step):
         self._blocks[-1][row % _BLOCK] = hv
         self._index.append(i)
         if self.verify:
-            self._shingles.append(np.unique(np.asarray(hashes, dtype=np.uint32)))
+            self._shingles.append(np.unique(hashes))
         self._lsh.insert(row, m, check_duplication=False)
         return rec

@@ -257,9 +257,23 @@ def _find_assignments(text: str) -> Iterator[Span]:
 # Order breaks ties between equally long overlapping matches: more specific types first.
 # Gates: a cheap search that must succeed before a rule's full patterns run. Most text has
 # none of these literals, which makes PII detection ~3x faster on ordinary prose.
-_KEY_GATE = re.compile(r"AKIA|ASIA|gh[pousr]_|github_pat_|xox[abpr]-|hf_|[rs]k_(?:live|test)_|AIza|eyJ|-----BEGIN")
-_ASSIGN_GATE = re.compile(r"(?i)passw|pwd|passphrase|secret|token|key")
-_BEARER_GATE = re.compile(r"(?i)bearer")
+class _Literals(tuple):
+    """A gate of plain substrings (``in`` is far faster than a regex alternation); ``lower``
+    marks literals matched against the lowercased text."""
+
+    lower = False
+
+
+def _literals(*items: str, lower: bool = False) -> _Literals:
+    g = _Literals(items)
+    g.lower = lower
+    return g
+
+
+_KEY_GATE = _literals("AKIA", "ASIA", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "xoxa-", "xoxb-",
+                      "xoxp-", "xoxr-", "hf_", "k_live_", "k_test_", "AIza", "eyJ", "-----BEGIN")
+_ASSIGN_GATE = _literals("passw", "pwd", "passphrase", "secret", "token", "key", lower=True)
+_BEARER_GATE = _literals("bearer", lower=True)
 _PHONE_GATE = re.compile(r"\d{3}\W{0,2}\d{3}")
 _PHONE_EU_GATE = re.compile(r"0[1-9]\d{0,3}[ .\-/]\d\d")
 
@@ -309,11 +323,18 @@ def detect(text: str, types: Iterable[str] | None = None, *, backend: Backend | 
     cands: list[tuple[int, int, int, str]] = []
     gates: dict[int, bool] = {}
 
+    lowered: list[str] = []
+
     def passes(needle) -> bool:
         if needle is None:
             return True
         if isinstance(needle, str):
             return needle in text
+        if id(needle) not in gates and isinstance(needle, _Literals):
+            if needle.lower and not lowered:
+                lowered.append(text.lower())
+            hay = lowered[0] if needle.lower else text
+            gates[id(needle)] = any(lit in hay for lit in needle)
         if id(needle) not in gates:
             gates[id(needle)] = needle.search(text) is not None
         return gates[id(needle)]

@@ -130,6 +130,10 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
 
     if not resume:
         dataset_lineage(cfg.data)  # fail on a missing file before a run directory is made
+        # store absolute data paths so eval and --resume work from any directory
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
+            k: str(Path(getattr(cfg.data, k)).resolve()) for k in ("train", "validation", "test")
+            if getattr(cfg.data, k)})})
     if resume:
         run_dir = ws.run_dir(resume)
         run_id = run_dir.name

@@ -181,7 +181,6 @@ def models_pull(name: str, force: bool = typer.Option(False, help="rebuild even 
 @guarded
 def models_list(workspace: Optional[Path] = WorkspaceOpt):
     """Packaged models and models in the cache."""
-    from rich.console import Console
     from rich.table import Table
 
     from tunelab.models import list_models
@@ -199,7 +198,6 @@ def runs_list(kind: Optional[str] = None, workspace: Optional[Path] = WorkspaceO
     """Runs in the catalog, oldest first."""
     import datetime as dt
 
-    from rich.console import Console
     from rich.table import Table
 
     t = Table("id", "kind", "status", "created", "base model", "dataset", "key metrics")
@@ -259,7 +257,6 @@ def _console():
 
 
 def _print_summary(s: dict) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"run {s.get('run_id')}", show_header=False)

@@ -32,7 +32,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     from tqdm.auto import tqdm
 
     pad = tokenizer.pad_token_id
-    texts, stats = [], []
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
     out_text: dict[int, str] = {}
     out_stat: dict[int, dict] = {}

@@ -145,7 +145,7 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, TrainingArguments
     from transformers.trainer_callback import PrinterCallback
 
     from tunelab.environment import capture

@@ -71,18 +71,6 @@ def _word_crcs(words: list[str]) -> np.ndarray:
                            count=len(words))
 
 
-def _shingle_array(words: list[str], ngram: int) -> np.ndarray:
-    if len(words) >= ngram:
-        wh = _word_crcs(words)
-        m = len(words) - ngram + 1
-        h = wh[:m].copy()
-        for k in range(1, ngram):
-            h *= _P
-            h += wh[k:k + m]
-        return h
-    return np.asarray(shingle_hashes(words, ngram), dtype=np.uint32)
-
-
 def _update(m, hashes: np.ndarray) -> None:
     """``m.update_batch(hashes)`` without datasketch's per-element Python hashfunc calls (identity
     here): the same CPU arithmetic on the whole array (a test checks equal hash values)."""
@@ -108,6 +96,11 @@ def shingle_hashes(words: list[str], ngram: int = 5) -> list[int]:
     32-bit hash (datasketch mixes the value with MurmurHash3's finalizer before permuting it).
     Character shingles: CRC-32 of each shingle's UTF-8 bytes.
     """
+    return _shingle_array(words, ngram).tolist()
+
+
+def _shingle_array(words: list[str], ngram: int) -> np.ndarray:
+    """``shingle_hashes`` as a uint32 array (what NearDedup uses, without a list round trip)."""
     if len(words) >= ngram:
         wh = _word_crcs(words)
         m = len(words) - ngram + 1
@@ -115,9 +108,9 @@ def shingle_hashes(words: list[str], ngram: int = 5) -> list[int]:
         for k in range(1, ngram):
             h *= _P
             h += wh[k:k + m]
-        return h.tolist()
+        return h
     crc = zlib.crc32
-    return [crc(s.encode("utf-8", "surrogatepass")) for s in shingles(words, ngram)]
+    return np.fromiter((crc(s.encode("utf-8", "surrogatepass")) for s in shingles(words, ngram)), dtype=np.uint32)
 
 
 def record_words(rec: dict) -> list[str]:

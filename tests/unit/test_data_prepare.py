@@ -158,3 +158,45 @@ def test_training_run_records_the_prepared_dataset_id(tmp_path):
     lin = dataset_lineage(ChatDataSection(train=str(Path(m["path"]) / "train.jsonl")))
     assert lin["dataset_id"] == m["dataset_id"]
     assert {s["sha256"] for s in lin["dataset_sources"]} == {s["sha256"] for s in m["sources"]}
+
+
+def test_worker_processes_give_the_same_version_as_one_process(tmp_path):
+    """The parallel path (pure steps and precompute in workers, stateful steps replayed here in input
+    order) must write byte-identical data files, rejects and counts to the one-process reference."""
+    import random
+
+    rng = random.Random(7)
+    words = [f"w{i}" for i in range(300)]
+    lines = []
+    for i in range(1500):
+        u = rng.random()
+        if u < 0.05 and lines:
+            lines.append(rng.choice(lines))  # exact duplicate
+            continue
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(3, 60)))
+        if u < 0.15:
+            text += f" mail me at user{i}@example.com"
+        if 0.15 <= u < 0.2 and lines:  # near duplicate: one word changed
+            src = json.loads(rng.choice(lines)).get("text", "a b c d e f g h i j k l")
+            ws = src.split()
+            ws[len(ws) // 2] = "changed"
+            text = " ".join(ws)
+        lines.append(json.dumps({"text": text, "label": rng.choice(["a", "b", "c"])}))
+    lines.insert(10, '{"text": "broken')
+    lines.insert(20, json.dumps({"label": "a"}))
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    steps = [{"kind": "normalize"}, {"kind": "control_chars"}, {"kind": "length", "min_words": 4},
+             {"kind": "exact_dedup"}, {"kind": "near_dedup", "threshold": 0.8}, {"kind": "pii", "style": "mask"},
+             {"kind": "quality", "min_words_to_check": 5, "min_stop_words": 0}]
+    out = {}
+    for workers in (0, 2):
+        cfg = cfglib.load(PrepareConfig, data={"recipe": "data", "name": "par", "inputs": [{"path": str(tmp_path / "in.jsonl")}],
+                                               "steps": steps, "workers": workers, "profile": None})
+        m = run(cfg, Workspace.resolve(tmp_path / f"ws{workers}"))
+        d = Path(m["path"])
+        out[workers] = ({f: (d / f).read_bytes() for f in ("train.jsonl", "validation.jsonl", "test.jsonl", "rejects.jsonl")},
+                        m["counts"], [s["dropped"] for s in m["steps"]], m["pii"], m["splits"], m["labels"])
+    assert out[0] == out[2]
+    counts, dropped, pii = out[0][1], out[0][2], out[0][3]
+    assert counts["rejected"] == 2 and dropped[3].get("duplicate", 0) > 20 and dropped[4].get("near_duplicate", 0) > 10
+    assert pii["by_type"].get("EMAIL", 0) > 50

@@ -228,3 +228,18 @@ def test_profile_cluster_coverage_flags_test_only_topic(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         assert "profile_clusters.png" in p["charts"]
         assert (d / "profile_clusters.png").read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_profile_scanned_by_worker_processes_equals_one_process(tmp_path, monkeypatch):
+    """Chunks scanned in worker processes merge, in file order, into the same profile."""
+    from tunelab.data import profile as prof
+
+    d = tmp_path / "ds-hand"
+    _classification_version(d)
+    corpus = [json.loads(l)["text"] for s in ("train", "validation", "test") for l in (d / f"{s}.jsonl").open()]
+    tok = _word_tokenizer(corpus)
+    one = profile_dataset(d, tokenizer=tok, max_length=MAX_LENGTH, embed=False, write=False)
+    monkeypatch.setattr(prof, "PARALLEL_BYTES", 0)
+    monkeypatch.setattr(prof, "SCAN_CHUNK", 7)  # many chunks, so order and merging matter
+    many = profile_dataset(d, tokenizer=tok, max_length=MAX_LENGTH, embed=False, write=False)
+    assert many == one

@@ -16,7 +16,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Any, Literal
 
@@ -80,6 +81,9 @@ class PrepareConfig(Strict):
     license: str | None = None
     intended_use: str | None = None
     strict: bool = Field(False, description="fail when any record is rejected")
+    workers: int | None = Field(None, ge=0, description="worker processes for the record-wise steps; "
+                                "None: one per CPU core for inputs over 1 MB; 0: all in this process. "
+                                "The result is the same either way")
 
 
 def _step_classes() -> dict[str, Any]:
@@ -134,10 +138,7 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
     from tqdm.auto import tqdm
 
     from tunelab.data.formats import BadRecord
-    from tunelab.data.readers import read
-    from tunelab.data.records import export, kind, to_canonical
-    from tunelab.data.split import content_fraction
-    from tunelab.data.steps.base import Drop
+    from tunelab.data.records import export
 
     ws = workspace or Workspace.resolve()
     strict = cfg.strict if strict is None else strict
@@ -157,42 +158,33 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
     try:
         counts = {"read": 0, "rejected": Counter(), "dropped": defaultdict(Counter), "kept": 0}
         kinds = Counter()
-        index: list[tuple[str, float, int]] = []  # (label, fraction, offset in staged file)
+        # one entry per staged record (its position in .staged.jsonl): compact arrays, not tuples,
+        # so a million-record input costs ~20 MB here
+        label_ids, fracs, label_names = array("i"), array("d"), {}
         staged = tmp / ".staged.jsonl"
+        n_workers = _workers(cfg, files)
         with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rej, open(staged, "w", encoding="utf-8") as out, \
                 tqdm(desc=f"prepare {cfg.name}", unit="rec", dynamic_ncols=True) as bar:
-            for spec in cfg.inputs:
-                for source, line, raw in read(spec.path, spec.text_unit):
-                    counts["read"] += 1
-                    bar.update(1)
-                    try:
-                        if isinstance(raw, BadRecord):
-                            raise raw
-                        rec = to_canonical(raw, spec.format, spec.mapping)
-                    except BadRecord as e:
-                        reason = str(e).split(":")[0][:80]
-                        counts["rejected"][reason] += 1
-                        rej.write(json.dumps({"file": source, "line": line, "stage": "read", "reason": str(e)}) + "\n")
-                        continue
-                    rec["meta"] = {"source": source, "line": line}
-                    dropped = None
-                    for step in steps:
-                        res = step(rec)
-                        if isinstance(res, Drop):
-                            dropped = (step.name, res)
-                            break
-                        rec = res
-                    if dropped:
-                        name, d = dropped
-                        counts["dropped"][name][d.reason] += 1
-                        rej.write(json.dumps({"file": source, "line": line, "stage": name, "reason": d.reason,
-                                              "detail": d.detail}) + "\n")
-                        continue
+            for res in _stream(cfg, steps, n_workers):
+                counts["read"] += 1
+                bar.update(1)
+                tag = res[0]
+                if tag == "bad":
+                    _, source, line, reason = res
+                    counts["rejected"][reason.split(":")[0][:80]] += 1
+                    rej.write(json.dumps({"file": source, "line": line, "stage": "read", "reason": reason}) + "\n")
+                elif tag == "drop":
+                    _, source, line, name, d = res
+                    counts["dropped"][name][d.reason] += 1
+                    rej.write(json.dumps({"file": source, "line": line, "stage": name, "reason": d.reason,
+                                          "detail": d.detail}) + "\n")
+                else:
+                    _, line_json, label, frac, k = res
                     counts["kept"] += 1
-                    kinds[kind(rec)] += 1
-                    body = {k: v for k, v in rec.items() if k != "meta"}
-                    index.append((str(rec.get("label", "")), content_fraction(body, cfg.split.salt), out.tell()))
-                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    kinds[k] += 1
+                    label_ids.append(label_names.setdefault(label, len(label_names)))
+                    fracs.append(frac)
+                    out.write(line_json)
         n_rejected = sum(counts["rejected"].values())
         if strict and n_rejected:
             raise TunelabError(f"--strict: {n_rejected} record(s) rejected; see the reasons with the same recipe "
@@ -200,37 +192,40 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
         if counts["kept"] == 0:
             raise TunelabError(f"no record survived ({counts['read']} read, {n_rejected} rejected); nothing written")
 
-        selection = _select(cfg.select, staged, index) if cfg.select else None
+        import numpy as np
+
+        names = list(label_names)
+        labels_arr = np.frombuffer(label_ids, dtype=np.int32) if len(label_ids) else np.zeros(0, np.int32)
+        fracs_arr = np.frombuffer(fracs, dtype=np.float64) if len(fracs) else np.zeros(0)
+        keep = np.arange(len(fracs_arr))
+        selection = _select(cfg.select, staged, [names[i] for i in labels_arr]) if cfg.select else None
         if selection is not None:
-            index = [index[i] for i in selection.pop("keep")]
+            keep = np.asarray(selection.pop("keep"), dtype=np.int64)
 
         # split by content hash; with labels, each label is split on its own (stratified)
-        groups: dict[str, list] = defaultdict(list)
-        for label, frac, off in index:
-            groups[label if cfg.split.stratify else ""].append((frac, off))
-        assign: dict[int, str] = {}
-        for members in groups.values():
-            members.sort()
+        assign = np.full(len(fracs_arr), -1, dtype=np.int8)  # per staged record: -1 not selected, else split
+        groups = labels_arr[keep] if cfg.split.stratify else np.zeros(len(keep), np.int32)
+        for g in np.unique(groups):
+            members = keep[groups == g]
+            members = members[np.lexsort((members, fracs_arr[members]))]  # by fraction, ties by position
             n = len(members)
             n_test = round(n * cfg.split.test)
             n_val = round(n * cfg.split.validation)
-            for j, (_, off) in enumerate(members):
-                assign[off] = "test" if j < n_test else "validation" if j < n_test + n_val else "train"
-        split_counts = Counter(assign.values())
+            assign[members] = 0
+            assign[members[n_test:n_test + n_val]] = 1
+            assign[members[:n_test]] = 2
+        split_names = ("train", "validation", "test")
+        split_counts = Counter({split_names[c]: int((assign == c).sum()) for c in range(3)})
         handles = {s: open(tmp / f"{s}.jsonl", "w", encoding="utf-8") for s in ("train", "validation", "test")}
         exports = {(s, f): open(tmp / f"{s}.{f}.jsonl", "w", encoding="utf-8")
                    for s in ("train", "validation", "test") for f in cfg.export}
         label_counts: dict[str, Counter] = defaultdict(Counter)
         export_errors = Counter()
         with open(staged, encoding="utf-8") as f:
-            while True:
-                off = f.tell()
-                line = f.readline()
-                if not line:
-                    break
-                if off not in assign:  # not selected
+            for pos, line in enumerate(f):
+                if assign[pos] < 0:  # not selected
                     continue
-                s = assign[off]
+                s = split_names[assign[pos]]
                 handles[s].write(line)
                 rec = json.loads(line)
                 if "label" in rec:
@@ -263,7 +258,7 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
                        "dropped": dict(counts["dropped"].get(st.name, {}))} for spec, st in zip(cfg.steps, steps)],
             "counts": {"read": counts["read"], "rejected": n_rejected, "rejected_by_reason": dict(counts["rejected"]),
                        "dropped": sum(sum(c.values()) for c in counts["dropped"].values()), "kept": counts["kept"],
-                       "selected": len(index)},
+                       "selected": len(keep)},
             "kinds": dict(kinds),
             "selection": selection,
             "splits": {s: split_counts.get(s, 0) for s in ("train", "validation", "test")},
@@ -293,7 +288,180 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
     return manifest
 
 
-def _select(spec: SelectSpec, staged: Path, index: list[tuple[str, float, int]]) -> dict:
+# ----------------------------------------------------------------------------- the record stream
+
+CHUNK = 256  # records per task sent to a worker
+
+
+def _workers(cfg: PrepareConfig, files: dict[str, str]) -> int:
+    if cfg.workers is not None:
+        return cfg.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    size = sum(os.path.getsize(f) for f in files)
+    return cores if cores > 1 and size > 1 << 20 else 0
+
+
+def _items(cfg: PrepareConfig):
+    from tunelab.data.readers import read
+
+    for i, spec in enumerate(cfg.inputs):
+        for source, line, raw in read(spec.path, spec.text_unit):
+            yield i, source, line, raw
+
+
+class _Chain:
+    """The record-wise work that needs no shared state: format mapping, every ``pure`` step, and the
+    ``precompute`` share of the stateful ones. Runs in worker processes (or in this one)."""
+
+    def __init__(self, cfg: PrepareConfig, steps: list):
+        self.inputs = [(s.format, s.mapping) for s in cfg.inputs]
+        self.salt = cfg.split.salt
+        self.steps = steps
+
+    def process(self, chunk: list) -> list:
+        from tunelab.data.formats import BadRecord
+        from tunelab.data.records import to_canonical
+        from tunelab.data.steps.base import Drop
+
+        out = []
+        for i, source, line, raw in chunk:
+            try:
+                if isinstance(raw, BadRecord):
+                    raise raw
+                rec = to_canonical(raw, *self.inputs[i])
+            except BadRecord as e:
+                out.append(("bad", source, line, str(e)))
+                continue
+            rec["meta"] = {"source": source, "line": line}
+            events, final = [], None
+            for k, step in enumerate(self.steps):
+                if not step.pure:
+                    events.append((k, rec, step.precompute(rec)))
+                    continue
+                res = step(rec)
+                stats = step.pop_stats()
+                if isinstance(res, Drop):
+                    events.append((k, res, stats))
+                    break
+                if stats is not None:
+                    events.append((k, None, stats))
+                rec = res
+            else:
+                final = _final(rec, self.salt)
+            out.append((source, line, events, final))
+        return out
+
+
+def _final(rec: dict, salt: str) -> tuple:
+    """A kept record as ("keep", its staged JSON line, label, content-hash fraction, kind)."""
+    from tunelab.data.records import kind
+    from tunelab.data.split import content_fraction
+
+    body = {k: v for k, v in rec.items() if k != "meta"}
+    return ("keep", json.dumps(rec, ensure_ascii=False) + "\n", str(rec.get("label", "")),
+            content_fraction(body, salt), kind(rec))
+
+
+def _replay(item: tuple, steps: list, salt: str) -> tuple:
+    """Finish one record in the main process, in input order: stateful steps for real (with their
+    precomputed share), the pure steps' outcomes and statistics as the worker found them."""
+    from tunelab.data.steps.base import Drop
+
+    if item[0] == "bad":
+        return item
+    source, line, events, final = item
+    for k, rec, x in events:
+        step = steps[k]
+        if step.pure:
+            if x is not None:
+                step.add_stats(x)
+            if isinstance(rec, Drop):
+                return ("drop", source, line, step.name, rec)
+            continue
+        res = step.apply(rec, x)
+        if isinstance(res, Drop):
+            return ("drop", source, line, step.name, res)
+        if res is not rec:  # this step rewrote the record: what the workers did after it is void
+            return _sequential(res, steps[k + 1:], source, line, salt)
+    return final
+
+
+def _sequential(rec: dict, steps: list, source: str, line: int, salt: str) -> tuple:
+    from tunelab.data.steps.base import Drop
+
+    for step in steps:
+        res = step(rec)
+        if isinstance(res, Drop):
+            return ("drop", source, line, step.name, res)
+        rec = res
+    return _final(rec, salt)
+
+
+_WORKER_CHAIN: _Chain | None = None
+
+
+def _init_worker(chain: _Chain) -> None:
+    global _WORKER_CHAIN
+    _WORKER_CHAIN = chain
+
+
+def _work(chunk: list) -> list:
+    return _WORKER_CHAIN.process(chunk)
+
+
+def _chunks(it, n: int = CHUNK):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+def _stream(cfg: PrepareConfig, steps: list, n_workers: int):
+    """Every input record's outcome, in input order: ("bad", source, line, reason),
+    ("drop", source, line, step name, Drop) or ("keep", JSON line, label, fraction, kind)."""
+    from tunelab.data.formats import BadRecord
+    from tunelab.data.records import to_canonical
+
+    if n_workers == 0:  # the reference path: every step called in turn, in this process
+        for i, source, line, raw in _items(cfg):
+            try:
+                if isinstance(raw, BadRecord):
+                    raise raw
+                rec = to_canonical(raw, cfg.inputs[i].format, cfg.inputs[i].mapping)
+            except BadRecord as e:
+                yield ("bad", source, line, str(e))
+                continue
+            rec["meta"] = {"source": source, "line": line}
+            yield _sequential(rec, steps, source, line, cfg.split.salt)
+        return
+
+    import multiprocessing as mp
+    import pickle
+
+    try:  # each worker gets its own copy of the steps (their state stays in this process)
+        chain = pickle.loads(pickle.dumps(_Chain(cfg, steps)))
+    except Exception as e:  # e.g. an NER backend that cannot be copied: run in this process
+        print(f"note: steps cannot be sent to worker processes ({type(e).__name__}); running in one process")
+        yield from _stream(cfg, steps, 0)
+        return
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    with ctx.Pool(n_workers, initializer=_init_worker, initargs=(chain,)) as pool:
+        pending: deque = deque()
+        for chunk in _chunks(_items(cfg)):
+            pending.append(pool.apply_async(_work, (chunk,)))
+            if len(pending) >= 2 * n_workers + 2:  # bounded read-ahead: memory stays flat on huge inputs
+                for item in pending.popleft().get():
+                    yield _replay(item, steps, cfg.split.salt)
+        while pending:
+            for item in pending.popleft().get():
+                yield _replay(item, steps, cfg.split.salt)
+
+
+def _select(spec: SelectSpec, staged: Path, labels: list[str]) -> dict:
     """DSIR toward ``spec.target`` and/or per-label caps over the staged records; returns kept positions + report."""
     from tunelab.data import select as sel
     from tunelab.data.readers import read
@@ -305,7 +473,7 @@ def _select(spec: SelectSpec, staged: Path, index: list[tuple[str, float, int]])
             for line in f:
                 yield " ".join(texts(json.loads(line)))
 
-    keep = list(range(len(index)))
+    keep = list(range(len(labels)))
     report: dict[str, Any] = {"config": spec.model_dump()}
     if spec.target and (spec.size or spec.ratio):
         target, raw = sel.NgramModel(spec.buckets), sel.NgramModel(spec.buckets)
@@ -323,18 +491,18 @@ def _select(spec: SelectSpec, staged: Path, index: list[tuple[str, float, int]])
             raw.add(t)
         lp, lq = target.log_probs, raw.log_probs
         weights = [sel.log_weight(t, lp, lq) for t in staged_texts()]
-        k = spec.size or max(1, round(spec.ratio * len(index)))
+        k = spec.size or max(1, round(spec.ratio * len(labels)))
         keep = sel.gumbel_top_k(weights, k, spec.seed)
         chosen = sel.NgramModel(spec.buckets)
         wanted = set(keep)
         for i, t in enumerate(staged_texts()):
             if i in wanted:
                 chosen.add(t)
-        report["dsir"] = {"target_records": n_target, "kept": len(keep), "of": len(index),
+        report["dsir"] = {"target_records": n_target, "kept": len(keep), "of": len(labels),
                           "kl_target_raw": round(sel.kl(target.counts, raw.counts), 4),
                           "kl_target_selected": round(sel.kl(target.counts, chosen.counts), 4)}
     if spec.max_per_label:
-        keep = sel.cap_per_label([lab for lab, _, _ in index], keep, spec.max_per_label, spec.seed)
+        keep = sel.cap_per_label(labels, keep, spec.max_per_label, spec.seed)
         report["capped_to"] = len(keep)
     report["keep"] = keep
     return report

@@ -14,6 +14,7 @@ look, they are not a fairness audit and say nothing about how a model behaves.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -21,7 +22,7 @@ import random
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tunelab.data.records import kind as _kind
 from tunelab.errors import TunelabError
@@ -139,16 +140,98 @@ def _label(rec: dict) -> tuple[str, str] | None:
     return None
 
 
-def _read_jsonl(path: Path) -> Iterator[dict]:
-    if not path.exists():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if line:
-                rec = json.loads(line)
-                if isinstance(rec, dict):
-                    yield rec
+SCAN_CHUNK = 2000  # records per task when the scan runs in worker processes
+PARALLEL_BYTES = 4 << 20  # versions larger than this are scanned by worker processes
+_SCAN_STATE: tuple | None = None  # (tokenizer, embed) in a worker
+
+
+def _scan_lines(lines: list[str], tokenizer=None, embed: bool = False) -> dict:
+    """Per-record facts of a chunk of JSONL lines (kinds, lengths, labels, demographic-term hits,
+    texts for the embedder), aggregated; chunks merge in file order into the same result."""
+    words_re, owners, starts = _lexicon_patterns()
+    out = {"kinds": Counter(), "label_fields": Counter(), "labels": Counter(), "demo": defaultdict(Counter),
+           "templated": False, "fallbacks": 0, "texts": []}
+    collector = _Lengths(tokenizer)
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        rec = json.loads(line)
+        if not isinstance(rec, dict):
+            continue
+        out["kinds"][_kind(rec)] += 1
+        parts = _length_texts(rec, tokenizer)
+        if "messages" in rec and tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            out["templated"] = out["templated"] or not parts[0][1]
+            out["fallbacks"] += parts[0][1]
+        collector.add(parts)
+        lab = _label(rec)
+        if lab:
+            out["label_fields"][lab[0]] += 1
+            out["labels"][lab[1]] += 1
+        text = record_text(rec)
+        words = words_re.findall(text.lower())
+        present = set(words)
+        hits = {pair for w in present & owners.keys() for pair in owners[w]}
+        if not present.isdisjoint(starts):  # multi-word terms start here: look them up as 2-3 word n-grams
+            for i in (i for i, w in enumerate(words) if w in starts):
+                for n in range(2, 4):
+                    hits.update(owners.get(" ".join(words[i:i + n]), ()))
+        for dim, group in hits:
+            out["demo"][dim][group] += 1
+        if embed:
+            out["texts"].append(text)
+    collector.flush()
+    out["lengths"] = collector.lengths
+    return out
+
+
+def _scan_init(tokenizer, embed: bool) -> None:
+    global _SCAN_STATE
+    _SCAN_STATE = (tokenizer, embed)
+
+
+def _scan_task(lines: list[str]) -> dict:
+    return _scan_lines(lines, *_SCAN_STATE)
+
+
+class _scanner:
+    """``scan(split)`` yields ``_scan_lines`` results for the split's file in order; a large version
+    is scanned by one worker process per CPU core (forked: the tokenizer is shared, not pickled)."""
+
+    def __init__(self, version_dir: Path, tokenizer, embed: bool):
+        self.dir, self.tokenizer, self.embed, self.pool = version_dir, tokenizer, embed, None
+        size = sum((version_dir / f"{s}.jsonl").stat().st_size for s in SPLITS if (version_dir / f"{s}.jsonl").exists())
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        import multiprocessing as mp
+
+        if cores > 1 and size > PARALLEL_BYTES and "fork" in mp.get_all_start_methods():
+            self.pool = mp.get_context("fork").Pool(cores, initializer=_scan_init, initargs=(tokenizer, embed))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+
+    def __call__(self, split: str):
+        path = self.dir / f"{split}.jsonl"
+        if not path.exists():
+            return
+        with open(path, encoding="utf-8") as f:
+            chunks = iter(lambda: [ln for _, ln in zip(range(SCAN_CHUNK), f)], [])
+            if self.pool is None:
+                for chunk in chunks:
+                    yield _scan_lines(chunk, self.tokenizer, self.embed)
+                return
+            pending: list = []
+            for chunk in chunks:  # bounded read-ahead keeps memory flat
+                pending.append(self.pool.apply_async(_scan_task, (chunk,)))
+                if len(pending) > 4:
+                    yield pending.pop(0).get()
+            for r in pending:
+                yield r.get()
 
 
 # --------------------------------------------------------------------------- lengths
@@ -272,6 +355,7 @@ def _manifest_rates(manifest: dict | None, notes: list[str]) -> tuple[dict, dict
 _WORDS = re.compile(r"\w+(?:[-']\w+)*")
 
 
+@functools.lru_cache(maxsize=1)
 def _lexicon_patterns() -> tuple[re.Pattern, dict[str, list[tuple[str, str]]], frozenset[str]]:
     """A word splitter, term → (dimension, group), and the first words of multi-word terms.
 
@@ -536,7 +620,6 @@ def profile_dataset(version_dir: Path, *, tokenizer=None, max_length: int = 2048
     manifest_path = version_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.exists() else None
 
-    patterns = _lexicon_patterns()
     kinds: Counter = Counter()
     lengths: dict[str, list[int]] = {}
     label_counts: dict[str, Counter] = {s: Counter() for s in SPLITS}
@@ -549,41 +632,29 @@ def profile_dataset(version_dir: Path, *, tokenizer=None, max_length: int = 2048
     ref_texts: dict[str, list[str]] = {"validation": [], "test": []}
     fallbacks = 0
 
-    for split in SPLITS:
-        collector = _Lengths(tokenizer)
-        for rec in _read_jsonl(version_dir / f"{split}.jsonl"):
-            kinds[_kind(rec)] += 1
-            parts = _length_texts(rec, tokenizer)
-            if "messages" in rec and tokenizer is not None and getattr(tokenizer, "chat_template", None):
-                templated = templated or not parts[0][1]
-                fallbacks += parts[0][1]
-            collector.add(parts)
-            lab = _label(rec)
-            if lab:
-                label_fields[lab[0]] += 1
-                label_counts[split][lab[1]] += 1
-            text = record_text(rec)
-            words = patterns[0].findall(text.lower())
-            owners, starts = patterns[1], patterns[2]
-            hits = {pair for w in set(words) & owners.keys() for pair in owners[w]}
-            for i in (i for i, w in enumerate(words) if w in starts):  # multi-word terms
-                for n in range(2, 4):
-                    hits.update(owners.get(" ".join(words[i:i + n]), ()))
-            for dim, group in hits:
-                demo[split][dim][group] += 1
-            if embed:
-                if split == "train":
-                    train_seen += 1
-                    if len(train_sample) < sample:
-                        train_sample.append(text)
-                    else:  # reservoir sampling: a uniform, seeded sample of at most `sample` records
-                        j = rng.randrange(train_seen)
-                        if j < sample:
-                            train_sample[j] = text
-                else:
-                    ref_texts[split].append(text)
-        collector.flush()
-        lengths[split] = collector.lengths
+    with _scanner(version_dir, tokenizer, embed) as scan:
+        for split in SPLITS:
+            lengths[split] = []
+            for part in scan(split):  # chunks of records in file order, scanned by worker processes
+                kinds.update(part["kinds"])
+                lengths[split] += part["lengths"]
+                label_fields.update(part["label_fields"])
+                label_counts[split].update(part["labels"])
+                for dim, c in part["demo"].items():
+                    demo[split][dim].update(c)
+                templated = templated or part["templated"]
+                fallbacks += part["fallbacks"]
+                for text in part["texts"]:
+                    if split == "train":
+                        train_seen += 1
+                        if len(train_sample) < sample:
+                            train_sample.append(text)
+                        else:  # reservoir sampling: a uniform, seeded sample of at most `sample` records
+                            j = rng.randrange(train_seen)
+                            if j < sample:
+                                train_sample[j] = text
+                    else:
+                        ref_texts[split].append(text)
     if fallbacks:
         notes.append(f"{fallbacks} chat record(s) were rejected by the tokenizer's chat template and counted as "
                      f"joined text instead")

@@ -56,9 +56,30 @@ class Step:
 
     Steps that need a pass over all data first (near dedup, decontamination index) may
     override ``prepare(records)``; the default does nothing.
+
+    Parallel execution (``tunelab.data.prepare`` with workers): a ``pure`` step's result depends on
+    the record and its settings only, so worker processes run it, even on records that a stateful
+    step before it may still drop (its running statistics travel back with ``pop_stats`` and are
+    added in the main process with ``add_stats`` only for records that reach it). A stateful step
+    runs in the main process, in input order, as ``apply(rec, precompute(rec))``: ``precompute``
+    is its state-free share of the work (hashing, shingling) and runs in the workers.
     """
 
     name: str = "step"
+    pure: bool = False
+
+    def precompute(self, rec: dict) -> Any:
+        return None
+
+    def apply(self, rec: dict, pre: Any) -> "dict | Drop":
+        return self(rec)
+
+    def pop_stats(self) -> Any:
+        """Statistics the last call added (pure steps that keep any), or None."""
+        return None
+
+    def add_stats(self, stats: Any) -> None:
+        return None
 
     def config(self) -> dict[str, Any]:
         return {}

@@ -430,6 +430,7 @@ class PIIStep(Step):
     """
 
     name = "pii"
+    pure = True
 
     def __init__(self, style: str = "mask", types: list[str] | None = None, salt: str = "",
                  ner: bool = False):
@@ -456,9 +457,17 @@ class PIIStep(Step):
                 "ner": self.backend is not None}
 
     def _tally(self, found: Counter[str]) -> None:
+        self._last = found
         if found:
             self.counts.update(found)
             self.records_with_pii += 1
+
+    def pop_stats(self) -> Counter[str] | None:
+        found, self._last = getattr(self, "_last", None), None
+        return found or None
+
+    def add_stats(self, stats: Counter[str]) -> None:
+        self._tally(stats)
 
     def __call__(self, rec: dict) -> dict | Drop:
         found: Counter[str] = Counter()

@@ -91,3 +91,74 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     e = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "tunelab", *args], cwd=cwd, env=e, capture_output=True,
                           text=True, timeout=timeout)
+
+
+TOPICS = {
+    "animal": ANIMALS,
+    "food": ["bread", "apple", "cheese", "soup", "rice", "cake", "pear", "egg"],
+    "vehicle": ["car", "bus", "train", "bike", "boat", "plane", "truck", "tram"],
+    "weather": ["rain", "snow", "wind", "fog", "sun", "storm", "hail", "frost"],
+}
+
+
+# Animal groups: a topic rule in the words the tiny Llama's tokenizer (trained on color data) knows.
+ANIMAL_TOPICS = {"pets": ["cat", "dog"], "birds": ["bird", "duck"], "water": ["fish", "frog"], "wild": ["bear", "lion"]}
+
+
+def write_topic_data(path: Path, n: int, seed: int = 0, label_field: str = "label",
+                     topics: dict | None = None) -> Path:
+    """Labelled texts (JSONL or CSV by suffix) with a learnable rule: the noun's topic is the label."""
+    import csv
+
+    topics = topics or TOPICS
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.choice(sorted(topics))
+        text = rng.choice(["I really like the {j} {w}.", "Tell me about the {j} {w} please.",
+                           "Where is the {j} {w}?", "My friend saw a {j} {w} today."])
+        rows.append({"text": text.format(j=rng.choice(ADJECTIVES), w=rng.choice(topics[label])), label_field: label})
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        if path.suffix == ".csv":
+            w = csv.DictWriter(f, fieldnames=["text", label_field])
+            w.writeheader()
+            w.writerows(rows)
+        else:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+def make_tiny_bert(folder: Path, corpus: list[str]) -> Path:
+    """A random-init 2-layer BERT encoder (saved as a bare BertModel, like all-MiniLM-L6-v2) and a
+    WordPiece tokenizer trained on ``corpus``: built here, nothing downloaded."""
+    import torch
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials))
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    # No dropout: at this size it keeps the model from learning the rule in a few epochs.
+    cfg = BertConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=2, max_position_embeddings=64, pad_token_id=fast.pad_token_id,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tinybert")
+    data = write_topic_data(d / "corpus.jsonl", 300, seed=321)
+    corpus = [json.loads(l)["text"] for l in data.read_text().splitlines()]
+    return make_tiny_bert(d / "model", corpus)

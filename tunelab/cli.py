@@ -108,6 +108,24 @@ def eval_(
 
 @app.command()
 @guarded
+def export(
+    run: str = typer.Argument(..., help="run id (or prefix, or folder)"),
+    merge: bool = typer.Option(False, "--merge", help="fold the adapter into the base: one plain HF model"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder to write (default <run>/export/<kind>)"),
+    dtype: str = typer.Option("fp32", "--dtype", help="merged weights: fp32 | bf16 | fp16"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Export a run: the adapter alone, or (--merge) the base with the adapter merged, as safetensors."""
+    from tunelab.train.export import export_run
+
+    r = export_run(run, _ws(workspace), merge=merge, out=out, dtype=dtype)
+    diff = r["probe_max_abs_diff"]
+    check = "" if diff is None else f"; max |logit diff| vs the trained model {diff:.2g}"
+    typer.echo(f"exported {r['kind']} of {r['run_id']} ({r['weights_bytes']:,} bytes of weights{check}): {r['path']}")
+
+
+@app.command()
+@guarded
 def report(run: str = typer.Argument(...), workspace: Optional[Path] = WorkspaceOpt):
     """(Re)write a run's self-contained report.html."""
     from tunelab.eval.run import report_run
@@ -261,11 +279,24 @@ def _print_summary(s: dict) -> None:
 
     t = Table(title=f"run {s.get('run_id')}", show_header=False)
     for k in ("status", "method", "steps", "early_stopped", "best_step", "best_eval_loss", "final_train_loss",
-              "tokens_per_s", "trainable_params", "trainable_percent", "train_runtime_s", "output"):
+              "val_accuracy", "test_accuracy", "test_macro_f1",
+              "pairwise_accuracy_before", "pairwise_accuracy_after", "mean_margin_after",
+              "logp_accuracy_before", "logp_accuracy_after", "implicit_reward_accuracy", "implicit_reward_margin",
+              "reward_before", "reward_after", "win_rate", "kl_to_reference",
+              "heldout_perplexity_before", "heldout_perplexity_after", "domain_perplexity_before",
+              "domain_perplexity_after", "general_perplexity_before", "general_perplexity_after", "forgetting_ratio",
+              "tokens_per_s", "trainable_params", "trainable_percent", "adapter_bytes", "train_runtime_s", "output"):
         if k in s:
             v = s[k]
             t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
     _console().print(t)
+    if s.get("stages"):  # a pipeline: one row per stage
+        st = Table(title=f"pipeline {s.get('pipeline') or ''}")
+        for col in ("stage", "recipe", "run id", "parent", "hands on"):
+            st.add_column(col)
+        for row in s["stages"]:
+            st.add_row(row["stage"], row["recipe"], row["run_id"], str(row["parent_id"] or ""), row["hands_on"])
+        _console().print(st)
 
 
 def main() -> None:

@@ -10,6 +10,14 @@ from tunelab.errors import ConfigError
 RECIPES: dict[str, str] = {
     "sft": "tunelab.train.sft:SFTConfig:run",
     "data": "tunelab.data.prepare:PrepareConfig:run",
+    "distill": "tunelab.train.distill:DistillConfig:run",
+    "classify": "tunelab.train.classify:ClassifyConfig:run",
+    "pretrain": "tunelab.train.pretrain:PretrainConfig:run",
+    "cpt": "tunelab.train.cpt:CPTConfig:run",
+    "reward": "tunelab.train.reward:RewardConfig:run",
+    "dpo": "tunelab.train.dpo:DPOConfig:run",
+    "rlhf": "tunelab.train.rlhf:RLHFConfig:run",
+    "pipeline": "tunelab.train.pipeline:PipelineConfig:run",
 }
 
 
@@ -30,4 +38,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None):
     if not name:
         raise ConfigError([f"recipe: missing; say which recipe this is ({', '.join(sorted(RECIPES))})"], str(path))
     cls, fn = get(str(name))
+    if name == "pipeline" and "base_dir" not in raw:  # stage files may be written relative to the pipeline file
+        raw["base_dir"] = str(Path(path).resolve().parent)
     return cfglib.validate(cls, raw, str(path)), fn

@@ -24,6 +24,20 @@ class ChatDataSection(Strict):
     limit: int | None = Field(None, ge=1, description="use only the first N training records")
 
 
+class TextDataSection(Strict):
+    """Raw text for pretraining / continued pretraining, packed into fixed blocks."""
+
+    files: list[str] = Field(min_length=1, description="text files, folders of .txt/.md, or JSONL/JSON/CSV/Parquet "
+                                                       "records with text (chat records are joined into text)")
+    text_unit: Literal["document", "paragraph"] = Field(
+        "document", description="one document per file/record, or per paragraph (split on blank lines)")
+    heldout_share: float = Field(0.05, gt=0.0, lt=0.5, description="share of documents held out by content hash "
+                                                                   "for perplexity")
+    block_size: int | None = Field(None, ge=8, description="tokens per packed block; default: the model's context")
+    limit: int | None = Field(None, ge=1, description="use only the first N documents")
+    max_eval_blocks: int | None = Field(256, ge=1, description="held-out blocks scored (the same before and after)")
+
+
 class LoraSection(Strict):
     r: int = Field(8, ge=1)
     alpha: int = Field(16, ge=1)
@@ -48,6 +62,9 @@ class TrainSection(Strict):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool | None = Field(None, description="None: chosen per device (off on CPU)")
     group_by_length: bool = Field(True, description="batch similar lengths together: less padding")
+    padding_free: bool | Literal["auto"] = Field(
+        "auto", description="SFT: one unpadded row per batch with per-example position ids (no attention across "
+                            "examples); auto: on where faster, a GPU with flash attention (tunelab/train/device.py)")
 
 
 class GenerationSection(Strict):
@@ -55,3 +72,24 @@ class GenerationSection(Strict):
     batch_size: int = Field(16, ge=1)
     limit: int | None = Field(None, ge=1, description="evaluate on the first N test records")
 
+
+class PreferenceDataSection(Strict):
+    """Preference pairs {prompt, chosen, rejected} (or hh-rlhf whole transcripts) for reward, DPO and RLHF."""
+
+    train: str = Field(description="file of preference pairs (.jsonl, .json, .csv, .parquet)")
+    validation: str | None = Field(None, description="validation pairs; or use validation_split")
+    validation_split: float = Field(0.1, ge=0.0, lt=0.5, description="share of train held out by content hash")
+    test: str | None = Field(None, description="held-out pairs for the before/after report (default: validation)")
+    max_length: int = Field(512, ge=8, description="tokens of prompt + response; the prompt is cut from the left")
+    limit: int | None = Field(None, ge=1, description="use only the first N training pairs")
+    test_limit: int | None = Field(None, ge=1, description="report on the first N held-out pairs")
+
+
+class PolicyEvalSection(Strict):
+    """The aligned policy against its starting model on held-out prompts, judged by a reward."""
+
+    reward_model: str | None = Field(None, description="reward run id or folder that judges (DPO: optional)")
+    prompts: int = Field(64, ge=1, description="held-out prompts used")
+    samples: int = Field(2, ge=1, description="sampled completions per prompt and model")
+    max_new_tokens: int = Field(48, ge=1)
+    batch_size: int = Field(16, ge=1)

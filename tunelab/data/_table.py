@@ -42,8 +42,8 @@ class IntMultiMap:
 
     def _alloc(self, cap: int) -> None:
         self._cap = cap
-        self._keys = array(self._code, bytes(cap * array(self._code).itemsize))
-        self._vals = array("I", bytes(cap * 4))
+        self._keys = array(self._code, [0]) * cap  # repetition: no temporary buffer of the full size
+        self._vals = array("I", [0]) * cap
 
     def __len__(self) -> int:
         return self._n
@@ -115,15 +115,17 @@ class IntMultiMap:
             cap = int(cap * _GROWTH)
         k = np.frombuffer(old_k, dtype=self.key_dtype)
         v = np.frombuffer(old_v, dtype=np.uint32)
-        used = np.flatnonzero(k)
+        used = k != 0
         k, v = k[used], v[used]
         self._alloc(cap)
         tk, tv = self._keys, self._vals
-        for key, val in zip(k.tolist(), v.tolist()):
-            s = ((((key * _FIB) & _M64) >> 32) * cap) >> 32
-            while tk[s]:
-                s += 1
-                if s == cap:
-                    s = 0
-            tk[s] = key
-            tv[s] = val
+        step = 1 << 16  # in slices: a list of millions of Python ints would cost ~40 bytes an entry
+        for i in range(0, k.size, step):
+            for key, val in zip(k[i:i + step].tolist(), v[i:i + step].tolist()):
+                s = ((((key * _FIB) & _M64) >> 32) * cap) >> 32
+                while tk[s]:
+                    s += 1
+                    if s == cap:
+                        s = 0
+                tk[s] = key
+                tv[s] = val

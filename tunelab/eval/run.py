@@ -68,14 +68,15 @@ def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tupl
     """Summed NLL of reference responses (teacher forcing) and the number of scored tokens."""
     import torch
 
-    from tunelab.train._numerics import PadCollator, masked_nll
+    from tunelab.train._numerics import PadCollator, causal_logits, masked_nll
 
     collate = PadCollator(pad_id)
     total, count = 0.0, 0
     with torch.no_grad():
         for b in range(0, len(feats), batch_size):
             batch = collate(feats[b: b + batch_size])
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            # causal_logits: prompt_tuning/p_tuning adapters prepend virtual tokens; labels stay aligned
+            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
             nll, n = masked_nll(logits, batch["labels"])
             total += float(nll)
             count += n
@@ -97,6 +98,12 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     run_dir = ws.run_dir(ref)
     run_id = run_dir.name
     cfg = _load_cfg(run_dir)
+    from tunelab.sections import ChatDataSection
+
+    if not isinstance(getattr(cfg, "data", None), ChatDataSection) or not hasattr(cfg.eval, "max_new_tokens"):
+        raise TunelabError(f"run {run_id} is a '{cfg.recipe}' run: 'tunelab eval' scores generated answers of "
+                           f"instruction-tuned runs; this recipe reports its own held-out metrics in "
+                           f"{run_dir / 'summary.json'} (and 'tunelab runs show {run_id}')")
     data_path = str(data) if data else cfg.data.test
     if not data_path:
         raise TunelabError("no held-out set: give --data FILE or set data.test in the recipe")
@@ -111,7 +118,10 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
                            f"'tunelab train --resume {run_id}'")
     tuned_dir = adapter if adapter.is_dir() else full
     tokenizer = AutoTokenizer.from_pretrained(tuned_dir)  # saved with the run: same chat template
-    base_path = resolve(cfg.model.name, ws)
+    # a recipe without `model:` (distill: teacher/student) records in lineage.json the base its weights sit on
+    base_ref = cfg.model.name if hasattr(cfg, "model") else json.loads(
+        (run_dir / "lineage.json").read_text(encoding="utf-8"))["base_model_path"]
+    base_path = resolve(base_ref, ws)
 
     prompts = [prompt_ids(tokenizer, c) for c in chats]
     refs = [c[-1]["content"] for c in chats]
@@ -166,7 +176,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     write_json(out / "metrics.json", res)
     eval_id = f"eval-{run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
     cat = ws.catalog()
-    cat.add_run(id=eval_id, kind="eval", dir=out, parent_id=run_id, base_model=cfg.model.name, status="completed",
+    cat.add_run(id=eval_id, kind="eval", dir=out, parent_id=run_id, base_model=base_ref, status="completed",
                 config={"data": data_path, "limit": limit, "decoding": gen_cfg})
     cat.update_run(eval_id, metrics={f"{m}_{k}": v for m, r in res["models"].items() for k, v in r.items()
                                      if k in ("rougeL", "bleu", "perplexity")})

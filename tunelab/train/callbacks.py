@@ -13,8 +13,9 @@ from transformers import TrainerCallback
 class MetricsJsonl(TrainerCallback):
     """Append one JSON row per logged step to ``metrics.jsonl`` with tokens/s over that step."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, extra: tuple[str, ...] = ()):
         self.path = path
+        self.extra = extra  # recipe-specific keys of training rows, e.g. distill_loss
         self._t0 = None
         self._tokens0 = 0
         self._last = None
@@ -35,8 +36,11 @@ class MetricsJsonl(TrainerCallback):
         if "eval_loss" in logs:
             row["eval_loss"] = logs["eval_loss"]
             row["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50))
+            # recipe metrics (classification accuracy, macro-F1, ...) next to the loss
+            row.update({k: v for k, v in logs.items() if k.startswith("eval_") and k not in row
+                        and not k.endswith(("_runtime", "_per_second"))})
         elif "loss" in logs:
-            row.update({k: logs[k] for k in ("loss", "learning_rate", "grad_norm") if k in logs})
+            row.update({k: logs[k] for k in ("loss", "learning_rate", "grad_norm", *self.extra) if k in logs})
             row["tokens_seen"] = state.num_input_tokens_seen
             if self._last:
                 row.update(self._last)

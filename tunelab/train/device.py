@@ -2,7 +2,8 @@
 
 On CPU, bf16 autocast is only a win with AMX (measured: ~5x faster matmuls with AMX-bf16,
 but 0.8x the fp32 speed on an AVX512-bf16 CPU without AMX), and gradient checkpointing
-costs ~1.5x time for memory a small model does not need, so neither is forced on CPU.
+costs ~1.5x time for memory a small model does not need, so neither is forced on CPU by plan().
+SFT adds its own measured choices below (checkpoint_every, padding_free; docs/methods/sft.md).
 """
 
 from __future__ import annotations
@@ -39,3 +40,46 @@ def plan(precision: str = "auto", gradient_checkpointing: bool | None = None) ->
         why = f"{why}; precision set to {precision} by the recipe"
     gc = bool(gradient_checkpointing) if gradient_checkpointing is not None else False
     return DevicePlan(dev, chosen, gc, why)
+
+
+
+# Measured for SFT of SmolLM2-135M with LoRA on 2 AMX cores (bench/sft_vs_trl.py, docs/methods/sft.md):
+# without checkpointing the saved activations (bf16 autocast keeps fp32 and bf16 copies) make the
+# peak RSS ~5.2 GB; checkpointing every k-th decoder layer frees about 1/k of that for one extra
+# forward pass of 1/k of the layers.
+CPU_BF16_CHECKPOINT_EVERY = 2
+
+
+# A padding-free row of L tokens gets a dense L x L block-causal mask under sdpa/eager attention, and
+# attention then runs over the whole row, masked blocks included. Measured on 2 AMX cores
+# (SmolLM2-135M, LoRA, bf16, 8 examples of ~120 tokens, docs/methods/sft.md): 1.7x slower than the
+# padded batch, at the same peak memory. Only a varlen kernel (flash attention, which reads the
+# example boundaries from position ids) skips the cross-example blocks.
+VARLEN_ATTENTION = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn", "kernels-community/vllm-flash-attn3")
+
+
+def padding_free(choice: bool | str, dplan: DevicePlan, attn_implementation: str | None) -> tuple[bool, str]:
+    """Whether SFT batches go padding-free (one unpadded row, per-example position ids), and why.
+
+    ``choice`` is ``train.padding_free``: True/False as set, or "auto": on only where it is faster,
+    i.e. a GPU with a varlen attention kernel; padded (length-grouped) batches elsewhere.
+    """
+    if choice is True or choice is False:
+        return choice, f"set to {str(choice).lower()} by the recipe"
+    if dplan.device == "cuda" and str(attn_implementation) in VARLEN_ATTENTION:
+        return True, f"auto: {attn_implementation} skips the blocks between examples"
+    return False, f"auto: padded is faster with {attn_implementation} attention on {dplan.device}"
+
+
+def checkpoint_every(requested: bool | None, dplan: DevicePlan) -> int:
+    """Gradient checkpointing for SFT as "every k-th decoder layer": 0 off, 1 every layer, k > 1 partial.
+
+    ``requested`` is ``train.gradient_checkpointing``: True (all layers) or False as set; None picks
+    per device: partial checkpointing under bf16 autocast on CPU (see CPU_BF16_CHECKPOINT_EVERY),
+    otherwise what :func:`plan` chose.
+    """
+    if requested is not None:
+        return int(bool(requested))
+    if dplan.device == "cpu" and dplan.precision == "bf16":
+        return CPU_BF16_CHECKPOINT_EVERY
+    return int(dplan.gradient_checkpointing)

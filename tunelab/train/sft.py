@@ -1,9 +1,12 @@
-"""Instruction tuning (SFT): LoRA or full fine-tuning of a causal LM on chat/instruction records.
+"""Instruction tuning (SFT): a PEFT adapter or full fine-tuning of a causal LM on chat/instruction records.
 
-    tunelab train examples/sft_lora_support.yaml [--set train.epochs=2] [--resume RUN_ID]
+    tunelab train examples/sft_lora_support.yaml [--set method=dora] [--set train.epochs=2] [--resume RUN_ID]
+
+``method``: lora | dora | rslora | qlora | prompt_tuning | prefix_tuning | p_tuning | ia3 | full
+(tunelab/train/peft.py; each reads its own section: ``lora:``, ``prompt:``, ``ia3:``, ``qlora:``).
 
 Top to bottom: resolve the model → tokenizer (+ chat template) → data (masked labels,
-truncation counted) → model (+ LoRA) → transformers Trainer with validation, early
+truncation counted) → model (+ adapter) → transformers Trainer with validation, early
 stopping and checkpoints → save the best adapter/model with the tokenizer → summary.
 """
 
@@ -17,12 +20,13 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunelab import config as cfglib
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
 from tunelab.sections import ChatDataSection, GenerationSection, LoraSection, ModelSection, TrainSection
+from tunelab.train.peft import PROMPT_FAMILY, IA3Section, PromptSection, QuantSection, TrainMethod
 from tunelab.workspace import Workspace, sha256_file, write_json
 
 
@@ -33,10 +37,20 @@ class SFTConfig(Strict):
     name: str | None = Field(None, description="a short name used in the run id")
     model: ModelSection
     data: ChatDataSection
-    method: Literal["lora", "full"] = "lora"
-    lora: LoraSection = LoraSection()
+    method: TrainMethod = Field("lora", description="a PEFT method (tunelab/train/peft.py) or full")
+    lora: LoraSection = LoraSection()  # lora, dora, rslora, qlora
+    prompt: PromptSection = PromptSection()  # prompt_tuning, prefix_tuning, p_tuning
+    ia3: IA3Section = IA3Section()
+    qlora: QuantSection = QuantSection()  # the 4-bit base of qlora
     train: TrainSection = TrainSection()
     eval: GenerationSection = GenerationSection()
+
+    @model_validator(mode="after")
+    def _padding_free(self):
+        if self.train.padding_free is True and self.method in PROMPT_FAMILY:
+            raise ValueError(f"train.padding_free: {self.method} prepends virtual tokens to each padded row; "
+                             f"set train.padding_free: auto (or false)")
+        return self
 
 
 # ----------------------------------------------------------------------------- data
@@ -125,10 +139,15 @@ def write_probe(model, input_ids: list[int], path: Path) -> None:
 def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train; return the summary (also written to ``summary.json``)."""
+    from tunelab.train.peft import apply_peft, adapter_report, check_requirements, ignored_sections, load_kwargs, \
+        peft_section
+
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
 
     if not resume:
+        if cfg.method != "full":
+            check_requirements(peft_section(cfg))  # e.g. qlora without CUDA/bitsandbytes: fail before anything
         dataset_lineage(cfg.data)  # fail on a missing file before a run directory is made
         # store absolute data paths so eval and --resume work from any directory
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
@@ -138,6 +157,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
         run_dir = ws.run_dir(resume)
         run_id = run_dir.name
         cfg = cfglib.load(SFTConfig, run_dir / "config.yaml")  # the run's own config, not the file's
+        if cfg.method != "full":
+            check_requirements(peft_section(cfg))
     else:
         run_id, run_dir = ws.new_run_dir("sft", cfg.name)
         (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
@@ -151,8 +172,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
     from tunelab.environment import capture
     from tunelab.models import resolve
     from tunelab.train import callbacks as cb
-    from tunelab.train._numerics import PadCollator, ensure_chat_template, tokenize_all_chats
-    from tunelab.train.device import plan
+    from tunelab.train._numerics import PadCollator, PaddingFreeCollator, ensure_chat_template, tokenize_all_chats
+    from tunelab.train.device import checkpoint_every, padding_free, plan
 
     transformers.logging.set_verbosity_error()
     model_path = resolve(cfg.model.name, ws)
@@ -195,16 +216,22 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
 
         # 3. model (+ adapter)
         dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
+        ckpt_every = checkpoint_every(cfg.train.gradient_checkpointing, dplan)
         transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        if cfg.method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        for s in ignored_sections(cfg):
+            print(f"note: method {cfg.method} does not read the '{s}:' section")
+        if cfg.method == "full":
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        else:
+            adapter_cfg = peft_section(cfg)
+            model = AutoModelForCausalLM.from_pretrained(model_path, **{"dtype": torch.float32,
+                                                                        **load_kwargs(adapter_cfg)})
+            model = apply_peft(model, adapter_cfg, "CAUSAL_LM", tokenizer_path=str(model_path))
+        params = adapter_report(model)
+        trainable, total = params["trainable_params"], params["total_params"]
+        # prompt-family methods prepend virtual tokens per row: only padded batches (checked in SFTConfig)
+        pf, pf_why = (False, f"off for {cfg.method}") if cfg.method in PROMPT_FAMILY else \
+            padding_free(cfg.train.padding_free, dplan, getattr(model.config, "_attn_implementation", None))
 
         # 4. trainer
         steps_per_epoch = math.ceil(len(train_feats) / (cfg.train.batch_size * cfg.train.grad_accum))
@@ -228,7 +255,9 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             bf16=dplan.precision == "bf16",
             fp16=dplan.precision == "fp16",
             use_cpu=dplan.device == "cpu",
-            activation_checkpointing=dplan.gradient_checkpointing,
+            activation_checkpointing=ckpt_every > 0,
+            # k > 1: only every k-th decoder layer (transformers' every_n_layers); tunelab/train/device.py
+            activation_checkpointing_kwargs={"every_n_layers": ckpt_every} if ckpt_every > 1 else None,
             eval_strategy="steps" if has_val else "no",
             eval_steps=cfg.train.eval_every,
             save_strategy="steps",
@@ -240,7 +269,7 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             restore_callback_states_from_checkpoint=True,
             logging_strategy="steps",
             logging_steps=1,
-            include_num_input_tokens_seen="non_padding",
+            include_num_input_tokens_seen="all" if pf else "non_padding",  # a padding-free row has no padding
             train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
             report_to="none",
             disable_tqdm=True,
@@ -254,7 +283,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
         if has_val and cfg.train.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
         trainer = _SFTTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
-                          data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                          data_collator=PaddingFreeCollator() if pf else PadCollator(tokenizer.pad_token_id),
+                          processing_class=tokenizer,
                           callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)
 
@@ -269,19 +299,27 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
                 print(f"resuming from {resume_from.name}")
         else:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        print(f"device: {dplan.why}; {trainable:,} trainable of {total:,} parameters "
+        ckpt = {0: "off", 1: "every layer"}.get(ckpt_every, f"every {ckpt_every} layers")
+        print(f"device: {dplan.why}; gradient checkpointing {ckpt}; padding-free batches {'on' if pf else 'off'} "
+              f"({pf_why}); {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.2f}%); {total_steps} steps")
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
         # 5. save the best weights (load_best_model_at_end restored them) with the tokenizer
-        out_dir = run_dir / ("adapter" if cfg.method == "lora" else "model")
+        out_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
         tmp = run_dir / f".{out_dir.name}.partial"
         shutil.rmtree(tmp, ignore_errors=True)
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out_dir, ignore_errors=True)
         tmp.rename(out_dir)
-        write_probe(trainer.model, (val_feats or train_feats)[0]["input_ids"], run_dir / "probe.safetensors")
+        # Under bf16/fp16 mixed precision accelerate wraps forward in autocast; the probe must be the
+        # saved weights' own (fp32) logits, which is what a reload computes: drop the wrapper first.
+        probe_model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        write_probe(probe_model, (val_feats or train_feats)[0]["input_ids"], run_dir / "probe.safetensors")
+        params = adapter_report(trainer.model, out_dir)
+        # what the Trainer actually did, read off the model (not the plan): see docs/methods/full.md
+        checkpointed = bool(getattr(trainer.model, "is_activation_checkpointing", False))
 
         st = trainer.state
         stopped_early = has_val and st.global_step < st.max_steps
@@ -304,9 +342,10 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             "train_runtime_s": round(out.metrics.get("train_runtime", 0.0), 2),
             "tokens_seen": st.num_input_tokens_seen,
             "tokens_per_s": round(st.num_input_tokens_seen / max(out.metrics.get("train_runtime", 1e-9), 1e-9), 2),
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_percent": round(100 * trainable / total, 4),
+            **params,  # trainable_params, total_params, trainable_percent, adapter_bytes (the saved weights)
+            "gradient_checkpointing": checkpointed,
+            "checkpoint_every_n_layers": ckpt_every if checkpointed else 0,
+            "padding_free": pf,
             "device": dplan.__dict__,
             "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
             "data": data_report,

@@ -1,0 +1,180 @@
+"""PEFT methods (tunelab/train/peft.py) on a tiny random-init Llama: each trains, reports its size, reloads exactly."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import write_color_data
+from tunelab.errors import TunelabError
+from tunelab.sections import LoraSection
+from tunelab.train.export import merge_adapter
+from tunelab.train.peft import (MERGEABLE, IA3Section, PeftSection, PromptSection, adapter_report, apply_peft,
+                                check_requirements, peft_config)
+
+METHODS = ["lora", "dora", "rslora", "prompt_tuning", "prefix_tuning", "p_tuning", "ia3"]
+# learning rates at which 10 steps on one batch clearly lower the loss (prompt methods need large ones)
+LR = {"prompt_tuning": 3e-1, "prefix_tuning": 3e-1, "p_tuning": 1e-2, "ia3": 1e-1}
+NV = 4  # virtual tokens
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model, tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from tunelab.train._numerics import PadCollator, ensure_chat_template, tokenize_all_chats
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ensure_chat_template(tok)
+    path = write_color_data(tmp_path_factory.mktemp("peft") / "d.jsonl", 8, seed=5)
+    chats = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]
+             for r in map(json.loads, path.read_text().splitlines())]
+    feats, _ = tokenize_all_chats(tok, chats, 64)
+    return PadCollator(tok.pad_token_id)(feats)
+
+
+def _expected_trainable(method: str, base) -> int:
+    """Trainable parameters each method should add, from the architecture (independent of peft's counting)."""
+    import torch
+
+    cfg = base.config
+    kv_dim = cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    linears = {n.rsplit(".", 1)[-1]: m for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)}
+    layers = [m for n, m in base.model.named_modules() if isinstance(m, torch.nn.Linear)]
+    r = 8
+    if method in ("lora", "rslora"):
+        return sum(r * (m.in_features + m.out_features) for m in layers)
+    if method == "dora":  # + a magnitude per output feature
+        return sum(r * (m.in_features + m.out_features) + m.out_features for m in layers)
+    if method == "prompt_tuning":
+        return NV * cfg.hidden_size
+    if method == "prefix_tuning":  # a key and a value prefix per layer
+        return NV * cfg.num_hidden_layers * 2 * kv_dim
+    if method == "ia3":  # peft's Llama default: scale k and v outputs and the down projection's input
+        per_layer = linears["k_proj"].out_features + linears["v_proj"].out_features + linears["down_proj"].in_features
+        return cfg.num_hidden_layers * per_layer
+    if method == "p_tuning":  # virtual-token embeddings + a 3-layer MLP of the model's width
+        h = cfg.hidden_size
+        return NV * h + 3 * (h * h + h)
+    raise AssertionError(method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_peft_method_trains_reports_and_reloads(method, tiny_model, batch, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train._numerics import response_only_loss
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    base_total = sum(p.numel() for p in base.parameters())
+    expected = _expected_trainable(method, base)
+    section = PeftSection(method=method, lora=LoraSection(dropout=0.0), prompt=PromptSection(num_virtual_tokens=NV))
+    model = apply_peft(base, section, tokenizer_path=str(tiny_model))
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR.get(method, 1e-2))
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = response_only_loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], f"{method} did not learn: {losses}"
+
+    model.eval()
+    with torch.no_grad():
+        # tunelab's loss equals the model's own (peft pads the labels of virtual tokens itself): no misalignment
+        own = model(**batch).loss
+        assert response_only_loss(model, batch).item() == pytest.approx(own.item(), rel=1e-5)
+        ids = batch["input_ids"][:2]
+        trained = model(input_ids=ids, attention_mask=batch["attention_mask"][:2]).logits
+
+    saved = tmp_path / "adapter"
+    model.save_pretrained(saved)
+    rep = adapter_report(model, saved)
+    assert rep["trainable_params"] == expected
+    assert rep["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert rep["total_params"] == base_total + expected  # the adapter's parameters join the frozen base's
+    assert rep["trainable_percent"] == pytest.approx(100 * expected / rep["total_params"], abs=1e-4)
+    # fp32 safetensors: 4 bytes per saved parameter plus a small header; p_tuning saves the virtual
+    # tokens its encoder made, not the encoder (so it trains more than it stores)
+    stored = NV * base.config.hidden_size if method == "p_tuning" else expected
+    assert 4 * stored < rep["adapter_bytes"] < 4 * stored + 16384
+
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model)
+    back = PeftModel.from_pretrained(fresh, saved).eval()
+    with torch.no_grad():
+        again = back(input_ids=ids, attention_mask=batch["attention_mask"][:2]).logits
+    torch.testing.assert_close(again, trained, atol=1e-5, rtol=1e-5)
+
+    # merging (tunelab export --merge) folds weight-update adapters into the base, exactly; prompt-family
+    # adapters are inputs, not weights: a clear error
+    if method in MERGEABLE:
+        merged = merge_adapter(tiny_model, saved).eval()
+        assert not hasattr(merged, "peft_config")
+        with torch.no_grad():
+            m = merged(input_ids=ids, attention_mask=batch["attention_mask"][:2]).logits
+        # (W + BA)x and Wx + B(Ax) round differently: fp32 agreement to 1e-5 of the largest logit (~20 ulp here)
+        torch.testing.assert_close(m, trained, atol=1e-5 * float(trained.abs().max()), rtol=1e-5)
+    else:
+        with pytest.raises(TunelabError, match="cannot be merged"):
+            merge_adapter(tiny_model, saved)
+
+
+def test_dora_and_rslora_configs():
+    assert peft_config(PeftSection(method="dora")).use_dora
+    assert peft_config(PeftSection(method="rslora")).use_rslora
+    lo = peft_config(PeftSection(method="lora"))
+    assert not lo.use_dora and not lo.use_rslora
+    ia3 = peft_config(PeftSection(method="ia3", ia3=IA3Section(target_modules=["v_proj"], feedforward_modules=[])))
+    assert set(ia3.target_modules) == {"v_proj"}
+
+
+def test_misaligned_logits_are_an_error_not_a_shift():
+    import torch
+
+    from tunelab.train._numerics import causal_logits
+
+    class Odd(torch.nn.Module):  # returns one logit position too many, and is no prompt-learning model
+        def forward(self, input_ids, attention_mask=None):
+            return type("Out", (), {"logits": torch.zeros(input_ids.size(0), input_ids.size(1) + 1, 5)})()
+
+    with pytest.raises(RuntimeError, match="misaligned"):
+        causal_logits(Odd(), torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_qlora_without_gpu_or_bitsandbytes_is_one_clear_line():
+    import importlib.util
+
+    import torch
+
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("this machine can run QLoRA")
+    with pytest.raises(TunelabError) as e:
+        check_requirements(PeftSection(method="qlora"))
+    msg = str(e.value)
+    assert "\n" not in msg and "qlora" in msg
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert "bitsandbytes" in msg
+    if not torch.cuda.is_available():
+        assert "CUDA" in msg
+    check_requirements(PeftSection(method="lora"))  # other methods need nothing extra
+
+
+def test_prompt_tuning_starts_from_init_text(tiny_model):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "What color is the cat?"
+    ids = AutoTokenizer.from_pretrained(tiny_model)(text, add_special_tokens=False)["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    words = base.get_input_embeddings().weight.detach().clone()
+    model = apply_peft(base, PeftSection(method="prompt_tuning",
+                                         prompt=PromptSection(num_virtual_tokens=len(ids), init_text=text)))
+    virtual = model.prompt_encoder["default"].embedding.weight
+    torch.testing.assert_close(virtual, words[ids])

@@ -1,0 +1,99 @@
+"""Prompt cutting for preference pairs, hh-rlhf splitting, and the held-out preference numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tok")
+    corpus = ["Human: what color is the cat?", "Assistant: The cat is red.", "one two three four five six"] * 20
+    make_tiny_model(d / "m", corpus)
+    return AutoTokenizer.from_pretrained(d / "m")
+
+
+def test_fit_prompt_keeps_the_tail_within_budget(tok):
+    from tunelab.train._numerics import fit_prompt
+
+    prompt = "Human: one two three four five six\n\nAssistant: ok\n\nHuman: what color is the cat?\n\nAssistant:"
+    n = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    same, cut = fit_prompt(tok, prompt, n)
+    assert same == prompt and not cut
+    tail, cut = fit_prompt(tok, prompt, 12)
+    assert cut and prompt.endswith(tail) and len(tail) < len(prompt)
+    assert len(tok(tail, add_special_tokens=False)["input_ids"]) <= 12
+    assert tail.endswith("\n\nAssistant:")
+    last_turn = "\n\nHuman: what color is the cat?\n\nAssistant:"
+    tail, cut = fit_prompt(tok, prompt, len(tok(last_turn, add_special_tokens=False)["input_ids"]))
+    assert cut and tail.endswith(last_turn[2:])  # the whole last turn fits in its own token count
+    assert fit_prompt(tok, prompt, 0) == ("", True)
+
+
+def test_encode_prompt_response_cuts_prompt_first(tok):
+    from tunelab.train._numerics import encode_prompt_response
+
+    prompt = "one two three four five six " * 10 + "what color is the cat?"
+    ids, cut = encode_prompt_response(tok, prompt, " The cat is red.", 24)
+    resp = tok(" The cat is red.", add_special_tokens=False)["input_ids"]
+    assert cut and len(ids) <= 24 and ids[-len(resp):] == resp  # the response survives whole
+    ids2, cut2 = encode_prompt_response(tok, "what color?", " The cat is red.", 64)
+    assert not cut2 and ids2 == tok("what color?")["input_ids"] + resp
+    # a response longer than the budget is cut at its end, and the prompt keeps at least half
+    long_resp = " one two three" * 30
+    ids3, cut3 = encode_prompt_response(tok, prompt, long_resp, 32)
+    assert cut3 and len(ids3) == 32
+
+
+def test_hh_rlhf_transcripts_become_pairs(tmp_path, tok):
+    from tunelab.train._preference import load_pairs
+
+    p = tmp_path / "hh.jsonl"
+    rows = [
+        {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: color?\n\nAssistant: Red.",
+         "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: color?\n\nAssistant: No."},
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: x\n\nAssistant: b"},  # no shared prompt
+        {"prompt": "Q:", "chosen": " same", "rejected": " same"},
+        {"text": "not a pair"},
+    ]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rejects: list[dict] = []
+    pairs = load_pairs(str(p), tok, rejects)
+    assert pairs == [{"prompt": "Human: hi\n\nAssistant: hello\n\nHuman: color?\n\nAssistant:",
+                      "chosen": " Red.", "rejected": " No."}]
+    assert [r["line"] for r in rejects] == [2, 3, 4]
+    assert "share the prompt" in rejects[0]["reason"] and "same response" in rejects[1]["reason"]
+
+
+def test_heldout_preference_numbers():
+    from tunelab.train.dpo import heldout_preferences
+
+    out = heldout_preferences([-1.0, -2.0, -3.0], [-2.0, -2.0, -1.0], [-1.5, -2.0, -3.0], [-1.5, -2.5, -1.0], 0.5)
+    assert out["logp_accuracy"] == pytest.approx((1 + 0.5 + 0) / 3, abs=1e-4)
+    # log-ratios: chosen (0.5, 0, 0), rejected (-0.5, 0.5, 0) -> margins (1, -0.5, 0)
+    assert out["implicit_reward_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3, abs=1e-4)
+    assert out["implicit_reward_margin"] == pytest.approx(0.5 * 0.5 / 3, abs=1e-4)
+
+
+def test_rlhf_config_needs_one_reward_and_whole_groups():
+    from tunelab import config as cfglib
+    from tunelab.errors import ConfigError
+    from tunelab.train.rlhf import RLHFConfig
+
+    base = {"recipe": "rlhf", "model": {"name": "m"}, "data": {"train": "x.jsonl"}}
+    ok = cfglib.validate(RLHFConfig, {**base, "reward_function": "m:f", "num_generations": 4,
+                                      "train": {"batch_size": 8}})
+    assert ok.beta > 0
+    with pytest.raises(ConfigError) as e:
+        cfglib.validate(RLHFConfig, {**base, "reward_model": "r", "reward_function": "m:f", "num_generations": 3,
+                                     "train": {"batch_size": 8}})
+    msg = str(e.value)
+    assert "exactly one of reward_model" in msg and "multiple of num_generations" in msg
+    with pytest.raises(ConfigError, match="beta"):  # RLHF here always keeps a KL penalty to the start
+        cfglib.validate(RLHFConfig, {**base, "reward_function": "m:f", "beta": 0})

@@ -1,0 +1,247 @@
+"""Parameter-efficient fine-tuning (PEFT): the method choice, applying it to a model, and its report.
+
+Every recipe that tunes a model composes the same pieces (DESIGN principle 5): a top-level
+``method:`` (one named choice) and the section of the family that method reads::
+
+    method: dora            # lora | dora | rslora | qlora | prompt_tuning | prefix_tuning | p_tuning | ia3 | full
+    lora: {r: 16, alpha: 32, dropout: 0.05, target_modules: all-linear}   # lora, dora, rslora, qlora
+    prompt: {num_virtual_tokens: 20, init_text: "Answer the customer:"}   # prompt_tuning, prefix_tuning, p_tuning
+    ia3: {target_modules: null, feedforward_modules: null}                # ia3 (null: peft's per-model default)
+    qlora: {quant_type: nf4, double_quant: true, compute_dtype: bf16}     # qlora only
+
+A recipe turns its config into a :class:`PeftSection` with :func:`peft_section` and calls
+:func:`check_requirements` (before any model is loaded), :func:`load_kwargs` (extra
+``from_pretrained`` arguments: 4-bit quantization for QLoRA), :func:`apply_peft` and, once
+the adapter is saved, :func:`adapter_report`. The peft library is the engine.
+
+The methods, and the paper each comes from:
+
+- ``lora``: a low-rank update B·A·(alpha/r) beside each chosen linear layer (Hu et al. 2021, arXiv:2106.09685).
+- ``dora``: LoRA on the direction plus a learned magnitude per output feature (Liu et al. 2024,
+  arXiv:2402.09353): closer to full fine-tuning at low rank; slower steps.
+- ``rslora``: LoRA scaled by alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023, arXiv:2312.03732):
+  higher ranks keep learning instead of collapsing.
+- ``qlora``: LoRA on a frozen base quantized to 4-bit NF4 (Dettmers et al. 2023, arXiv:2305.14314):
+  ~4x less memory for the base weights; needs bitsandbytes and a CUDA GPU.
+- ``prompt_tuning``: learned embeddings of virtual tokens put before the input (Lester et al. 2021,
+  arXiv:2104.08691).
+- ``prefix_tuning``: learned keys and values prepended at every layer (Li & Liang 2021, arXiv:2101.00190).
+- ``p_tuning``: virtual tokens produced by a small trained MLP (Liu et al. 2021, arXiv:2103.10385).
+- ``ia3``: learned vectors rescaling keys, values and feed-forward activations (Liu et al. 2022,
+  arXiv:2205.05638): the fewest parameters of all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from tunelab.config import Strict
+from tunelab.errors import TunelabError
+from tunelab.sections import LoraSection
+
+PEFT_METHODS = ("lora", "dora", "rslora", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning", "ia3")
+LORA_FAMILY = ("lora", "dora", "rslora", "qlora")
+PROMPT_FAMILY = ("prompt_tuning", "prefix_tuning", "p_tuning")
+# Methods whose adapter is a change of weights, so it can be folded into the base (merge_and_unload).
+# Prompt-family adapters are extra inputs (virtual tokens, key/value prefixes): nothing to fold in.
+MERGEABLE = LORA_FAMILY + ("ia3",)
+
+PeftMethod = Literal["lora", "dora", "rslora", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning", "ia3"]
+TrainMethod = Literal["lora", "dora", "rslora", "qlora", "prompt_tuning", "prefix_tuning", "p_tuning", "ia3", "full"]
+
+# which recipe section each method reads (the others are ignored, and the run says so)
+SECTIONS_USED: dict[str, tuple[str, ...]] = {
+    **{m: ("lora",) for m in ("lora", "dora", "rslora")},
+    "qlora": ("lora", "qlora"),
+    **{m: ("prompt",) for m in PROMPT_FAMILY},
+    "ia3": ("ia3",),
+    "full": (),
+}
+
+
+class PromptSection(Strict):
+    """Prompt-family settings (prompt_tuning, prefix_tuning, p_tuning)."""
+
+    num_virtual_tokens: int = Field(20, ge=1, description="learned tokens (or prefix positions) per sequence")
+    init_text: str | None = Field(
+        None, description="prompt_tuning: start the virtual tokens from this text's embeddings "
+        "(better than random, Lester et al. 2021); repeated/cut to num_virtual_tokens")
+    encoder_hidden_size: int | None = Field(
+        None, ge=1, description="p_tuning: width of the MLP that makes the virtual tokens; prefix_tuning "
+        "with prefix_projection: width of the projection (None: the model's hidden size)")
+    prefix_projection: bool = Field(False, description="prefix_tuning: reparametrize the prefixes through an "
+                                    "MLP (Li & Liang 2021): more stable, more trainable parameters")
+
+
+class IA3Section(Strict):
+    """IA3 settings; None picks peft's default for the architecture (keys, values, down projection)."""
+
+    target_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = Field(
+        None, description="the subset of target_modules whose input (not output) is rescaled")
+
+
+class QuantSection(Strict):
+    """QLoRA's 4-bit base (bitsandbytes)."""
+
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="nf4: normal-float 4-bit (QLoRA paper)")
+    double_quant: bool = Field(True, description="quantize the quantization constants too (~0.4 bit/param saved)")
+    compute_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+
+
+class PeftSection(Strict):
+    """One adapter: the method and the settings of its family."""
+
+    method: PeftMethod = "lora"
+    lora: LoraSection = LoraSection()
+    prompt: PromptSection = PromptSection()
+    ia3: IA3Section = IA3Section()
+    qlora: QuantSection = QuantSection()
+
+
+def peft_section(cfg: Any) -> PeftSection:
+    """The :class:`PeftSection` of a recipe config with ``method`` and (some of) ``lora/prompt/ia3/qlora``."""
+    if cfg.method not in PEFT_METHODS:
+        raise TunelabError(f"method '{cfg.method}' is not a PEFT method ({', '.join(PEFT_METHODS)})")
+    parts = {k: getattr(cfg, k) for k in ("lora", "prompt", "ia3", "qlora") if getattr(cfg, k, None) is not None}
+    return PeftSection(method=cfg.method, **parts)
+
+
+def ignored_sections(cfg: Any) -> list[str]:
+    """Sections of the recipe, set away from their defaults, that its method does not read (a run says so).
+
+    Not an error: one recipe can try several methods with ``--set method=...``.
+    """
+    defaults = {"lora": LoraSection(), "prompt": PromptSection(), "ia3": IA3Section(), "qlora": QuantSection()}
+    used = SECTIONS_USED.get(cfg.method, ())
+    return [s for s, d in defaults.items() if s not in used and getattr(cfg, s, d) != d]
+
+
+def check_requirements(section: PeftSection) -> None:
+    """Fail early, in one line, when this machine cannot run the method (call before loading a model)."""
+    if section.method != "qlora":
+        return
+    import torch
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install bitsandbytes)")
+    if missing:
+        raise TunelabError(f"method qlora needs {' and '.join(missing)}; without them use method: lora "
+                           "(the same adapter on an unquantized base)")
+
+
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def load_kwargs(section: PeftSection) -> dict:
+    """Extra ``from_pretrained`` arguments the method needs (QLoRA: a 4-bit quantized base on GPU 0)."""
+    if section.method != "qlora":
+        return {}
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    dtype = getattr(torch, _DTYPES[section.qlora.compute_dtype])
+    return {"quantization_config": BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=section.qlora.quant_type,
+        bnb_4bit_use_double_quant=section.qlora.double_quant, bnb_4bit_compute_dtype=dtype),
+        "dtype": dtype, "device_map": {"": 0}}
+
+
+def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
+    """The peft library's config object for ``section``."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    m = section.method
+    if m in LORA_FAMILY:
+        lo = section.lora
+        return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
+                          use_dora=m == "dora", use_rslora=m == "rslora", task_type=task_type)
+    if m == "ia3":
+        return IA3Config(target_modules=section.ia3.target_modules,
+                         feedforward_modules=section.ia3.feedforward_modules, task_type=task_type)
+    p = section.prompt
+    if m == "prompt_tuning":
+        if p.init_text:
+            if not tokenizer_path:
+                raise TunelabError("prompt.init_text needs the model's tokenizer: pass tokenizer_path to apply_peft")
+            return PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, prompt_tuning_init="TEXT",
+                                      prompt_tuning_init_text=p.init_text, tokenizer_name_or_path=tokenizer_path,
+                                      task_type=task_type)
+        return PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task_type)
+    if m == "prefix_tuning":
+        kw = {"encoder_hidden_size": p.encoder_hidden_size} if p.encoder_hidden_size else {}
+        return PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, prefix_projection=p.prefix_projection,
+                                  task_type=task_type, **kw)
+    if m == "p_tuning":
+        kw = {"encoder_hidden_size": p.encoder_hidden_size} if p.encoder_hidden_size else {}
+        return PromptEncoderConfig(num_virtual_tokens=p.num_virtual_tokens, encoder_reparameterization_type="MLP",
+                                   task_type=task_type, **kw)
+    raise TunelabError(f"unknown PEFT method '{m}'; known: {', '.join(PEFT_METHODS)}")
+
+
+def apply_peft(model, section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
+    """Wrap ``model`` (loaded with :func:`load_kwargs`) in the adapter ``section`` describes; returns a PeftModel.
+
+    ``task_type`` is peft's: CAUSAL_LM, SEQ_CLS, TOKEN_CLS, SEQ_2_SEQ_LM, FEATURE_EXTRACTION.
+    ``tokenizer_path`` (default: the model's own folder) is read only by ``prompt.init_text``.
+    """
+    from peft import get_peft_model
+
+    if section.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # fp32 norms and an input that requires grad; gradient checkpointing stays the recipe's choice
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    path = tokenizer_path or getattr(model, "name_or_path", None) or None
+    return get_peft_model(model, peft_config(section, task_type, path))
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameters; 4-bit weights counted as the parameters they stand for."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return tuple(int(x) for x in model.get_nb_trainable_parameters())
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def weights_bytes(saved_dir: str | Path) -> int:
+    """Bytes of the weight files (``*.safetensors``, ``*.bin``) in a saved adapter or model folder."""
+    d = Path(saved_dir)
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file() and f.suffix in (".safetensors", ".bin"))
+
+
+def adapter_report(model, saved_dir: str | Path | None = None) -> dict:
+    """Trainable and total parameters, the trainable share in percent, and the saved weights' size in bytes.
+
+    For prompt-family methods the saved adapter holds the final virtual-token embeddings, not the
+    encoder that made them, so p_tuning and projected prefix_tuning save less than they train.
+    """
+    trainable, total = count_parameters(model)
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_percent": round(100 * trainable / max(total, 1), 4),
+            "adapter_bytes": weights_bytes(saved_dir) if saved_dir is not None else None}
+
+
+def virtual_tokens(model) -> int:
+    """How many positions a PEFT prompt-learning model prepends to its input (0 for anything else).
+
+    prompt_tuning and p_tuning prepend virtual-token embeddings, so the logits are longer than the
+    input; prefix_tuning passes its prefixes as past keys/values and adds no logit positions.
+    """
+    cfg = getattr(model, "active_peft_config", None)
+    if cfg is None or not getattr(cfg, "is_prompt_learning", False):
+        return 0
+    if str(getattr(cfg.peft_type, "value", cfg.peft_type)) == "PREFIX_TUNING":
+        return 0
+    return int(cfg.num_virtual_tokens) * int(getattr(cfg, "num_transformer_submodules", None) or 1)

@@ -322,8 +322,8 @@ def main() -> None:
               f"planted pairs at 0.7-0.8 dropped: {band_caught}/{len(near_band)}")
         print(f"  recall at true Jaccard >= 0.85: {sum(dropped_as_dup(c) for c in true_85)}/{len(true_85)}; "
               f"of the {len(missed)} missed, {sum(e < THRESHOLD for e in missed_est)} had a MinHash estimate "
-              f"< {THRESHOLD} (estimate noise), {sum(e >= THRESHOLD for e in missed_est)} >= {THRESHOLD} "
-              f"(not an LSH candidate)")
+              f"< {THRESHOLD}, {sum(e >= THRESHOLD for e in missed_est)} >= {THRESHOLD} (not LSH candidates of "
+              f"the record they copy, or, rarely, cut by the estimate pre-filter 4 sd below the threshold)")
         print(f"near-dup precision: {len(nd_j)} dropped by near_dedup; true Jaccard with the named record "
               f">= 0.8: {prec8 if prec8 is None else f'{prec8:.3f}'}, >= 0.7: "
               f"{prec7 if prec7 is None else f'{prec7:.3f}'}; min {min(nd_j.values(), default=float('nan')):.3f}")

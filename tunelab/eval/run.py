@@ -48,7 +48,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
                 mask[row, n - len(p):] = 1
             t0 = time.perf_counter()
             with torch.no_grad():
-                gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                dev = next(model.parameters()).device
+                gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                                      do_sample=False, num_beams=1, pad_token_id=pad,
                                      eos_token_id=tokenizer.eos_token_id)
             dt = time.perf_counter() - t0

@@ -206,7 +206,8 @@ def write_probe(model, feats: list[dict], path: Path) -> None:
         mask[i, :len(f["input_ids"])] = 1
     model.eval()
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        dev = next(model.parameters()).device
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
     save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous()}, str(path))
 
 

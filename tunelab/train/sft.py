@@ -131,8 +131,9 @@ def write_probe(model, input_ids: list[int], path: Path) -> None:
 
     model.eval()
     ids = torch.tensor([input_ids])
+    dev = next(model.parameters()).device  # the model may sit on a GPU; the probe is saved from the CPU
     with torch.no_grad():
-        logits = model(input_ids=ids).logits[0, -4:].float()  # last 4 positions: small on disk
+        logits = model(input_ids=ids.to(dev)).logits[0, -4:].float().cpu()  # last 4 positions: small on disk
     save_file({"input_ids": ids[0], "logits": logits.contiguous()}, str(path))
 
 

@@ -40,18 +40,19 @@ def build(cfg: ServeConfig, ws: Workspace):
     """Load the base model and adapters and start the batching engine; returns (app, registry, engine)."""
     from tunelab._optional import require
 
+    from tunelab.serve.adapters import Registry, newest_demo_run, resolve_target
+
+    if cfg.demo == bool(cfg.model):
+        raise TunelabError("give what to serve: a run id, a model folder or a packaged model name, or --demo")
+    target = resolve_target(newest_demo_run(ws) if cfg.demo else cfg.model, ws, cfg.name)
     require("fastapi", "serve")
     import torch
 
-    from tunelab.serve.adapters import Registry, newest_demo_run, resolve_target
     from tunelab.serve.batching import Engine
     from tunelab.serve.openai_api import Limits, create_app
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.demo == bool(cfg.model):
-        raise TunelabError("give what to serve: a run id, a model folder or a packaged model name, or --demo")
-    target = resolve_target(newest_demo_run(ws) if cfg.demo else cfg.model, ws, cfg.name)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     registry = Registry(target.base_path, target.base_name, device=device)
     if target.adapter is not None:

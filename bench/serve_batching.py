@@ -39,6 +39,7 @@ def make_adapter(base: str, out: Path, seed: int) -> str:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.manual_seed(seed)  # lora_A's init: the same adapters in every run
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
     g = torch.Generator().manual_seed(seed)

@@ -217,6 +217,13 @@ def test_openai_client_chat_stream_completions_and_adapters(server, adapters, tm
                .choices[0].text for n in ("tiny", "colors-a", "colors-b")}
     assert len(set(by_name.values())) > 1, by_name
 
+    # sampling: a seed repeats a sample; a tiny top_p keeps only the top token, i.e. greedy
+    kw = dict(model="colors-a", prompt="The small cat is", max_tokens=8, temperature=1.5)
+    a1, a2 = (client.completions.create(seed=7, **kw).choices[0].text for _ in range(2))
+    assert a1 == a2
+    assert len({client.completions.create(seed=s, **kw).choices[0].text for s in range(4)} | {a1}) > 1
+    assert client.completions.create(top_p=1e-6, **kw).choices[0].text == by_name["colors-a"]
+
     # load a third adapter at run time, use it, unload it
     import httpx2 as httpx
 

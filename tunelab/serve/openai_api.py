@@ -296,6 +296,8 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
         finally:  # the client went away: stop decoding for it
             if req.finished is None:
                 req.cancelled = True
+                log.info("request model=%s cancelled by the client after %d completion tokens, %.0f ms", model,
+                         len(req.out_ids), req.latency_s * 1000)
 
     return app
 

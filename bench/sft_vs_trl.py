@@ -31,6 +31,7 @@ Configurations:
   trl-pf             ... padding_free=True (one unpadded row per batch)
   trl-pf-nogc        ... padding_free=True without gradient checkpointing
   trl-packing        ... packing=True (best-fit-decreasing rows of max_length, padding-free)
+  trl-packing-nogc   ... packing=True without gradient checkpointing
   trl-fp32           ... bf16=False, no gradient checkpointing
 Run it alone: a second job on 2 cores slows every side.
 """
@@ -52,7 +53,7 @@ sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "examples" / "sft_lora_support.yaml"
 CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt3", "tunelab-fp32",
            "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
-           "trl-fp32")
+           "trl-packing-nogc", "trl-fp32")
 
 
 def _recipe(model: str, data: str, total_steps: int) -> dict:
@@ -120,8 +121,8 @@ def child_trl(a, variant: str, tmp: Path) -> dict:
     ds = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in chats])
     t = tl.train
     kw = {}
-    pf = variant in ("trl-pf", "trl-pf-nogc", "trl-packing")
-    if variant in ("trl-nogc", "trl-pf-nogc", "trl-fp32", "trl-nogc-grouped"):
+    pf = variant in ("trl-pf", "trl-pf-nogc", "trl-packing", "trl-packing-nogc")
+    if variant in ("trl-nogc", "trl-pf-nogc", "trl-fp32", "trl-nogc-grouped", "trl-packing-nogc"):
         kw["gradient_checkpointing"] = False
     if variant in ("trl-grouped", "trl-nogc-grouped"):
         kw["train_sampling_strategy"] = "group_by_length"
@@ -129,7 +130,7 @@ def child_trl(a, variant: str, tmp: Path) -> dict:
         kw["bf16"] = False
     if variant in ("trl-pf", "trl-pf-nogc"):
         kw.update(padding_free=True, max_length=None)  # TRL: padding_free without packing cannot truncate
-    if variant == "trl-packing":
+    if variant in ("trl-packing", "trl-packing-nogc"):
         kw["packing"] = True
     args = SFTConfig(
         output_dir=str(tmp / "out"), per_device_train_batch_size=t.batch_size,

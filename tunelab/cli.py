@@ -23,6 +23,8 @@ app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Prepare datasets: raw files to a versioned, documented dataset.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
+human_app = typer.Typer(help="Human A/B evaluation: blind sheets out, judgments in.", no_args_is_help=True)
+app.add_typer(human_app, name="human")
 
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="TUNELAB_WORKSPACE",
                             help="workspace folder (default ./tunelab-workspace)")
@@ -183,6 +185,40 @@ def data_profile(
     for w in p["warnings"]:
         typer.secho(f"warning: {w}", fg="yellow")
     typer.echo(f"written: {version / 'profile.json'}")
+
+
+@human_app.command("export")
+@guarded
+def human_export(
+    a: Path = typer.Argument(..., help="per-example outputs of model A (JSONL: prompt, prediction)"),
+    b: Path = typer.Argument(..., help="per-example outputs of model B on the same prompts"),
+    names: str = typer.Option("A,B", "--names", help="the two models' names, comma-separated: base,tuned"),
+    out: Path = typer.Option(Path("human-eval"), "--out", help="folder for the sheet and its key"),
+    fmt: str = typer.Option("csv", "--format", help="csv | jsonl"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Write a blind, shuffled pairwise sheet for raters, and the key that unblinds it."""
+    from tunelab.eval.human import export_sheet, load_outputs
+
+    n = [x.strip() for x in names.split(",")]
+    if len(n) != 2:
+        raise TunelabError(f"--names needs two names separated by a comma, got '{names}'")
+    r = export_sheet(load_outputs(a), load_outputs(b), (n[0], n[1]), out, fmt=fmt, seed=seed)
+    typer.echo(f"{r['items']} items: give raters {r['sheet']}; keep {r['key']} to yourself")
+
+
+@human_app.command("import")
+@guarded
+def human_import(
+    key: Path = typer.Argument(..., help="key.json written by 'tunelab human export'"),
+    sheets: list[Path] = typer.Argument(..., help="filled sheets (one per rater, or one with a rater column)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for human.json and preferences.jsonl"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Win rate with a bootstrap interval, Cohen's kappa between raters, and preference pairs for reward/DPO."""
+    from tunelab.eval.human import import_judgments, print_summary
+
+    print_summary(import_judgments(key, sheets, out, seed=seed))
 
 
 @models_app.command("pull")

@@ -110,6 +110,26 @@ def eval_(
 
 @app.command()
 @guarded
+def compare(
+    suite: Path = typer.Argument(..., help="evaluation suite YAML (tasks:, models:, decoding:, business:)"),
+    model: list[str] = typer.Option([], "--model", "-m", help="NAME=REF (run id, model folder or packaged name); "
+                                                              "repeat; the first is the baseline"),
+    limit: Optional[int] = typer.Option(None, help="the first N examples of every task"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default <workspace>/evals/<id>)"),
+    no_business: bool = typer.Option(False, "--no-business", help="skip latency/cost measurements"),
+    set_: list[str] = typer.Option([], "--set", help="override a suite field: --set decoding.max_new_tokens=32"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """N models on one suite: scores with intervals, paired-bootstrap differences, forgetting, cost; one report."""
+    from tunelab.eval.compare import print_compare, run_compare
+
+    res = run_compare(suite, _ws(workspace), models=model or None, overrides=set_, limit=limit, out=out,
+                      business=not no_business)
+    print_compare(res)
+
+
+@app.command()
+@guarded
 def export(
     run: str = typer.Argument(..., help="run id (or prefix, or folder)"),
     merge: bool = typer.Option(False, "--merge", help="fold the adapter into the base: one plain HF model"),

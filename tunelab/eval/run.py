@@ -26,10 +26,16 @@ def _load_cfg(run_dir: Path):
 
 
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             desc: str = "generate") -> tuple[list[str], list[dict]]:
-    """Greedy decoding, left-padded batches. Returns texts and per-example timing/token counts."""
+             desc: str = "generate", sampling=None) -> tuple[list[str], list[dict]]:
+    """Greedy decoding (or ``sampling.do_sample`` with its temperature/top_p/seed), left-padded batches.
+    Returns texts and per-example timing/token counts."""
     import torch
     from tqdm.auto import tqdm
+
+    mode = {"do_sample": False, "num_beams": 1}
+    if sampling is not None and sampling.do_sample:
+        mode = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        torch.manual_seed(sampling.seed)
 
     pad = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
@@ -50,7 +56,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             with torch.no_grad():
                 dev = next(model.parameters()).device
                 gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                                     do_sample=False, num_beams=1, pad_token_id=pad,
+                                     **mode, pad_token_id=pad,
                                      eos_token_id=tokenizer.eos_token_id)
             dt = time.perf_counter() - t0
             for row, i in enumerate(idx):

@@ -105,3 +105,20 @@ def paired_bootstrap(stat_a: Statistic, stat_b: Statistic, *, n_resamples: int =
     centered = deltas - deltas.mean()
     p = (1 + int(np.sum(np.abs(centered) >= abs(observed) - 1e-12))) / (1 + len(deltas))
     return {"difference": observed, "ci_low": float(lo), "ci_high": float(hi), "p_value": min(1.0, p), "n": n}
+
+
+def restrict(stat: Statistic, idx) -> Statistic:
+    """The same score over a subset of the examples (``idx``: their positions), e.g. one category."""
+    import numpy as np
+
+    sub = np.asarray(idx, dtype=int)
+    if stat.vectorized:
+        return Statistic(lambda i: stat.fn(sub[i]), len(sub), vectorized=True)
+    return Statistic(lambda row: stat.fn(sub[row]), len(sub))
+
+
+def value(stat: Statistic) -> float:
+    """The score on all of its examples."""
+    import numpy as np
+
+    return float(stat(np.arange(stat.n)[None, :])[0])

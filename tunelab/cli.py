@@ -99,12 +99,22 @@ def eval_(
     data: Optional[Path] = typer.Option(None, help="held-out file (default: the recipe's data.test)"),
     limit: Optional[int] = typer.Option(None, help="evaluate the first N examples"),
     no_base: bool = typer.Option(False, "--no-base", help="skip the base model"),
+    no_business: bool = typer.Option(False, "--no-business", help="skip latency, memory and cost measurements"),
+    no_probe: bool = typer.Option(False, "--no-probe", help="skip the general-capability (forgetting) probe"),
+    price_per_hour: Optional[float] = typer.Option(None, help="device-hour price for cost and ROI (default 1.0)"),
+    forgetting_threshold: Optional[float] = typer.Option(
+        None, help="flag the run when general perplexity rises by more than this fraction (default 0.10)"),
+    resamples: int = typer.Option(1000, help="bootstrap resamples for intervals and p-values"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
-    """Evaluate base vs tuned on the same held-out set with fixed decoding."""
+    """Evaluate base vs tuned on the same held-out set with fixed decoding: scores with intervals,
+    paired-bootstrap differences, the forgetting probe and business metrics."""
     from tunelab.eval.run import evaluate_run, print_eval
 
-    res = evaluate_run(run, _ws(workspace), data=data, limit=limit, with_base=not no_base)
+    bcfg = {} if price_per_hour is None else {"price_per_hour": price_per_hour}
+    fcfg = {} if forgetting_threshold is None else {"max_perplexity_increase": forgetting_threshold}
+    res = evaluate_run(run, _ws(workspace), data=data, limit=limit, with_base=not no_base, business=not no_business,
+                       forgetting=not no_probe, business_cfg=bcfg, forgetting_cfg=fcfg, n_resamples=resamples)
     print_eval(res)
 
 

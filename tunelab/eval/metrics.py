@@ -167,7 +167,8 @@ def bertscore(preds: list[str], refs: list[str], model: str | None = None, num_l
 @dataclass(frozen=True)
 class Family:
     """Metrics computed together. ``mean``: fn → {name: per-example values}, the score is their
-    mean. ``corpus``: fn(preds, refs, opts) → {name: value}, recomputed on every resample."""
+    mean. ``corpus``: fn(preds, refs, opts) → {name: value}, recomputed on every resample.
+    ``stats``: fn → {name: (value, Statistic)}, the metric's own resampling statistic."""
 
     names: tuple[str, ...]
     kind: str
@@ -183,16 +184,34 @@ def _rouge_fn(preds, refs, opts):
     return {k: [x[k] for x in per] for k in ROUGE_TYPES}
 
 
-def _bleu_fn(preds, refs, opts):
-    from tunelab._optional import require
+def _sacrebleu(name: str, preds, refs):
+    """A sacrebleu corpus score and its resampling statistic: per-sentence sufficient statistics are
+    summed over each resample and turned into the corpus score by sacrebleu itself (the way
+    sacrebleu.significance bootstraps), so a resample costs a sum, not a re-tokenization."""
+    import numpy as np
 
-    return {"bleu": require("sacrebleu", "eval").corpus_bleu(list(preds), [list(refs)]).score}
+    from tunelab._optional import require
+    from tunelab.eval.stats import Statistic
+
+    _strings(preds, "predictions")
+    _strings(refs, "references")
+    sb = require("sacrebleu", "eval")
+    metric = sb.BLEU() if name == "bleu" else sb.CHRF()
+    value = metric.corpus_score(list(preds), [list(refs)]).score
+    stats = np.asarray(metric._extract_corpus_statistics(list(preds), [list(refs)]))
+
+    def fn(idx):
+        return np.array([metric._compute_score_from_stats(stats[row].sum(0).tolist()).score for row in idx])
+
+    return {name: (value, Statistic(fn, len(preds), vectorized=True))}
+
+
+def _bleu_fn(preds, refs, opts):
+    return _sacrebleu("bleu", preds, refs)
 
 
 def _chrf_fn(preds, refs, opts):
-    from tunelab._optional import require
-
-    return {"chrf": require("sacrebleu", "eval").corpus_chrf(list(preds), [list(refs)]).score}
+    return _sacrebleu("chrf", preds, refs)
 
 
 def _em_fn(preds, refs, opts):
@@ -270,8 +289,8 @@ def _ppl_fn(preds, refs, opts):
 
 FAMILIES = [
     Family(ROUGE_TYPES, "mean", _rouge_fn, "generated text / reference text"),
-    Family(("bleu",), "corpus", _bleu_fn, "generated text / reference text"),
-    Family(("chrf",), "corpus", _chrf_fn, "generated text / reference text"),
+    Family(("bleu",), "stats", _bleu_fn, "generated text / reference text"),
+    Family(("chrf",), "stats", _chrf_fn, "generated text / reference text"),
     Family(("exact_match",), "mean", _em_fn, "generated text / reference text"),
     Family(BERTSCORE, "mean", _bertscore_fn, "generated text / reference text"),
     Family(("accuracy",), "mean", _accuracy_fn, "predicted label / gold label"),
@@ -344,16 +363,36 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
                 if name in wanted:
                     out.stats[name] = mean_statistic(per[name])
                     out.values[name] = {"value": float(np.mean(per[name])), "per_example": per[name]}
+        elif fam.kind == "stats":
+            try:
+                got = fam.fn(preds, refs, opts)
+            except (TypeError, ValueError) as e:
+                raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
+            for name in fam.names:
+                if name in wanted:
+                    out.values[name] = {"value": float(got[name][0])}
+                    out.stats[name] = got[name][1]
         else:
             try:
                 full = fam.fn(preds, refs, opts)
             except (TypeError, ValueError) as e:
                 raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
+            # one family computation per resample serves all its metrics (P/R/F1 × 3 averages)
+            cache: dict = {}
+
+            def at(idx, _fam=fam, _cache=cache):
+                key = idx.tobytes() if hasattr(idx, "tobytes") else bytes(str(list(idx)), "ascii")
+                if key not in _cache:
+                    if len(_cache) > 20_000:
+                        _cache.clear()
+                    _cache[key] = _fam.fn([preds[i] for i in idx], None if refs is None else [refs[i] for i in idx],
+                                          opts)
+                return _cache[key]
+
             for name in fam.names:
                 if name in wanted:
-                    def fn(idx, _name=name, _fam=fam):
-                        return _fam.fn([preds[i] for i in idx], None if refs is None else [refs[i] for i in idx],
-                                       opts)[_name]
+                    def fn(idx, _name=name, _at=at):
+                        return _at(idx)[_name]
 
                     out.stats[name] = Statistic(fn, n)
                     out.values[name] = {"value": float(full[name])}

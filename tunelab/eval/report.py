@@ -193,8 +193,16 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
     if not models:
         return '<p class="muted">No evaluation was run.</p>'
     names = _model_order(list(models))
-    metrics = _metric_order({m for scores in models.values() for m in (scores or {})})
+    metrics = _metric_order({m for scores in models.values() for m in (scores or {}) if m != "ci"})
     compare = "base" in models and "tuned" in models
+    diffs = (eval_metrics or {}).get("differences") or {}
+
+    def cell_text(n: str, metric: str) -> str:
+        v = (models[n] or {}).get(metric)
+        ci = ((models[n] or {}).get("ci") or {}).get(metric)
+        if ci and ci[0] is not None and _num(v) is not None:
+            return f"{_fmt(v)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+        return _fmt(v)
 
     head = "".join(f"<th>{_esc(n)}</th>" for n in names)
     if compare:
@@ -206,15 +214,20 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
         both = compare and b is not None and t is not None
         best = _better(metric, b, t) if both else None
         cells = "".join(
-            f'<td class="num{" best" if n == best else ""}">{_esc(_fmt(values[n]))}</td>' for n in names
+            f'<td class="num{" best" if n == best else ""}">{_esc(cell_text(n, metric))}</td>' for n in names
         )
         if compare:
             delta = f"{t - b:+.4g}" if both else DASH
+            pv = (diffs.get(metric) or {}).get("p_value")
+            if both and pv is not None:
+                delta += f" (p={pv:.3g})"
             css = {"tuned": "up", "base": "down"}.get(best or "", "")
             cells += f'<td class="num">{_esc(delta)}</td><td class="{css}">{_esc(best or DASH)}</td>'
         rows.append(f"<tr><th scope=\"row\">{_esc(metric)}</th>{cells}</tr>")
 
-    note = "Lower is better for perplexity; higher is better for the rest."
+    note = ("Lower is better for perplexity; higher is better for the rest. Brackets: 95% percentile-bootstrap "
+            "interval over examples." + (" p: paired bootstrap of the difference on the same examples." if diffs
+                                         else ""))
     n = eval_metrics.get("n_examples") if eval_metrics else None
     parts = [
         f'<p class="muted">{_esc(f"{_fmt(n)} examples. " if n is not None else "")}{_esc(note)}</p>',
@@ -222,7 +235,15 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
     ]
     if metrics_png is not None:
         parts.append(_img(metrics_png, "Bounded metrics by model"))
-    details = {k: v for k, v in (eval_metrics or {}).items() if k not in ("models", "n_examples")}
+    if eval_metrics.get("forgetting"):
+        f = {"forgetting": {"tuned": eval_metrics["forgetting"]}, "baseline": "base",
+             "forgetting_thresholds": eval_metrics["forgetting"].get("thresholds", {})}
+        parts += ["<h3>Forgetting probe</h3>", _forgetting_section(f)]
+    if eval_metrics.get("business"):
+        b = {"models": {m: {"business": v} for m, v in eval_metrics["business"].items()}}
+        parts += ["<h3>Business metrics</h3>", _business_section(b)]
+    skip = ("models", "n_examples", "business", "forgetting", "differences")
+    details = {k: v for k, v in (eval_metrics or {}).items() if k not in skip}
     if details:
         parts.append(_pre_json(details))
     return "\n".join(parts)
@@ -325,7 +346,13 @@ def _metrics_plot(eval_metrics: dict) -> bytes | None:
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(metrics))]
         ys = [_bounded(m, (models[name] or {}).get(m)) for m in metrics]
         top = max([top] + [y for y in ys if y is not None])
-        ax.bar(xs, [math.nan if y is None else y for y in ys], width=width, label=name)
+        cis = [((models[name] or {}).get("ci") or {}).get(m) or [None, None] for m in metrics]
+        lo = [_bounded(m, c[0]) for m, c in zip(metrics, cis)]
+        hi = [_bounded(m, c[1]) for m, c in zip(metrics, cis)]
+        err = [[max(y - l, 0) if y is not None and l is not None else 0 for y, l in zip(ys, lo)],
+               [max(h - y, 0) if y is not None and h is not None else 0 for y, h in zip(ys, hi)]]
+        top = max([top] + [h for h in hi if h is not None])
+        ax.bar(xs, [math.nan if y is None else y for y in ys], width=width, label=name, yerr=err, capsize=3)
     labels = [f"{m}/100" if m in PERCENT_SCALE else m for m in metrics]
     ax.set_xticks(range(len(metrics)), labels)
     ax.set_ylim(0, top * 1.05 if top > 1 else 1)

@@ -60,7 +60,8 @@ class DecodingSection(Strict):
 class TaskSpec(Strict):
     name: str
     type: Literal["generation", "classification", "multiple_choice", "perplexity"] | None = None
-    data: str | None = Field(None, description="local file (.jsonl/.json/.csv/.txt), relative to the suite file")
+    data: str | None = Field(None, description="local file (.jsonl/.json/.csv/.txt); relative to the current "
+                                                "folder, else to the suite file")
     lm_eval: str | None = Field(None, description="an lm-eval-harness task YAML with a local dataset")
     prompt: str = Field("{{ prompt }}", description="Jinja template over a record: the model's input")
     target: str = Field("{{ reference }}", description="Jinja template: the reference / gold label / gold choice")
@@ -69,6 +70,7 @@ class TaskSpec(Strict):
     category: str | None = Field(None, description="record field for the per-category breakdown")
     metrics: list[str] | None = None
     limit: int | None = Field(None, ge=1)
+    skip: int = Field(0, ge=0, description="leave out the first N records (e.g. the ones a run trained on)")
     chat: bool | None = Field(None, description="wrap the prompt in the model's chat template "
                                                 "(default: yes for generation when the model has one)")
     target_delimiter: str = " "
@@ -124,8 +126,8 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[Su
             raise TunelabError(f"{path}: task '{t.name}' needs data: FILE or lm_eval: TASK.yaml")
         if not t.lm_eval and t.type is None:
             raise TunelabError(f"{path}: task '{t.name}' needs a type: {' | '.join(TASK_TYPES)}")
-        if t.metrics:
-            _check_metrics(t.type or "generation", t.metrics)
+        if t.metrics and t.type:  # an lm_eval task's type is known once its file is read (load_task checks)
+            _check_metrics(t.type, t.metrics)
     from tunelab.eval.business import BusinessSection
 
     cfglib.validate(BusinessSection, cfg.business, f"{path} (business)")
@@ -191,7 +193,7 @@ def _lm_eval_spec(spec: TaskSpec, base: Path) -> tuple[TaskSpec, Path]:
     """Read an lm-eval-harness task YAML whose dataset is local into a TaskSpec."""
     import yaml
 
-    p = (base / spec.lm_eval).resolve()
+    p = find_path(spec.lm_eval, base)
     if not p.is_file():
         raise TunelabError(f"lm-eval task file not found: {p}")
 
@@ -215,7 +217,7 @@ def _lm_eval_spec(spec: TaskSpec, base: Path) -> tuple[TaskSpec, Path]:
     for k in ("doc_to_text", "doc_to_target", "doc_to_choice"):
         if isinstance(doc.get(k), str) and doc[k].startswith("!function"):
             raise TunelabError(f"{p}: {k} is a Python function (!function); write it as a Jinja template")
-    upd = {"type": spec.type or LM_EVAL_TYPES[out_type], "data": str((p.parent / data).resolve()),
+    upd = {"type": spec.type or LM_EVAL_TYPES[out_type], "data": str(find_path(data, p.parent, cwd_first=False)),
            "prompt": doc.get("doc_to_text", spec.prompt), "target": doc.get("doc_to_target", spec.target),
            "target_delimiter": doc.get("target_delimiter", " ")}
     if "doc_to_choice" in doc:
@@ -229,6 +231,16 @@ def _lm_eval_spec(spec: TaskSpec, base: Path) -> tuple[TaskSpec, Path]:
     return spec.model_copy(update=upd), p.parent
 
 
+def find_path(path: str, base: Path, cwd_first: bool = True) -> Path:
+    """A relative path is looked up from the current folder (like every tunelab recipe), then from ``base``
+    (the suite's or the lm-eval task file's folder); lm-eval data files look next to their task first."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    order = [Path.cwd() / p, base / p] if cwd_first else [base / p, Path.cwd() / p]
+    return next((c.resolve() for c in order if c.exists()), order[0].resolve())
+
+
 def load_task(spec: TaskSpec, base: Path) -> Task:
     """Read a task's records and render prompt, target, choices and category for each."""
     from tunelab.data.formats import BadRecord
@@ -237,9 +249,7 @@ def load_task(spec: TaskSpec, base: Path) -> Task:
     src_base = base
     if spec.lm_eval:
         spec, src_base = _lm_eval_spec(spec, base)
-    path = Path(spec.data)
-    if not path.is_absolute():
-        path = (src_base / path).resolve()
+    path = find_path(spec.data, src_base)
     if not path.exists():
         raise TunelabError(f"task '{spec.name}': data not found: {path}")
     kind = spec.type
@@ -249,7 +259,9 @@ def load_task(spec: TaskSpec, base: Path) -> Task:
     items: list[dict] = []
     rejected: list[dict] = []
     text_unit = "paragraph" if kind == "perplexity" else "document"
-    for src, line, rec in read(path, text_unit=text_unit):
+    for k, (src, line, rec) in enumerate(read(path, text_unit=text_unit)):
+        if k < spec.skip:
+            continue
         if spec.limit is not None and len(items) >= spec.limit:
             break
         try:
@@ -460,10 +472,9 @@ def probe_files(cfg: ForgettingSection, base: Path | None = None) -> tuple[Path,
     text = Path(str(res / "probe_general.txt"))
     mc = Path(str(res / "probe_mc.jsonl"))
     if cfg.text:
-        text = (base / cfg.text) if base and not Path(cfg.text).is_absolute() else Path(cfg.text)
+        text = find_path(cfg.text, base or Path.cwd())
     if cfg.multiple_choice:
-        mc = (base / cfg.multiple_choice) if base and not Path(cfg.multiple_choice).is_absolute() \
-            else Path(cfg.multiple_choice)
+        mc = find_path(cfg.multiple_choice, base or Path.cwd())
     return text, mc
 
 

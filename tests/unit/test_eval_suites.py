@@ -227,3 +227,12 @@ def test_bad_task_data_is_a_clear_error(tmp_path):
 
         (tmp_path / "s.yaml").write_text("name: x\ntasks:\n  - {name: a, type: perplexity, data: one.jsonl}\n")
         run_compare(tmp_path / "s.yaml", Workspace.resolve(tmp_path / "ws"))
+
+
+def test_shipped_lm_eval_task_file_loads():
+    from tests.conftest import ROOT
+
+    spec = S.TaskSpec(name="general_mc", lm_eval="examples/lm_eval_tasks/general_mc_task.yaml")
+    t = S.load_task(spec, ROOT)
+    assert t.type == "multiple_choice" and len(t.items) == 16 and not t.rejected
+    assert t.items[0]["prompt"].startswith("Question: ") and t.items[0]["prompt"].endswith("\nAnswer:")

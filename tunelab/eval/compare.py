@@ -52,13 +52,18 @@ def load_model(ref: str, ws: Workspace):
                         "run_id": start.run_id, "run_dir": str(run_dir) if run_dir else None}
 
 
-def run_compare(suite_path: str | Path, ws: Workspace, *, models: list[str] | None = None,
+def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
                 overrides: list[str] | None = None, limit: int | None = None, out: Path | None = None,
                 business: bool = True) -> dict:
+    """``suite``: a suite file, or a SuiteConfig (relative paths then resolve from the current folder)."""
     from tunelab.eval import suites as S
-    from tunelab.eval.business import BusinessSection, business_metrics
+    from tunelab.eval.business import business_metrics
 
-    cfg, base_dir = S.load_suite(suite_path, overrides)
+    if isinstance(suite, S.SuiteConfig):
+        cfg, base_dir, suite_path = suite, Path.cwd(), None
+    else:
+        cfg, base_dir = S.load_suite(suite, overrides)
+        suite_path = Path(suite).resolve()
     specs = parse_models(models) if models else [m.model_dump() for m in cfg.models]
     if not specs:
         raise TunelabError("no models to compare: list them under models: in the suite or give --model NAME=REF")
@@ -68,7 +73,7 @@ def run_compare(suite_path: str | Path, ws: Workspace, *, models: list[str] | No
     if limit:
         cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"limit": limit}) for t in cfg.tasks]})
     tasks = [S.load_task(t, base_dir) for t in cfg.tasks]
-    bcfg = BusinessSection(**cfg.business)
+    bcfg = cfg.business
     slug = re.sub(r"[^\w.-]+", "-", cfg.name)
     cid = f"compare-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir = Path(out) if out else ws.root / "evals" / cid
@@ -106,7 +111,7 @@ def run_compare(suite_path: str | Path, ws: Workspace, *, models: list[str] | No
         gc.collect()
 
     res = assemble(cfg, tasks, specs, scored, info)
-    res.update({"id": cid, "suite": str(Path(suite_path).resolve()), "out": str(out_dir)})
+    res.update({"id": cid, "suite": str(suite_path) if suite_path else None, "out": str(out_dir)})
     write_json(out_dir / "results.json", S.json_safe(res))
     from tunelab.eval.report import write_compare_report
 

@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
+from tunelab.eval.business import BusinessSection
 
 TASK_TYPES = ("generation", "classification", "multiple_choice", "perplexity")
 DEFAULT_METRICS = {
@@ -100,6 +101,9 @@ class ModelSpec(Strict):
 
 
 class SuiteConfig(Strict):
+    """``recipe: suite``: ``tunelab compare SUITE`` runs it; ``tunelab validate`` checks it."""
+
+    recipe: Literal["suite"] = "suite"
     name: str
     tasks: list[TaskSpec] = Field(..., min_length=1)
     models: list[ModelSpec] = Field(default_factory=list, description="what 'tunelab compare' runs; the first is "
@@ -107,8 +111,13 @@ class SuiteConfig(Strict):
     decoding: DecodingSection = Field(default_factory=DecodingSection)
     bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)
     forgetting: ForgettingSection = Field(default_factory=ForgettingSection)
-    business: dict = Field(default_factory=dict, description="see tunelab.eval.business.BusinessSection")
+    business: BusinessSection = Field(default_factory=BusinessSection)
     max_examples_in_report: int = Field(500, ge=0)
+
+    @model_validator(mode="after")
+    def _semantics(self):
+        check_suite(self)
+        return self
 
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[SuiteConfig, Path]:
@@ -116,22 +125,34 @@ def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[Su
     from tunelab import config as cfglib
 
     raw = cfglib.apply_overrides(cfglib.load_yaml(path), overrides or [])
-    raw.pop("recipe", None)
-    cfg = cfglib.validate(SuiteConfig, raw, str(path))
+    raw.setdefault("recipe", "suite")
+    cfg = cfglib.validate(SuiteConfig, raw, str(path))  # runs check_suite too
+    return cfg, Path(path).resolve().parent
+
+
+def check_suite(cfg: SuiteConfig) -> None:
+    """What field types cannot say: unique task names, data per task, metric names.
+    Raises ValueError, which the config loader reports with the file name like any other problem."""
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
-        raise TunelabError(f"{path}: task names must be unique ({', '.join(names)})")
+        raise ValueError(f"task names must be unique ({', '.join(names)})")
     for t in cfg.tasks:
         if not t.data and not t.lm_eval:
-            raise TunelabError(f"{path}: task '{t.name}' needs data: FILE or lm_eval: TASK.yaml")
+            raise ValueError(f"task '{t.name}' needs data: FILE or lm_eval: TASK.yaml")
         if not t.lm_eval and t.type is None:
-            raise TunelabError(f"{path}: task '{t.name}' needs a type: {' | '.join(TASK_TYPES)}")
+            raise ValueError(f"task '{t.name}' needs a type: {' | '.join(TASK_TYPES)}")
         if t.metrics and t.type:  # an lm_eval task's type is known once its file is read (load_task checks)
-            _check_metrics(t.type, t.metrics)
-    from tunelab.eval.business import BusinessSection
+            try:
+                _check_metrics(t.type, t.metrics)
+            except TunelabError as e:
+                raise ValueError(f"task '{t.name}': {e}") from None
 
-    cfglib.validate(BusinessSection, cfg.business, f"{path} (business)")
-    return cfg, Path(path).resolve().parent
+
+def run(cfg: SuiteConfig, ws, **kw) -> dict:
+    """``recipe: suite`` run from Python: ``tunelab compare`` on this suite's models."""
+    from tunelab.eval.compare import run_compare
+
+    return run_compare(cfg, ws, **kw)
 
 
 def _check_metrics(kind: str, names: list[str]) -> None:

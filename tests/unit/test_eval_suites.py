@@ -129,10 +129,22 @@ def test_choice_loglik_equals_a_direct_forward_pass(tiny_model):
 
 
 def test_compare_two_models_end_to_end(tiny_model, tuned_model, tmp_path):
-    suite, _ = _suite(tmp_path)
+    import threading
+    from http.server import HTTPServer
+
+    from tests.unit.test_eval_metrics import _FakeJudge
+
+    server = HTTPServer(("127.0.0.1", 0), _FakeJudge)  # an OpenAI-compatible judge: prefers answers with "good"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    suite, _ = _suite(tmp_path, extra=f"judge: {{endpoint: 'http://127.0.0.1:{server.server_port}/v1', "
+                                      f"model: fake, api_key_env: null}}\n")
     ws, out = tmp_path / "ws", tmp_path / "out"
-    r = run_cli("compare", str(suite), "-m", f"base={tiny_model}", "-m", f"tuned={tuned_model}", "--out", str(out),
-                "-w", str(ws), env={"OMP_NUM_THREADS": "2"})
+    try:
+        r = run_cli("compare", str(suite), "-m", f"base={tiny_model}", "-m", f"tuned={tuned_model}", "--out",
+                    str(out), "-w", str(ws), env={"OMP_NUM_THREADS": "2"})
+    finally:
+        server.shutdown()
+        server.server_close()
     assert r.returncode == 0, r.stderr[-3000:]
     assert "paired bootstrap vs base" in r.stdout and "ROI" in r.stdout
     res = json.loads((out / "results.json").read_text())
@@ -164,9 +176,15 @@ def test_compare_two_models_end_to_end(tiny_model, tuned_model, tmp_path):
     assert b["latency"]["total_s"]["p50"] <= b["latency"]["total_s"]["p95"] and b["latency"]["tokens_per_s"] > 0
     assert b["size"]["model_bytes"] == 4 * b["size"]["parameters"]
     assert b["cost"]["serving_cost_per_1k_tokens"] == pytest.approx(2.0 / 3600 / b["latency"]["tokens_per_s"] * 1000)
+    # the LLM judge's win rate of tuned over base on the generation task
+    w = res["win_rates"]["tuned"]["answer"]
+    n = res["tasks"]["answer"]["n"]
+    assert sum(w["counts"].values()) == n
+    assert w["value"] == pytest.approx((w["counts"]["win"] + 0.5 * w["counts"]["tie"]) / n)
+    assert "win rate of tuned over base on answer (LLM judge fake" in r.stdout
     html = (out / "report.html").read_text()
     for needle in ("Per-category breakdown", "Business metrics", "Forgetting", "Per-example outputs", "tlFilter",
-                   "paired-bootstrap", "ROI"):
+                   "paired-bootstrap", "ROI", "Win rate (judge)"):
         assert needle in html
     assert html.count("data:image/png;base64,") >= 4 + 1 + 1  # 4 task panels, 1 category, 1 latency histogram
     listed = run_cli("runs", "list", "--kind", "compare", "-w", str(ws))
@@ -199,6 +217,8 @@ def test_builtin_probe_runs_on_a_model(tiny_model):
     ("name: x\ntasks:\n  - name: a\n    type: translation\n    data: d.jsonl\n", "tasks.0.type"),
     ("name: x\ntasks:\n  - {name: a, type: generation, data: d.jsonl}\n  - {name: a, type: perplexity, data: d.txt}\n",
      "task names must be unique"),
+    ("name: x\njudge: {endpoint: 'http://h/v1'}\ntasks:\n  - {name: a, type: generation, data: d.jsonl}\n",
+     "an endpoint needs model"),
     ("name: x\nbusiness: {price_per_hr: 3}\ntasks:\n  - {name: a, type: generation, data: d.jsonl}\n", "price_per_hour"),
 ])
 def test_bad_suites_are_clear_errors(tmp_path, body, message):

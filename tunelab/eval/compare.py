@@ -111,6 +111,8 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
         gc.collect()
 
     res = assemble(cfg, tasks, specs, scored, info)
+    if cfg.judge is not None:
+        res["win_rates"] = S.judge_win_rates(cfg, ws, names[0], rows, tasks)
     res.update({"id": cid, "suite": str(suite_path) if suite_path else None, "out": str(out_dir)})
     write_json(out_dir / "results.json", S.json_safe(res))
     from tunelab.eval.report import write_compare_report
@@ -211,6 +213,15 @@ def print_compare(res: dict) -> None:
                 cells.append(cell)
             t.add_row(k, *cells)
         c.print(t)
+    wr = res.get("win_rates")
+    if wr:
+        for m, per in wr.items():
+            if m == "judge":
+                continue
+            for task, v in per.items():
+                ci = "" if v["ci_low"] is None else f" [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+                c.print(f"win rate of {m} over {res['baseline']} on {task} ({wr['judge']}): {v['value']:.3f}{ci} "
+                        f"{v['counts']}")
     for m, f in res.get("forgetting", {}).items():
         flag = "FLAGGED: " + "; ".join(f["reasons"]) if f["flagged"] else "no forgetting flagged"
         c.print(f"forgetting probe {m} vs {res['baseline']}: general perplexity "

@@ -573,6 +573,16 @@ def write_compare_report(out_dir: Path, res: dict, rows: dict, max_examples: int
     for task in res["tasks"]:
         parts += [f"<h2>Task: {_esc(task)}</h2>", _task_table(res, task), _img(_ci_bars(res, task),
                                                                                 f"{task} metrics with intervals")]
+    if res.get("win_rates"):
+        wr = res["win_rates"]
+        body = "".join(f"<tr><th scope=\"row\">{_esc(m)}</th><td>{_esc(t)}</td><td class=\"num\">{_esc(_ci_text(v))}</td>"
+                       f"<td>{_esc(v['counts'])}</td></tr>"
+                       for m, per in wr.items() if m != "judge" for t, v in per.items())
+        parts += ["<h2>Win rate (judge)</h2>",
+                  f'<p class="muted">{_esc(wr["judge"])}: each model against {_esc(res["baseline"])}; a tie counts '
+                  f'half; interval: percentile bootstrap over examples.</p>',
+                  f"<table><thead><tr><th>model</th><th>task</th><th>win rate</th><th>counts</th></tr></thead>"
+                  f"<tbody>{body}</tbody></table>"]
     if res.get("categories"):
         parts.append("<h2>Per-category breakdown</h2>")
         parts += [_category_section(res, t) for t in res["tasks"]]

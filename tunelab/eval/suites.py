@@ -95,6 +95,18 @@ class ForgettingSection(Strict):
     block_size: int = Field(128, ge=8)
 
 
+class JudgeSection(Strict):
+    """Pairwise win rate of each model over the baseline on generation tasks: a reward model
+    (``reward_model``: a reward run or folder) or an LLM behind an OpenAI-compatible endpoint."""
+
+    reward_model: str | None = None
+    endpoint: str | None = Field(None, description="base URL ending before /chat/completions, e.g. http://host:8000/v1")
+    model: str | None = Field(None, description="the judge model's name at the endpoint")
+    api_key_env: str | None = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    timeout_s: float = Field(60, gt=0)
+    limit: int | None = Field(None, ge=1, description="judge the first N examples of each task")
+
+
 class ModelSpec(Strict):
     name: str
     ref: str = Field(..., description="a run id, a model folder or a packaged model name")
@@ -111,6 +123,7 @@ class SuiteConfig(Strict):
     decoding: DecodingSection = Field(default_factory=DecodingSection)
     bootstrap: BootstrapSection = Field(default_factory=BootstrapSection)
     forgetting: ForgettingSection = Field(default_factory=ForgettingSection)
+    judge: JudgeSection | None = None
     business: BusinessSection = Field(default_factory=BusinessSection)
     max_examples_in_report: int = Field(500, ge=0)
 
@@ -136,6 +149,11 @@ def check_suite(cfg: SuiteConfig) -> None:
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique ({', '.join(names)})")
+    j = cfg.judge
+    if j is not None and bool(j.reward_model) == bool(j.endpoint):
+        raise ValueError("judge: give either reward_model or endpoint (+ model)")
+    if j is not None and j.endpoint and not j.model:
+        raise ValueError("judge: an endpoint needs model: (the judge model's name)")
     for t in cfg.tasks:
         if not t.data and not t.lm_eval:
             raise ValueError(f"task '{t.name}' needs data: FILE or lm_eval: TASK.yaml")
@@ -526,6 +544,41 @@ def forgetting_verdict(before: dict, after: dict, cfg: ForgettingSection) -> dic
             "flagged": bool(reasons), "reasons": reasons,
             "thresholds": {"max_perplexity_increase": cfg.max_perplexity_increase,
                            "max_accuracy_drop": cfg.max_accuracy_drop}}
+
+
+def judge_win_rates(cfg: SuiteConfig, ws, baseline: str, rows: dict, tasks: list) -> dict:
+    """Win rate of every model over the baseline on each generation task, by the suite's judge."""
+    from tunelab.eval import metrics as M
+    from tunelab.eval.judge import LLMJudge, reward_judgments
+
+    j = cfg.judge
+    if j.reward_model:
+        from tunelab.train._preference import load_reward_model
+
+        scorer, _ = load_reward_model(j.reward_model, ws)
+
+        def judge(p, a, b):
+            return reward_judgments(scorer, p, a, b)
+        who = f"reward model {j.reward_model}"
+    else:
+        llm = LLMJudge(j.endpoint, j.model, api_key_env=j.api_key_env, timeout=j.timeout_s, seed=cfg.bootstrap.seed)
+        judge, who = llm, f"LLM judge {j.model} at {j.endpoint}"
+    out: dict = {"judge": who}
+    b = cfg.bootstrap
+    for m in rows:
+        if m == baseline:
+            continue
+        out[m] = {}
+        for t in tasks:
+            if t.type != "generation":
+                continue
+            base_rows, rows_m = rows[baseline][t.name][: j.limit], rows[m][t.name][: j.limit]
+            js = judge([r["prompt"] for r in base_rows], [r["prediction"] for r in base_rows],
+                       [r["prediction"] for r in rows_m])
+            v = M.evaluate(["win_rate"], js, n_resamples=b.n_resamples, confidence=b.confidence, seed=b.seed)
+            out[m][t.name] = {k: x for k, x in v.values["win_rate"].items() if k != "per_example"}
+            out[m][t.name]["counts"] = {"win": js.count(1.0), "tie": js.count(0.5), "loss": js.count(0.0)}
+    return out
 
 
 def json_safe(x):

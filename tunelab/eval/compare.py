@@ -177,7 +177,9 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
         for m in names[1:]:
             forgetting[m] = forgetting_verdict(info[baseline]["probe"], info[m]["probe"], cfg.forgetting)
     return {"name": cfg.name, "baseline": baseline, "models": {m: {**s, **info[m]} for m, s in zip(names, specs)},
-            "tasks": {t.name: {"type": t.type, "source": t.source, "n": len(t.items), "rejected": len(t.rejected),
+            "tasks": {t.name: {"type": t.type, "source": t.source, "rejected": len(t.rejected),
+                               # perplexity resamples token blocks, the other tasks records
+                               "n": next(iter(scored[baseline][t.name].values.values()))["n"],
                                "metrics": list(scored[baseline][t.name].values)} for t in tasks},
             "decoding": cfg.decoding.model_dump(), "bootstrap": b.model_dump(), "scores": scores,
             "differences": diffs, "categories": categories, "forgetting": forgetting,

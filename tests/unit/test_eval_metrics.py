@@ -177,6 +177,7 @@ class _FakeJudge(BaseHTTPRequestHandler):
 def test_llm_judge_against_a_local_openai_compatible_server(monkeypatch):
     from tunelab.eval.judge import LLMJudge
 
+    _FakeJudge.seen.clear()  # other tests use the same fake server class
     server = HTTPServer(("127.0.0.1", 0), _FakeJudge)
     t = threading.Thread(target=server.serve_forever, daemon=True)
     t.start()

@@ -23,6 +23,8 @@ app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Prepare datasets: raw files to a versioned, documented dataset.", no_args_is_help=True)
 app.add_typer(runs_app, name="runs")
 app.add_typer(data_app, name="data")
+human_app = typer.Typer(help="Human A/B evaluation: blind sheets out, judgments in.", no_args_is_help=True)
+app.add_typer(human_app, name="human")
 
 WorkspaceOpt = typer.Option(None, "--workspace", "-w", envvar="TUNELAB_WORKSPACE",
                             help="workspace folder (default ./tunelab-workspace)")
@@ -97,13 +99,43 @@ def eval_(
     data: Optional[Path] = typer.Option(None, help="held-out file (default: the recipe's data.test)"),
     limit: Optional[int] = typer.Option(None, help="evaluate the first N examples"),
     no_base: bool = typer.Option(False, "--no-base", help="skip the base model"),
+    no_business: bool = typer.Option(False, "--no-business", help="skip latency, memory and cost measurements"),
+    no_probe: bool = typer.Option(False, "--no-probe", help="skip the general-capability (forgetting) probe"),
+    price_per_hour: Optional[float] = typer.Option(None, help="device-hour price for cost and ROI (default 1.0)"),
+    forgetting_threshold: Optional[float] = typer.Option(
+        None, help="flag the run when general perplexity rises by more than this fraction (default 0.10)"),
+    resamples: int = typer.Option(1000, help="bootstrap resamples for intervals and p-values"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
-    """Evaluate base vs tuned on the same held-out set with fixed decoding."""
+    """Evaluate base vs tuned on the same held-out set with fixed decoding: scores with intervals,
+    paired-bootstrap differences, the forgetting probe and business metrics."""
     from tunelab.eval.run import evaluate_run, print_eval
 
-    res = evaluate_run(run, _ws(workspace), data=data, limit=limit, with_base=not no_base)
+    bcfg = {} if price_per_hour is None else {"price_per_hour": price_per_hour}
+    fcfg = {} if forgetting_threshold is None else {"max_perplexity_increase": forgetting_threshold}
+    res = evaluate_run(run, _ws(workspace), data=data, limit=limit, with_base=not no_base, business=not no_business,
+                       forgetting=not no_probe, business_cfg=bcfg, forgetting_cfg=fcfg, n_resamples=resamples)
     print_eval(res)
+
+
+@app.command()
+@guarded
+def compare(
+    suite: Path = typer.Argument(..., help="evaluation suite YAML (tasks:, models:, decoding:, business:)"),
+    model: list[str] = typer.Option([], "--model", "-m", help="NAME=REF (run id, model folder or packaged name); "
+                                                              "repeat; the first is the baseline"),
+    limit: Optional[int] = typer.Option(None, help="the first N examples of every task"),
+    out: Optional[Path] = typer.Option(None, "--out", help="output folder (default <workspace>/evals/<id>)"),
+    no_business: bool = typer.Option(False, "--no-business", help="skip latency/cost measurements"),
+    set_: list[str] = typer.Option([], "--set", help="override a suite field: --set decoding.max_new_tokens=32"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """N models on one suite: scores with intervals, paired-bootstrap differences, forgetting, cost; one report."""
+    from tunelab.eval.compare import print_compare, run_compare
+
+    res = run_compare(suite, _ws(workspace), models=model or None, overrides=set_, limit=limit, out=out,
+                      business=not no_business)
+    print_compare(res)
 
 
 @app.command()
@@ -212,6 +244,40 @@ def data_profile(
     for w in p["warnings"]:
         typer.secho(f"warning: {w}", fg="yellow")
     typer.echo(f"written: {version / 'profile.json'}")
+
+
+@human_app.command("export")
+@guarded
+def human_export(
+    a: Path = typer.Argument(..., help="per-example outputs of model A (JSONL: prompt, prediction)"),
+    b: Path = typer.Argument(..., help="per-example outputs of model B on the same prompts"),
+    names: str = typer.Option("A,B", "--names", help="the two models' names, comma-separated: base,tuned"),
+    out: Path = typer.Option(Path("human-eval"), "--out", help="folder for the sheet and its key"),
+    fmt: str = typer.Option("csv", "--format", help="csv | jsonl"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Write a blind, shuffled pairwise sheet for raters, and the key that unblinds it."""
+    from tunelab.eval.human import export_sheet, load_outputs
+
+    n = [x.strip() for x in names.split(",")]
+    if len(n) != 2:
+        raise TunelabError(f"--names needs two names separated by a comma, got '{names}'")
+    r = export_sheet(load_outputs(a), load_outputs(b), (n[0], n[1]), out, fmt=fmt, seed=seed)
+    typer.echo(f"{r['items']} items: give raters {r['sheet']}; keep {r['key']} to yourself")
+
+
+@human_app.command("import")
+@guarded
+def human_import(
+    key: Path = typer.Argument(..., help="key.json written by 'tunelab human export'"),
+    sheets: list[Path] = typer.Argument(..., help="filled sheets (one per rater, or one with a rater column)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="folder for human.json and preferences.jsonl"),
+    seed: int = typer.Option(0, "--seed"),
+):
+    """Win rate with a bootstrap interval, Cohen's kappa between raters, and preference pairs for reward/DPO."""
+    from tunelab.eval.human import import_judgments, print_summary
+
+    print_summary(import_judgments(key, sheets, out, seed=seed))
 
 
 @models_app.command("pull")

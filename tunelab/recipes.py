@@ -18,6 +18,7 @@ RECIPES: dict[str, str] = {
     "dpo": "tunelab.train.dpo:DPOConfig:run",
     "rlhf": "tunelab.train.rlhf:RLHFConfig:run",
     "pipeline": "tunelab.train.pipeline:PipelineConfig:run",
+    "suite": "tunelab.eval.suites:SuiteConfig:run",
 }
 
 

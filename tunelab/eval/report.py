@@ -193,8 +193,16 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
     if not models:
         return '<p class="muted">No evaluation was run.</p>'
     names = _model_order(list(models))
-    metrics = _metric_order({m for scores in models.values() for m in (scores or {})})
+    metrics = _metric_order({m for scores in models.values() for m in (scores or {}) if m != "ci"})
     compare = "base" in models and "tuned" in models
+    diffs = (eval_metrics or {}).get("differences") or {}
+
+    def cell_text(n: str, metric: str) -> str:
+        v = (models[n] or {}).get(metric)
+        ci = ((models[n] or {}).get("ci") or {}).get(metric)
+        if ci and ci[0] is not None and _num(v) is not None:
+            return f"{_fmt(v)} [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+        return _fmt(v)
 
     head = "".join(f"<th>{_esc(n)}</th>" for n in names)
     if compare:
@@ -206,15 +214,20 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
         both = compare and b is not None and t is not None
         best = _better(metric, b, t) if both else None
         cells = "".join(
-            f'<td class="num{" best" if n == best else ""}">{_esc(_fmt(values[n]))}</td>' for n in names
+            f'<td class="num{" best" if n == best else ""}">{_esc(cell_text(n, metric))}</td>' for n in names
         )
         if compare:
             delta = f"{t - b:+.4g}" if both else DASH
+            pv = (diffs.get(metric) or {}).get("p_value")
+            if both and pv is not None:
+                delta += f" (p={pv:.3g})"
             css = {"tuned": "up", "base": "down"}.get(best or "", "")
             cells += f'<td class="num">{_esc(delta)}</td><td class="{css}">{_esc(best or DASH)}</td>'
         rows.append(f"<tr><th scope=\"row\">{_esc(metric)}</th>{cells}</tr>")
 
-    note = "Lower is better for perplexity; higher is better for the rest."
+    note = ("Lower is better for perplexity; higher is better for the rest. Brackets: 95% percentile-bootstrap "
+            "interval over examples." + (" p: paired bootstrap of the difference on the same examples." if diffs
+                                         else ""))
     n = eval_metrics.get("n_examples") if eval_metrics else None
     parts = [
         f'<p class="muted">{_esc(f"{_fmt(n)} examples. " if n is not None else "")}{_esc(note)}</p>',
@@ -222,7 +235,15 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
     ]
     if metrics_png is not None:
         parts.append(_img(metrics_png, "Bounded metrics by model"))
-    details = {k: v for k, v in (eval_metrics or {}).items() if k not in ("models", "n_examples")}
+    if eval_metrics.get("forgetting"):
+        f = {"forgetting": {"tuned": eval_metrics["forgetting"]}, "baseline": "base",
+             "forgetting_thresholds": eval_metrics["forgetting"].get("thresholds", {})}
+        parts += ["<h3>Forgetting probe</h3>", _forgetting_section(f)]
+    if eval_metrics.get("business"):
+        b = {"models": {m: {"business": v} for m, v in eval_metrics["business"].items()}}
+        parts += ["<h3>Business metrics</h3>", _business_section(b)]
+    skip = ("models", "n_examples", "business", "forgetting", "differences")
+    details = {k: v for k, v in (eval_metrics or {}).items() if k not in skip}
     if details:
         parts.append(_pre_json(details))
     return "\n".join(parts)
@@ -325,7 +346,13 @@ def _metrics_plot(eval_metrics: dict) -> bytes | None:
         xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(metrics))]
         ys = [_bounded(m, (models[name] or {}).get(m)) for m in metrics]
         top = max([top] + [y for y in ys if y is not None])
-        ax.bar(xs, [math.nan if y is None else y for y in ys], width=width, label=name)
+        cis = [((models[name] or {}).get("ci") or {}).get(m) or [None, None] for m in metrics]
+        lo = [_bounded(m, c[0]) for m, c in zip(metrics, cis)]
+        hi = [_bounded(m, c[1]) for m, c in zip(metrics, cis)]
+        err = [[max(y - l, 0) if y is not None and l is not None else 0 for y, l in zip(ys, lo)],
+               [max(h - y, 0) if y is not None and h is not None else 0 for y, h in zip(ys, hi)]]
+        top = max([top] + [h for h in hi if h is not None])
+        ax.bar(xs, [math.nan if y is None else y for y in ys], width=width, label=name, yerr=err, capsize=3)
     labels = [f"{m}/100" if m in PERCENT_SCALE else m for m in metrics]
     ax.set_xticks(range(len(metrics)), labels)
     ax.set_ylim(0, top * 1.05 if top > 1 else 1)
@@ -343,3 +370,227 @@ def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- comparison report
+
+FILTER_JS = """
+function tlFilter(inp, id){var q=inp.value.toLowerCase();var rows=document.getElementById(id).tBodies[0].rows;
+for(var i=0;i<rows.length;i++){rows[i].style.display=rows[i].textContent.toLowerCase().indexOf(q)<0?'none':'';}}
+"""
+
+
+def _ci_text(v: dict) -> str:
+    if v.get("ci_low") is None:
+        return _fmt(v.get("value"))
+    return f"{_fmt(v.get('value'))} [{_fmt(v['ci_low'])}, {_fmt(v['ci_high'])}]"
+
+
+def _task_table(res: dict, task: str) -> str:
+    meta = res["tasks"][task]
+    names = list(res["models"])
+    base = res["baseline"]
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    rows = []
+    for k in meta["metrics"]:
+        cells = []
+        for m in names:
+            v = res["scores"][m][task][k]
+            cell = _esc(_ci_text(v))
+            if m != base:
+                d = res["differences"][m][task][k]
+                css = "" if d["better"] is None else ("up" if d["better"] else "down")
+                p = DASH if d["p_value"] is None else f"{d['p_value']:.3g}"
+                sig = " *" if d["significant"] else ""
+                diff = f"{d['difference']:+.4g} vs {base}, p={p}{sig}"
+                cell += f'<br><span class="{css}">{_esc(diff)}</span>'
+            cells.append(f'<td class="num">{cell}</td>')
+        rows.append(f"<tr><th scope=\"row\">{_esc(k)}</th>{''.join(cells)}</tr>")
+    conf = res["bootstrap"]["confidence"]
+    note = (f"{meta['n']} examples ({meta['rejected']} rejected) from {meta['source']}. Brackets: {conf:.0%} "
+            f"percentile-bootstrap interval over examples ({res['bootstrap']['n_resamples']} resamples). Under each "
+            f"model: its difference from {base} with a paired-bootstrap p-value; * marks p < {1 - conf:.2g}. "
+            f"Lower is better for perplexity.")
+    return (f'<p class="muted">{_esc(note)}</p><table><thead><tr><th>metric</th>{head}</tr></thead>'
+            f"<tbody>{''.join(rows)}</tbody></table>")
+
+
+def _ci_bars(res: dict, task: str) -> bytes:
+    """One small panel per metric: a bar per model with its bootstrap interval as an error bar."""
+    metrics = res["tasks"][task]["metrics"]
+    names = list(res["models"])
+    fig = _new_figure(min(2.6 * len(metrics) + 1, 16), 3.2)
+    for j, k in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), j + 1)
+        vals = [res["scores"][m][task][k] for m in names]
+        ys = [_num(v["value"]) or 0.0 for v in vals]
+        err = [[max(y - (v["ci_low"] if v["ci_low"] is not None else y), 0) for y, v in zip(ys, vals)],
+               [max((v["ci_high"] if v["ci_high"] is not None else y) - y, 0) for y, v in zip(ys, vals)]]
+        ax.bar(range(len(names)), ys, yerr=err, capsize=3, color=[f"C{i}" for i in range(len(names))])
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(k, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _category_section(res: dict, task: str) -> str:
+    cats = res["categories"].get(task)
+    if not cats:
+        return ""
+    names = list(res["models"])
+    k = res["tasks"][task]["metrics"][0]
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    rows = "".join(
+        f"<tr><th scope=\"row\">{_esc(c)}</th><td class=\"num\">{d['n']}</td>"
+        + "".join(f'<td class="num">{_esc(_ci_text(d[m][k]))}</td>' for m in names) + "</tr>"
+        for c, d in cats.items())
+    fig = _new_figure(max(6, 0.5 * len(cats) * len(names) + 2), 3.6)
+    ax = fig.add_subplot()
+    width = 0.8 / len(names)
+    for i, m in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(cats))]
+        ax.bar(xs, [_num(d[m][k]["value"]) or 0.0 for d in cats.values()], width=width, label=m)
+    ax.set_xticks(range(len(cats)), list(cats), rotation=45, ha="right", fontsize=7)
+    ax.set_ylabel(k)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return (f"<h3>{_esc(task)}: {_esc(k)} by category</h3><table><thead><tr><th>category</th><th>n</th>{head}</tr>"
+            f"</thead><tbody>{rows}</tbody></table>" + _img(_png(fig), f"{k} by category"))
+
+
+def _latency_hist(res: dict) -> bytes | None:
+    names = [m for m in res["models"] if "business" in res["models"][m]]
+    if not names:
+        return None
+    fig = _new_figure(7, 3.4)
+    ax = fig.add_subplot()
+    for i, m in enumerate(names):
+        xs = res["models"][m]["business"]["latency"]["samples_total_s"]
+        ax.hist(xs, bins=max(5, min(20, len(xs))), alpha=0.55, label=m, color=f"C{i}")
+    ax.set_xlabel("total latency per request (s, batch 1)")
+    ax.set_ylabel("requests")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def _business_section(res: dict) -> str:
+    from tunelab.eval.business import describe
+
+    names = [m for m in res["models"] if "business" in res["models"][m]]
+    if not names:
+        return '<p class="muted">Business metrics were not measured.</p>'
+
+    def g(b, *path):
+        for p in path:
+            b = (b or {}).get(p)
+        return b
+
+    fields = [("first token p50 (s)", ("latency", "first_token_s", "p50")),
+              ("first token p95 (s)", ("latency", "first_token_s", "p95")),
+              ("total p50 (s)", ("latency", "total_s", "p50")), ("total p95 (s)", ("latency", "total_s", "p95")),
+              ("tokens/s", ("latency", "tokens_per_s")), ("peak memory (bytes)", ("memory", "peak_bytes")),
+              ("parameters", ("size", "parameters")), ("model bytes", ("size", "model_bytes")),
+              ("adapter bytes", ("size", "adapter_bytes")), ("training device-hours", ("training", "device_hours")),
+              ("training FLOPs (6·N·D)", ("training", "flops_6nd")), ("training cost", ("cost", "training_cost")),
+              ("serving cost per 1k tokens", ("cost", "serving_cost_per_1k_tokens")),
+              ("ROI", ("cost", "roi"))]
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    rows = "".join(f"<tr><th scope=\"row\">{_esc(label)}</th>" + "".join(
+        f'<td class="num">{_esc(_fmt(g(res["models"][m]["business"], *path)))}</td>' for m in names) + "</tr>"
+                   for label, path in fields)
+    lines = "".join(f"<h3>{_esc(m)}</h3><pre>{_esc(chr(10).join(describe(res['models'][m]['business'])))}</pre>"
+                    for m in names)
+    assumptions = _pre_json(res["models"][names[0]]["business"]["cost"]["assumptions"])
+    hist = _latency_hist(res)
+    return (f"<table><thead><tr><th></th>{head}</tr></thead><tbody>{rows}</tbody></table>"
+            + (_img(hist, "latency histogram") if hist else "") + lines + "<h3>Assumptions</h3>" + assumptions)
+
+
+def _forgetting_section(res: dict) -> str:
+    f = res.get("forgetting") or {}
+    if not f:
+        return '<p class="muted">The forgetting probe was not run.</p>'
+    rows = []
+    for m, v in f.items():
+        css = "down" if v["flagged"] else "up"
+        rows.append(f"<tr><th scope=\"row\">{_esc(m)}</th>"
+                    f"<td class=\"num\">{_esc(_fmt(v['before']['general_perplexity']))} → "
+                    f"{_esc(_fmt(v['after']['general_perplexity']))} ({v['perplexity_change']:+.1%})</td>"
+                    f"<td class=\"num\">{_esc(_fmt(v['before']['probe_accuracy']))} → "
+                    f"{_esc(_fmt(v['after']['probe_accuracy']))}</td>"
+                    f"<td class=\"{css}\">{_esc('; '.join(v['reasons']) or 'no')}</td></tr>")
+    th = res.get("forgetting_thresholds", {})
+    return (f'<p class="muted">General-text perplexity and multiple-choice accuracy of each model against '
+            f'{_esc(res["baseline"])}; flagged above a {_esc(th.get("max_perplexity_increase"))} relative '
+            f'perplexity rise or a {_esc(th.get("max_accuracy_drop"))} accuracy drop.</p>'
+            f"<table><thead><tr><th>model</th><th>general perplexity</th><th>probe accuracy</th><th>flagged</th>"
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
+def _examples_section(res: dict, rows: dict, task: str, limit: int) -> str:
+    names = list(res["models"])
+    first = rows[names[0]][task]
+    shown = first[:limit]
+    tid = "ex-" + "".join(ch if ch.isalnum() else "-" for ch in task)
+    body = []
+    for i, r in enumerate(shown):
+        src = _text(r.get("prompt", r.get("document")))
+        cells = [f"<td>{i}</td>", f"<td><details><summary>{_esc(src[:80])}</summary><pre>{_esc(src)}</pre>"
+                                  f"</details></td>", f"<td><pre>{_esc(_text(r.get('reference', '')))}</pre></td>"]
+        for m in names:
+            x = rows[m][task][i]
+            out = x.get("prediction", x.get("perplexity"))
+            mark = "" if "correct" not in x else (" ✓" if x["correct"] else " ✗")
+            cells.append(f"<td><pre>{_esc(_text(out))}{mark}</pre></td>")
+        if any("category" in rows[m][task][i] for m in names):
+            cells.append(f"<td>{_esc(r.get('category', ''))}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    cat_head = "<th>category</th>" if any("category" in r for r in shown) else ""
+    head = "<th>#</th><th>input</th><th>reference</th>" + "".join(f"<th>{_esc(m)}</th>" for m in names) + cat_head
+    return (f'<p class="muted">{len(shown)} of {len(first)} examples; full outputs in each model\'s '
+            f'{_esc(task)}.jsonl.</p><input placeholder="filter…" oninput="tlFilter(this, \'{tid}\')">'
+            f'<table id="{tid}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def write_compare_report(out_dir: Path, res: dict, rows: dict, max_examples: int = 500) -> Path:
+    """One self-contained HTML page for a comparison (or a single-model evaluation)."""
+    out_dir = Path(out_dir)
+    models = "".join(
+        f"<tr><th scope=\"row\">{_esc(m)}</th><td>{_esc(v.get('ref'))}</td><td>{_esc(v.get('run_id') or DASH)}</td>"
+        f"<td>{_esc(v.get('adapter') or DASH)}</td></tr>" for m, v in res["models"].items())
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{_esc(res['name'])}</title><style>{CSS}</style><script>{FILTER_JS}</script></head><body>",
+        f"<h1>{_esc('comparison: ' + res['name'])}</h1>",
+        f'<p class="muted">Generated {_esc(time.strftime("%Y-%m-%d %H:%M:%S %Z"))}; baseline '
+        f'{_esc(res["baseline"])}; decoding {_esc(_json(res["decoding"], None))}</p>',
+        "<h2>Models</h2><table><thead><tr><th>name</th><th>ref</th><th>run</th><th>adapter</th></tr></thead>"
+        f"<tbody>{models}</tbody></table>",
+    ]
+    for task in res["tasks"]:
+        parts += [f"<h2>Task: {_esc(task)}</h2>", _task_table(res, task), _img(_ci_bars(res, task),
+                                                                                f"{task} metrics with intervals")]
+    if res.get("win_rates"):
+        wr = res["win_rates"]
+        body = "".join(f"<tr><th scope=\"row\">{_esc(m)}</th><td>{_esc(t)}</td><td class=\"num\">{_esc(_ci_text(v))}</td>"
+                       f"<td>{_esc(v['counts'])}</td></tr>"
+                       for m, per in wr.items() if m != "judge" for t, v in per.items())
+        parts += ["<h2>Win rate (judge)</h2>",
+                  f'<p class="muted">{_esc(wr["judge"])}: each model against {_esc(res["baseline"])}; a tie counts '
+                  f'half; interval: percentile bootstrap over examples.</p>',
+                  f"<table><thead><tr><th>model</th><th>task</th><th>win rate</th><th>counts</th></tr></thead>"
+                  f"<tbody>{body}</tbody></table>"]
+    if res.get("categories"):
+        parts.append("<h2>Per-category breakdown</h2>")
+        parts += [_category_section(res, t) for t in res["tasks"]]
+    parts += ["<h2>Forgetting</h2>", _forgetting_section(res), "<h2>Business metrics</h2>", _business_section(res)]
+    parts.append("<h2>Per-example outputs</h2>")
+    for task in res["tasks"]:
+        parts += [f"<h3>{_esc(task)}</h3>", _examples_section(res, rows, task, max_examples)]
+    parts.append("</body></html>\n")
+    out = out_dir / "report.html"
+    _atomic_write(out, "\n".join(parts).encode("utf-8"))
+    return out

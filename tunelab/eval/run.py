@@ -26,10 +26,16 @@ def _load_cfg(run_dir: Path):
 
 
 def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             desc: str = "generate") -> tuple[list[str], list[dict]]:
-    """Greedy decoding, left-padded batches. Returns texts and per-example timing/token counts."""
+             desc: str = "generate", sampling=None) -> tuple[list[str], list[dict]]:
+    """Greedy decoding (or ``sampling.do_sample`` with its temperature/top_p/seed), left-padded batches.
+    Returns texts and per-example timing/token counts."""
     import torch
     from tqdm.auto import tqdm
+
+    mode = {"do_sample": False, "num_beams": 1}
+    if sampling is not None and sampling.do_sample:
+        mode = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+        torch.manual_seed(sampling.seed)
 
     pad = tokenizer.pad_token_id
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
@@ -50,7 +56,7 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
             with torch.no_grad():
                 dev = next(model.parameters()).device
                 gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                                     do_sample=False, num_beams=1, pad_token_id=pad,
+                                     **mode, pad_token_id=pad,
                                      eos_token_id=tokenizer.eos_token_id)
             dt = time.perf_counter() - t0
             for row, i in enumerate(idx):
@@ -63,6 +69,29 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     texts = [out_text[i] for i in range(len(prompts))]
     stats = [out_stat[i] for i in range(len(prompts))]
     return texts, stats
+
+
+def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[list[float], list[int]]:
+    """Per-example summed NLL of reference responses (teacher forcing) and scored tokens: the units a
+    perplexity bootstrap resamples."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunelab.train._numerics import IGNORE_INDEX, PadCollator, causal_logits
+
+    collate = PadCollator(pad_id)
+    nll: list[float] = []
+    count: list[int] = []
+    with torch.no_grad():
+        for b in range(0, len(feats), batch_size):
+            batch = collate(feats[b: b + batch_size])
+            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(logits.device)
+            tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                  reduction="none").view(labels.shape)
+            nll.extend(tok.sum(1).double().cpu().tolist())
+            count.extend((labels != IGNORE_INDEX).sum(1).cpu().tolist())
+    return nll, count
 
 
 def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[float, int]:
@@ -85,7 +114,11 @@ def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tupl
 
 
 def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int | None = None,
-                 with_base: bool = True) -> dict:
+                 with_base: bool = True, *, business: bool = True, forgetting: bool = True,
+                 business_cfg: dict | None = None, forgetting_cfg: dict | None = None,
+                 n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Base vs tuned on the held-out set: every metric with a bootstrap interval, the tuned − base
+    difference with a paired-bootstrap p-value, business metrics and the forgetting probe."""
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -137,21 +170,40 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     else:
         tuned = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)
 
+    from tunelab.eval.business import BusinessSection, business_metrics
+    from tunelab.eval.suites import ForgettingSection, forgetting_verdict, probe
+
+    bcfg = BusinessSection(**(business_cfg or {}))
+    fcfg = ForgettingSection(**(forgetting_cfg or {}))
+    boot = {"n_resamples": n_resamples, "seed": seed}
+    scored: dict[str, dict] = {}
+    extras: dict[str, dict] = {"business": {}, "probe": {}}
+
     def score(model, name: str) -> tuple[dict, list[dict]]:
         t0 = time.perf_counter()
         preds, gstats = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
                                  desc=f"eval {name}")
         gen_s = time.perf_counter() - t0
-        nll, n = response_nll(model, feats, cfg.eval.batch_size, tokenizer.pad_token_id)
-        m = M.text_metrics(preds, refs)
-        m["perplexity"] = M.perplexity(nll, n)
+        nlls, counts = response_nll_per_example(model, feats, cfg.eval.batch_size, tokenizer.pad_token_id)
+        text = M.evaluate(M.GENERATION_METRICS, preds, refs, **boot)
+        ppl = M.evaluate(["perplexity"], nlls, counts, **boot)
+        scored[name] = {**text.stats, **ppl.stats}
+        m = text.flat()
+        m["perplexity"] = ppl.values["perplexity"]["value"]
+        m["ci"] = {k: [v["ci_low"], v["ci_high"]] for k, v in {**text.values, **ppl.values}.items()}
+        if business:
+            extras["business"][name] = business_metrics(model, tokenizer, prompts, bcfg,
+                                                        adapter_dir=adapter if name == "tuned" and adapter.is_dir()
+                                                        else None, run_dir=run_dir if name == "tuned" else None)
+        if forgetting:
+            extras["probe"][name] = probe(model, tokenizer, fcfg)
         new_tokens = sum(s["new_tokens"] for s in gstats)
         m["generated_tokens"] = new_tokens
         m["generation_s"] = round(gen_s, 3)
         m["generation_tokens_per_s"] = round(new_tokens / gen_s, 2) if gen_s > 0 else None
-        per = M.rouge_per_example(preds, refs)
+        per = text.values["rougeL"]["per_example"]
         rows = [{"index": i, "prompt": chats[i][-2]["content"] if len(chats[i]) > 1 else "",
-                 "reference": refs[i], "prediction": preds[i], "rougeL": per[i]["rougeL"], **gstats[i]}
+                 "reference": refs[i], "prediction": preds[i], "rougeL": per[i], **gstats[i]}
                 for i in range(len(chats))]
         return m, rows
 
@@ -173,7 +225,22 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
         tmp.replace(out / f"{name}.jsonl")
     order = ["base", "tuned"] if "base" in results else ["tuned"]
     res = {"run_id": run_id, "data": str(Path(data_path).resolve()), "n_examples": len(chats),
-           "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order}}
+           "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order},
+           "bootstrap": {**boot, "confidence": 0.95, "method": "percentile over examples"}}
+    if "base" in scored:
+        from tunelab.eval.metrics import LOWER_IS_BETTER
+        from tunelab.eval.stats import paired_bootstrap
+
+        res["differences"] = {}
+        for k in scored["tuned"]:
+            d = paired_bootstrap(scored["base"][k], scored["tuned"][k], **boot)
+            d["better"] = None if d["difference"] == 0 else (d["difference"] < 0) == (k in LOWER_IS_BETTER)
+            res["differences"][k] = d
+    if extras["business"]:
+        res["business"] = extras["business"]
+    if "base" in extras["probe"] and "tuned" in extras["probe"]:
+        res["forgetting"] = forgetting_verdict(extras["probe"]["base"], extras["probe"]["tuned"], fcfg)
+        _mark_forgetting(ws, run_dir, res["forgetting"])
     write_json(out / "metrics.json", res)
     eval_id = f"eval-{run_id}-{time.strftime('%Y%m%d-%H%M%S')}"
     cat = ws.catalog()
@@ -183,6 +250,21 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
                                      if k in ("rougeL", "bleu", "perplexity")})
     res["report"] = str(report_run(run_id, ws))
     return res
+
+
+def _mark_forgetting(ws: Workspace, run_dir: Path, verdict: dict) -> None:
+    """Record the probe's verdict on the run itself: summary.json and the catalog row."""
+    p = run_dir / "summary.json"
+    if p.is_file():
+        s = json.loads(p.read_text(encoding="utf-8"))
+        s["forgetting_flagged"] = verdict["flagged"]
+        s["forgetting_probe"] = {"general_perplexity_change": verdict["perplexity_change"],
+                                 "probe_accuracy_change": verdict["accuracy_change"], "reasons": verdict["reasons"]}
+        write_json(p, s)
+    cat = ws.catalog()
+    row = cat.get_run(run_dir.name)
+    if row is not None:
+        cat.update_run(run_dir.name, metrics={**(row.get("metrics") or {}), "forgetting_flagged": verdict["flagged"]})
 
 
 def report_run(ref: str, ws: Workspace) -> Path:
@@ -223,18 +305,40 @@ def print_eval(res: dict) -> None:
     from rich.table import Table
 
     models = list(res["models"])
-    t = Table(title=f"held-out evaluation: {res['n_examples']} examples, greedy decoding")
+    t = Table(title=f"held-out evaluation: {res['n_examples']} examples, greedy decoding; [95% bootstrap interval]")
     t.add_column("metric")
     for m in models:
         t.add_column(m, justify="right")
     if len(models) == 2:
-        t.add_column("tuned − base", justify="right")
+        t.add_column("tuned − base (paired-bootstrap p)", justify="right")
     for k in ("rougeL", "rouge1", "rouge2", "bleu", "chrf", "exact_match", "perplexity", "generation_tokens_per_s"):
         vals = [res["models"][m].get(k) for m in models]
-        cells = [f"{v:.4f}" if isinstance(v, float) else str(v) for v in vals]
+        cells = []
+        for m, v in zip(models, vals):
+            cell = f"{v:.4f}" if isinstance(v, float) else str(v)
+            ci = (res["models"][m].get("ci") or {}).get(k)
+            if ci and ci[0] is not None:
+                cell += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
+            cells.append(cell)
         if len(models) == 2 and all(isinstance(v, (int, float)) for v in vals):
-            cells.append(f"{vals[1] - vals[0]:+.4f}")
+            d = (res.get("differences") or {}).get(k)
+            p = f" (p={d['p_value']:.3g})" if d and d.get("p_value") is not None else ""
+            cells.append(f"{vals[1] - vals[0]:+.4f}{p}")
         t.add_row(k, *cells)
-    Console().print(t)
+    con = Console()
+    con.print(t)
+    f = res.get("forgetting")
+    if f:
+        flag = "FLAGGED: " + "; ".join(f["reasons"]) if f["flagged"] else "not flagged"
+        con.print(f"forgetting probe: general perplexity {f['before']['general_perplexity']:.4g} → "
+                  f"{f['after']['general_perplexity']:.4g} ({f['perplexity_change']:+.1%}), probe accuracy "
+                  f"{f['before']['probe_accuracy']:.3f} → {f['after']['probe_accuracy']:.3f}: {flag}")
+    if res.get("business"):
+        from tunelab.eval.business import describe
+
+        for m, b in res["business"].items():
+            con.print(f"[bold]{m}[/bold]")
+            for line in describe(b):
+                con.print("  " + line)
     if res.get("report"):
-        Console().print(f"report: {res['report']}")
+        con.print(f"report: {res['report']}")

@@ -1,0 +1,219 @@
+"""Business metrics for every report: speed, memory, size, training compute, cost and an ROI estimate.
+
+- Latency: one request at a time (batch 1, greedy), timed with a transformers streamer: the first
+  generated token (time to first token) and the whole answer; p50/p95 over the requests.
+- Throughput: generated tokens per second of those requests.
+- Peak memory: the accelerator's peak allocation (``torch.cuda.max_memory_allocated``) on a GPU;
+  on a CPU the process's peak resident set size (``resource.getrusage``), which includes Python and
+  every library, so it is an upper bound of what the model needs.
+- Size: parameters × bytes per parameter of the loaded model, and the adapter's files on disk.
+- Training compute: device-hours from the run's ``summary.json`` (train_runtime_s × devices) and
+  FLOPs ≈ 6 · N · D (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", §2.1), with N
+  the model's parameters and D the tokens trained on. For an adapter run the backward pass skips the
+  frozen weights' gradients, so 6·N·D over-states it by up to a third: the figure is an upper bound.
+- Cost: device-hours × price per hour; serving cost per 1k generated tokens = price per hour /
+  (3600 × tokens/s) × 1000, at the measured single-request speed (batching would lower it).
+- ROI: monthly volume × minutes saved per task / 60 × hourly rate × months, against training cost
+  + serving cost of that volume; every assumption is printed next to the figure.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pydantic import Field
+
+from tunelab.config import Strict
+
+
+class BusinessSection(Strict):
+    """The assumptions behind cost and ROI; every one is printed in the report."""
+
+    price_per_hour: float = Field(1.0, ge=0, description="price of one device-hour (training and serving)")
+    currency: str = "USD"
+    latency_requests: int = Field(8, ge=1, description="single requests timed for latency")
+    max_new_tokens: int = Field(32, ge=1, description="tokens generated per timed request")
+    tasks_per_month: float = Field(10_000, ge=0, description="requests the model would handle per month")
+    minutes_saved_per_task: float = Field(2.0, ge=0, description="staff minutes each answered request saves")
+    hourly_rate: float = Field(30.0, ge=0, description="cost of one staff hour")
+    months: float = Field(12, gt=0, description="horizon of the ROI estimate")
+    tokens_per_task: float | None = Field(None, ge=0, description="generated tokens per request "
+                                                                  "(default: the measured mean)")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else None
+
+
+def measure_latency(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """Time to first token and total latency of single greedy requests, and their tokens/s."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Clock(BaseStreamer):
+        """Records when the first generated token arrives (generate() first puts the prompt)."""
+
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):
+            self.calls += 1
+            if self.calls == 2 and self.first is None:
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    dev = next(model.parameters()).device
+    ttft, total, tokens = [], [], []
+    model.eval()
+    for p in prompts:
+        ids = torch.tensor([p], device=dev)
+        clock = _Clock()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, streamer=clock)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        new = out.shape[1] - ids.shape[1]
+        total.append(t1 - t0)
+        ttft.append((clock.first or t1) - t0)
+        tokens.append(new)
+    secs = sum(total)
+    return {"requests": len(prompts), "max_new_tokens": max_new_tokens,
+            "first_token_s": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
+            "total_s": {"p50": percentile(total, 50), "p95": percentile(total, 95)},
+            "tokens_per_s": sum(tokens) / secs if secs > 0 else None,
+            "mean_generated_tokens": sum(tokens) / len(tokens) if tokens else None,
+            "samples_total_s": [round(x, 5) for x in total], "samples_first_token_s": [round(x, 5) for x in ttft]}
+
+
+def peak_memory(device) -> dict:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return {"peak_bytes": int(torch.cuda.max_memory_allocated()), "what": "GPU peak allocated"}
+    import resource
+    import sys
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return {"peak_bytes": int(kb * scale), "what": "process peak RSS (CPU; includes Python and libraries)"}
+
+
+def model_size(model, adapter_dir: Path | None) -> dict:
+    params = sum(p.numel() for p in model.parameters())
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    out = {"parameters": int(params), "model_bytes": int(nbytes)}
+    if adapter_dir is not None and Path(adapter_dir).is_dir():
+        out["adapter_bytes"] = int(sum(f.stat().st_size for f in Path(adapter_dir).rglob("*")
+                                       if f.is_file() and f.suffix in (".safetensors", ".bin")))
+    return out
+
+
+def training_compute(run_dir: Path | None, parameters: int | None) -> dict | None:
+    """Device-hours and 6·N·D FLOPs from a run's summary.json; None when the model is not a run."""
+    if run_dir is None or not (Path(run_dir) / "summary.json").is_file():
+        return None
+    s = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    runtime = s.get("train_runtime_s")
+    dev = s.get("device") if isinstance(s.get("device"), dict) else {}
+    n_dev = int(dev.get("world_size") or dev.get("num_devices") or 1)
+    tokens = s.get("tokens_seen") or s.get("train_tokens")
+    n = s.get("total_params") or parameters
+    out = {"run_id": s.get("run_id"), "train_runtime_s": runtime, "devices": n_dev,
+           "device": dev.get("device") or dev.get("kind"),
+           "device_hours": (runtime * n_dev / 3600) if runtime is not None else None,
+           "tokens_trained": tokens, "parameters": n,
+           "flops_6nd": 6.0 * n * tokens if (n and tokens) else None,
+           "flops_note": "6·N·D (Kaplan et al. 2020); an upper bound for adapter runs"}
+    return out
+
+
+def costs(latency: dict, compute: dict | None, cfg: BusinessSection) -> dict:
+    """Training cost, serving cost per 1k tokens and the ROI estimate, with the assumptions used."""
+    tps = latency.get("tokens_per_s")
+    per_1k = cfg.price_per_hour / (3600 * tps) * 1000 if tps else None
+    train_hours = compute.get("device_hours") if compute else None
+    train_cost = train_hours * cfg.price_per_hour if train_hours is not None else 0.0
+    tokens_per_task = cfg.tokens_per_task if cfg.tokens_per_task is not None else (
+        latency.get("mean_generated_tokens") or 0.0)
+    volume = cfg.tasks_per_month * cfg.months
+    serving = volume * tokens_per_task / 1000 * per_1k if per_1k is not None else None
+    benefit = volume * cfg.minutes_saved_per_task / 60 * cfg.hourly_rate
+    spend = train_cost + (serving or 0.0)
+    roi = (benefit - spend) / spend if spend > 0 else None
+    return {
+        "currency": cfg.currency,
+        "training_cost": train_cost,
+        "serving_cost_per_1k_tokens": per_1k,
+        "serving_cost": serving,
+        "benefit": benefit,
+        "net": benefit - spend,
+        "roi": roi,
+        "assumptions": {
+            "price_per_hour": cfg.price_per_hour, "tasks_per_month": cfg.tasks_per_month,
+            "minutes_saved_per_task": cfg.minutes_saved_per_task, "hourly_rate": cfg.hourly_rate,
+            "months": cfg.months, "tokens_per_task": tokens_per_task,
+            "serving_speed": "single requests at the measured tokens/s (no batching)",
+            "training_cost": "device-hours of the run × price per hour" if compute else
+            "no training run behind this model: 0",
+            "formula": "ROI = (volume × minutes saved / 60 × hourly rate − training − serving) / (training + serving)",
+        },
+    }
+
+
+def business_metrics(model, tokenizer, prompts: list[list[int]], cfg: BusinessSection, *,
+                     adapter_dir: Path | None = None, run_dir: Path | None = None) -> dict:
+    """Everything above for one loaded model; ``prompts`` are token ids (the first few are timed)."""
+    import torch
+
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    lat = measure_latency(model, tokenizer, prompts[: cfg.latency_requests], cfg.max_new_tokens)
+    size = model_size(model, adapter_dir)
+    compute = training_compute(run_dir, size["parameters"])
+    return {"latency": lat, "memory": peak_memory(dev), "size": size, "training": compute,
+            "cost": costs(lat, compute, cfg), "device": str(dev)}
+
+
+def describe(b: dict) -> list[str]:
+    """The figures and their assumptions as printable lines."""
+    lat, c = b["latency"], b["cost"]
+    cur = c["currency"]
+
+    def f(x, fmt="{:.4g}"):
+        return "—" if x is None else fmt.format(x)
+
+    lines = [
+        f"latency (batch 1, {lat['requests']} requests, ≤{lat['max_new_tokens']} new tokens): first token p50 "
+        f"{f(lat['first_token_s']['p50'])} s, p95 {f(lat['first_token_s']['p95'])} s; total p50 "
+        f"{f(lat['total_s']['p50'])} s, p95 {f(lat['total_s']['p95'])} s; {f(lat['tokens_per_s'])} tokens/s",
+        f"peak memory {b['memory']['peak_bytes'] / 2**20:,.0f} MiB ({b['memory']['what']}); model "
+        f"{b['size']['model_bytes'] / 2**20:,.1f} MiB ({b['size']['parameters']:,} parameters)"
+        + (f"; adapter {b['size']['adapter_bytes'] / 2**20:,.2f} MiB" if "adapter_bytes" in b["size"] else ""),
+    ]
+    t = b.get("training")
+    if t:
+        lines.append(f"training: {f(t['device_hours'])} device-hours on {t['devices']} device(s), "
+                     f"{f(t['flops_6nd'], '{:.3g}')} FLOPs ({t['flops_note']})")
+    a = c["assumptions"]
+    lines += [
+        f"cost at {a['price_per_hour']} {cur}/device-hour: training {f(c['training_cost'])} {cur}; serving "
+        f"{f(c['serving_cost_per_1k_tokens'])} {cur} per 1k generated tokens",
+        f"ROI over {a['months']:g} months: {a['tasks_per_month']:,.0f} tasks/month × {a['minutes_saved_per_task']:g} "
+        f"min saved × {a['hourly_rate']:g} {cur}/h = {f(c['benefit'], '{:,.0f}')} {cur} benefit against "
+        f"{f(c['training_cost'] + (c['serving_cost'] or 0), '{:,.2f}')} {cur} training + serving "
+        f"({a['tokens_per_task']:.0f} tokens/task) → ROI {f(c['roi'], '{:,.1f}')}×",
+    ]
+    return lines

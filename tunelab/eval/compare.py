@@ -1,0 +1,237 @@
+"""``tunelab compare SUITE``: N models (base, tuned variants, a distilled student) on one suite, one report.
+
+Every model answers the same tasks with the same decoding. Each score carries a bootstrap interval,
+and each model's difference from the baseline (the first model) carries a paired-bootstrap
+interval and p-value on the same examples (tunelab/eval/stats.py). Per model it also measures the
+business figures (tunelab/eval/business.py) and, when enabled, runs the general-capability probe
+to flag catastrophic forgetting against the baseline.
+
+Writes ``<workspace>/evals/<id>/``: ``results.json``, ``<model>/<task>.jsonl`` per-example outputs
+and ``report.html``; the comparison is recorded in the catalog (kind ``compare``).
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import time
+from pathlib import Path
+
+from tunelab.errors import TunelabError
+from tunelab.workspace import Workspace, write_json
+
+
+def parse_models(specs: list[str]) -> list[dict]:
+    """``name=ref`` strings → model specs (a bare ref is named after itself)."""
+    out = []
+    for s in specs:
+        name, sep, ref = s.partition("=")
+        if not sep:
+            name, ref = re.sub(r"[^\w.-]+", "_", Path(s).name or s), s
+        if not name or not ref:
+            raise TunelabError(f"--model '{s}': write NAME=REF (a run id, a model folder or a packaged name)")
+        out.append({"name": name, "ref": ref})
+    return out
+
+
+def load_model(ref: str, ws: Workspace):
+    """A run id, model folder or packaged name → (model, tokenizer, info)."""
+    import transformers
+
+    from tunelab.train._preference import eval_device, find_run, load_causal, load_tokenizer, resolve_start
+
+    transformers.logging.set_verbosity_error()
+    start = resolve_start(ref, ws)
+    tok, added = load_tokenizer(start)
+    if added:  # no template of its own: prompts go in as plain text (the fallback only serves training)
+        tok.chat_template = None
+    model = load_causal(start, device=eval_device()).eval()
+    run_dir = find_run(ref, ws)
+    return model, tok, {"ref": ref, "base_path": str(start.base_path),
+                        "adapter": str(start.adapter) if start.adapter else None,
+                        "run_id": start.run_id, "run_dir": str(run_dir) if run_dir else None}
+
+
+def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
+                overrides: list[str] | None = None, limit: int | None = None, out: Path | None = None,
+                business: bool = True) -> dict:
+    """``suite``: a suite file, or a SuiteConfig (relative paths then resolve from the current folder)."""
+    from tunelab.eval import suites as S
+    from tunelab.eval.business import business_metrics
+
+    if isinstance(suite, S.SuiteConfig):
+        cfg, base_dir, suite_path = suite, Path.cwd(), None
+    else:
+        cfg, base_dir = S.load_suite(suite, overrides)
+        suite_path = Path(suite).resolve()
+    specs = parse_models(models) if models else [m.model_dump() for m in cfg.models]
+    if not specs:
+        raise TunelabError("no models to compare: list them under models: in the suite or give --model NAME=REF")
+    names = [m["name"] for m in specs]
+    if len(set(names)) != len(names):
+        raise TunelabError(f"model names must be unique ({', '.join(names)})")
+    if limit:
+        cfg = cfg.model_copy(update={"tasks": [t.model_copy(update={"limit": limit}) for t in cfg.tasks]})
+    tasks = [S.load_task(t, base_dir) for t in cfg.tasks]
+    bcfg = cfg.business
+    slug = re.sub(r"[^\w.-]+", "-", cfg.name)
+    cid = f"compare-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out_dir = Path(out) if out else ws.root / "evals" / cid
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    scored: dict[str, dict] = {}  # model → task → Scored
+    rows: dict[str, dict] = {}
+    info: dict[str, dict] = {}
+    for spec in specs:
+        name = spec["name"]
+        model, tok, meta = load_model(spec["ref"], ws)
+        scored[name], rows[name] = {}, {}
+        t0 = time.perf_counter()
+        for task in tasks:
+            s, r, g = S.run_task(task, model, tok, cfg.decoding, cfg.bootstrap)
+            scored[name][task.name], rows[name][task.name] = s, r
+            (out_dir / name).mkdir(exist_ok=True)
+            (out_dir / name / f"{task.name}.jsonl").write_text("".join(S.dumps(x) + "\n" for x in r),
+                                                                 encoding="utf-8")
+        meta["eval_s"] = round(time.perf_counter() - t0, 2)
+        if business:
+            from tunelab.eval.suites import _prompt_ids
+
+            first = next((t for t in tasks if t.type == "generation"), None) or tasks[0]
+            texts = [it.get("prompt") or it.get("text", "")[:400] for it in first.items[: bcfg.latency_requests]]
+            chat = first.type == "generation" and bool(getattr(tok, "chat_template", None))
+            prompts = [_prompt_ids(tok, t, chat) for t in texts]
+            meta["business"] = business_metrics(model, tok, prompts, bcfg,
+                                                adapter_dir=Path(meta["adapter"]) if meta["adapter"] else None,
+                                                run_dir=Path(meta["run_dir"]) if meta["run_dir"] else None)
+        if cfg.forgetting.enabled:
+            meta["probe"] = S.probe(model, tok, cfg.forgetting, base_dir)
+        info[name] = meta
+        del model
+        gc.collect()
+
+    res = assemble(cfg, tasks, specs, scored, info)
+    if cfg.judge is not None:
+        res["win_rates"] = S.judge_win_rates(cfg, ws, names[0], rows, tasks)
+    res.update({"id": cid, "suite": str(suite_path) if suite_path else None, "out": str(out_dir)})
+    write_json(out_dir / "results.json", S.json_safe(res))
+    from tunelab.eval.report import write_compare_report
+
+    res["report"] = str(write_compare_report(out_dir, res, rows, cfg.max_examples_in_report))
+    cat = ws.catalog()
+    cat.add_run(id=cid, kind="compare", dir=out_dir, name=cfg.name, status="completed",
+                config={"suite": res["suite"], "models": specs, "limit": limit})
+    flat = {f"{m}:{t}:{k}": v["value"] for m, ts in res["scores"].items() for t, ms in ts.items()
+            for k, v in ms.items()}
+    flat.update({f"{m}:forgetting_flagged": f["flagged"] for m, f in res.get("forgetting", {}).items()})
+    cat.update_run(cid, metrics=S.json_safe(flat))
+    return res
+
+
+def assemble(cfg, tasks, specs, scored, info) -> dict:
+    """Scores, paired differences against the baseline, per-category breakdowns and forgetting flags."""
+    from tunelab.eval.metrics import LOWER_IS_BETTER
+    from tunelab.eval.stats import bootstrap_ci, paired_bootstrap, restrict, value
+
+    b = cfg.bootstrap
+    names = [m["name"] for m in specs]
+    baseline = names[0]
+    scores = {m: {t.name: {k: {kk: vv for kk, vv in v.items() if kk != "per_example"}
+                           for k, v in scored[m][t.name].values.items()} for t in tasks} for m in names}
+    diffs: dict = {}
+    for m in names[1:]:
+        diffs[m] = {}
+        for t in tasks:
+            diffs[m][t.name] = {}
+            for k in scored[m][t.name].values:
+                d = paired_bootstrap(scored[baseline][t.name].stats[k], scored[m][t.name].stats[k],
+                                     n_resamples=b.n_resamples, confidence=b.confidence, seed=b.seed)
+                better = (d["difference"] < 0) if k in LOWER_IS_BETTER else (d["difference"] > 0)
+                d["better"] = better if d["difference"] != 0 else None
+                d["significant"] = d["p_value"] is not None and d["p_value"] < 1 - b.confidence
+                diffs[m][t.name][k] = d
+    categories: dict = {}
+    for t in tasks:
+        cats = sorted({it.get("category") for it in t.items if it.get("category") is not None})
+        if not cats:
+            continue
+        categories[t.name] = {}
+        for c in cats:
+            idx = [i for i, it in enumerate(t.items) if it.get("category") == c]
+            categories[t.name][c] = {"n": len(idx)}
+            for m in names:
+                categories[t.name][c][m] = {}
+                for k, st in scored[m][t.name].stats.items():
+                    sub = restrict(st, idx)
+                    try:
+                        v = value(sub)
+                    except Exception:
+                        v = None
+                    lo, hi = bootstrap_ci(sub, n_resamples=min(b.n_resamples, 300), confidence=b.confidence,
+                                          seed=b.seed)
+                    categories[t.name][c][m][k] = {"value": v, "ci_low": lo, "ci_high": hi}
+    forgetting = {}
+    if cfg.forgetting.enabled:
+        from tunelab.eval.suites import forgetting_verdict
+
+        for m in names[1:]:
+            forgetting[m] = forgetting_verdict(info[baseline]["probe"], info[m]["probe"], cfg.forgetting)
+    return {"name": cfg.name, "baseline": baseline, "models": {m: {**s, **info[m]} for m, s in zip(names, specs)},
+            "tasks": {t.name: {"type": t.type, "source": t.source, "rejected": len(t.rejected),
+                               # perplexity resamples token blocks, the other tasks records
+                               "n": next(iter(scored[baseline][t.name].values.values()))["n"],
+                               "metrics": list(scored[baseline][t.name].values)} for t in tasks},
+            "decoding": cfg.decoding.model_dump(), "bootstrap": b.model_dump(), "scores": scores,
+            "differences": diffs, "categories": categories, "forgetting": forgetting,
+            "forgetting_thresholds": cfg.forgetting.model_dump()}
+
+
+def print_compare(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunelab.eval.business import describe
+
+    c = Console(width=200)
+    names = list(res["models"])
+    for task, meta in res["tasks"].items():
+        t = Table(title=f"{task} ({meta['type']}, {meta['n']} examples; ± is the "
+                        f"{res['bootstrap']['confidence']:.0%} bootstrap interval; p from a paired bootstrap vs "
+                        f"{res['baseline']})")
+        t.add_column("metric")
+        for m in names:
+            t.add_column(m, justify="right")
+        for k in meta["metrics"]:
+            cells = []
+            for m in names:
+                v = res["scores"][m][task][k]
+                cell = f"{v['value']:.4g}"
+                if v["ci_low"] is not None:
+                    cell += f" [{v['ci_low']:.4g}, {v['ci_high']:.4g}]"
+                if m != res["baseline"]:
+                    d = res["differences"][m][task][k]
+                    p = "—" if d["p_value"] is None else f"{d['p_value']:.3g}"
+                    cell += f" ({d['difference']:+.3g}, p={p})"
+                cells.append(cell)
+            t.add_row(k, *cells)
+        c.print(t)
+    wr = res.get("win_rates")
+    if wr:
+        for m, per in wr.items():
+            if m == "judge":
+                continue
+            for task, v in per.items():
+                ci = "" if v["ci_low"] is None else f" [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+                c.print(f"win rate of {m} over {res['baseline']} on {task} ({wr['judge']}): {v['value']:.3f}{ci} "
+                        f"{v['counts']}")
+    for m, f in res.get("forgetting", {}).items():
+        flag = "FLAGGED: " + "; ".join(f["reasons"]) if f["flagged"] else "no forgetting flagged"
+        c.print(f"forgetting probe {m} vs {res['baseline']}: general perplexity "
+                f"{f['before']['general_perplexity']:.4g} → {f['after']['general_perplexity']:.4g}, probe accuracy "
+                f"{f['before']['probe_accuracy']:.3f} → {f['after']['probe_accuracy']:.3f}: {flag}")
+    for m in names:
+        if "business" in res["models"][m]:
+            c.print(f"[bold]{m}[/bold]")
+            for line in describe(res["models"][m]["business"]):
+                c.print("  " + line)
+    c.print(f"report: {res['report']}")

@@ -138,13 +138,20 @@ def write_probe(model, input_ids: list[int], path: Path) -> None:
 
 
 def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None = None,
-        parent_id: str | None = None) -> dict:
-    """Train; return the summary (also written to ``summary.json``)."""
+        parent_id: str | None = None, callbacks: list | None = None) -> dict:
+    """Train; return the summary (also written to ``summary.json``).
+
+    ``callbacks``: extra transformers TrainerCallbacks (the hyperparameter search's pruning hook).
+    """
     from tunelab.train.peft import apply_peft, adapter_report, check_requirements, ignored_sections, load_kwargs, \
         peft_section
 
+    from tunelab.train.distributed import is_main, world_size
+
+    extra_callbacks = callbacks
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
+    main = is_main()  # under --nproc only rank 0 writes files and the catalog (tunelab/train/distributed.py)
 
     if not resume:
         if cfg.method != "full":
@@ -162,7 +169,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             check_requirements(peft_section(cfg))
     else:
         run_id, run_dir = ws.new_run_dir("sft", cfg.name)
-        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+        if main:
+            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
     started = time.time()
 
     import torch
@@ -180,12 +188,13 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
     model_path = resolve(cfg.model.name, ws)
     lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": cfg.model.name,
                "base_model_path": str(model_path), **dataset_lineage(cfg.data)}
-    write_json(run_dir / "lineage.json", lineage)
-    write_json(run_dir / "environment.json", capture())
-    if not resume:
+    if main:
+        write_json(run_dir / "lineage.json", lineage)
+        write_json(run_dir / "environment.json", capture())
+    if main and not resume:
         catalog.add_run(id=run_id, kind="sft", dir=run_dir, name=cfg.name, parent_id=parent_id,
                         base_model=cfg.model.name, dataset_id=lineage["dataset_id"], config=cfg.model_dump(mode="json"))
-    else:
+    elif main:
         catalog.update_run(run_id, status="running")
 
     try:
@@ -205,8 +214,9 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
                       "training without validation or early stopping")
         else:
             val_chats = []
-        with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        if main:
+            with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rejects)
         train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
         val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length)
         if not train_feats:
@@ -281,6 +291,7 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
         )
         _SFTTrainer = _trainer_class()
         callbacks = [cb.MetricsJsonl(run_dir / "metrics.jsonl"), cb.Progress(f"sft {run_id}")]
+        callbacks = [*callbacks, *(extra_callbacks or [])]
         if has_val and cfg.train.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
         trainer = _SFTTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
@@ -294,17 +305,20 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             resume_from = last_checkpoint(ckpt_dir)
             if resume_from is None:
                 print("no complete checkpoint yet: starting this run from the beginning")
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            else:
+                if main:
+                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            elif main:
                 cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
                 print(f"resuming from {resume_from.name}")
-        else:
+        elif main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         ckpt = {0: "off", 1: "every layer"}.get(ckpt_every, f"every {ckpt_every} layers")
         print(f"device: {dplan.why}; gradient checkpointing {ckpt}; padding-free batches {'on' if pf else 'off'} "
               f"({pf_why}); {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.2f}%); {total_steps} steps")
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if not main:  # the model, probe and summary are rank 0's to write
+            return {"run_id": run_id, "status": "worker", "rank": trainer.args.process_index}
 
         # 5. save the best weights (load_best_model_at_end restored them) with the tokenizer
         out_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
@@ -351,13 +365,16 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
             "data": data_report,
             "wall_time_s": round(time.time() - started, 2),
+            "world_size": world_size(),
+            "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
         }
         write_json(run_dir / "summary.json", summary)
         catalog.update_run(run_id, status="completed", metrics={
             k: summary[k] for k in ("final_train_loss", "best_eval_loss", "best_step", "steps", "tokens_per_s")})
         return summary
     except BaseException as e:
-        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        if main:
+            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
 
 

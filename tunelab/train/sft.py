@@ -118,6 +118,11 @@ def _trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             loss = response_only_loss(model, inputs, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices \
+                    and self.accelerator.num_processes > 1:
+                # num_items_in_batch counts the label tokens of all ranks and DDP averages gradients
+                # over ranks: scale back by the rank count, as Trainer.compute_loss does
+                loss = loss * self.accelerator.num_processes
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return SFTTrainer

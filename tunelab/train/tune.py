@@ -60,7 +60,7 @@ class TuneConfig(Strict):
     n_jobs: int = Field(1, ge=1, description="trials run in parallel processes")
     seed: int = Field(0, description="TPE sampler seed")
     startup_trials: int = Field(3, ge=0, description="random trials before TPE, and trials before pruning starts")
-    warmup_evals: int = Field(0, ge=0, description="evaluations of a trial before it may be pruned")
+    warmup_steps: int = Field(0, ge=0, description="training steps of a trial before it may be pruned")
     space: dict[str, Param] = Field(description=f"what is searched: {', '.join(FIELDS)}")
     base_dir: str | None = Field(None, description="(set by the loader) the folder of the tune file")
 
@@ -149,7 +149,7 @@ def _study(cfg: TuneConfig, ws: Workspace, create: bool):
     import optuna
 
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials)
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=0,
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_steps,
                                          n_min_trials=1)
     if create:
         return optuna.create_study(study_name=cfg.name, storage=_storage(cfg, ws), direction="minimize",

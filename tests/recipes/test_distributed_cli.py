@@ -41,6 +41,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_model):
     assert r2.returncode == 0, r2.stderr[-3000:]
     _, one = _losses(tmp_path / "ws1")
     run, two = _losses(tmp_path / "ws2")
+    print(f"\n1 process x batch 8: {one}\n2 processes x batch 4: {two}")
     assert len(one) == len(two) == 4  # one metrics row per step: only rank 0 writes
     assert two == pytest.approx(one, rel=1e-4, abs=1e-5)
     assert one[-1] < one[0]  # it trains

@@ -6,8 +6,8 @@ same recipe on the 0.1M-parameter tiny model, so imports and the Trainer's one-t
 in place; then it notes its resident memory, trains the 17.6M model, and reports its peak resident
 memory (ru_maxrss) minus that baseline. glibc is told to serve every allocation over 128 KiB with its
 own mapping (MALLOC_MMAP_THRESHOLD_): otherwise freed activation buffers stay in the heap and the
-resident size grows step after step beyond what is alive (measured: +30% over 3 steps), which is
-allocator behaviour on CPU, not memory the training needs. Printed with ``pytest -s``.
+resident size grows step after step beyond what is alive, which is allocator behaviour on CPU, not
+memory the training needs. Printed with ``pytest -s``.
 """
 
 from __future__ import annotations

@@ -193,7 +193,7 @@ def run(cfg: TuneConfig, workspace: Workspace | None = None, resume: bool = Fals
     # trials left RUNNING by an interrupted session will never finish: mark them failed
     for t in study.trials:
         if t.state == optuna.trial.TrialState.RUNNING:
-            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     todo = max(0, cfg.trials - _finished(study))
     jobs = min(cfg.n_jobs, todo) or 1
     if jobs == 1:

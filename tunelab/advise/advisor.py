@@ -23,6 +23,7 @@ from tunelab.config import Strict
 class Answers(Strict):
     """What the advisor asks. Every field has a neutral default, so a YAML file may give only what it knows."""
 
+    recipe: Literal["advise"] = "advise"
     goal: str = Field("", description="one line: what the model should do better")
     knowledge_changes: bool = Field(False, description="does the model need facts that change or are added often "
                                                        "(documents, prices, tickets)?")
@@ -105,7 +106,7 @@ def model_gb(a: Answers) -> float | None:
         return None
 
 
-def advise(a: Answers) -> dict:
+def advise(a: Answers, workspace=None) -> dict:
     """Recommendations (in the order of RULES) with reasons, trade-offs and the training estimate command."""
     recs = [{"recommendation": r.name, "reason": r.reason, "tradeoff": r.tradeoff, "rule": r.condition}
             for r in RULES if r.when(a)]

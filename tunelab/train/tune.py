@@ -275,9 +275,12 @@ def _plot_history(trials: list[dict], path: Path, importances: dict) -> None:
 def load(path: str | Path, overrides: list[str] | None = None) -> TuneConfig:
     from tunelab import config as cfglib
 
-    raw = cfglib.apply_overrides(cfglib.load_yaml(path), overrides or [])
-    raw.setdefault("base_dir", str(Path(path).resolve().parent))
-    return cfglib.validate(TuneConfig, raw, str(path))
+    from tunelab import recipes
+
+    cfg, _ = recipes.load_recipe(path, overrides)
+    if not isinstance(cfg, TuneConfig):
+        raise TunelabError(f"{path} is a '{cfg.recipe}' recipe; tunelab tune needs 'recipe: tune'")
+    return cfg
 
 
 def format_report(r: dict) -> str:

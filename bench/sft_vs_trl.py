@@ -22,12 +22,16 @@ Configurations:
   tunelab-pf         ... with train.padding_free=true
   tunelab-nogc       ... with train.gradient_checkpointing=false
   tunelab-gc         ... with train.gradient_checkpointing=true (every layer)
+  tunelab-ckpt3      ... checkpointing every 3rd decoder layer instead of every 2nd (the CPU bf16 default)
   tunelab-fp32       ... with train.precision=fp32
   trl-defaults       TRL SFTConfig defaults (bf16 autocast, gradient checkpointing)
   trl-nogc           ... without gradient checkpointing
+  trl-grouped        ... with length-grouped batches (train_sampling_strategy="group_by_length", as tunelab)
+  trl-nogc-grouped   ... length-grouped, without gradient checkpointing
   trl-pf             ... padding_free=True (one unpadded row per batch)
   trl-pf-nogc        ... padding_free=True without gradient checkpointing
   trl-packing        ... packing=True (best-fit-decreasing rows of max_length, padding-free)
+  trl-packing-nogc   ... packing=True without gradient checkpointing
   trl-fp32           ... bf16=False, no gradient checkpointing
 Run it alone: a second job on 2 cores slows every side.
 """
@@ -47,8 +51,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "examples" / "sft_lora_support.yaml"
-CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-fp32",
-           "trl-defaults", "trl-nogc", "trl-pf", "trl-pf-nogc", "trl-packing", "trl-fp32")
+CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt3", "tunelab-fp32",
+           "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
+           "trl-packing-nogc", "trl-fp32")
 
 
 def _recipe(model: str, data: str, total_steps: int) -> dict:
@@ -83,6 +88,10 @@ def child_tunelab(a, variant: str, tmp: Path) -> dict:
         raw["train"]["gradient_checkpointing"] = variant == "tunelab-gc"
     elif variant == "tunelab-fp32":
         raw["train"]["precision"] = "fp32"
+    elif variant == "tunelab-ckpt3":
+        from tunelab.train import device
+
+        device.CPU_BF16_CHECKPOINT_EVERY = 3
     cfg = cfglib.validate(SFTConfig, raw)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         s = run(cfg, Workspace.resolve(tmp / "ws"))
@@ -112,14 +121,16 @@ def child_trl(a, variant: str, tmp: Path) -> dict:
     ds = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in chats])
     t = tl.train
     kw = {}
-    pf = variant in ("trl-pf", "trl-pf-nogc", "trl-packing")
-    if variant in ("trl-nogc", "trl-pf-nogc", "trl-fp32"):
+    pf = variant in ("trl-pf", "trl-pf-nogc", "trl-packing", "trl-packing-nogc")
+    if variant in ("trl-nogc", "trl-pf-nogc", "trl-fp32", "trl-nogc-grouped", "trl-packing-nogc"):
         kw["gradient_checkpointing"] = False
+    if variant in ("trl-grouped", "trl-nogc-grouped"):
+        kw["train_sampling_strategy"] = "group_by_length"
     if variant == "trl-fp32":
         kw["bf16"] = False
     if variant in ("trl-pf", "trl-pf-nogc"):
         kw.update(padding_free=True, max_length=None)  # TRL: padding_free without packing cannot truncate
-    if variant == "trl-packing":
+    if variant in ("trl-packing", "trl-packing-nogc"):
         kw["packing"] = True
     args = SFTConfig(
         output_dir=str(tmp / "out"), per_device_train_batch_size=t.batch_size,
@@ -139,7 +150,8 @@ def child_trl(a, variant: str, tmp: Path) -> dict:
     trainer.train()
     return {"rows": _step_rows(metrics, a.warmup),
             "setup": {"precision": "bf16" if args.bf16 else "fp32", "gradient_checkpointing": args.gradient_checkpointing,
-                      "padding_free": pf, "packing": args.packing}}
+                      "padding_free": pf, "packing": args.packing,
+                      "sampling": getattr(args, "train_sampling_strategy", "random")}}
 
 
 def child(a) -> None:

@@ -249,6 +249,31 @@ def tune(
     extra = [f"trials={trials}"] * (trials is not None) + [f"n_jobs={n_jobs}"] * (n_jobs is not None)
     res = run(load(spec, [*set_, *extra]), _ws(workspace), resume=resume)
     typer.echo(format_report(res))
+def serve(
+    model: Optional[str] = typer.Argument(None, help="run id (or prefix, or folder), model folder, adapter folder "
+                                                     "or packaged model name"),
+    demo: bool = typer.Option(False, "--demo", help="serve the newest 'tunelab demo' run's adapter"),
+    name: Optional[str] = typer.Option(None, "--name", help="the model name clients use (default: the run id)"),
+    adapter: list[str] = typer.Option([], "--adapter", help="another adapter on the same base: NAME=RUN_OR_FOLDER "
+                                                            "or RUN (repeatable)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    api_key: list[str] = typer.Option([], "--api-key", envvar="TUNELAB_API_KEY",
+                                      help="require this key as 'Authorization: Bearer KEY' (repeatable)"),
+    max_batch_size: int = typer.Option(8, help="most requests decoded together"),
+    max_queue: int = typer.Option(64, help="requests waiting beyond this get 429 with Retry-After"),
+    max_tokens: int = typer.Option(512, help="most completion tokens a request may ask for"),
+    max_prompt_tokens: int = typer.Option(2048, help="longest prompt accepted, in tokens"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Serve a base model and LoRA adapters behind an OpenAI-compatible API (/v1/chat/completions, ...)."""
+    from tunelab.serve.server import ServeConfig, serve as run_server
+
+    cfg = ServeConfig(model=model, demo=demo, name=name, adapters=adapter, host=host, port=port, api_keys=api_key,
+                      max_batch_size=max_batch_size, max_queue=max_queue, max_tokens=max_tokens,
+                      max_prompt_tokens=max_prompt_tokens, threads=threads)
+    run_server(cfg, _ws(workspace))
 
 
 @data_app.command("prepare")

@@ -270,13 +270,80 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
                      position_ids=inputs.get("position_ids"), use_cache=False).last_hidden_state
         shift = labels[:, 1:]
         sel = shift != IGNORE_INDEX
-        logits = head(hidden[:, :-1][sel]).float()
-        nll = F.cross_entropy(logits, shift[sel], reduction="sum")
+        if _frozen_plain_head(head):
+            nll = frozen_head_nll(hidden[:, :-1][sel], head.weight, shift[sel])
+        else:
+            logits = head(hidden[:, :-1][sel]).float()
+            nll = F.cross_entropy(logits, shift[sel], reduction="sum")
         n = int(sel.sum())
     if num_items_in_batch is not None:
         denom = num_items_in_batch.to(nll.device) if hasattr(num_items_in_batch, "to") else num_items_in_batch
         return nll / denom
     return nll / max(n, 1)
+
+
+def _frozen_plain_head(head) -> bool:
+    import torch
+
+    return isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
+
+
+def _frozen_head_nll_fn():
+    import torch
+
+    class FrozenHeadNLL(torch.autograd.Function):
+        """Summed next-token NLL of ``hidden @ weight.T`` for a frozen LM head, chunk by chunk.
+
+        The gradient w.r.t. ``hidden`` is computed in the forward pass, one chunk of logits at a time, so
+        the [tokens x vocab] logits, their log-softmax and its gradient never exist whole (the idea of
+        fused linear cross-entropy kernels, e.g. Liger-Kernel). Same arithmetic as ``head(h).float()`` +
+        ``F.cross_entropy(reduction="sum")`` under autocast: the matmuls in the autocast dtype, softmax in
+        fp32, d(nll)/d(logits) = softmax - onehot rounded to the matmul dtype for the input gradient.
+        """
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk: int):
+            dev = hidden.device.type
+            mm = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+            need_grad = ctx.needs_input_grad[0]
+            with torch.autocast(dev, enabled=False):
+                w = weight.to(mm)
+                total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+                grad = torch.empty_like(hidden) if need_grad else None
+                for i in range(0, hidden.shape[0], chunk):
+                    h = hidden[i:i + chunk].to(mm)
+                    t = targets[i:i + chunk]
+                    logits = (h @ w.t()).float()
+                    lse = torch.logsumexp(logits, dim=-1)
+                    total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+                    if need_grad:
+                        probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                        probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                        grad[i:i + chunk] = (probs.to(mm) @ w).to(hidden.dtype)
+            if need_grad:
+                ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, g):
+            (grad,) = ctx.saved_tensors
+            return grad * g.to(grad.dtype), None, None, None
+
+    return FrozenHeadNLL
+
+
+_FROZEN_HEAD_NLL = None
+
+
+def frozen_head_nll(hidden, weight, targets, chunk: int = 512):
+    """Summed NLL of ``targets`` under logits ``hidden @ weight.T`` for a frozen (no-grad) head weight,
+    without materializing all logits: peak memory one ``chunk x vocab`` block instead of ``tokens x vocab``."""
+    global _FROZEN_HEAD_NLL
+    if _FROZEN_HEAD_NLL is None:
+        _FROZEN_HEAD_NLL = _frozen_head_nll_fn()
+    if weight.requires_grad:
+        raise ValueError("frozen_head_nll needs a frozen head weight (requires_grad=False)")
+    return _FROZEN_HEAD_NLL.apply(hidden, weight, targets, chunk)
 
 
 # ----------------------------------------------------------------------------- packing (pretraining, CPT)

@@ -201,6 +201,11 @@ def _trainer_class():
             self._acc = {"train": [0.0, 0.0, 0], "eval": [0.0, 0.0, 0]}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # the losses call decoder and LM head directly, past accelerate's autocast on model.forward
+            with self.accelerator.autocast():
+                return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             acc = self._acc["train" if model.training else "eval"]
             if self.teacher is not None:
                 loss, kd, ce, n = distill_loss(model, self.teacher, inputs, num_items_in_batch=num_items_in_batch,

@@ -117,7 +117,10 @@ def _trainer_class():
         """transformers' Trainer with one override: the loss computes logits on response tokens only."""
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss = response_only_loss(model, inputs, num_items_in_batch)
+            # response_only_loss calls the decoder and the LM head directly, past the autocast wrapper that
+            # accelerate puts on model.forward: enter mixed precision here (a no-op under fp32)
+            with self.accelerator.autocast():
+                loss = response_only_loss(model, inputs, num_items_in_batch)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices \
                     and self.accelerator.num_processes > 1:
                 # num_items_in_batch counts the label tokens of all ranks and DDP averages gradients
@@ -187,6 +190,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
     from tunelab.models import resolve
     from tunelab.train import callbacks as cb
     from tunelab.train._numerics import PadCollator, PaddingFreeCollator, ensure_chat_template, tokenize_all_chats
+    from tunelab.train._cpu_speed import FrozenBf16, checkpointed_eager_attention, cpu_bf16_training, \
+        use_fast_lora_dropout
     from tunelab.train.device import checkpoint_every, padding_free, plan
 
     transformers.logging.set_verbosity_error()
@@ -202,6 +207,7 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
     elif main:
         catalog.update_run(run_id, status="running")
 
+    frozen = None
     try:
         # 1. tokenizer, with a chat template (the model's own, or tunelab's plain one)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -236,13 +242,19 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
         transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
         for s in ignored_sections(cfg):
             print(f"note: method {cfg.method} does not read the '{s}:' section")
+        # CPU under bf16 autocast: eager attention, fast LoRA dropout masks, frozen base in bf16 (each
+        # measured; tunelab/train/_cpu_speed.py). Off elsewhere and for the methods not measured.
+        cpu_fast = cpu_bf16_training(dplan) and cfg.method in ("lora", "rslora", "dora")
+        attn = {"attn_implementation": checkpointed_eager_attention()} if cpu_fast else {}
         if cfg.method == "full":
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         else:
             adapter_cfg = peft_section(cfg)
-            model = AutoModelForCausalLM.from_pretrained(model_path, **{"dtype": torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(model_path, **{"dtype": torch.float32, **attn,
                                                                         **load_kwargs(adapter_cfg)})
             model = apply_peft(model, adapter_cfg, "CAUSAL_LM", tokenizer_path=str(model_path))
+        n_fast_dropout = use_fast_lora_dropout(model) if dplan.device == "cpu" and cfg.method != "full" else 0
+        frozen = FrozenBf16(model, run_dir) if cpu_fast and cfg.method in ("lora", "rslora") else None
         params = adapter_report(model)
         trainable, total = params["trainable_params"], params["total_params"]
         # prompt-family methods prepend virtual tokens per row: only padded batches (checked in SFTConfig)
@@ -318,10 +330,16 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
         elif main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         ckpt = {0: "off", 1: "every layer"}.get(ckpt_every, f"every {ckpt_every} layers")
+        speedups = [name for name, on in (("checkpointed eager attention", cpu_fast), ("fast LoRA dropout", n_fast_dropout > 0),
+                                          ("frozen base in bf16", frozen is not None)) if on]
+        if speedups:
+            print(f"cpu speed-ups: {', '.join(speedups)}")
         print(f"device: {dplan.why}; gradient checkpointing {ckpt}; padding-free batches {'on' if pf else 'off'} "
               f"({pf_why}); {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.2f}%); {total_steps} steps")
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if frozen is not None:
+            frozen.restore()  # the exact fp32 base again, for the probe, evaluation and merges
         if not main:  # the model, probe and summary are rank 0's to write
             return {"run_id": run_id, "status": "worker", "rank": trainer.args.process_index}
 
@@ -366,6 +384,7 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             "gradient_checkpointing": checkpointed,
             "checkpoint_every_n_layers": ckpt_every if checkpointed else 0,
             "padding_free": pf,
+            "cpu_speedups": speedups,
             "device": dplan.__dict__,
             "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
             "data": data_report,
@@ -378,6 +397,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             k: summary[k] for k in ("final_train_loss", "best_eval_loss", "best_step", "steps", "tokens_per_s")})
         return summary
     except BaseException as e:
+        if frozen is not None:
+            frozen.restore()  # removes the temp file of fp32 weights
         if main:
             catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise

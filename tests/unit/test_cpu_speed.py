@@ -1,0 +1,166 @@
+"""The CPU training speed-ups change speed, not what is computed (tunelab/train/_cpu_speed.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def test_fast_dropout_is_inverted_dropout_with_the_right_rate():
+    from tunelab.train._cpu_speed import FastDropout
+
+    d = FastDropout(0.05)
+    x = torch.ones(400_000)
+    torch.manual_seed(3)
+    y = d(x)
+    dropped = float((y == 0).float().mean())
+    # Binomial(400k, 0.05): sd of the rate 3.4e-4, so 0.05 +- 0.002 is ~6 sd
+    assert abs(dropped - 0.05) < 0.002
+    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.95))
+    torch.manual_seed(3)
+    assert torch.equal(d(x), y), "the mask must follow torch's seed"
+    assert not torch.equal(d(x), y), "a new draw each call"
+    d.eval()
+    assert d(x) is x
+
+
+def test_fast_dropout_gradient_is_the_mask():
+    from tunelab.train._cpu_speed import FastDropout
+
+    d = FastDropout(0.3)
+    x = torch.randn(64, 32, requires_grad=True)
+    y = d(x)
+    y.sum().backward()
+    keep = y.detach() != 0
+    assert torch.allclose(x.grad, keep.float() / 0.7)
+
+
+def test_fast_dropout_rejects_bad_p():
+    from tunelab.train._cpu_speed import FastDropout
+
+    with pytest.raises(ValueError):
+        FastDropout(1.0)
+
+
+def _lora_model(tiny_model, dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+    for n, p in model.named_parameters():  # a non-zero adapter, so it takes part in the output
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def test_use_fast_lora_dropout_swaps_every_lora_dropout(tiny_model):
+    from tunelab.train._cpu_speed import FastDropout, use_fast_lora_dropout
+
+    model = _lora_model(tiny_model, 0.1)
+    n = use_fast_lora_dropout(model)
+    assert n > 0
+    left = [d for m in model.modules() if isinstance(getattr(m, "lora_dropout", None), torch.nn.ModuleDict)
+            for d in m.lora_dropout.values() if isinstance(d, torch.nn.Dropout)]
+    assert not left
+    assert sum(isinstance(m, FastDropout) for m in model.modules()) == n
+    assert use_fast_lora_dropout(_lora_model(tiny_model, 0.0)) == 0  # p = 0: nothing to swap
+
+
+def test_frozen_bf16_same_autocast_logits_and_exact_restore(tiny_model, tmp_path):
+    from tunelab.train._cpu_speed import FrozenBf16
+
+    model = _lora_model(tiny_model, 0.0).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(input_ids=ids).logits.float()
+    frozen = FrozenBf16(model, tmp_path)
+    assert frozen.count > 0 and frozen.path.exists()
+    cast = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+    assert cast and all("base_layer" in n for n in cast)
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = model(input_ids=ids).logits.float()
+    # autocast casts an fp32 weight to the same bf16 values the stored weight has: same matmuls
+    torch.testing.assert_close(fast, ref, atol=0, rtol=0)
+    frozen.restore()
+    assert not frozen.path.exists()
+    for n, p in model.named_parameters():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+    frozen.restore()  # twice is harmless
+
+
+def test_fast_dropout_under_autocast_emits_what_autocast_would_compute():
+    from tunelab.train._cpu_speed import FastDropout
+
+    d = FastDropout(0.2)
+    x = torch.randn(32, 48, requires_grad=True)
+    w = torch.randn(16, 48, requires_grad=True)
+    torch.manual_seed(5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = d(x)
+        out = y @ w.t()
+    assert y.dtype == torch.bfloat16
+    keep = (y.detach() != 0).float()
+    # reference: fp32 dropout with the same mask, then autocast's own cast inside the matmul
+    x2 = x.detach().clone().requires_grad_(True)
+    w2 = w.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = (x2 * keep / 0.8) @ w2.t()
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    g = torch.randn_like(out.float())
+    out.float().backward(g)
+    ref.float().backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, atol=0, rtol=0)
+    torch.testing.assert_close(w.grad, w2.grad, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_frozen_head_nll_equals_linear_plus_cross_entropy(autocast):
+    import torch.nn.functional as F
+
+    from tunelab.train._numerics import frozen_head_nll
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)
+    h1 = torch.randn(70, 24, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    t = torch.randint(0, 300, (70,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref = F.cross_entropy(head(h1).float(), t, reduction="sum")
+        got = frozen_head_nll(h2, head.weight, t, chunk=16)  # several chunks and a short last one
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+    (ref / 7).backward()
+    (got / 7).backward()
+    tol = dict(rtol=2e-2, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h2.grad, h1.grad, **tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        torch.testing.assert_close(frozen_head_nll(h2, head.weight, t), ref.detach(), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError):
+        frozen_head_nll(h2, torch.nn.Parameter(head.weight.clone()), t)
+
+
+def test_checkpointed_eager_attention_matches_eager(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train._cpu_speed import checkpointed_eager_attention
+
+    name = checkpointed_eager_attention()
+    assert checkpointed_eager_attention() == name  # registering twice is harmless
+    ids = torch.randint(3, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding in one row
+    out = {}
+    for impl in ("eager", name):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl, dtype=torch.float32)
+        loss = m(input_ids=ids, attention_mask=mask, labels=ids).loss
+        loss.backward()
+        out[impl] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    torch.testing.assert_close(out[name][0], out["eager"][0], atol=0, rtol=0)
+    for g1, g2 in zip(out[name][1], out["eager"][1]):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)

@@ -59,12 +59,26 @@ def train(
     recipe: Optional[Path] = typer.Argument(None, help="recipe YAML (recipe: sft, model:, data:, ...)"),
     set_: list[str] = typer.Option([], "--set", help="override a field: --set train.learning_rate=1e-4"),
     resume: Optional[str] = typer.Option(None, "--resume", help="continue run RUN_ID from its last checkpoint"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes via torchrun; train.batch_size "
+                                                         "is the global batch"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
     """Train a model from a recipe; prints a summary and the run id."""
+    import os
+
     from tunelab import recipes
 
     ws = _ws(workspace)
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        import json
+
+        from tunelab.train.distributed import launch
+
+        if recipe is None or resume:
+            raise TunelabError("--nproc needs a recipe file (resume a distributed run with torchrun, docs/distributed.md)")
+        run_id = launch(recipe, set_, ws.root, nproc)
+        _print_summary(json.loads((ws.run_dir(run_id) / "summary.json").read_text()))
+        return
     if resume:
         import yaml
 
@@ -77,7 +91,8 @@ def train(
             raise TunelabError("give a recipe file, or --resume RUN_ID")
         cfg, fn = recipes.load_recipe(recipe, set_)
         summary = fn(cfg, ws)
-    _print_summary(summary)
+    if summary.get("status") != "worker":  # rank 0 (or a single process) prints
+        _print_summary(summary)
 
 
 @app.command()
@@ -179,6 +194,93 @@ def demo(
 
 @app.command()
 @guarded
+def advise(
+    answers: Optional[Path] = typer.Argument(None, help="answers YAML (fields: tunelab/advise/advisor.py Answers); "
+                                                        "without it the questions are asked"),
+    set_: list[str] = typer.Option([], "--set", help="override an answer: --set labeled_examples=2000"),
+    json_: bool = typer.Option(False, "--json", help="print the result as JSON"),
+):
+    """Recommend prompting, RAG, fine-tuning (PEFT or full), continued pre-training, distillation and/or RLHF."""
+    from tunelab import config as cfglib
+    from tunelab.advise.advisor import Answers, advise as run_advise, ask, format_advice
+
+    a = cfglib.load(Answers, answers, set_) if answers or set_ else ask(typer.prompt)
+    res = run_advise(a)
+    typer.echo(_json(res) if json_ else format_advice(res))
+
+
+@app.command()
+@guarded
+def estimate(
+    model: str = typer.Option(..., "--model", help="preset name (e.g. llama-3.1-8b), HF folder, or pulled model"),
+    method: str = typer.Option("lora", help="full | lora | qlora"),
+    batch_size: int = typer.Option(8, "--batch-size", help="sequences per device per micro-batch"),
+    seq_len: int = typer.Option(512, "--seq-len"),
+    loss_share: float = typer.Option(1.0, "--loss-share", help="share of tokens with a loss (SFT: responses)"),
+    precision: str = typer.Option("bf16", help="fp32 | bf16 | fp16 compute"),
+    weights_dtype: str = typer.Option("fp32", "--weights-dtype", help="load dtype of the weights"),
+    checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="gradient checkpointing: 0 off, k every k-th"),
+    optimizer: str = typer.Option("adamw", help="adamw | adamw_8bit | sgd"),
+    attention: str = typer.Option("sdpa", help="sdpa | eager"),
+    lora_r: int = typer.Option(8, "--lora-r"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    tokens: Optional[float] = typer.Option(None, help="training tokens (dataset tokens x epochs)"),
+    device: Optional[str] = typer.Option(None, help="t4 | a10 | l4 | a100-40gb | a100-80gb | h100-pcie | h100-sxm | "
+                                                    "h200 | cpu"),
+    num_devices: int = typer.Option(1, "--num-devices"),
+    mfu: float = typer.Option(0.4, help="model FLOP utilization assumed"),
+    price: Optional[float] = typer.Option(None, "--price", help="price per device-hour"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="device cpu: time a matmul here for the peak FLOP/s"),
+    json_: bool = typer.Option(False, "--json"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Memory (weights, gradients, optimizer, activations), FLOPs, time and cost of a training job."""
+    from tunelab import config as cfglib
+    from tunelab.advise.estimate import EstimateConfig, estimate as run_estimate, format_estimate, measure_cpu_flops
+
+    flops = measure_cpu_flops(precision) if calibrate else None
+    cfg = cfglib.load(EstimateConfig, data=dict(
+        model=model, method=method, batch_size=batch_size, seq_len=seq_len, loss_share=loss_share,
+        precision=precision, weights_dtype=weights_dtype, checkpoint_every=checkpoint_every, optimizer=optimizer,
+        attention=attention, lora_r=lora_r, lora_dropout=lora_dropout, tokens=tokens, device=device,
+        num_devices=num_devices, mfu=mfu, device_flops=flops, price_per_hour=price))
+    res = run_estimate(cfg, _ws(workspace) if workspace else None)
+    typer.echo(_json(res) if json_ else format_estimate(res))
+
+
+@app.command()
+@guarded
+def scaling(
+    flops: Optional[float] = typer.Option(None, help="compute budget in FLOPs: compute-optimal N and D"),
+    params: Optional[float] = typer.Option(None, help="model parameters N: tokens, FLOPs and predicted loss"),
+    tokens: Optional[float] = typer.Option(None, help="training tokens D for --params (default 20·N)"),
+    json_: bool = typer.Option(False, "--json"),
+):
+    """Chinchilla scaling: compute-optimal size for a FLOP budget, or the loss predicted for N and D."""
+    from tunelab.advise.estimate import chinchilla, format_scaling
+
+    if flops is None and params is None:
+        raise TunelabError("give --flops BUDGET or --params N")
+    res = chinchilla(flops=flops, params=params, tokens=tokens)
+    typer.echo(_json(res) if json_ else format_scaling(res))
+
+
+@app.command()
+@guarded
+def tune(
+    spec: Path = typer.Argument(..., help="tune YAML (name:, base: SFT recipe, space:, trials:)"),
+    set_: list[str] = typer.Option([], "--set", help="override a field of the tune file: --set trials=20"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="finished trials wanted in the study"),
+    n_jobs: Optional[int] = typer.Option(None, "--n-jobs", help="parallel trial processes"),
+    resume: bool = typer.Option(False, "--resume", help="continue the stored study"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Hyperparameter search (Optuna TPE, median pruning on validation loss, SQLite study) over an SFT recipe."""
+    from tunelab.train.tune import format_report, load, run
+
+    extra = [f"trials={trials}"] * (trials is not None) + [f"n_jobs={n_jobs}"] * (n_jobs is not None)
+    res = run(load(spec, [*set_, *extra]), _ws(workspace), resume=resume)
+    typer.echo(format_report(res))
 def serve(
     model: Optional[str] = typer.Argument(None, help="run id (or prefix, or folder), model folder, adapter folder "
                                                      "or packaged model name"),
@@ -360,6 +462,12 @@ def _print_manifest(m: dict) -> None:
         t.add_row("PII found", ", ".join(f"{k} {v}" for k, v in sorted(m["pii"]["by_type"].items())))
     _console().print(t)
     _console().print(f"written: {m.get('path', '')}")
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=str)
 
 
 def _console():

@@ -19,6 +19,8 @@ RECIPES: dict[str, str] = {
     "rlhf": "tunelab.train.rlhf:RLHFConfig:run",
     "pipeline": "tunelab.train.pipeline:PipelineConfig:run",
     "suite": "tunelab.eval.suites:SuiteConfig:run",
+    "tune": "tunelab.train.tune:TuneConfig:run",
+    "advise": "tunelab.advise.advisor:Answers:advise",
 }
 
 
@@ -39,6 +41,6 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None):
     if not name:
         raise ConfigError([f"recipe: missing; say which recipe this is ({', '.join(sorted(RECIPES))})"], str(path))
     cls, fn = get(str(name))
-    if name == "pipeline" and "base_dir" not in raw:  # stage files may be written relative to the pipeline file
+    if name in ("pipeline", "tune") and "base_dir" not in raw:  # files named relative to this file
         raw["base_dir"] = str(Path(path).resolve().parent)
     return cfglib.validate(cls, raw, str(path)), fn

@@ -48,6 +48,11 @@ class Workspace:
 
     def new_run_dir(self, kind: str, name: str | None = None) -> tuple[str, Path]:
         """A fresh, unique run id and its directory: ``<kind>-<name>-YYYYmmdd-HHMMSS-xxxx``."""
+        fixed = os.environ.get("TUNELAB_RUN_ID")  # a distributed run: the launcher made the id (train/distributed.py)
+        if fixed and fixed.startswith(f"{kind}-"):
+            d = self.runs_dir / fixed
+            d.mkdir(parents=True, exist_ok=True)
+            return fixed, d
         stamp = time.strftime("%Y%m%d-%H%M%S")
         slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in (name or "")).strip("-")[:40]
         run_id = "-".join(p for p in (kind, slug, stamp, secrets.token_hex(2)) if p)

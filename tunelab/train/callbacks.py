@@ -31,6 +31,8 @@ class MetricsJsonl(TrainerCallback):
                       "tokens_per_s": round(tokens / dt, 2) if dt > 0 else None}
 
     def on_log(self, args, state, control, logs=None, **kw):
+        if not state.is_world_process_zero:  # a distributed run: one writer (logs are already all-reduced)
+            return
         logs = dict(logs or {})
         row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4), "time": round(time.time(), 3)}
         if "eval_loss" in logs:

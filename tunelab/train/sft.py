@@ -121,6 +121,11 @@ def _trainer_class():
             # accelerate puts on model.forward: enter mixed precision here (a no-op under fp32)
             with self.accelerator.autocast():
                 loss = response_only_loss(model, inputs, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices \
+                    and self.accelerator.num_processes > 1:
+                # num_items_in_batch counts the label tokens of all ranks and DDP averages gradients
+                # over ranks: scale back by the rank count, as Trainer.compute_loss does
+                loss = loss * self.accelerator.num_processes
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return SFTTrainer
@@ -141,13 +146,20 @@ def write_probe(model, input_ids: list[int], path: Path) -> None:
 
 
 def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None = None,
-        parent_id: str | None = None) -> dict:
-    """Train; return the summary (also written to ``summary.json``)."""
+        parent_id: str | None = None, callbacks: list | None = None) -> dict:
+    """Train; return the summary (also written to ``summary.json``).
+
+    ``callbacks``: extra transformers TrainerCallbacks (the hyperparameter search's pruning hook).
+    """
     from tunelab.train.peft import apply_peft, adapter_report, check_requirements, ignored_sections, load_kwargs, \
         peft_section
 
+    from tunelab.train.distributed import is_main, world_size
+
+    extra_callbacks = callbacks
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
+    main = is_main()  # under --nproc only rank 0 writes files and the catalog (tunelab/train/distributed.py)
 
     if not resume:
         if cfg.method != "full":
@@ -165,7 +177,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             check_requirements(peft_section(cfg))
     else:
         run_id, run_dir = ws.new_run_dir("sft", cfg.name)
-        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+        if main:
+            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
     started = time.time()
 
     import torch
@@ -185,12 +198,13 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
     model_path = resolve(cfg.model.name, ws)
     lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": cfg.model.name,
                "base_model_path": str(model_path), **dataset_lineage(cfg.data)}
-    write_json(run_dir / "lineage.json", lineage)
-    write_json(run_dir / "environment.json", capture())
-    if not resume:
+    if main:
+        write_json(run_dir / "lineage.json", lineage)
+        write_json(run_dir / "environment.json", capture())
+    if main and not resume:
         catalog.add_run(id=run_id, kind="sft", dir=run_dir, name=cfg.name, parent_id=parent_id,
                         base_model=cfg.model.name, dataset_id=lineage["dataset_id"], config=cfg.model_dump(mode="json"))
-    else:
+    elif main:
         catalog.update_run(run_id, status="running")
 
     frozen = None
@@ -211,8 +225,9 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
                       "training without validation or early stopping")
         else:
             val_chats = []
-        with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        if main:
+            with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rejects)
         train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
         val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length)
         if not train_feats:
@@ -293,6 +308,7 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
         )
         _SFTTrainer = _trainer_class()
         callbacks = [cb.MetricsJsonl(run_dir / "metrics.jsonl"), cb.Progress(f"sft {run_id}")]
+        callbacks = [*callbacks, *(extra_callbacks or [])]
         if has_val and cfg.train.early_stopping_patience:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
         trainer = _SFTTrainer(model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
@@ -306,11 +322,12 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             resume_from = last_checkpoint(ckpt_dir)
             if resume_from is None:
                 print("no complete checkpoint yet: starting this run from the beginning")
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            else:
+                if main:
+                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            elif main:
                 cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
                 print(f"resuming from {resume_from.name}")
-        else:
+        elif main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         ckpt = {0: "off", 1: "every layer"}.get(ckpt_every, f"every {ckpt_every} layers")
         speedups = [name for name, on in (("checkpointed eager attention", cpu_fast), ("fast LoRA dropout", n_fast_dropout > 0),
@@ -323,6 +340,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         if frozen is not None:
             frozen.restore()  # the exact fp32 base again, for the probe, evaluation and merges
+        if not main:  # the model, probe and summary are rank 0's to write
+            return {"run_id": run_id, "status": "worker", "rank": trainer.args.process_index}
 
         # 5. save the best weights (load_best_model_at_end restored them) with the tokenizer
         out_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
@@ -370,6 +389,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
             "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
             "data": data_report,
             "wall_time_s": round(time.time() - started, 2),
+            "world_size": world_size(),
+            "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
         }
         write_json(run_dir / "summary.json", summary)
         catalog.update_run(run_id, status="completed", metrics={
@@ -378,7 +399,8 @@ def run(cfg: SFTConfig, workspace: Workspace | None = None, resume: str | None =
     except BaseException as e:
         if frozen is not None:
             frozen.restore()  # removes the temp file of fp32 weights
-        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        if main:
+            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
 
 

@@ -1,0 +1,1 @@
+"""Decide and size a job before running it: the decision advisor and the memory/compute/cost estimator."""

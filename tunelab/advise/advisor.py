@@ -1,0 +1,216 @@
+"""Which way to customize a model: prompt engineering, RAG, fine-tuning (PEFT or full),
+continued pre-training, distillation, RLHF/DPO — from a few answers about the job.
+
+    tunelab advise                      # asks the questions
+    tunelab advise answers.yaml         # or reads them (examples/advise_support_bot.yaml)
+
+A rule table (RULES) maps answers to recommendations, each with its reason and trade-off
+(docs/advise.md prints the table). Rules are independent: a scenario may get several
+recommendations (e.g. RAG for fresh facts *and* LoRA for the answer style). The result ends
+with a ``tunelab estimate`` command for the training it recommends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal, get_args, get_origin
+
+from pydantic import Field
+
+from tunelab.config import Strict
+
+
+class Answers(Strict):
+    """What the advisor asks. Every field has a neutral default, so a YAML file may give only what it knows."""
+
+    recipe: Literal["advise"] = "advise"
+    goal: str = Field("", description="one line: what the model should do better")
+    knowledge_changes: bool = Field(False, description="does the model need facts that change or are added often "
+                                                       "(documents, prices, tickets)?")
+    needs_citations: bool = Field(False, description="must answers cite their sources?")
+    labeled_examples: int = Field(0, ge=0, description="input → desired output examples available")
+    behaviour_change: Literal["none", "format", "style", "task"] = Field(
+        "none", description="what the examples teach: none, an output format, a tone/style, or a new task")
+    unlabeled_domain_tokens: float = Field(0, ge=0, description="tokens of raw in-domain text (no labels)")
+    domain_shift: Literal["low", "medium", "high"] = Field(
+        "low", description="how far the domain's language is from general web text (law, medicine, code: high)")
+    preference_pairs: int = Field(0, ge=0, description="(prompt, better answer, worse answer) comparisons")
+    deploy: Literal["cloud", "on_prem", "edge", "offline"] = "cloud"
+    latency_ms: float | None = Field(None, gt=0, description="latency budget per answer, if tight")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="largest GPU memory available for training")
+    model: str = Field("smollm2-135m", description="base model (preset name or HF folder) for the estimate")
+    model_params_b: float | None = Field(None, gt=0, description="base model size in billions, if not a preset")
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str  # the recommendation
+    when: Callable[[Answers], bool]
+    reason: str
+    tradeoff: str
+    condition: str  # the rule in words, for docs and output
+
+
+def _ft_examples(a: Answers) -> bool:
+    return a.labeled_examples >= 100 and a.behaviour_change != "none"
+
+
+def _limited_compute(a: Answers, model_gb: float | None) -> bool:
+    """Full fine-tuning needs ~16 bytes a parameter (weights, gradients, AdamW states) before activations."""
+    return a.gpu_memory_gb is not None and model_gb is not None and 16 * model_gb > 0.9 * a.gpu_memory_gb
+
+
+RULES: list[Rule] = [
+    Rule("prompt_engineering", lambda a: a.labeled_examples < 100 and a.preference_pairs < 500,
+         "with fewer than ~100 examples, instructions and a few in-context examples are the cheapest baseline; "
+         "measure it before training anything",
+         "no training cost, but prompts are brittle, spend context on every call, and cannot teach much new",
+         "labeled_examples < 100 and preference_pairs < 500"),
+    Rule("rag", lambda a: a.knowledge_changes or a.needs_citations,
+         "facts that change or must be cited belong in a retrieval index: updating an index is instant, "
+         "re-training is not, and retrieved passages can be shown as sources",
+         "a retriever and an index to run; answers are only as good as retrieval; more tokens per call",
+         "knowledge_changes or needs_citations"),
+    Rule("fine_tuning", _ft_examples,
+         "labeled input → output examples teach a format, style or task that prompting does not hold reliably",
+         "needs clean labeled data and an evaluation set; knowledge learned this way goes stale",
+         "labeled_examples >= 100 and behaviour_change != none"),
+    Rule("continued_pretraining",
+         lambda a: a.unlabeled_domain_tokens >= 10e6 and a.domain_shift in ("medium", "high"),
+         "much raw domain text and a domain whose language differs from web text: next-token training on it "
+         "adapts the vocabulary and style before any instruction tuning",
+         "compute ~ 6·N·D over the whole corpus; risk of forgetting general skills (mix in general text)",
+         "unlabeled_domain_tokens >= 1e7 and domain_shift in (medium, high)"),
+    Rule("distillation", lambda a: a.deploy in ("edge", "offline") or (a.latency_ms is not None and a.latency_ms < 200),
+         "a small student trained on a large teacher's outputs runs on the device or within the latency budget",
+         "needs a good teacher and a training set of prompts; the student keeps only part of the teacher's quality",
+         "deploy in (edge, offline) or latency_ms < 200"),
+    Rule("rlhf_dpo", lambda a: a.preference_pairs >= 500,
+         "comparisons of better and worse answers teach preferences (helpfulness, tone, safety) that single "
+         "references do not; DPO trains on them directly, RLHF through a reward model",
+         "collecting comparisons is costly; usually after SFT; DPO is simpler and steadier than PPO/GRPO",
+         "preference_pairs >= 500"),
+]
+
+
+def model_gb(a: Answers) -> float | None:
+    """Base model size in billions of parameters (preset shape or the given number)."""
+    if a.model_params_b:
+        return a.model_params_b
+    from tunelab.advise.estimate import model_shape, param_counts
+    from tunelab.errors import TunelabError
+
+    try:
+        return param_counts(model_shape(a.model))["total"] / 1e9
+    except TunelabError:
+        return None
+
+
+def advise(a: Answers, workspace=None) -> dict:
+    """Recommendations (in the order of RULES) with reasons, trade-offs and the training estimate command."""
+    recs = [{"recommendation": r.name, "reason": r.reason, "tradeoff": r.tradeoff, "rule": r.condition}
+            for r in RULES if r.when(a)]
+    size_b = model_gb(a)
+    trains = [r["recommendation"] for r in recs if r["recommendation"] in ("fine_tuning", "continued_pretraining",
+                                                                            "distillation", "rlhf_dpo")]
+    method = None
+    if trains:
+        limited = _limited_compute(a, size_b) or a.gpu_memory_gb is None and (size_b or 0) > 1
+        if limited:
+            # LoRA keeps the 16-bit base (2 bytes/param) plus ~1 byte/param of activations at a modest batch
+            # with checkpointing; QLoRA's 4-bit base needs ~0.5 + 1
+            method = "qlora" if a.gpu_memory_gb is not None and 3 * (size_b or 0) > 0.9 * a.gpu_memory_gb else "lora"
+            reason = (f"full fine-tuning of a {size_b:.3g}B model needs ~{16 * size_b:.0f} GB before activations "
+                      f"(weights, gradients, AdamW states)"
+                      + (f", more than {a.gpu_memory_gb:g} GB" if a.gpu_memory_gb else "")
+                      + ("; 4-bit base weights (QLoRA) make it fit" if method == "qlora" else
+                         "; LoRA trains <1% of the weights"))
+            recs.append({"recommendation": f"peft_{method}", "reason": reason,
+                         "tradeoff": "slightly below full fine-tuning on large shifts; adapters are small and swappable",
+                         "rule": "training recommended and 16 bytes/param exceeds the GPU memory (or no GPU given for "
+                                 "a model over 1B)"})
+        else:
+            method = "full" if size_b is not None and a.gpu_memory_gb is not None else "lora"
+            if method == "full":
+                recs.append({"recommendation": "full_fine_tuning",
+                             "reason": f"a {size_b:.3g}B model fits {a.gpu_memory_gb:g} GB with all weights trained",
+                             "tradeoff": "a full copy of the model per task; more forgetting than PEFT",
+                             "rule": "training recommended and 16 bytes/param fits the GPU memory"})
+    out = {"answers": a.model_dump(mode="json"), "recommendations": recs, "model_params_b": size_b}
+    if method:
+        tokens = max(a.labeled_examples * 300, a.unlabeled_domain_tokens if "continued_pretraining" in trains else 0)
+        device = _device_for(a.gpu_memory_gb)
+        big = (size_b or 0) > 1  # large models: 16-bit base weights and checkpointing, as usual on GPUs
+        wdt = "bf16" if big and method != "full" else "fp32"
+        ck = 1 if big else 0
+        cmd = (f"tunelab estimate --model {a.model} --method {method} --batch-size 8 --seq-len 512"
+               f" --weights-dtype {wdt} --checkpoint-every {ck}"
+               + (f" --tokens {tokens:.3g}" if tokens else "") + f" --device {device}")
+        out["estimate_command"] = cmd
+        out["estimate_method"] = method
+        if size_b is not None or _is_known(a.model):
+            from tunelab.advise.estimate import EstimateConfig, estimate
+
+            try:
+                out["estimate"] = estimate(EstimateConfig(
+                    model=a.model, method=method, tokens=tokens or None, device=device, weights_dtype=wdt,
+                    checkpoint_every=ck))
+            except Exception as e:  # an unknown model: the command is still printed
+                out["estimate_error"] = str(e)
+    return out
+
+
+def _device_for(gpu_memory_gb: float | None) -> str:
+    """The smallest device of the estimator's table with at least the given memory (default A100-80GB)."""
+    from tunelab.advise.estimate import DEVICES
+
+    if gpu_memory_gb is None:
+        return "a100-80gb"
+    fits = [d for d in DEVICES.values() if d.memory_gb and d.memory_gb >= gpu_memory_gb]
+    return min(fits, key=lambda d: (d.memory_gb, d.peak_flops)).name if fits else "h200"
+
+
+def _is_known(model: str) -> bool:
+    from pathlib import Path
+
+    from tunelab.advise.estimate import PRESETS
+
+    return model.lower() in PRESETS or (Path(model) / "config.json").is_file()
+
+
+QUESTIONS = ["goal", "knowledge_changes", "needs_citations", "labeled_examples", "behaviour_change",
+             "unlabeled_domain_tokens", "domain_shift", "preference_pairs", "deploy", "latency_ms", "gpu_memory_gb",
+             "model"]
+
+
+def ask(prompt: Callable[[str, object], object]) -> Answers:
+    """Ask each question through ``prompt(text, default)`` (the CLI passes typer.prompt)."""
+    from tunelab import config as cfglib
+
+    raw: dict = {}
+    for name in QUESTIONS:
+        f = Answers.model_fields[name]
+        default = f.default if f.default is not None else ""
+        choices = get_args(f.annotation) if get_origin(f.annotation) is Literal else ()
+        hint = f" ({'/'.join(choices)})" if choices else ""
+        value = prompt(f"{f.description or name}{hint}", default)
+        if value != "" and value is not None:
+            raw[name] = value
+    return cfglib.validate(Answers, raw, "answers")
+
+
+def format_advice(res: dict) -> str:
+    """Recommendations with reasons and trade-offs, then the estimate."""
+    lines = []
+    for i, r in enumerate(res["recommendations"], 1):
+        lines += [f"{i}. {r['recommendation'].replace('_', ' ')}", f"   why: {r['reason']}",
+                  f"   trade-off: {r['tradeoff']}", f"   rule: {r['rule']}"]
+    if not res["recommendations"]:
+        lines.append("no rule fired: start with prompt engineering and collect examples")
+    if res.get("estimate_command"):
+        lines.append(f"estimate the training: {res['estimate_command']}")
+    if res.get("estimate"):
+        from tunelab.advise.estimate import format_estimate
+
+        lines.append(format_estimate(res["estimate"]))
+    return "\n".join(lines)

@@ -281,6 +281,10 @@ def tune(
     extra = [f"trials={trials}"] * (trials is not None) + [f"n_jobs={n_jobs}"] * (n_jobs is not None)
     res = run(load(spec, [*set_, *extra]), _ws(workspace), resume=resume)
     typer.echo(format_report(res))
+
+
+@app.command()
+@guarded
 def serve(
     model: Optional[str] = typer.Argument(None, help="run id (or prefix, or folder), model folder, adapter folder "
                                                      "or packaged model name"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -164,3 +166,25 @@ def test_checkpointed_eager_attention_matches_eager(tiny_model):
     torch.testing.assert_close(out[name][0], out["eager"][0], atol=0, rtol=0)
     for g1, g2 in zip(out[name][1], out["eager"][1]):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_bf16_releases_the_memory_mapped_weights_file(tiny_model, tmp_path):
+    """transformers loads safetensors weights as views of the mapped file; after the cast no parameter may
+    still view it, or the whole file (the fp32 copy of what was just cast) stays resident while training."""
+    import gc
+
+    from tunelab.train._cpu_speed import FrozenBf16
+
+    def mapped() -> bool:
+        names = {line.split()[-1] for line in open("/proc/self/maps") if len(line.split()) >= 6}
+        return any(n.startswith(str(tiny_model)) and n.endswith(".safetensors") for n in names)
+
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs Linux /proc")
+    model = _lora_model(tiny_model, 0.0)
+    if not mapped():
+        pytest.skip("this transformers build copies the weights at load (nothing mapped to release)")
+    frozen = FrozenBf16(model, tmp_path)
+    gc.collect()
+    assert not mapped(), "a parameter still views the mapped weights file"
+    frozen.restore()

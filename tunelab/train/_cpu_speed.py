@@ -123,6 +123,15 @@ class FrozenBf16:
         save_file({k: p.data.contiguous() for k, p in self._params.items()}, str(self.path))
         for p in self._params.values():
             p.data = p.data.to(torch.bfloat16)
+        # transformers loads safetensors weights as views of the memory-mapped file. Reading the frozen
+        # weights to cast them pulls the whole file into resident memory, and it stays mapped (and
+        # counted) as long as any parameter still views it: copy the parameters left in their dtype
+        # (embeddings, norms: a small share) out of the file so the mapping, and the fp32 copy of the
+        # weights just cast, are released. Measured on a 17.6M model: 67 MiB less resident memory.
+        cast = {id(p) for p in self._params.values()}
+        for p in model.parameters():
+            if id(p) not in cast:
+                p.data = p.data.clone()
         self.count = len(self._params)
 
     def restore(self) -> None:

@@ -148,22 +148,26 @@ def test_misaligned_logits_are_an_error_not_a_shift():
         causal_logits(Odd(), torch.zeros(2, 3, dtype=torch.long))
 
 
-def test_qlora_without_gpu_or_bitsandbytes_is_one_clear_line():
+def test_qlora_without_bitsandbytes_or_cpu_kernels_is_one_clear_line(monkeypatch):
+    import importlib.metadata
     import importlib.util
 
     import torch
 
-    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes"):
-        pytest.skip("this machine can run QLoRA")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     with pytest.raises(TunelabError) as e:
         check_requirements(PeftSection(method="qlora"))
     msg = str(e.value)
-    assert "\n" not in msg and "qlora" in msg
-    if importlib.util.find_spec("bitsandbytes") is None:
-        assert "bitsandbytes" in msg
-    if not torch.cuda.is_available():
-        assert "CUDA" in msg
+    assert "\n" not in msg and "qlora needs the bitsandbytes package" in msg
     check_requirements(PeftSection(method="lora"))  # other methods need nothing extra
+
+    # bitsandbytes present but too old for 4-bit on CPU, on a machine without CUDA
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.45.5")
+    with pytest.raises(TunelabError, match=r"bitsandbytes >= 0\.46 .*installed: 0\.45\.5"):
+        check_requirements(PeftSection(method="qlora"))
 
 
 def test_prompt_tuning_starts_from_init_text(tiny_model):

@@ -22,7 +22,7 @@ The methods, and the paper each comes from:
 - ``rslora``: LoRA scaled by alpha/sqrt(r) instead of alpha/r (Kalajdzievski 2023, arXiv:2312.03732):
   higher ranks keep learning instead of collapsing.
 - ``qlora``: LoRA on a frozen base quantized to 4-bit NF4 (Dettmers et al. 2023, arXiv:2305.14314):
-  ~4x less memory for the base weights; needs bitsandbytes and a CUDA GPU.
+  ~4x less memory for the base weights; needs bitsandbytes (on a CUDA GPU, or its slower CPU kernels).
 - ``prompt_tuning``: learned embeddings of virtual tokens put before the input (Lester et al. 2021,
   arXiv:2104.08691).
 - ``prefix_tuning``: learned keys and values prepended at every layer (Li & Liang 2021, arXiv:2101.00190).
@@ -127,21 +127,26 @@ def check_requirements(section: PeftSection) -> None:
         return
     import torch
 
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU (torch.cuda.is_available() is False)")
     if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package (pip install bitsandbytes)")
-    if missing:
-        raise TunelabError(f"method qlora needs {' and '.join(missing)}; without them use method: lora "
-                           "(the same adapter on an unquantized base)")
+        raise TunelabError("method qlora needs the bitsandbytes package (pip install 'tunelab[qlora]'); without it "
+                           "use method: lora (the same adapter on an unquantized base)")
+    if not torch.cuda.is_available():
+        from importlib.metadata import version
+
+        have = version("bitsandbytes")
+        if tuple(int(x) for x in have.split(".")[:2] if x.isdigit()) < BNB_CPU:
+            raise TunelabError(f"method qlora without a CUDA GPU needs bitsandbytes >= {'.'.join(map(str, BNB_CPU))} "
+                               f"(its CPU 4-bit kernels; installed: {have}); or use method: lora")
+        print("note: qlora on CPU runs bitsandbytes' CPU 4-bit kernels: it saves memory but is several times "
+              "slower than lora here (a GPU is where QLoRA pays off)", flush=True)
 
 
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+BNB_CPU = (0, 46)  # first bitsandbytes with 4-bit on CPU (its multi-backend release)
 
 
 def load_kwargs(section: PeftSection) -> dict:
-    """Extra ``from_pretrained`` arguments the method needs (QLoRA: a 4-bit quantized base on GPU 0)."""
+    """Extra ``from_pretrained`` arguments the method needs (QLoRA: a 4-bit quantized base on GPU 0, else CPU)."""
     if section.method != "qlora":
         return {}
     import torch
@@ -151,7 +156,7 @@ def load_kwargs(section: PeftSection) -> dict:
     return {"quantization_config": BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type=section.qlora.quant_type,
         bnb_4bit_use_double_quant=section.qlora.double_quant, bnb_4bit_compute_dtype=dtype),
-        "dtype": dtype, "device_map": {"": 0}}
+        "dtype": dtype, "device_map": {"": 0 if torch.cuda.is_available() else "cpu"}}
 
 
 def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
@@ -199,8 +204,19 @@ def apply_peft(model, section: PeftSection, task_type: str = "CAUSAL_LM", tokeni
 
         # fp32 norms and an input that requires grad; gradient checkpointing stays the recipe's choice
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _cpu_4bit_inference_guard(model)
     path = tokenizer_path or getattr(model, "name_or_path", None) or None
     return get_peft_model(model, peft_config(section, task_type, path))
+
+
+def _cpu_4bit_inference_guard(model) -> None:
+    """bitsandbytes 0.50 repacks a CPU 4-bit weight for inference (eval mode, no grad) on AVX512-bf16 CPUs, and
+    fails ("shape ... is invalid") when in_features is not a multiple of the 64-weight quantization block
+    (e.g. an MLP of width 1376). Those layers keep the generic 4-bit path, which handles any width."""
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if getattr(m, "support_avx512bf16_for_cpu", False) and qs is not None and m.in_features % qs.blocksize:
+            m.support_avx512bf16_for_cpu = False
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -17,8 +17,9 @@ so it answers in milliseconds without torch. The memory model counts, in bytes:
   to a SwiGLU MLP, grouped-query attention, fp32 RMSNorm and autocast's per-op input casts), with
   gradient checkpointing of every k-th layer; plus the fp32 logits over the loss tokens.
 
-The sum is the peak if every part were alive at once, a slight upper bound: in practice gradients
-grow while activations are freed. Framework overhead (CUDA context ~0.5-1 GB, the Python process)
+LoRA under bf16 on a CPU takes the SFT recipe's speed-ups (frozen base in bf16, checkpointed eager
+attention; ``cpu_speedups``), and a frozen LM head's NLL is computed in chunks; both change the terms
+(docs/advise.md has the table). The sum is the peak if every part were alive at once. Framework overhead (CUDA context ~0.5-1 GB, the Python process)
 is reported apart. The test ``tests/unit/test_estimate_measured.py`` checks the total against peak
 memory measured in real training runs of this project.
 """
@@ -211,6 +212,9 @@ class EstimateConfig(Strict):
     checkpoint_every: int = Field(0, ge=0, description="gradient checkpointing: 0 off, 1 every layer, k every k-th")
     optimizer: Literal["adamw", "adamw_8bit", "sgd"] = "adamw"
     attention: Literal["sdpa", "eager"] = Field("sdpa", description="eager keeps the heads x seq attention matrix")
+    cpu_speedups: bool | None = Field(
+        None, description="tunelab's CPU LoRA path (frozen base in bf16, checkpointed eager attention); "
+                          "default: on for device cpu with bf16 LoRA, as the sft recipe does")
     lora_r: int = Field(8, ge=1)
     lora_targets: list[str] | str = "all-linear"
     lora_dropout: float = Field(0.05, ge=0, lt=1)
@@ -226,6 +230,19 @@ def _bytes(dtype: str) -> int:
     return 4 if dtype == "fp32" else 2
 
 
+def cpu_fast_path(cfg: EstimateConfig) -> bool:
+    """Whether the estimate models the SFT recipe's CPU speed-ups (tunelab/train/_cpu_speed.py)."""
+    if cfg.cpu_speedups is None:
+        return cfg.device == "cpu" and cfg.precision == "bf16" and cfg.method == "lora"
+    if cfg.cpu_speedups and (cfg.method != "lora" or cfg.precision != "bf16"):
+        raise TunelabError("cpu_speedups apply to LoRA under bf16 only (the sft recipe's CPU path)")
+    return cfg.cpu_speedups
+
+
+# The frozen LM head's NLL is computed this many tokens at a time (tunelab/train/_numerics.py)
+HEAD_CHUNK = 512
+
+
 def memory(cfg: EstimateConfig, s: Shape) -> dict:
     """Peak training memory per device by component, in bytes (see the module docstring)."""
     pc = param_counts(s)
@@ -235,6 +252,7 @@ def memory(cfg: EstimateConfig, s: Shape) -> dict:
     a = 2 if half else 4  # bytes of an activation in the matmuls
     tokens = cfg.batch_size * cfg.seq_len
     targets = _targets(cfg.lora_targets) if cfg.method != "full" else []
+    fast = cpu_fast_path(cfg)
 
     # weights
     if cfg.method == "qlora":
@@ -242,6 +260,8 @@ def memory(cfg: EstimateConfig, s: Shape) -> dict:
         # fp32 constant per 256 blocks under double quantization (Dettmers et al. 2023, sec. 3: 0.127 bits/param)
         quant = pc["decoder_linear"]
         weights = quant * (0.5 + 0.127 / 8) + (N - quant) * wb
+    elif fast:  # FrozenBf16: the frozen decoder linears are held in bf16 while training
+        weights = pc["decoder_linear"] * 2 + (N - pc["decoder_linear"]) * wb
     else:
         weights = N * wb
     lora = lora_params(s, cfg.lora_r, targets) if targets else 0
@@ -250,15 +270,14 @@ def memory(cfg: EstimateConfig, s: Shape) -> dict:
 
     # 16-bit copies of the fp32 matmul weights that autograd keeps for the backward pass
     copies = 0
+    head = pc["lm_head"] or pc["embedding"]  # a tied head multiplies by the embedding matrix
     if half and cfg.weights_dtype == "fp32":
-        head = pc["lm_head"] or pc["embedding"]  # a tied head multiplies by the embedding matrix
         if cfg.method == "full":  # trainable leaves: autocast caches their copies for the whole forward
             copies = (pc["decoder_linear"] + head) * 2
-        elif cfg.method == "lora":  # frozen: one copy per op, saved unless the layer is checkpointed
+        elif cfg.method == "lora" and not fast:  # frozen: one copy per op, saved unless the layer is checkpointed
             kept = _layers_plain(s.layers, cfg.checkpoint_every)
-            copies = (pc["per_layer_linear"] * (kept + (1 if kept < s.layers else 0)) + head) * 2
-        else:  # qlora dequantizes per op; only the head is cast
-            copies = head * 2
+            copies = pc["per_layer_linear"] * (kept + (1 if kept < s.layers else 0)) * 2
+        # qlora dequantizes per op, and the frozen head's 16-bit copy lives only inside its NLL (below)
 
     grads = trainable * (wb if cfg.method == "full" else 4)
     optim = trainable * {"adamw": 8, "adamw_8bit": 2, "sgd": 0}[cfg.optimizer]
@@ -268,10 +287,22 @@ def memory(cfg: EstimateConfig, s: Shape) -> dict:
     # a checkpointed layer keeps only its fp32 input; in backward one layer is recomputed at a time
     acts_layers = tokens * (kept * per_layer + (s.layers - kept) * 4 * s.hidden
                             + (per_layer if kept < s.layers else 0))
-    # embedding output and final norm (fp32 residual stream), and the logits over loss tokens:
-    # the fp32 log-softmax output and its gradient, both alive when backward starts
-    acts_edges = tokens * 3 * 4 * s.hidden
-    logits = math.ceil(tokens * cfg.loss_share) * s.vocab * (4 + 4 + (a if half else 0))
+    if fast:
+        # checkpointed eager attention recomputes one layer's heads x seq scores in backward: 16-bit scores,
+        # fp32 softmax and the 16-bit copy the value matmul takes, then fp32 and 16-bit score gradients
+        acts_layers += tokens * s.heads * cfg.seq_len * (2 + 4 + 2 + 4 + 2)
+    loss_tokens = math.ceil(tokens * cfg.loss_share)
+    if cfg.method == "full":
+        # embedding output and final norm (fp32 residual stream), and the logits over loss tokens:
+        # the fp32 log-softmax output and its gradient, both alive when backward starts
+        acts_edges = tokens * 3 * 4 * s.hidden
+        logits = loss_tokens * s.vocab * (4 + 4 + (a if half else 0))
+    else:
+        # frozen norms and head: the final norm keeps its fp32 input; the head's NLL is computed chunk by
+        # chunk (frozen_head_nll) and keeps only the fp32 gradient of its input; in passing one chunk of
+        # logits (16-bit matmul output, fp32 copy, 16-bit probabilities) and the head's 16-bit copy
+        acts_edges = tokens * 4 * s.hidden + loss_tokens * 4 * s.hidden
+        logits = min(HEAD_CHUNK, loss_tokens) * s.vocab * ((2 + 4 + 2) if half else 4) + (head * 2 if half else 0)
     total = weights + copies + grads + optim + acts_layers + acts_edges + logits
     return {"params": N, "trainable_params": trainable, "weights": weights, "autocast_weight_copies": copies,
             "gradients": grads, "optimizer_states": optim, "activations": acts_layers + acts_edges,
@@ -298,15 +329,27 @@ def layer_activation_bytes(s: Shape, cfg: EstimateConfig, targets: list[str]) ->
     h, i, kv, q = s.hidden, s.intermediate, s.kv_dim, s.q_dim
     half = cfg.precision != "fp32"
     a = 2 if half else 4
-    norms = 2 * 2 * h * 4  # two RMSNorms: input and normalized, fp32
+    # two RMSNorms: fp32 input, and the normalized output when the norm's weight trains (full)
+    norms = 2 * h * 4 * (2 if cfg.method == "full" else 1)
     # inputs of q,k,v,o,gate,up,down: under autocast q/k/v and gate/up each keep their own 16-bit cast
+    # (with LoRA the frozen base op needs no input for its weight gradient, but lora_A's op casts its own)
     lin_in = (3 * h + q + 2 * h + i) if half else (h + q + h + i)
-    attn = (q + 2 * kv) * a + (s.heads * cfg.seq_len * a if cfg.attention == "eager" else 0)
-    mlp = 3 * i * a  # gate, up, act(gate) outputs (act·up is down_proj's input, counted in lin_in)
+    if cpu_fast_path(cfg):
+        # checkpointed eager attention keeps its inputs for the recomputation: q and k after the fp32
+        # rotary embedding, v in bf16; the heads x seq probabilities are recomputed, not kept
+        attn = 4 * q + 4 * kv + 2 * kv
+    elif cfg.attention == "eager":
+        attn = (q + 2 * kv) * a + s.heads * cfg.seq_len * a
+    else:  # sdpa keeps q, k, v and its output; o_proj's input is that output, except under autocast
+        # with a LoRA o_proj, whose peft forward casts it to the adapter's fp32 and autocast back to 16 bits
+        attn = (q + 2 * kv) * a + (q * a if half and "o_proj" in targets else 0)
+    # gate, up, act(gate) outputs (act·up is down_proj's input, counted in lin_in); bitsandbytes' 4-bit
+    # linear returns its output in its input's dtype, the fp32 of the residual stream, so QLoRA keeps them in fp32
+    mlp = 3 * i * (4 if cfg.method == "qlora" else a)
     extra = 0
     if targets:  # LoRA: dropout output (an input-sized copy) and the r-wide intermediate per adapted linear
         lin = _linears(s)
-        extra = sum((lin[t][0] if cfg.lora_dropout > 0 else 0) * 4 + cfg.lora_r * 4 for t in targets)
+        extra = sum((lin[t][0] if cfg.lora_dropout > 0 else 0) * 4 + cfg.lora_r * a for t in targets)
     return norms + lin_in * a + attn + mlp + extra
 
 

@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compare-prefill", action="store_true",
+                    help="also run the concurrent phase with new requests prefilled together, and compare")
     ap.add_argument("--mix", action="store_true",
                     help="cycle the requests over base, lora1, lora2 (mixed-adapter batches); default: all to lora1")
     a = ap.parse_args()
@@ -109,28 +111,37 @@ def main() -> None:
     alone = [one(j) for j in jobs]
     t_alone = time.perf_counter() - t0
 
-    steps0, rows0 = engine.stats.steps, engine.stats.rows_stepped
-    todo: queue.Queue = queue.Queue()
-    for i, j in enumerate(jobs):
-        todo.put((i, j))
-    together: list = [None] * len(jobs)
+    def concurrent():
+        steps0, rows0 = engine.stats.steps, engine.stats.rows_stepped
+        pre0, prow0 = engine.stats.prefills, engine.stats.rows_prefilled
+        todo: queue.Queue = queue.Queue()
+        for i, j in enumerate(jobs):
+            todo.put((i, j))
+        out: list = [None] * len(jobs)
 
-    def worker():
-        while True:
-            try:
-                i, j = todo.get_nowait()
-            except queue.Empty:
-                return
-            together[i] = one(j)
+        def worker():
+            while True:
+                try:
+                    i, j = todo.get_nowait()
+                except queue.Empty:
+                    return
+                out[i] = one(j)
 
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(a.clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    t_together = time.perf_counter() - t0
-    mean_batch = (engine.stats.rows_stepped - rows0) / max(1, engine.stats.steps - steps0)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=worker) for _ in range(a.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return (out, time.perf_counter() - t0,
+                (engine.stats.rows_stepped - rows0) / max(1, engine.stats.steps - steps0),
+                (engine.stats.rows_prefilled - prow0) / max(1, engine.stats.prefills - pre0))
+
+    together, t_together, mean_batch, mean_prefill = concurrent()
+    if a.compare_prefill:
+        engine.max_prefill_batch = a.clients
+        joint, t_joint, _, mean_joint = concurrent()
+        engine.max_prefill_batch = 1
     srv.should_exit = True
     engine.close()
 
@@ -145,10 +156,18 @@ def main() -> None:
           f"latency p50 {p(lat_alone, 50):.2f} s, p95 {p(lat_alone, 95):.2f} s")
     print(f"{a.clients} concurrent  : {tok_together} tokens in {t_together:.1f} s = "
           f"{tok_together / t_together:.1f} tokens/s; latency p50 {p(lat_together, 50):.2f} s, "
-          f"p95 {p(lat_together, 95):.2f} s; mean batch size {mean_batch:.2f}")
+          f"p95 {p(lat_together, 95):.2f} s; mean batch size {mean_batch:.2f}, mean prefill batch {mean_prefill:.2f}")
     print(f"throughput ratio: {(tok_together / t_together) / (tok_alone / t_alone):.2f}x (target >= 3x)")
     print(f"p95 latency ratio: {p(lat_together, 95) / p(lat_alone, 95):.2f}x (target <= 2.5x)")
     print(f"identical answers batched vs alone: {same}/{len(jobs)}")
+    if a.compare_prefill:
+        tok_joint, lat_joint = sum(x[1] for x in joint), [x[0] for x in joint]
+        print(f"{a.clients} concurrent, prefilled together (mean {mean_joint:.2f} a forward): {tok_joint} tokens in "
+              f"{t_joint:.1f} s = {tok_joint / t_joint:.1f} tokens/s; latency p50 {p(lat_joint, 50):.2f} s, "
+              f"p95 {p(lat_joint, 95):.2f} s")
+        print(f"prefill together vs alone: throughput {(tok_joint / t_joint) / (tok_together / t_together):.2f}x, "
+              f"p95 latency {p(lat_joint, 95) / p(lat_together, 95):.2f}x; identical answers "
+              f"{sum(x[2] == y[2] for x, y in zip(joint, together))}/{len(jobs)}")
 
 
 def free_port() -> int:

@@ -297,6 +297,8 @@ def serve(
     api_key: list[str] = typer.Option([], "--api-key", envvar="TUNELAB_API_KEY",
                                       help="require this key as 'Authorization: Bearer KEY' (repeatable)"),
     max_batch_size: int = typer.Option(8, help="most requests decoded together"),
+    prefill_batch: int = typer.Option(1, min=1, help="new requests prefilled in one padded forward (1: each "
+                                                     "alone; more can pay off on a GPU, not measured there)"),
     max_queue: int = typer.Option(64, help="requests waiting beyond this get 429 with Retry-After"),
     max_tokens: int = typer.Option(512, help="most completion tokens a request may ask for"),
     max_prompt_tokens: int = typer.Option(2048, help="longest prompt accepted, in tokens"),
@@ -307,7 +309,8 @@ def serve(
     from tunelab.serve.server import ServeConfig, serve as run_server
 
     cfg = ServeConfig(model=model, demo=demo, name=name, adapters=adapter, host=host, port=port, api_keys=api_key,
-                      max_batch_size=max_batch_size, max_queue=max_queue, max_tokens=max_tokens,
+                      max_batch_size=max_batch_size, prefill_batch=prefill_batch, max_queue=max_queue,
+                      max_tokens=max_tokens,
                       max_prompt_tokens=max_prompt_tokens, threads=threads)
     run_server(cfg, _ws(workspace))
 

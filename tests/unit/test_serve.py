@@ -94,36 +94,13 @@ def _client(url, key="secret"):
 # ----------------------------------------------------------------------------- the engine
 
 
-def test_batched_greedy_equals_generate_alone(tiny_model, adapters):
-    """Requests for the base and two adapters, of different lengths and budgets, decoded in one
-    batch (joining and leaving at different steps) give exactly the tokens that plain
-    transformers/peft generate gives for each alone."""
+def _generate_alone(tiny_model, adapters, jobs, reqs):
+    """Check each request's tokens against plain transformers/peft ``generate`` for it alone."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.serve.batching import GenRequest
-
-    app, registry, engine = _build(tiny_model, adapters)
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    jobs = [(p, name, budget) for p, budget in zip(PROMPTS, [12, 5, 20, 9])
-            for name in ("tiny", "colors-a", "colors-b")]
-    done = threading.Semaphore(0)
-    reqs = []
-    try:
-        for i, (p, name, budget) in enumerate(jobs):
-            r = GenRequest(prompt_ids=tok(p)["input_ids"], tokenizer=tok, adapter=registry.get(name).adapter,
-                           max_tokens=budget, on_event=lambda k, d: k in ("done", "error") and done.release())
-            reqs.append(r)
-            engine.submit(r)
-            if i == 4:  # later requests join a batch that is already decoding
-                time.sleep(0.05)
-        for _ in jobs:
-            assert done.acquire(timeout=120)
-    finally:
-        engine.close()
-    assert engine.stats.as_dict()["mean_batch_size"] > 1.5, "requests were not batched"
-
     base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     peft = PeftModel.from_pretrained(base, adapters["colors-a"], adapter_name="colors-a")
     peft.load_adapter(str(adapters["colors-b"]), adapter_name="colors-b")
@@ -145,6 +122,57 @@ def test_batched_greedy_equals_generate_alone(tiny_model, adapters):
         assert r.finish_reason == ("length" if len(want) == budget else "stop")
         outs.setdefault(p, set()).add(tuple(r.out_ids))
     assert any(len(v) > 1 for v in outs.values()), "the adapters did not change any output"
+
+
+JOBS = [(p, name, budget) for p, budget in zip(PROMPTS, [12, 5, 20, 9]) for name in ("tiny", "colors-a", "colors-b")]
+
+
+def _submit_all(engine, registry, tok, jobs, hold_lock: bool):
+    from tunelab.serve.batching import GenRequest
+
+    done = threading.Semaphore(0)
+    reqs = []
+    try:
+        if hold_lock:  # the worker waits before its next prefill, so the queued requests are prefilled together
+            engine.lock.acquire()
+        for i, (p, name, budget) in enumerate(jobs):
+            r = GenRequest(prompt_ids=tok(p)["input_ids"], tokenizer=tok, adapter=registry.get(name).adapter,
+                           max_tokens=budget, on_event=lambda k, d: k in ("done", "error") and done.release())
+            reqs.append(r)
+            engine.submit(r)
+            if i == 4 and not hold_lock:  # later requests join a batch that is already decoding
+                time.sleep(0.05)
+        if hold_lock:
+            engine.lock.release()
+        for _ in jobs:
+            assert done.acquire(timeout=120)
+    finally:
+        engine.close()
+    return reqs
+
+
+def test_batched_greedy_equals_generate_alone(tiny_model, adapters):
+    """Requests for the base and two adapters, of different lengths and budgets, decoded in one
+    batch (joining and leaving at different steps) give exactly the tokens that plain
+    transformers/peft generate gives for each alone."""
+    from transformers import AutoTokenizer
+
+    app, registry, engine = _build(tiny_model, adapters)
+    reqs = _submit_all(engine, registry, AutoTokenizer.from_pretrained(tiny_model), JOBS, hold_lock=False)
+    assert engine.stats.as_dict()["mean_batch_size"] > 1.5, "requests were not batched"
+    _generate_alone(tiny_model, adapters, JOBS, reqs)
+
+
+def test_prefill_together_left_padded_equals_generate_alone(tiny_model, adapters):
+    """Queued requests of different prompt lengths and adapters are prefilled in one left-padded forward
+    and still give exactly the tokens of generate alone."""
+    from transformers import AutoTokenizer
+
+    app, registry, engine = _build(tiny_model, adapters, prefill_batch=8)
+    reqs = _submit_all(engine, registry, AutoTokenizer.from_pretrained(tiny_model), JOBS, hold_lock=True)
+    st = engine.stats.as_dict()
+    assert st["rows_prefilled"] == len(JOBS) and st["mean_prefill_batch_size"] >= 2, st
+    _generate_alone(tiny_model, adapters, JOBS, reqs)
 
 
 def test_overload_and_stop_strings(tiny_model, adapters):

@@ -1,8 +1,9 @@
 """Dynamic batching: one worker thread decodes every running request together, one token per step.
 
 Continuous batching (Yu et al., "Orca", OSDI 2022): a request that arrives while others are
-decoding is prefilled on its own and joins the running batch before the next step; a request
-that finishes leaves at once. Short and long requests therefore share a batch without waiting
+decoding is prefilled (alone, or with up to ``prefill_batch`` others in one forward, left-padded
+to the longest prompt) and joins the running batch before the next step; a request that
+finishes leaves at once. Short and long requests therefore share a batch without waiting
 for each other, and a client that streams gets each token as its step ends.
 
 How the rows share one KV cache: every row is left-padded to the batch's cache length. The
@@ -92,11 +93,14 @@ class Stats:
     completion_tokens: int = 0
     steps: int = 0
     rows_stepped: int = 0  # sum of batch sizes over steps
+    prefills: int = 0  # prefill forwards
+    rows_prefilled: int = 0  # requests prefilled, over all prefill forwards
     latency_s_sum: float = 0.0
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
         d["mean_batch_size"] = round(self.rows_stepped / self.steps, 3) if self.steps else 0.0
+        d["mean_prefill_batch_size"] = round(self.rows_prefilled / self.prefills, 3) if self.prefills else 0.0
         d["mean_latency_s"] = round(self.latency_s_sum / self.completed, 4) if self.completed else 0.0
         d.pop("latency_s_sum")
         return d
@@ -106,12 +110,16 @@ class Engine:
     """The batching worker over one causal LM (a plain model or a peft model with LoRA adapters)."""
 
     def __init__(self, model, eos_ids: set[int], *, max_batch_size: int = 8, max_queue: int = 64,
-                 max_positions: int | None = None, lock: threading.RLock | None = None):
+                 max_positions: int | None = None, lock: threading.RLock | None = None, prefill_batch: int = 1):
         import torch
 
         self.model = model
         self.eos_ids = set(eos_ids)
         self.max_batch_size = max_batch_size
+        # requests prefilled in one left-padded forward. 1 (each alone) is the default: on 2 CPU cores, 8 clients
+        # on SmolLM2 got 0.87x the tokens/s with all of them together (bench/serve_batching.py --compare-prefill):
+        # a CPU is compute-bound already at batch 1 of a prompt, and the padding is extra work.
+        self.max_prefill_batch = prefill_batch
         self.max_queue = max_queue
         self.max_positions = max_positions
         self.lock = lock or threading.RLock()
@@ -179,8 +187,9 @@ class Engine:
                         new.append(self._waiting.popleft())
                 try:
                     with self.lock:
-                        for req in new:
-                            self._admit(req)
+                        step = max(1, self.max_prefill_batch)
+                        for i in range(0, len(new), step):
+                            self._admit(new[i:i + step])
                         if self._rows:
                             self._step()
                 except Exception as e:  # a failed step must not take the server down
@@ -217,24 +226,49 @@ class Engine:
             model.set_adapter(name)
         return model(**kw)
 
-    def _admit(self, req: GenRequest) -> None:
-        """Prefill one request alone, sample its first token, and merge its cache into the batch."""
+    def _admit(self, reqs: list[GenRequest]) -> None:
+        """Prefill new requests in one forward (left-padded to the longest prompt, each row with its own
+        positions and adapter), sample each first token, and merge the rows that go on into the batch."""
         torch = self._torch
-        req.started = time.perf_counter()
-        if req.cancelled:
-            return self._finish(req, "cancelled")
-        n = len(req.prompt_ids)
-        ids = torch.tensor([req.prompt_ids], device=self.device)
-        mask = torch.ones_like(ids)
-        out = self._forward(ids, torch.arange(n, device=self.device)[None], mask, None, [req.adapter])
-        row = _Row(req, 0, n)
-        if req.seed is not None or req.temperature > 0:
-            row.generator = torch.Generator(device=self.device)
-            row.generator.manual_seed(req.seed if req.seed is not None else int.from_bytes(_urandom(8), "little"))
-        token = self._sample(out.logits[:, -1, :], [row])[0]
-        if self._accept(row, token):
-            self._merge(out.past_key_values, mask)
-            self._rows.append(row)
+        live = []
+        for req in reqs:
+            req.started = time.perf_counter()
+            if req.cancelled:
+                self._finish(req, "cancelled")
+            else:
+                live.append(req)
+        if not live:
+            return
+        width = max(len(r.prompt_ids) for r in live)
+        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in live], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live],
+                            device=self.device)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts from 0 at its first real token
+        out = self._forward(ids, positions, mask, None, [r.adapter for r in live])
+        self.stats.prefills += 1
+        self.stats.rows_prefilled += len(live)
+        rows = []
+        for req in live:
+            row = _Row(req, 0, len(req.prompt_ids))
+            if req.seed is not None or req.temperature > 0:
+                row.generator = torch.Generator(device=self.device)
+                row.generator.manual_seed(req.seed if req.seed is not None else int.from_bytes(_urandom(8), "little"))
+            rows.append(row)
+        tokens = self._sample(out.logits[:, -1, :], rows)
+        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if self._accept(row, t)]
+        if not keep:
+            return
+        idx = torch.tensor(keep, device=self.device)
+        mask = mask[idx]
+        first = int(mask.any(dim=0).int().argmax())  # drop columns that are padding in every row kept
+        mask = mask[:, first:]
+        pad = ~mask.bool()[:, None, :, None]
+        cache = out.past_key_values
+        for layer in self._layers(cache):  # the batch's invariant: padding columns hold zeros
+            layer.keys = layer.keys[idx, :, first:].masked_fill(pad, 0)
+            layer.values = layer.values[idx, :, first:].masked_fill(pad, 0)
+        self._merge(cache, mask)
+        self._rows.extend(rows[i] for i in keep)
 
     def _step(self) -> None:
         """One decoding step for every running row."""
@@ -334,7 +368,7 @@ class Engine:
         return layers
 
     def _merge(self, cache, mask) -> None:
-        """Join one prefilled row (cache length L) to the batch (length T), left-padding the shorter side."""
+        """Join prefilled rows (cache length L) to the batch (length T), left-padding the shorter side."""
         torch = self._torch
         if self._cache is None:
             self._cache, self._mask = cache, mask

@@ -147,3 +147,29 @@ def test_fewshot_rules(task_folder):
     zero = S.load_task(S.TaskSpec(name="r", lm_eval="colors_random.yaml", num_fewshot=0), task_folder)
     q0 = json.loads((task_folder / "test.jsonl").read_text().splitlines()[0])["q"].strip()
     assert zero.items[0]["prompt"] == f"Pick the colour.\n\nQ: {q0}?\nA:"  # description + process_docs + template
+
+
+def test_shipped_fewshot_example_loads():
+    from tests.conftest import ROOT
+
+    t = S.load_task(S.TaskSpec(name="g", lm_eval="examples/lm_eval_tasks/general_mc_fewshot.yaml"), ROOT)
+    assert len(t.items) == 16 and not t.rejected and t.items[0]["choices"] == ["A", "B", "C", "D"]
+    p = t.items[0]["prompt"]
+    assert p.startswith("Answer each question with the letter") and p.count("\nAnswer: ") == 3
+    assert p.endswith("\nAnswer:")
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("dataset_path: some/hub_dataset\ntest_split: test\noutput_type: multiple_choice\n", "local dataset"),
+    ("include: colors_random.yaml\nprocess_docs: !function nothere.process\n", "no nothere.py"),
+    ("include: colors_random.yaml\nprocess_docs: !function utils.missing\n", "has no 'missing'"),
+    ("include: colors_random.yaml\nfewshot_config: {sampler: balanced}\n", "sampler 'balanced'"),
+    ("include: colors_random.yaml\ntest_split: nope\n", "split 'nope'"),
+    ("include: colors_random.yaml\noutput_type: loglikelihood\n", "not supported"),
+])
+def test_unsupported_task_files_are_one_line_errors(task_folder, yaml_text, message):
+    from tunelab.errors import TunelabError
+
+    (task_folder / "bad.yaml").write_text(yaml_text)
+    with pytest.raises(TunelabError, match=message):
+        S.load_task(S.TaskSpec(name="b", lm_eval="bad.yaml"), task_folder)

@@ -11,8 +11,9 @@ A task is one of
 
 Prompts, targets and choices are Jinja templates over each record (``"{{ question }}"``), as in
 lm-eval-harness. A task may instead point at an lm-eval-harness task YAML (``lm_eval: task.yaml``)
-whose dataset is a local JSON/JSONL/CSV file: its ``doc_to_text``, ``doc_to_target``,
-``doc_to_choice``, ``target_delimiter`` and ``output_type`` are read as lm-eval reads them.
+whose dataset is local: tunelab/eval/lm_eval_tasks.py reads it as lm-eval 0.4.x does (few-shot
+contexts, ``process_docs`` and ``!function`` hooks, ``include``), and ``choice_logliks`` tokenizes
+context and continuation as lm-eval does.
 
 The built-in forgetting probe (``probe``) is a small general-English text (perplexity) and a small
 multiple-choice set shipped with tunelab, both written for tunelab; a suite can point it at any
@@ -61,7 +62,8 @@ class TaskSpec(Strict):
     type: Literal["generation", "classification", "multiple_choice", "perplexity"] | None = None
     data: str | None = Field(None, description="local file (.jsonl/.json/.csv/.txt); relative to the current "
                                                 "folder, else to the suite file")
-    lm_eval: str | None = Field(None, description="an lm-eval-harness task YAML with a local dataset")
+    lm_eval: str | None = Field(None, description="an lm-eval-harness task YAML with a local dataset (its "
+                                                  "!function hooks run, as in lm-eval)")
     prompt: str = Field("{{ prompt }}", description="Jinja template over a record: the model's input")
     target: str = Field("{{ reference }}", description="Jinja template: the reference / gold label / gold choice")
     choices: str | list[str] | None = Field(None, description="multiple_choice: Jinja giving a list, or a list")

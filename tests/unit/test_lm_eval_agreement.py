@@ -59,11 +59,14 @@ target_delimiter: ": "
 fewshot_delimiter: "\\n---\\n"
 """
 
-# the random sampler with the doc left out (draws n + 1), the gold as a string
+# the random sampler with the doc left out (draws n + 1), the gold as a string, a context ending in a
+# space (lm-eval moves it into the continuation before tokenizing)
 SAME_SPLIT = """include: colors_random.yaml
 task: colors_same_split
 fewshot_split: test
 num_fewshot: 3
+doc_to_text: "Q: {{question}}\\nA: "
+target_delimiter: ""
 doc_to_target: "{{options[label]}}"
 """
 
@@ -139,7 +142,8 @@ def test_fewshot_rules(task_folder):
     s = S.load_task(S.TaskSpec(name="s", lm_eval="colors_same_split.yaml"), task_folder)
     for it in s.items:
         shots = it["prompt"].split("\n\n")[1:-1]
-        assert len(shots) == 3 and it["prompt"].rsplit("\n\n", 1)[1] not in [x.rsplit(" ", 1)[0] for x in shots]
+        own = it["prompt"].rsplit("\n\n", 1)[1]
+        assert len(shots) == 3 and own.endswith("\nA: ") and own.split("\n")[0] not in [x.split("\n")[0] for x in shots]
     # the seed is lm-eval's fewshot_random_seed; another seed draws other shots
     a = S.load_task(S.TaskSpec(name="r", lm_eval="colors_random.yaml"), task_folder)
     b = S.load_task(S.TaskSpec(name="r", lm_eval="colors_random.yaml", fewshot_seed=7), task_folder)

@@ -4,8 +4,11 @@
   generated token (time to first token) and the whole answer; p50/p95 over the requests.
 - Throughput: generated tokens per second of those requests.
 - Peak memory: the accelerator's peak allocation (``torch.cuda.max_memory_allocated``) on a GPU;
-  on a CPU the process's peak resident set size (``resource.getrusage``), which includes Python and
-  every library, so it is an upper bound of what the model needs.
+  on a CPU the process's peak resident set size, which includes Python and every library, so it is
+  an upper bound of what the model needs. The peak is reset before each model (``reset_peak_memory``:
+  ``torch.cuda.reset_peak_memory_stats``; on Linux ``/proc/self/clear_refs`` and VmHWM), so a model
+  measured after another in one process does not inherit its peak; where no reset is possible the
+  whole process's peak (``resource.getrusage``) is reported and the report says so.
 - Size: parameters × bytes per parameter of the loaded model, and the adapter's files on disk.
 - Training compute: device-hours from the run's ``summary.json`` (train_runtime_s × devices) and
   FLOPs ≈ 6 · N · D (Kaplan et al. 2020, "Scaling Laws for Neural Language Models", §2.1), with N
@@ -97,17 +100,57 @@ def measure_latency(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
             "samples_total_s": [round(x, 5) for x in total], "samples_first_token_s": [round(x, 5) for x in ttft]}
 
 
-def peak_memory(device) -> dict:
+def reset_peak_memory() -> list[str]:
+    """Start a fresh peak for the next measurement, so one model's figure does not carry an earlier
+    model's peak in the same process: ``torch.cuda.reset_peak_memory_stats`` on a GPU, and on Linux
+    writing 5 to ``/proc/self/clear_refs``, which resets the process's VmHWM (peak RSS) to its current
+    RSS (proc(5)). Returns what was reset (``cuda``, ``rss``); an empty list where neither is possible."""
     import torch
 
+    done = []
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        done.append("cuda")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        done.append("rss")
+    except OSError:  # not Linux, or not permitted
+        pass
+    return done
+
+
+def _vm_hwm() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def peak_memory(device, reset: list[str] | None = None, since: str = "the last reset") -> dict:
+    """The peak since ``reset_peak_memory()`` (``reset``: what it returned), else the process's whole peak."""
+    import torch
+
+    reset = reset or []
     if getattr(device, "type", str(device)) == "cuda":
-        return {"peak_bytes": int(torch.cuda.max_memory_allocated()), "what": "GPU peak allocated"}
+        what = f"GPU peak allocated since {since}" if "cuda" in reset else \
+            "GPU peak allocated over the whole process (could not reset: includes earlier models)"
+        return {"peak_bytes": int(torch.cuda.max_memory_allocated()), "what": what, "reset": "cuda" in reset}
+    hwm = _vm_hwm() if "rss" in reset else None
+    if hwm is not None:
+        return {"peak_bytes": hwm, "reset": True,
+                "what": f"process peak RSS since {since} (CPU, VmHWM; includes Python and libraries)"}
     import resource
     import sys
 
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return {"peak_bytes": int(kb * scale), "what": "process peak RSS (CPU; includes Python and libraries)"}
+    return {"peak_bytes": int(kb * scale), "reset": False,
+            "what": "process peak RSS over the whole process (CPU; includes Python, libraries and every model "
+                    "measured before this one: the peak could not be reset here)"}
 
 
 def model_size(model, adapter_dir: Path | None) -> dict:
@@ -173,17 +216,20 @@ def costs(latency: dict, compute: dict | None, cfg: BusinessSection) -> dict:
 
 
 def business_metrics(model, tokenizer, prompts: list[list[int]], cfg: BusinessSection, *,
-                     adapter_dir: Path | None = None, run_dir: Path | None = None) -> dict:
-    """Everything above for one loaded model; ``prompts`` are token ids (the first few are timed)."""
-    import torch
+                     adapter_dir: Path | None = None, run_dir: Path | None = None,
+                     peak_reset: list[str] | None = None) -> dict:
+    """Everything above for one loaded model; ``prompts`` are token ids (the first few are timed).
 
+    ``peak_reset``: what ``reset_peak_memory()`` reset before the model was loaded (the peak then covers
+    loading, evaluating and timing it); None resets here, so the peak covers the timed requests."""
     dev = next(model.parameters()).device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    since = "this model was loaded"
+    if peak_reset is None:
+        peak_reset, since = reset_peak_memory(), "the latency measurement began"
     lat = measure_latency(model, tokenizer, prompts[: cfg.latency_requests], cfg.max_new_tokens)
     size = model_size(model, adapter_dir)
     compute = training_compute(run_dir, size["parameters"])
-    return {"latency": lat, "memory": peak_memory(dev), "size": size, "training": compute,
+    return {"latency": lat, "memory": peak_memory(dev, peak_reset, since), "size": size, "training": compute,
             "cost": costs(lat, compute, cfg), "device": str(dev)}
 
 

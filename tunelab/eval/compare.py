@@ -57,7 +57,7 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
                 business: bool = True) -> dict:
     """``suite``: a suite file, or a SuiteConfig (relative paths then resolve from the current folder)."""
     from tunelab.eval import suites as S
-    from tunelab.eval.business import business_metrics
+    from tunelab.eval.business import business_metrics, reset_peak_memory
 
     if isinstance(suite, S.SuiteConfig):
         cfg, base_dir, suite_path = suite, Path.cwd(), None
@@ -84,6 +84,8 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
     info: dict[str, dict] = {}
     for spec in specs:
         name = spec["name"]
+        gc.collect()
+        peak_reset = reset_peak_memory() if business else []  # this model's peak, not the ones before it
         model, tok, meta = load_model(spec["ref"], ws)
         scored[name], rows[name] = {}, {}
         t0 = time.perf_counter()
@@ -103,7 +105,8 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
             prompts = [_prompt_ids(tok, t, chat) for t in texts]
             meta["business"] = business_metrics(model, tok, prompts, bcfg,
                                                 adapter_dir=Path(meta["adapter"]) if meta["adapter"] else None,
-                                                run_dir=Path(meta["run_dir"]) if meta["run_dir"] else None)
+                                                run_dir=Path(meta["run_dir"]) if meta["run_dir"] else None,
+                                                peak_reset=peak_reset)
         if cfg.forgetting.enabled:
             meta["probe"] = S.probe(model, tok, cfg.forgetting, base_dir)
         info[name] = meta
@@ -131,7 +134,7 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
 def assemble(cfg, tasks, specs, scored, info) -> dict:
     """Scores, paired differences against the baseline, per-category breakdowns and forgetting flags."""
     from tunelab.eval.metrics import LOWER_IS_BETTER
-    from tunelab.eval.stats import bootstrap_ci, paired_bootstrap, restrict, value
+    from tunelab.eval.stats import bootstrap_ci, holm, paired_bootstrap, restrict, value
 
     b = cfg.bootstrap
     names = [m["name"] for m in specs]
@@ -148,8 +151,14 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
                                      n_resamples=b.n_resamples, confidence=b.confidence, seed=b.seed)
                 better = (d["difference"] < 0) if k in LOWER_IS_BETTER else (d["difference"] > 0)
                 d["better"] = better if d["difference"] != 0 else None
-                d["significant"] = d["p_value"] is not None and d["p_value"] < 1 - b.confidence
                 diffs[m][t.name][k] = d
+    # every difference is one test of one family: Holm–Bonferroni over all of them, significance on the adjusted p
+    alpha = 1 - b.confidence
+    family = [d for per_task in diffs.values() for per_metric in per_task.values() for d in per_metric.values()]
+    for d, adj in zip(family, holm([d["p_value"] for d in family], alpha)):
+        d["p_value_adjusted"] = adj
+        d["significant"] = adj is not None and adj < alpha
+        d["significant_unadjusted"] = d["p_value"] is not None and d["p_value"] < alpha
     categories: dict = {}
     for t in tasks:
         cats = sorted({it.get("category") for it in t.items if it.get("category") is not None})
@@ -182,7 +191,12 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
                                "n": next(iter(scored[baseline][t.name].values.values()))["n"],
                                "metrics": list(scored[baseline][t.name].values)} for t in tasks},
             "decoding": cfg.decoding.model_dump(), "bootstrap": b.model_dump(), "scores": scores,
-            "differences": diffs, "categories": categories, "forgetting": forgetting,
+            "differences": diffs,
+            "multiple_comparisons": {"method": "holm", "alpha": alpha,
+                                     "tests": sum(d["p_value"] is not None for d in family),
+                                     "note": "p_value_adjusted: Holm-Bonferroni over every difference in this "
+                                             "comparison (all models, tasks and metrics); significant uses it"},
+            "categories": categories, "forgetting": forgetting,
             "forgetting_thresholds": cfg.forgetting.model_dump()}
 
 
@@ -194,10 +208,12 @@ def print_compare(res: dict) -> None:
 
     c = Console(width=200)
     names = list(res["models"])
+    mc = res.get("multiple_comparisons") or {"tests": 0, "alpha": 1 - res["bootstrap"]["confidence"]}
+    c.print(f"value [{res['bootstrap']['confidence']:.0%} bootstrap interval] (difference, p from a paired bootstrap vs "
+            f"{res['baseline']}, Holm p: p adjusted by Holm-Bonferroni over all {mc['tests']} differences; * marks "
+            f"Holm p < {mc['alpha']:.2g})", soft_wrap=True)
     for task, meta in res["tasks"].items():
-        t = Table(title=f"{task} ({meta['type']}, {meta['n']} examples; ± is the "
-                        f"{res['bootstrap']['confidence']:.0%} bootstrap interval; p from a paired bootstrap vs "
-                        f"{res['baseline']})")
+        t = Table(title=f"{task} ({meta['type']}, {meta['n']} examples)")
         t.add_column("metric")
         for m in names:
             t.add_column(m, justify="right")
@@ -211,7 +227,8 @@ def print_compare(res: dict) -> None:
                 if m != res["baseline"]:
                     d = res["differences"][m][task][k]
                     p = "—" if d["p_value"] is None else f"{d['p_value']:.3g}"
-                    cell += f" ({d['difference']:+.3g}, p={p})"
+                    pa = "—" if d.get("p_value_adjusted") is None else f"{d['p_value_adjusted']:.3g}"
+                    cell += f" ({d['difference']:+.3g}, p={p}, Holm p={pa}{' *' if d.get('significant') else ''})"
                 cells.append(cell)
             t.add_row(k, *cells)
         c.print(t)

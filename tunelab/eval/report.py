@@ -401,15 +401,18 @@ def _task_table(res: dict, task: str) -> str:
                 d = res["differences"][m][task][k]
                 css = "" if d["better"] is None else ("up" if d["better"] else "down")
                 p = DASH if d["p_value"] is None else f"{d['p_value']:.3g}"
+                pa = DASH if d.get("p_value_adjusted") is None else f"{d['p_value_adjusted']:.3g}"
                 sig = " *" if d["significant"] else ""
-                diff = f"{d['difference']:+.4g} vs {base}, p={p}{sig}"
+                diff = f"{d['difference']:+.4g} vs {base}, p={p}, Holm p={pa}{sig}"
                 cell += f'<br><span class="{css}">{_esc(diff)}</span>'
             cells.append(f'<td class="num">{cell}</td>')
         rows.append(f"<tr><th scope=\"row\">{_esc(k)}</th>{''.join(cells)}</tr>")
     conf = res["bootstrap"]["confidence"]
     note = (f"{meta['n']} examples ({meta['rejected']} rejected) from {meta['source']}. Brackets: {conf:.0%} "
             f"percentile-bootstrap interval over examples ({res['bootstrap']['n_resamples']} resamples). Under each "
-            f"model: its difference from {base} with a paired-bootstrap p-value; * marks p < {1 - conf:.2g}. "
+            f"model: its difference from {base} with a paired-bootstrap p-value and the Holm-Bonferroni adjusted "
+            f"p over all {(res.get('multiple_comparisons') or {}).get('tests', 0)} differences of this comparison "
+            f"(every model, task and metric); * marks an adjusted p < {1 - conf:.2g}. "
             f"Lower is better for perplexity.")
     return (f'<p class="muted">{_esc(note)}</p><table><thead><tr><th>metric</th>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")

@@ -122,3 +122,24 @@ def value(stat: Statistic) -> float:
     import numpy as np
 
     return float(stat(np.arange(stat.n)[None, :])[0])
+
+
+def holm(p_values: list[float | None], alpha: float = 0.05) -> list[float | None]:
+    """Holm–Bonferroni adjusted p-values of a family of tests (statsmodels ``multipletests``,
+    method ``holm``), in the given order; a missing p-value (None) stays None and is not counted.
+
+    Rejecting where the adjusted p is below ``alpha`` keeps the chance of any false positive in
+    the family at most ``alpha`` (Holm 1979).
+    """
+    from tunelab._optional import require
+
+    require("statsmodels", "eval")
+    from statsmodels.stats.multitest import multipletests
+
+    idx = [i for i, p in enumerate(p_values) if p is not None]
+    out: list[float | None] = list(p_values)
+    if idx:
+        _, adj, _, _ = multipletests([p_values[i] for i in idx], alpha=alpha, method="holm")
+        for i, a in zip(idx, adj):
+            out[i] = float(a)
+    return out

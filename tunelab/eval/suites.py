@@ -6,13 +6,14 @@ A task is one of
 - ``classification``: each label is scored by its log-likelihood after the prompt; the most likely
   label is the prediction and the softmax over labels gives ROC-AUC (accuracy, P/R/F1);
 - ``multiple_choice``: the lm-eval-harness rule: the choice with the highest log-likelihood wins
-  (``accuracy``); ``accuracy_norm`` divides by the choice's length in bytes (lm-eval's acc_norm);
+  (``accuracy``); ``accuracy_norm`` divides by the choice's length in characters (lm-eval's acc_norm);
 - ``perplexity``: token-weighted perplexity of plain text in fixed blocks.
 
 Prompts, targets and choices are Jinja templates over each record (``"{{ question }}"``), as in
 lm-eval-harness. A task may instead point at an lm-eval-harness task YAML (``lm_eval: task.yaml``)
-whose dataset is a local JSON/JSONL/CSV file: its ``doc_to_text``, ``doc_to_target``,
-``doc_to_choice``, ``target_delimiter`` and ``output_type`` are read as lm-eval reads them.
+whose dataset is local: tunelab/eval/lm_eval_tasks.py reads it as lm-eval 0.4.x does (few-shot
+contexts, ``process_docs`` and ``!function`` hooks, ``include``), and ``choice_logliks`` tokenizes
+context and continuation as lm-eval does.
 
 The built-in forgetting probe (``probe``) is a small general-English text (perplexity) and a small
 multiple-choice set shipped with tunelab, both written for tunelab; a suite can point it at any
@@ -42,8 +43,6 @@ DEFAULT_METRICS = {
     "multiple_choice": ["accuracy", "accuracy_norm"],
     "perplexity": ["perplexity"],
 }
-LM_EVAL_TYPES = {"multiple_choice": "multiple_choice", "generate_until": "generation",
-                 "loglikelihood_rolling": "perplexity"}
 
 
 class DecodingSection(Strict):
@@ -63,7 +62,8 @@ class TaskSpec(Strict):
     type: Literal["generation", "classification", "multiple_choice", "perplexity"] | None = None
     data: str | None = Field(None, description="local file (.jsonl/.json/.csv/.txt); relative to the current "
                                                 "folder, else to the suite file")
-    lm_eval: str | None = Field(None, description="an lm-eval-harness task YAML with a local dataset")
+    lm_eval: str | None = Field(None, description="an lm-eval-harness task YAML with a local dataset (its "
+                                                  "!function hooks run, as in lm-eval)")
     prompt: str = Field("{{ prompt }}", description="Jinja template over a record: the model's input")
     target: str = Field("{{ reference }}", description="Jinja template: the reference / gold label / gold choice")
     choices: str | list[str] | None = Field(None, description="multiple_choice: Jinja giving a list, or a list")
@@ -75,6 +75,10 @@ class TaskSpec(Strict):
     chat: bool | None = Field(None, description="wrap the prompt in the model's chat template "
                                                 "(default: yes for generation when the model has one)")
     target_delimiter: str = " "
+    num_fewshot: int | None = Field(None, ge=0, description="lm_eval tasks: override the file's num_fewshot "
+                                                            "(as lm-eval's --num_fewshot; not when the file says 0)")
+    fewshot_seed: int = Field(1234, description="lm_eval tasks: the few-shot sampler's seed (lm-eval's "
+                                                "fewshot_random_seed, default 1234)")
     block_size: int = Field(256, ge=8, description="perplexity: tokens per block")
     decoding: DecodingSection | None = None
 
@@ -228,46 +232,21 @@ def _as_list(x) -> list[str]:
     return [str(c) for c in v]
 
 
-def _lm_eval_spec(spec: TaskSpec, base: Path) -> tuple[TaskSpec, Path]:
-    """Read an lm-eval-harness task YAML whose dataset is local into a TaskSpec."""
-    import yaml
+def _lm_eval_task(spec: TaskSpec, base: Path) -> tuple[TaskSpec, dict]:
+    """Read an lm-eval-harness task file (local dataset) as lm-eval 0.4.x reads it: tunelab/eval/lm_eval_tasks.py."""
+    from tunelab.eval.lm_eval_tasks import read_task
 
     p = find_path(spec.lm_eval, base)
-    if not p.is_file():
-        raise TunelabError(f"lm-eval task file not found: {p}")
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    # lm-eval YAML may carry !function tags (Python callables): not supported offline-safe; say so.
-    _Loader.add_multi_constructor("!", lambda loader, suffix, node: f"!{suffix}")
-    doc = yaml.load(p.read_text(encoding="utf-8"), Loader=_Loader) or {}
-    out_type = doc.get("output_type", "generate_until")
-    if out_type not in LM_EVAL_TYPES:
-        raise TunelabError(f"{p}: output_type '{out_type}' is not supported (use {', '.join(LM_EVAL_TYPES)})")
-    files = (doc.get("dataset_kwargs") or {}).get("data_files")
-    split = doc.get("test_split") or doc.get("validation_split") or "test"
-    if isinstance(files, dict):
-        data = files.get(split) or next(iter(files.values()))
-    elif isinstance(files, (str, list)):
-        data = files if isinstance(files, str) else files[0]
-    else:
-        raise TunelabError(f"{p}: tunelab reads lm-eval tasks with a local dataset (dataset_kwargs.data_files)")
-    for k in ("doc_to_text", "doc_to_target", "doc_to_choice"):
-        if isinstance(doc.get(k), str) and doc[k].startswith("!function"):
-            raise TunelabError(f"{p}: {k} is a Python function (!function); write it as a Jinja template")
-    upd = {"type": spec.type or LM_EVAL_TYPES[out_type], "data": str(find_path(data, p.parent, cwd_first=False)),
-           "prompt": doc.get("doc_to_text", spec.prompt), "target": doc.get("doc_to_target", spec.target),
-           "target_delimiter": doc.get("target_delimiter", " ")}
-    if "doc_to_choice" in doc:
-        upd["choices"] = doc["doc_to_choice"]
-    if isinstance(doc.get("generation_kwargs"), dict) and doc["generation_kwargs"].get("until"):
-        until = doc["generation_kwargs"]["until"]
-        dec = (spec.decoding or DecodingSection()).model_copy(update={"stop": list(until)})
-        upd["decoding"] = dec
-    if isinstance(upd["target"], int):
-        upd["target"] = str(upd["target"])
-    return spec.model_copy(update=upd), p.parent
+    want = None if spec.limit is None else spec.skip + spec.limit
+    r = read_task(p, num_fewshot=spec.num_fewshot, fewshot_seed=spec.fewshot_seed, n_docs=want)
+    upd = {"type": spec.type or r["type"], "data": r["source"], "target_delimiter": r["target_delimiter"],
+           # lm-eval's context is plain text (no chat template unless asked)
+           "chat": spec.chat if spec.chat is not None else False}
+    if r["type"] == "generation":
+        upd["decoding"] = (spec.decoding or DecodingSection()).model_copy(update={"stop": r["stop"]})
+    if upd["type"] != r["type"]:
+        raise TunelabError(f"task '{spec.name}': {p.name} is a {r['type']} task, not {upd['type']}")
+    return spec.model_copy(update=upd), r
 
 
 def find_path(path: str, base: Path, cwd_first: bool = True) -> Path:
@@ -285,10 +264,10 @@ def load_task(spec: TaskSpec, base: Path) -> Task:
     from tunelab.data.formats import BadRecord
     from tunelab.data.readers import read
 
-    src_base = base
     if spec.lm_eval:
-        spec, src_base = _lm_eval_spec(spec, base)
-    path = find_path(spec.data, src_base)
+        spec, r = _lm_eval_task(spec, base)
+        return _task_from_lm_eval(spec, r)
+    path = find_path(spec.data, base)
     if not path.exists():
         raise TunelabError(f"task '{spec.name}': data not found: {path}")
     kind = spec.type
@@ -345,6 +324,28 @@ def load_task(spec: TaskSpec, base: Path) -> Task:
     return Task(spec.name, kind, metrics, items, spec, str(path), rejected)
 
 
+def _task_from_lm_eval(spec: TaskSpec, r: dict) -> Task:
+    kind = spec.type
+    metrics = list(spec.metrics or DEFAULT_METRICS[kind])
+    _check_metrics(kind, metrics)
+    items = []
+    for it in r["items"]:
+        if it["doc"] < spec.skip:
+            continue
+        if spec.limit is not None and len(items) >= spec.limit:
+            break
+        rec = it.pop("record", None)
+        it.pop("doc")
+        if spec.category:
+            it["category"] = str(rec.get(spec.category, "")) if isinstance(rec, dict) else ""
+        items.append(it)
+    if not items:
+        first = r["rejected"][0]["reason"] if r["rejected"] else "no docs"
+        raise TunelabError(f"task '{spec.name}': no usable docs in {r['source']} ({len(r['rejected'])} rejected; "
+                           f"first: {first})")
+    return Task(spec.name, kind, metrics, items, spec, r["source"], r["rejected"])
+
+
 def _gold(target, choices: list[str]) -> int:
     if isinstance(target, int) and not isinstance(target, bool):
         idx = target
@@ -362,19 +363,39 @@ def _gold(target, choices: list[str]) -> int:
 # ----------------------------------------------------------------------------- scoring a model
 
 
+def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's tokenization of a (context, continuation) request (``TemplateLM.loglikelihood`` and
+    ``_encode_pair``, 0.4.x, causal models): the context's trailing whitespace moves to the continuation,
+    the whole string is encoded and the continuation is what follows the context's tokens; an empty
+    context is the BOS (else EOS) token."""
+
+    def enc(text: str) -> list[int]:  # HFLM.tok_encode: no second BOS when the text already starts with one
+        bos = tokenizer.bos_token
+        return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    if context == "":
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], enc(continuation)
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    if not context:  # a context of whitespace only (lm-eval refuses it): condition on the prefix token
+        return _encode_pair(tokenizer, "", continuation)
+    whole, ctx = enc(context + continuation), enc(context)
+    return ctx, whole[len(ctx):]
+
+
 def choice_logliks(model, tokenizer, contexts: list[str], choices: list[list[str]], delimiter: str = " ",
                    batch_size: int = 16) -> list[list[float]]:
-    """log p(delimiter + choice | context) for every choice of every item (lm-eval's loglikelihood)."""
+    """log p(delimiter + choice | context) for every choice of every item, tokenized as lm-eval does."""
     from tunelab.train._preference import completion_logprobs
 
     ctx_ids, cont_ids, owner = [], [], []
     for i, (c, chs) in enumerate(zip(contexts, choices)):
-        ids = tokenizer(c, add_special_tokens=True)["input_ids"]
-        if not ids:  # an empty context: condition on BOS/EOS so the first token has a prediction
-            ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
         for ch in chs:
-            ctx_ids.append(ids)
-            cont_ids.append(tokenizer(delimiter + ch, add_special_tokens=False)["input_ids"])
+            a, b = _encode_pair(tokenizer, c, delimiter + ch)
+            ctx_ids.append(a)
+            cont_ids.append(b)
             owner.append(i)
     lps = completion_logprobs(model, ctx_ids, cont_ids, tokenizer.pad_token_id, batch_size)
     out: list[list[float]] = [[] for _ in contexts]
@@ -443,7 +464,8 @@ def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: Boot
                              "probability": round(float(probs[i][pred[i]]), 4),
                              **({"category": it["category"]} if "category" in it else {})})
         else:
-            norm = [int(np.argmax([v / max(len(c.encode("utf-8")), 1) for v, c in zip(x, it["choices"])]))
+            # lm-eval's acc_norm: log-likelihood / the choice's length in characters
+            norm = [int(np.argmax([v / max(len(c), 1) for v, c in zip(x, it["choices"])]))
                     for x, it in zip(ll, items)]
             scored = M.Scored()
             if "accuracy" in task.metrics:

@@ -74,3 +74,28 @@ def test_classify_two_processes_match_one(tmp_path, tiny_bert):
     assert [r["confidence"] for r in p2] == pytest.approx([r["confidence"] for r in p1], abs=1e-3)
     m1, m2 = (json.loads((run / "eval" / "metrics.json").read_text()) for run in (run1, run2))
     assert m2["test"]["n"] == 21 and m2["test"]["accuracy"] == m1["test"]["accuracy"]
+
+
+@pytest.mark.parametrize("mode", ["logits"])
+def test_distill_two_processes_match_one(tmp_path, tiny_model, mode):
+    from tests.recipes.test_distill_cli import _small_student
+
+    student = _small_student(tmp_path / "student", tiny_model, init=0.25)
+    train = write_color_data(tmp_path / "train.jsonl", 64, seed=5)
+    test = write_color_data(tmp_path / "test.jsonl", 4, seed=6)
+    cfg = {"recipe": "distill", "name": "ddp", "mode": mode, "teacher": {"name": str(tiny_model)},
+           "student": {"name": str(student)},
+           "data": {"train": str(train), "test": str(test), "validation_split": 0.0, "max_length": 48},
+           "method": "full", "train": TRAIN,
+           "eval": {"max_new_tokens": 4, "batch_size": 4, "latency_prompts": 1}}
+    if mode == "logits":
+        cfg.update(alpha=0.5, temperature=2.0)  # both terms of the loss
+    run1, run2, t1, t2 = _run_both(tmp_path, cfg)
+    # the logged distillation loss is summed over both ranks' tokens, not rank 0's half
+    assert [r["distill_loss"] for r in t2] == pytest.approx([r["distill_loss"] for r in t1], rel=1e-4)
+    assert [r["ce_loss"] for r in t2] == pytest.approx([r["ce_loss"] for r in t1], rel=1e-4)
+    s1, s2 = (json.loads((run / "summary.json").read_text()) for run in (run1, run2))
+    c1, c2 = s1["comparison"]["models"], s2["comparison"]["models"]
+    assert c2["student_start"]["perplexity"] == pytest.approx(c1["student_start"]["perplexity"], rel=1e-6)
+    assert c2["student"]["perplexity"] == pytest.approx(c1["student"]["perplexity"], rel=1e-3)
+    assert len((run2 / "eval" / "tuned.jsonl").read_text().splitlines()) == 4  # generated once, by rank 0

@@ -23,8 +23,12 @@ def _run_both(tmp_path: Path, cfg: dict) -> tuple[Path, Path, list[dict], list[d
     p = tmp_path / "recipe.yaml"
     p.write_text(yaml.safe_dump(cfg))
     one, two = tmp_path / "ws1", tmp_path / "ws2"
-    r1 = run_cli("train", str(p), "-w", str(one), env={"OMP_NUM_THREADS": "2"})
-    assert r1.returncode == 0, r1.stderr[-3000:]
+    # the one-process reference runs in this (already warm) interpreter: a CLI start costs ~7 s of imports
+    from tunelab import recipes
+    from tunelab.workspace import Workspace
+
+    c, fn = recipes.load_recipe(p)
+    fn(c, Workspace.resolve(one))
     r2 = run_cli("train", str(p), "--nproc", "2", "-w", str(two), env={"OMP_NUM_THREADS": "1"})
     assert r2.returncode == 0, r2.stderr[-3000:]
     (run1,) = list((one / "runs").iterdir())
@@ -76,7 +80,7 @@ def test_classify_two_processes_match_one(tmp_path, tiny_bert):
     assert m2["test"]["n"] == 21 and m2["test"]["accuracy"] == m1["test"]["accuracy"]
 
 
-@pytest.mark.parametrize("mode", ["logits"])
+@pytest.mark.parametrize("mode", ["logits", "sequence"])
 def test_distill_two_processes_match_one(tmp_path, tiny_model, mode):
     from tests.recipes.test_distill_cli import _small_student
 
@@ -93,9 +97,43 @@ def test_distill_two_processes_match_one(tmp_path, tiny_model, mode):
     run1, run2, t1, t2 = _run_both(tmp_path, cfg)
     # the logged distillation loss is summed over both ranks' tokens, not rank 0's half
     assert [r["distill_loss"] for r in t2] == pytest.approx([r["distill_loss"] for r in t1], rel=1e-4)
-    assert [r["ce_loss"] for r in t2] == pytest.approx([r["ce_loss"] for r in t1], rel=1e-4)
+    if mode == "logits":
+        assert [r["ce_loss"] for r in t2] == pytest.approx([r["ce_loss"] for r in t1], rel=1e-4)
+    else:  # the teacher answered once (rank 0), and both runs trained on the same answers
+        assert (run2 / "teacher_responses.jsonl").read_text() == (run1 / "teacher_responses.jsonl").read_text()
     s1, s2 = (json.loads((run / "summary.json").read_text()) for run in (run1, run2))
     c1, c2 = s1["comparison"]["models"], s2["comparison"]["models"]
     assert c2["student_start"]["perplexity"] == pytest.approx(c1["student_start"]["perplexity"], rel=1e-6)
     assert c2["student"]["perplexity"] == pytest.approx(c1["student"]["perplexity"], rel=1e-3)
     assert len((run2 / "eval" / "tuned.jsonl").read_text().splitlines()) == 4  # generated once, by rank 0
+
+
+# reward (TRL's RewardTrainer, the same per-device mean loss) is left out to keep the suite short;
+# docs/distributed.md quotes its one-off check
+@pytest.mark.parametrize("recipe", ["dpo"])
+def test_trl_recipes_two_processes_match_one(tmp_path, tiny_model, recipe):
+    """TRL's DPOTrainer: a per-device mean loss that DDP averages; tunelab adds rank-0 writes and evaluation."""
+    from tests.recipes.test_preference_cli import write_pairs
+
+    train, test = write_pairs(tmp_path / "train.jsonl", 48, 1), write_pairs(tmp_path / "test.jsonl", 6, 2)
+    cfg = {"recipe": recipe, "name": "ddp", "model": {"name": str(tiny_model)},
+           "data": {"train": str(train), "test": str(test), "validation_split": 0.0, "max_length": 48},
+           "method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "train": TRAIN}
+    run1, run2, _, _ = _run_both(tmp_path, cfg)
+    s1, s2 = (json.loads((run / "summary.json").read_text()) for run in (run1, run2))
+    key = "pairwise_accuracy_after" if recipe == "reward" else "logp_accuracy_after"
+    assert s2["heldout"]["after"] == pytest.approx(s1["heldout"]["after"], rel=1e-3, abs=1e-4), key
+    assert (run2 / "adapter").is_dir()
+
+
+@pytest.mark.parametrize("recipe, why", [("rlhf", "online RL"), ("pipeline", "stages one by one")])
+def test_unsupported_recipes_say_why(tmp_path, recipe, why):
+    from tunelab.errors import TunelabError
+    from tunelab.train import distributed
+
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"recipe": recipe}))
+    # the reason is given before the recipe is validated any further (the file here is incomplete)
+    with pytest.raises(TunelabError, match=why):
+        distributed.launch(p, [], tmp_path / "ws", 2)
+    assert recipe in distributed.UNSUPPORTED and recipe not in distributed.SUPPORTED

@@ -81,16 +81,28 @@ def _models(cfg) -> list[str]:
     return refs
 
 
+def check_supported(recipe: str) -> None:
+    """Refuse a recipe --nproc does not run, saying why and what to do instead."""
+    if recipe not in SUPPORTED:
+        why = UNSUPPORTED.get(recipe, "not checked under data-parallel training")
+        raise TunelabError(f"--nproc does not run '{recipe}' recipes: {why}. --nproc runs: {', '.join(SUPPORTED)}")
+
+
 def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> str:
     """Run the recipe on ``nproc`` local processes; return the run id (the run's summary is on disk)."""
     from tunelab import recipes
     from tunelab.workspace import Workspace
 
+    import yaml
+
+    try:  # the recipe kind first: an unsupported one is refused with its reason, whatever else the file says
+        kind = (yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) or {}).get("recipe")
+    except (OSError, yaml.YAMLError, AttributeError):
+        kind = None  # load_recipe below reports the problem
+    if isinstance(kind, str):
+        check_supported(kind)
     cfg, _ = recipes.load_recipe(recipe, overrides)  # validate once, in the parent
-    if cfg.recipe not in SUPPORTED:
-        why = UNSUPPORTED.get(cfg.recipe, "not checked under data-parallel training")
-        raise TunelabError(f"--nproc does not run '{cfg.recipe}' recipes: {why}. "
-                           f"--nproc runs: {', '.join(SUPPORTED)}")
+    check_supported(cfg.recipe)
     bs = cfg.train.batch_size
     if bs % nproc:
         raise TunelabError(f"train.batch_size {bs} is the global batch and must divide by --nproc {nproc}; "

@@ -137,3 +137,25 @@ def test_unsupported_recipes_say_why(tmp_path, recipe, why):
     with pytest.raises(TunelabError, match=why):
         distributed.launch(p, [], tmp_path / "ws", 2)
     assert recipe in distributed.UNSUPPORTED and recipe not in distributed.SUPPORTED
+
+
+def test_classify_grad_accum_averages_like_one_batch(tmp_path, tiny_bert):
+    """One process: batch 4 × grad_accum 2 takes the steps of batch 8 (the classification loss is a mean;
+    before the recipe said so, the Trainer summed the two micro-batch means)."""
+    from tunelab import recipes
+    from tunelab.workspace import Workspace
+
+    train = write_topic_data(tmp_path / "train.jsonl", 64, seed=3)
+    losses = {}
+    for bs, ga in ((8, 1), (4, 2)):
+        cfg = {"recipe": "classify", "name": f"ga{ga}", "model": {"name": str(tiny_bert)},
+               "data": {"train": str(train), "validation_split": 0.0, "max_length": 24},
+               "method": "full", "train": {**TRAIN, "learning_rate": 1e-3, "max_steps": 3, "batch_size": bs,
+                                           "grad_accum": ga}}
+        p = tmp_path / f"ga{ga}.yaml"
+        p.write_text(yaml.safe_dump(cfg))
+        c, fn = recipes.load_recipe(p)
+        s = fn(c, Workspace.resolve(tmp_path / f"ws{ga}"))
+        rows = [json.loads(x) for x in (Path(s["output"]).parent / "metrics.jsonl").read_text().splitlines()]
+        losses[ga] = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses[1]) == 3 and losses[2] == pytest.approx(losses[1], rel=1e-4)

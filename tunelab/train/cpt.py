@@ -86,7 +86,7 @@ def run(cfg: CPTConfig, workspace: Workspace | None = None, resume: str | None =
     from tunelab.train.pretrain import (absolute_files, load_texts, save_folder, split_heldout, spread, text_lineage,
                                         tokenize_and_pack, train_blocks, training_summary)
 
-    from tunelab.train.distributed import is_main, worker_summary
+    from tunelab.train.distributed import is_main, local_device, worker_summary
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
@@ -189,7 +189,7 @@ def run(cfg: CPTConfig, workspace: Workspace | None = None, resume: str | None =
         # 4. base model and its perplexities on the fixed held-out blocks
         transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        model = model.to(plan(cfg.train.precision).device)
+        model = model.to(local_device(plan(cfg.train.precision).device))
         bs = cfg.train.batch_size
         if main:  # evaluations are rank 0's (no RNG is drawn: the ranks stay in step)
             before = {"domain": blocks_perplexity(model, d_eval, bs)}

@@ -66,6 +66,13 @@ def main_first():
         yield
 
 
+def local_device(device: str) -> str:
+    """``cuda`` → this rank's GPU under --nproc (``cuda:LOCAL_RANK``), so N ranks do not all load onto GPU 0."""
+    if device == "cuda" and world_size() > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
 def worker_summary(run_id: str) -> dict:
     """What a rank other than 0 returns after training: the run's files are rank 0's to write."""
     return {"run_id": run_id, "status": "worker", "rank": rank()}

@@ -349,7 +349,7 @@ def build_model(arch: ArchSection, tokenizer, seed: int):
 def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train a tokenizer and a model from scratch; return the summary (also in ``summary.json``)."""
-    from tunelab.train.distributed import is_main, main_first, worker_summary
+    from tunelab.train.distributed import is_main, local_device, main_first, worker_summary
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
@@ -435,7 +435,7 @@ def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | N
               f"scored; rejected records: {len(rejects)}")
 
         # 4. model at random init, and its held-out perplexity (~vocabulary size)
-        model = build_model(cfg.model, tokenizer, cfg.train.seed).to(plan(cfg.train.precision).device)
+        model = build_model(cfg.model, tokenizer, cfg.train.seed).to(local_device(plan(cfg.train.precision).device))
         if main:  # evaluations are rank 0's (no RNG is drawn: the ranks stay in step)
             before = blocks_perplexity(model, eval_blocks, cfg.train.batch_size)
             print(f"held-out perplexity at random init: {before['perplexity']:.2f}")

@@ -85,7 +85,7 @@ def test_distill_two_processes_match_one(tmp_path, tiny_model, mode):
     from tests.recipes.test_distill_cli import _small_student
 
     student = _small_student(tmp_path / "student", tiny_model, init=0.25)
-    train = write_color_data(tmp_path / "train.jsonl", 64, seed=5)
+    train = write_color_data(tmp_path / "train.jsonl", 32, seed=5)  # 4 steps of 8: one epoch
     test = write_color_data(tmp_path / "test.jsonl", 4, seed=6)
     cfg = {"recipe": "distill", "name": "ddp", "mode": mode, "teacher": {"name": str(tiny_model)},
            "student": {"name": str(student)},
@@ -94,6 +94,8 @@ def test_distill_two_processes_match_one(tmp_path, tiny_model, mode):
            "eval": {"max_new_tokens": 4, "batch_size": 4, "latency_prompts": 1}}
     if mode == "logits":
         cfg.update(alpha=0.5, temperature=2.0)  # both terms of the loss
+    else:
+        cfg["sequence"] = {"max_new_tokens": 16, "batch_size": 32}
     run1, run2, t1, t2 = _run_both(tmp_path, cfg)
     # the logged distillation loss is summed over both ranks' tokens, not rank 0's half
     assert [r["distill_loss"] for r in t2] == pytest.approx([r["distill_loss"] for r in t1], rel=1e-4)

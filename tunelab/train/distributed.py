@@ -97,10 +97,10 @@ def check_supported(recipe: str) -> None:
 
 def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> str:
     """Run the recipe on ``nproc`` local processes; return the run id (the run's summary is on disk)."""
+    import yaml
+
     from tunelab import recipes
     from tunelab.workspace import Workspace
-
-    import yaml
 
     try:  # the recipe kind first: an unsupported one is refused with its reason, whatever else the file says
         kind = (yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) or {}).get("recipe")

@@ -110,24 +110,6 @@ def test_distill_two_processes_match_one(tmp_path, tiny_model, mode):
     assert len((run2 / "eval" / "tuned.jsonl").read_text().splitlines()) == 4  # generated once, by rank 0
 
 
-# reward (TRL's RewardTrainer, the same per-device mean loss) is left out to keep the suite short;
-# docs/distributed.md quotes its one-off check
-@pytest.mark.parametrize("recipe", ["dpo"])
-def test_trl_recipes_two_processes_match_one(tmp_path, tiny_model, recipe):
-    """TRL's DPOTrainer: a per-device mean loss that DDP averages; tunelab adds rank-0 writes and evaluation."""
-    from tests.recipes.test_preference_cli import write_pairs
-
-    train, test = write_pairs(tmp_path / "train.jsonl", 48, 1), write_pairs(tmp_path / "test.jsonl", 6, 2)
-    cfg = {"recipe": recipe, "name": "ddp", "model": {"name": str(tiny_model)},
-           "data": {"train": str(train), "test": str(test), "validation_split": 0.0, "max_length": 48},
-           "method": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "train": TRAIN}
-    run1, run2, _, _ = _run_both(tmp_path, cfg)
-    s1, s2 = (json.loads((run / "summary.json").read_text()) for run in (run1, run2))
-    key = "pairwise_accuracy_after" if recipe == "reward" else "logp_accuracy_after"
-    assert s2["heldout"]["after"] == pytest.approx(s1["heldout"]["after"], rel=1e-3, abs=1e-4), key
-    assert (run2 / "adapter").is_dir()
-
-
 @pytest.mark.parametrize("recipe, why", [("rlhf", "online RL"), ("pipeline", "stages one by one")])
 def test_unsupported_recipes_say_why(tmp_path, recipe, why):
     from tunelab.errors import TunelabError

@@ -47,11 +47,30 @@ class Catalog:
         return con
 
     def _migrate(self) -> None:
-        with self._connect() as con:
-            version = con.execute("PRAGMA user_version").fetchone()[0]
-            for i, sql in enumerate(MIGRATIONS[version:], start=version + 1):
-                con.executescript(sql)
-                con.execute(f"PRAGMA user_version = {i}")
+        """Apply the pending migrations in one write transaction.
+
+        Several processes may open a new workspace at once (parallel tuning trials, DDP ranks): the
+        version is read after ``BEGIN IMMEDIATE`` takes the database's write lock, so exactly one of
+        them migrates and the others wait (``timeout``) and then see the new version.
+        """
+        con = sqlite3.connect(self.path, timeout=60, isolation_level=None)  # transactions by hand
+        try:
+            if con.execute("PRAGMA user_version").fetchone()[0] >= len(MIGRATIONS):
+                return  # the common case: no write lock taken
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                for i, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    # statement by statement: executescript would commit the open transaction first
+                    for stmt in _statements(script):
+                        con.execute(stmt)
+                    con.execute(f"PRAGMA user_version = {i}")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        finally:
+            con.close()
 
     def add_run(self, *, id: str, kind: str, dir: Path, name: str | None = None, status: str = "running",
                 parent_id: str | None = None, base_model: str | None = None, dataset_id: str | None = None,
@@ -92,6 +111,19 @@ class Catalog:
         with self._connect() as con:
             rows = con.execute(q + " ORDER BY created_at", args).fetchall()
         return [_row(r) for r in rows]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration script into complete SQL statements (sqlite3.complete_statement knows triggers)."""
+    out, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            out.append(buf.strip())
+            buf = ""
+    if buf.strip():
+        raise ValueError(f"incomplete SQL statement in a migration: {buf.strip()[:80]}")
+    return out
 
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:

@@ -55,10 +55,15 @@ class Workspace:
             return fixed, d
         stamp = time.strftime("%Y%m%d-%H%M%S")
         slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in (name or "")).strip("-")[:40]
-        run_id = "-".join(p for p in (kind, slug, stamp, secrets.token_hex(2)) if p)
-        d = self.runs_dir / run_id
-        d.mkdir(parents=True, exist_ok=False)
-        return run_id, d
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        while True:  # mkdir is atomic: of two processes drawing the same id, one gets it, the other redraws
+            run_id = "-".join(p for p in (kind, slug, stamp, secrets.token_hex(2)) if p)
+            d = self.runs_dir / run_id
+            try:
+                d.mkdir(exist_ok=False)
+                return run_id, d
+            except FileExistsError:
+                continue
 
     def run_dir(self, ref: str) -> Path:
         """A run directory from an id, a unique id prefix, or a path."""

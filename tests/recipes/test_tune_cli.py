@@ -66,3 +66,66 @@ def test_tune_study_resume_report(tmp_path, tiny_model):
     assert set(rep["importances"]) <= {"learning_rate", "lora_r"} and rep["importances"]
     png = ws / "tune" / "colors" / "history.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parallel_trials_share_study_catalog_and_pruner(tmp_path, tiny_model):
+    """n_jobs 2: two spawned workers share the SQLite study and the workspace catalog; each trial is its
+    own run; workers use cores / 2 threads; pruning compares against the other worker's trials; a resumed
+    study keeps numbering."""
+    optuna = pytest.importorskip("optuna")
+    from tunelab.train.tune import _cores
+    from tunelab.workspace import Workspace
+
+    ws = tmp_path / "ws"
+    spec = _files(tmp_path, tiny_model, trials=2)
+    raw = yaml.safe_load(spec.read_text())
+    # pruning starts once 2 trials completed: the first two (one per worker) always complete
+    raw.update(n_jobs=2, startup_trials=2)
+    raw["space"]["learning_rate"] = {"low": 1e-2, "high": 5e-2, "log": True}  # every sampled trial learns
+    spec.write_text(yaml.safe_dump(raw))
+    r = run_cli("tune", str(spec), "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-3000:]
+    db = f"sqlite:///{ws / 'tune' / 'colors' / 'study.db'}"
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+
+    def check(n: int):
+        study = optuna.load_study(study_name="colors", storage=db)
+        trials = study.trials
+        assert sorted(t.number for t in trials) == list(range(n))
+        assert all(t.state in finished for t in trials), [t.state for t in trials]
+        assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both workers ran trials
+        assert {t.user_attrs["threads"] for t in trials} == {max(1, _cores() // 2)}
+        run_ids = [t.user_attrs["run_id"] for t in trials]
+        assert len(set(run_ids)) == n
+        assert sorted(p.name for p in (ws / "runs").iterdir()) == sorted(run_ids)  # one folder per trial
+        rows = {row["id"]: row for row in Workspace(ws).catalog().list_runs()}
+        assert sorted(rows) == sorted(run_ids)  # one catalog row per trial, none lost
+        for t in trials:
+            assert rows[t.user_attrs["run_id"]]["status"] == "completed"
+            assert rows[t.user_attrs["run_id"]]["name"] == f"colors-t{t.number}"
+            s = json.loads((ws / "runs" / t.user_attrs["run_id"] / "summary.json").read_text())
+            assert s["steps"] == t.user_attrs["steps"]  # each summary is its own trial's
+        rep = json.loads((ws / "tune" / "colors" / "report.json").read_text())
+        assert sorted(t["number"] for t in rep["trials"]) == list(range(n))
+        assert {t["worker"] for t in rep["trials"]} == {0, 1}
+        done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert rep["best"]["value"] == min(t.value for t in done) == study.best_value
+        assert rep["importances"] and set(rep["importances"]) <= {"learning_rate", "lora_r"}
+        assert (ws / "tune" / "colors" / "history.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        return study
+
+    study = check(2)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    # the two workers' samplers are seeded apart: no repeated values
+    assert len({t.params["learning_rate"] for t in study.trials}) == 2
+    # two trials that cannot learn in time (learning rate 1e-7, outside the space on purpose) are
+    # queued; resumed with two workers, each is pruned against the earlier trials' validation losses
+    for _ in range(2):
+        study.enqueue_trial({"learning_rate": 1e-7, "lora_r": 2})
+    r = run_cli("tune", str(spec), "--resume", "--trials", "4", "-w", str(ws))
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = check(4)
+    new = [t for t in study.trials if t.number >= 2]
+    assert [t.params["learning_rate"] for t in new] == [1e-7, 1e-7]
+    assert all(t.state == optuna.trial.TrialState.PRUNED for t in new), [(t.number, t.state) for t in new]
+    assert all(t.user_attrs["pruned_at_step"] < 6 for t in new)

@@ -149,7 +149,7 @@ def pull(name: str, workspace: Workspace | None = None, force: bool = False) -> 
 
     require("gguf", "gguf")
     tf = require("transformers", "train")
-    tmp = ws.models_dir / f".{key}.partial"
+    tmp = ws.models_dir / f".{key}.partial-{os.getpid()}"  # per process: concurrent pulls do not mix files
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=pm.gguf_file)
@@ -171,7 +171,12 @@ def pull(name: str, workspace: Workspace | None = None, force: bool = False) -> 
         "note": "dequantized from Q4_1; weights carry the quantization error of the GGUF",
     })
     shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same pull first: keep its folder
+        if not _is_hf_folder(out):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -184,7 +184,9 @@ def resolve_start(ref: str, ws: Workspace) -> Start:
 def eval_device() -> str:
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    from tunelab.train.distributed import local_device
+
+    return local_device("cuda") if torch.cuda.is_available() else "cpu"
 
 
 def load_causal(start: Start, trainable_adapter: bool = False, device: str | None = None):

@@ -277,10 +277,12 @@ def confusion_png(cm: list[list[int]], names: list[str], title: str) -> bytes:
 def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train; evaluate on the test file; return the summary (also written to ``summary.json``)."""
+    from tunelab.train.distributed import is_main, world_size, worker_summary
     from tunelab.train.sft import dataset_lineage, last_checkpoint
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
+    main = is_main()  # under --nproc only rank 0 writes files and the catalog (tunelab/train/distributed.py)
 
     if resume:
         run_dir = ws.run_dir(resume)
@@ -292,7 +294,8 @@ def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | N
             k: str(Path(getattr(cfg.data, k)).resolve()) for k in ("train", "validation", "test")
             if getattr(cfg.data, k)})})
         run_id, run_dir = ws.new_run_dir("classify", cfg.name)
-        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+        if main:
+            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
     started = time.time()
 
     import torch
@@ -312,13 +315,14 @@ def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | N
     model_path = resolve(cfg.model.name, ws)
     lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": cfg.model.name,
                "base_model_path": str(model_path), **dataset_lineage(cfg.data)}
-    write_json(run_dir / "lineage.json", lineage)
-    write_json(run_dir / "environment.json", capture())
-    if not resume:
+    if main:
+        write_json(run_dir / "lineage.json", lineage)
+        write_json(run_dir / "environment.json", capture())
+    if main and not resume:
         catalog.add_run(id=run_id, kind="classify", dir=run_dir, name=cfg.name, parent_id=parent_id,
                         base_model=cfg.model.name, dataset_id=lineage["dataset_id"],
                         config=cfg.model_dump(mode="json"))
-    else:
+    elif main:
         catalog.update_run(run_id, status="running")
 
     try:
@@ -347,8 +351,9 @@ def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | N
         label2id = {n: i for i, n in enumerate(names)}
         val_ex = known_labels(val_ex, label2id, d.validation or d.train, rejects)
         test_ex = known_labels(load_examples(d.test, d, rejects), label2id, d.test, rejects) if d.test else []
-        with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        if main:
+            with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rejects)
         train_feats, train_stats = encode(tokenizer, train_ex, label2id, d.max_length)
         val_feats, val_stats = encode(tokenizer, val_ex, label2id, d.max_length)
         test_feats, test_stats = encode(tokenizer, test_ex, label2id, d.max_length)
@@ -418,17 +423,23 @@ def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | N
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           compute_metrics=_compute_metrics, callbacks=callbacks)
         trainer.remove_callback(PrinterCallback)
+        # A classification loss is the mean over the batch and ignores num_items_in_batch, but the forward
+        # of every transformers model takes **kwargs, so the Trainer would treat it as a token-summed loss:
+        # not divide it by grad_accum, and multiply it by the process count under --nproc (N times the
+        # gradient). Declared here, the loss is averaged like any mean loss (docs/distributed.md).
+        trainer.model_accepts_loss_kwargs = False
 
         resume_from = None
         if resume:
             resume_from = last_checkpoint(ckpt_dir)
             if resume_from is None:
                 print("no complete checkpoint yet: starting this run from the beginning")
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            else:
+                if main:
+                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            elif main:
                 cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
                 print(f"resuming from {resume_from.name}")
-        else:
+        elif main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         print(f"device: {dplan.why}; method {cfg.method}: {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.2f}%; head: {', '.join(head)}); {total_steps} steps")
@@ -436,26 +447,33 @@ def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | N
 
         # 5. save the best weights (load_best_model_at_end restored them) with the tokenizer and labels
         out_dir = run_dir / ("adapter" if cfg.method == "lora" else "model")
-        tmp = run_dir / f".{out_dir.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        trainer.model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(tmp / "labels.json", {"id2label": dict(enumerate(names)), "label2id": label2id,
-                                         "text_field": d.text_field, "label_field": d.label_field})
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
+        if main:
+            tmp = run_dir / f".{out_dir.name}.partial"
+            shutil.rmtree(tmp, ignore_errors=True)
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / "labels.json", {"id2label": dict(enumerate(names)), "label2id": label2id,
+                                             "text_field": d.text_field, "label_field": d.label_field})
+            shutil.rmtree(out_dir, ignore_errors=True)
+            tmp.rename(out_dir)
 
         # 6. evaluation with the best weights: validation and test, every number from scikit-learn
         eval_dir = run_dir / "eval"
-        eval_dir.mkdir(exist_ok=True)
         # The eval sampler follows train_sampling_strategy: length-grouped batches would reorder the
         # predictions. Sequential order keeps them aligned with the texts written next to them.
         trainer.args.train_sampling_strategy = "random"
+        # Under --nproc every rank predicts its share of the batches and Trainer.predict gathers them in
+        # order (padding repeats dropped); rank 0 holds all predictions and writes them.
+        preds = {split: trainer.predict(feats, metric_key_prefix=split)
+                 for split, feats in (("validation", val_feats), ("test", test_feats)) if feats}
+        if not main:
+            return worker_summary(run_id)
+        eval_dir.mkdir(exist_ok=True)
         results: dict[str, dict] = {}
         for split, feats, exs in (("validation", val_feats, val_ex), ("test", test_feats, test_ex)):
             if not feats:
                 continue
-            pred = trainer.predict(feats, metric_key_prefix=split)
+            pred = preds[split]
             logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
             results[split] = full_report(logits, pred.label_ids, names)
             probs = torch.softmax(torch.as_tensor(logits).float(), -1)
@@ -496,8 +514,10 @@ def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | N
             "test_macro_f1": results.get("test", {}).get("macro_f1"),
             "test_examples": results.get("test", {}).get("n", 0),
             "train_runtime_s": round(runtime, 2),
-            "examples_per_s": round(st.global_step * cfg.train.batch_size * cfg.train.grad_accum
+            "examples_per_s": round(st.global_step * cfg.train.batch_size * cfg.train.grad_accum * world_size()
                                     / max(runtime, 1e-9), 2),
+            "world_size": world_size(),
+            "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
             "tokens_seen": st.num_input_tokens_seen,
             "trainable_params": trainable,
             "total_params": total,
@@ -516,5 +536,6 @@ def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | N
               f"{st.global_step} steps in {runtime:.0f} s; written: {out_dir}, {eval_dir / 'metrics.json'}")
         return summary
     except BaseException as e:
-        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        if main:
+            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise

@@ -86,8 +86,11 @@ def run(cfg: CPTConfig, workspace: Workspace | None = None, resume: str | None =
     from tunelab.train.pretrain import (absolute_files, load_texts, save_folder, split_heldout, spread, text_lineage,
                                         tokenize_and_pack, train_blocks, training_summary)
 
+    from tunelab.train.distributed import is_main, local_device, worker_summary
+
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
+    main = is_main()  # under --nproc only rank 0 writes files and the catalog (tunelab/train/distributed.py)
     sections = lambda c: {"data": c.data, **({"replay": c.replay} if c.replay else {})}  # noqa: E731
     if resume:
         run_dir = ws.run_dir(resume)
@@ -115,7 +118,8 @@ def run(cfg: CPTConfig, workspace: Workspace | None = None, resume: str | None =
                                f"replay.heldout_share, or use replay.text_unit: paragraph")
     if not resume:
         run_id, run_dir = ws.new_run_dir("cpt", cfg.name)
-        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+        if main:
+            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
 
     import torch
     import transformers
@@ -131,17 +135,19 @@ def run(cfg: CPTConfig, workspace: Workspace | None = None, resume: str | None =
     model_path = resolve(cfg.model.name, ws)
     lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": cfg.model.name,
                "base_model_path": str(model_path), **data_lineage}
-    write_json(run_dir / "lineage.json", lineage)
-    write_json(run_dir / "environment.json", capture())
-    if not resume:
+    if main:
+        write_json(run_dir / "lineage.json", lineage)
+        write_json(run_dir / "environment.json", capture())
+    if main and not resume:
         catalog.add_run(id=run_id, kind="cpt", dir=run_dir, name=cfg.name, parent_id=parent_id,
                         base_model=cfg.model.name, dataset_id=lineage["dataset_id"], config=cfg.model_dump(mode="json"))
-    else:
+    elif main:
         catalog.update_run(run_id, status="running")
 
     try:
-        with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        if main:
+            with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rejects)
 
         # 2. tokenizer and block size (the model's context unless set; capped at 1024 by default)
         tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -183,17 +189,20 @@ def run(cfg: CPTConfig, workspace: Workspace | None = None, resume: str | None =
         # 4. base model and its perplexities on the fixed held-out blocks
         transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        model = model.to(plan(cfg.train.precision).device)
+        model = model.to(local_device(plan(cfg.train.precision).device))
         bs = cfg.train.batch_size
-        before = {"domain": blocks_perplexity(model, d_eval, bs)}
-        if g_eval:
-            before["general"] = blocks_perplexity(model, g_eval, bs)
-        print("base perplexity: " + ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in before.items()))
+        if main:  # evaluations are rank 0's (no RNG is drawn: the ranks stay in step)
+            before = {"domain": blocks_perplexity(model, d_eval, bs)}
+            if g_eval:
+                before["general"] = blocks_perplexity(model, g_eval, bs)
+            print("base perplexity: " + ", ".join(f"{k} {v['perplexity']:.3f}" for k, v in before.items()))
 
         # 5. method, then train on domain blocks (+ replay), validating on the domain held-out blocks
         model = attach_method(model, cfg)
         model, trainer, out, dplan = train_blocks(model, tokenizer, train_set, d_eval, cfg.train, run_dir,
                                                   f"cpt {run_id}", bool(resume))
+        if not main:
+            return worker_summary(run_id)
         after = {"domain": blocks_perplexity(model, d_eval, bs)}
         if g_eval:
             after["general"] = blocks_perplexity(model, g_eval, bs)
@@ -242,5 +251,6 @@ def run(cfg: CPTConfig, workspace: Workspace | None = None, resume: str | None =
               f"trained; {out_dir.name} in {out_dir}")
         return summary
     except BaseException as e:
-        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        if main:
+            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise

@@ -203,7 +203,14 @@ def _trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # the losses call decoder and LM head directly, past accelerate's autocast on model.forward
             with self.accelerator.autocast():
-                return self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+                out = self._compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices \
+                    and self.accelerator.num_processes > 1:
+                # num_items_in_batch counts the response tokens of all ranks and DDP averages gradients
+                # over ranks: scale back by the rank count, as Trainer.compute_loss does (and sft.py)
+                k = self.accelerator.num_processes
+                out = (out[0] * k, {"loss": out[0] * k}) if return_outputs else out * k
+            return out
 
         def _compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             acc = self._acc["train" if model.training else "eval"]
@@ -224,6 +231,11 @@ def _trainer_class():
         def log(self, logs, start_time=None):
             mode = "eval" if "eval_loss" in logs else "train"
             kd, ce, n = self._acc[mode]
+            if self.accelerator.num_processes > 1:  # every rank logs here: sum the ranks' token counts and losses
+                import torch
+
+                kd, ce, n = self.accelerator.reduce(torch.tensor([kd, ce, float(n)], dtype=torch.float64,
+                                                                 device=self.args.device), reduction="sum").tolist()
             if n and (mode == "eval" or "loss" in logs):
                 prefix = "eval_" if mode == "eval" else ""
                 logs[f"{prefix}distill_loss"] = kd / n
@@ -308,13 +320,38 @@ def _teacher_responses(teacher, t_tok, chats: list[list[dict]], seq: SequenceSec
     return out, len(chats) - len(out)
 
 
+def _sequence_data(teacher, t_tok, chats, val_chats, cfg: DistillConfig, run_dir: Path, cache: Path):
+    """mode: sequence: the teacher's greedy answers replace the references, generated once per run and
+    kept in ``teacher_responses.jsonl`` (read back on --resume, and by ranks other than 0 under --nproc)."""
+    if cache.is_file():
+        rows = [json.loads(x) for x in cache.read_text(encoding="utf-8").splitlines() if x.strip()]
+        chats = [r["messages"] for r in rows if r["split"] == "train"]
+        val_chats = [r["messages"] for r in rows if r["split"] == "validation"]
+        return chats, val_chats, json.loads((run_dir / "teacher_responses.json").read_text(encoding="utf-8"))
+    t0 = time.perf_counter()
+    chats, dropped = _teacher_responses(teacher, t_tok, chats, cfg.sequence, "teacher answers train")
+    val_chats, vdropped = (_teacher_responses(teacher, t_tok, val_chats, cfg.sequence, "teacher answers validation")
+                           if val_chats else ([], 0))
+    gen = {"train": len(chats), "validation": len(val_chats), "empty_dropped": dropped + vdropped,
+           "seconds": round(time.perf_counter() - t0, 2), "max_new_tokens": cfg.sequence.max_new_tokens}
+    tmp = cache.with_suffix(".partial")  # complete or absent: a rank waiting on it never reads half a file
+    with open(tmp, "w", encoding="utf-8") as f:
+        for split, cs in (("train", chats), ("validation", val_chats)):
+            f.writelines(json.dumps({"split": split, "messages": c}, ensure_ascii=False) + "\n" for c in cs)
+    write_json(run_dir / "teacher_responses.json", gen)
+    tmp.replace(cache)
+    return chats, val_chats, gen
+
+
 def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Distill; return the summary (also written to ``summary.json``)."""
+    from tunelab.train.distributed import is_main, main_first, world_size, worker_summary
     from tunelab.train.sft import dataset_lineage, last_checkpoint, load_chats, split_validation, write_probe
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
+    main = is_main()  # under --nproc only rank 0 writes files, evaluates and generates (train/distributed.py)
     if resume:
         run_dir = ws.run_dir(resume)
         cfg = cfglib.load(DistillConfig, run_dir / "config.yaml")
@@ -352,19 +389,21 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
         run_id = run_dir.name
     else:
         run_id, run_dir = ws.new_run_dir("distill", cfg.name)
-        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+        if main:
+            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
     started = time.time()
     base_for_output = student_ref.path  # what the saved adapter attaches to (or the student's start folder)
     lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": cfg.student.name,
                "base_model_path": str(base_for_output), "teacher": teacher_ref.describe(),
                "student": student_ref.describe(), **dataset_lineage(cfg.data)}
-    write_json(run_dir / "lineage.json", lineage)
-    write_json(run_dir / "environment.json", capture())
-    if not resume:
+    if main:
+        write_json(run_dir / "lineage.json", lineage)
+        write_json(run_dir / "environment.json", capture())
+    if main and not resume:
         catalog.add_run(id=run_id, kind="distill", dir=run_dir, name=cfg.name, parent_id=parent_id,
                         base_model=cfg.student.name, dataset_id=lineage["dataset_id"],
                         config=cfg.model_dump(mode="json"))
-    else:
+    elif main:
         catalog.update_run(run_id, status="running")
 
     try:
@@ -379,8 +418,9 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
             val_chats = []
         test_chats = (load_chats(cfg.data.test, cfg.data, rejects, cfg.eval.limit) if cfg.data.test
                       else val_chats[: cfg.eval.limit] if cfg.eval.limit else val_chats)
-        with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        if main:
+            with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rejects)
         if not chats or not test_chats:
             raise TunelabError(f"need training and held-out examples: {len(chats)} train, {len(test_chats)} "
                                f"held out ({len(rejects)} rejected; see {run_dir / 'rejects.jsonl'})")
@@ -394,24 +434,8 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
         teacher_gen = {}
         if cfg.mode == "sequence":
             cache = run_dir / "teacher_responses.jsonl"
-            if cache.is_file():  # --resume: the same teacher data
-                rows = [json.loads(x) for x in cache.read_text(encoding="utf-8").splitlines() if x.strip()]
-                chats = [r["messages"] for r in rows if r["split"] == "train"]
-                val_chats = [r["messages"] for r in rows if r["split"] == "validation"]
-                teacher_gen = json.loads((run_dir / "teacher_responses.json").read_text(encoding="utf-8"))
-            else:
-                t0 = time.perf_counter()
-                chats, dropped = _teacher_responses(teacher, t_tok, chats, cfg.sequence, "teacher answers train")
-                val_chats, vdropped = (_teacher_responses(teacher, t_tok, val_chats, cfg.sequence,
-                                                          "teacher answers validation") if val_chats else ([], 0))
-                teacher_gen = {"train": len(chats), "validation": len(val_chats), "empty_dropped": dropped + vdropped,
-                               "seconds": round(time.perf_counter() - t0, 2),
-                               "max_new_tokens": cfg.sequence.max_new_tokens}
-                with open(cache, "w", encoding="utf-8") as f:
-                    for split, cs in (("train", chats), ("validation", val_chats)):
-                        f.writelines(json.dumps({"split": split, "messages": c}, ensure_ascii=False) + "\n"
-                                     for c in cs)
-                write_json(run_dir / "teacher_responses.json", teacher_gen)
+            with main_first():  # under --nproc rank 0 generates once; the other ranks read its file
+                chats, val_chats, teacher_gen = _sequence_data(teacher, t_tok, chats, val_chats, cfg, run_dir, cache)
             print(f"teacher responses: {teacher_gen['train']} train / {teacher_gen['validation']} validation "
                   f"({teacher_gen['empty_dropped']} empty answers dropped) in {teacher_gen['seconds']} s")
 
@@ -427,7 +451,9 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
         continue_adapter = student_ref.adapter is not None and cfg.method != "full"
         student = load_lm(student_ref, trainable_adapter=continue_adapter)
         start_file = run_dir / "eval" / "student_start.json"
-        if start_file.is_file():
+        if not main:  # the held-out comparison is rank 0's (greedy decoding draws no RNG: ranks stay in step)
+            start = None
+        elif start_file.is_file():
             start = json.loads(start_file.read_text(encoding="utf-8"))
         else:
             m, rows = score(student, s_tok, test_chats, cfg.eval, cfg.data.max_length, "student at start")
@@ -502,17 +528,20 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
             resume_from = last_checkpoint(ckpt_dir)
             if resume_from is None:
                 print("no complete checkpoint yet: starting this run from the beginning")
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            else:
+                if main:
+                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            elif main:
                 cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
                 print(f"resuming from {resume_from.name}")
-        else:
+        elif main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         what = (f"{cfg.loss}{f' (beta {cfg.jsd_beta})' if cfg.loss == 'jsd' else ''}, T={cfg.temperature}, "
                 f"alpha={cfg.alpha}" if cfg.mode == "logits" else "cross-entropy on the teacher's responses")
         print(f"distill ({cfg.mode}: {what}); device: {dplan.why}; student {trainable:,} trainable of {total:,} "
               f"parameters; {total_steps} steps")
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if not main:
+            return worker_summary(run_id)
 
         # 6. save the best student (load_best_model_at_end restored it) with the tokenizer
         # without accelerate's mixed-precision forward wrapper: the saved weights, probe and the timing
@@ -592,6 +621,8 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
             "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
             "data": data_report,
             "wall_time_s": round(time.time() - started, 2),
+            "world_size": world_size(),
+            "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
         }
         write_json(run_dir / "summary.json", summary)
         catalog.update_run(run_id, status="completed", metrics={
@@ -607,7 +638,8 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
             print(f"warning: report.html not written ({type(e).__name__}: {e})")
         return summary
     except BaseException as e:
-        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        if main:
+            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
 
 

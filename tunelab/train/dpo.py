@@ -69,10 +69,12 @@ def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None =
         parent_id: str | None = None) -> dict:
     """Train; return the summary (also written to ``summary.json``)."""
     from tunelab.train import _preference as P
+    from tunelab.train.distributed import is_main, world_size, worker_summary
     from tunelab.train.sft import dataset_lineage, last_checkpoint
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
+    main = is_main()  # under --nproc only rank 0 writes files and evaluates (tunelab/train/distributed.py)
     if resume:
         run_dir = ws.run_dir(resume)
         run_id = run_dir.name
@@ -81,7 +83,8 @@ def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None =
         dataset_lineage(cfg.data)
         cfg = P.absolute_data(cfg)
         run_id, run_dir = ws.new_run_dir("dpo", cfg.name)
-        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+        if main:
+            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
     started = time.time()
 
     import datasets
@@ -103,11 +106,12 @@ def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None =
                **dataset_lineage(cfg.data)}
     if cfg.eval.reward_model:
         lineage["judge_reward_model"] = cfg.eval.reward_model
-    P.start_record(run_dir, lineage)
-    if not resume:
+    if main:
+        P.start_record(run_dir, lineage)
+    if main and not resume:
         catalog.add_run(id=run_id, kind="dpo", dir=run_dir, name=cfg.name, parent_id=parent_id,
                         base_model=cfg.model.name, dataset_id=lineage["dataset_id"], config=cfg.model_dump(mode="json"))
-    else:
+    elif main:
         catalog.update_run(run_id, status="running")
 
     try:
@@ -117,7 +121,8 @@ def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None =
         load = (lambda path: P.load_pairs(path, tokenizer, rejects))
         pairs = P.load_pairs(cfg.data.train, tokenizer, rejects, cfg.data.limit)
         train_pairs, val_pairs, held_pairs, held_name = P.split_sets(pairs, cfg.data, cfg.train.seed, load)
-        P.write_rejects(run_dir, rejects)
+        if main:
+            P.write_rejects(run_dir, rejects)
         L = cfg.data.max_length
         train_pairs, tr_cut = P.fit_pairs(tokenizer, train_pairs, L)
         val_pairs, va_cut = P.fit_pairs(tokenizer, val_pairs, L)
@@ -135,9 +140,10 @@ def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None =
         dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
         transformers.set_seed(cfg.train.seed)
         ref_model = P.load_causal(start, device=P.eval_device())
-        ref_c, ref_r = P.pair_logps(ref_model, tokenizer, held_pairs, L)
-        before = heldout_preferences(ref_c, ref_r)
-        print(f"held-out before: log-prob preference accuracy {before.get('logp_accuracy')}")
+        if main:  # the held-out evaluation is rank 0's (no RNG drawn: the ranks stay in step)
+            ref_c, ref_r = P.pair_logps(ref_model, tokenizer, held_pairs, L)
+            before = heldout_preferences(ref_c, ref_r)
+            print(f"held-out before: log-prob preference accuracy {before.get('logp_accuracy')}")
         model, peft_config = P.policy_for_training(start, cfg.method, cfg.lora)
 
         # 3. trainer
@@ -164,14 +170,16 @@ def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None =
         resume_from = None
         if resume:
             resume_from = last_checkpoint(run_dir / "checkpoints")
-            if resume_from is not None:
+            if resume_from is not None and main:
                 cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
                 print(f"resuming from {resume_from.name}")
-        if resume_from is None:
+        if resume_from is None and main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         print(f"device: {dplan.why}; loss {cfg.loss}, beta {cfg.beta}; {trainable:,} trainable of {total:,} "
               f"parameters; {total_steps} steps")
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if not main:  # saving and the held-out evaluation are rank 0's
+            return worker_summary(run_id)
 
         # 4. save; held-out after (the start model is the reference), optional reward-model judgement
         out_dir = P.save_output(trainer.model, tokenizer, run_dir, cfg.method != "full")
@@ -211,6 +219,7 @@ def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None =
             "trainable_params": trainable, "total_params": total,
             "trainable_percent": round(100 * trainable / total, 4),
             "device": dplan.__dict__, "data": data_report, "wall_time_s": round(time.time() - started, 2),
+            "world_size": world_size(), "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
         }
         if judged:
             summary.update({k: judged[k] for k in ("reward_before", "reward_after", "win_rate", "kl_to_reference")})
@@ -220,5 +229,6 @@ def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None =
                                         "win_rate", "final_train_loss", "steps")})
         return summary
     except BaseException as e:
-        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        if main:
+            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise

@@ -199,6 +199,7 @@ def train_blocks(model, tokenizer, train: list[list[int]], evals: list[list[int]
     from tunelab.train import callbacks as cb
     from tunelab.train._numerics import PadCollator
     from tunelab.train.device import plan
+    from tunelab.train.distributed import is_main
     from tunelab.train.sft import last_checkpoint
 
     dplan = plan(tc.precision, tc.gradient_checkpointing)
@@ -255,15 +256,17 @@ def train_blocks(model, tokenizer, train: list[list[int]], evals: list[list[int]
     trainer.remove_callback(PrinterCallback)
 
     resume_from = None
+    main = is_main()  # metrics.jsonl is rank 0's under --nproc
     if resume:
         resume_from = last_checkpoint(ckpt_dir)
         if resume_from is None:
             print("no complete checkpoint yet: starting this run from the beginning")
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        else:
+            if main:
+                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        elif main:
             cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
             print(f"resuming from {resume_from.name}")
-    else:
+    elif main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -288,6 +291,8 @@ def save_folder(model, tokenizer, out_dir: Path) -> None:
 
 def training_summary(trainer, out) -> dict:
     """Steps, early stop, best step/loss, tokens trained and tokens/s, from the Trainer's state."""
+    from tunelab.train.distributed import world_size
+
     st = trainer.state
     rows = [r for r in st.log_history if "loss" in r and "eval_loss" not in r]
     runtime = out.metrics.get("train_runtime", 0.0)
@@ -301,6 +306,9 @@ def training_summary(trainer, out) -> dict:
         "train_runtime_s": round(runtime, 2),
         "tokens_trained": st.num_input_tokens_seen,
         "tokens_per_s": round(st.num_input_tokens_seen / max(runtime, 1e-9), 2),
+        "world_size": world_size(),
+        "global_batch_size": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+        * world_size(),
     }
 
 
@@ -341,8 +349,11 @@ def build_model(arch: ArchSection, tokenizer, seed: int):
 def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train a tokenizer and a model from scratch; return the summary (also in ``summary.json``)."""
+    from tunelab.train.distributed import is_main, local_device, main_first, worker_summary
+
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
+    main = is_main()  # under --nproc only rank 0 writes files and the catalog (tunelab/train/distributed.py)
     if resume:
         run_dir = ws.run_dir(resume)
         run_id = run_dir.name
@@ -364,7 +375,8 @@ def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | N
                            f"held out; add text, raise data.heldout_share, or use data.text_unit: paragraph")
     if not resume:
         run_id, run_dir = ws.new_run_dir("pretrain", cfg.name)
-        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+        if main:
+            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
 
     import transformers
     from transformers import AutoTokenizer
@@ -376,30 +388,34 @@ def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | N
 
     transformers.logging.set_verbosity_error()
     lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": None, **data_lineage}
-    write_json(run_dir / "lineage.json", lineage)
-    write_json(run_dir / "environment.json", capture())
-    if not resume:
+    if main:
+        write_json(run_dir / "lineage.json", lineage)
+        write_json(run_dir / "environment.json", capture())
+    if main and not resume:
         catalog.add_run(id=run_id, kind="pretrain", dir=run_dir, name=cfg.name, parent_id=parent_id,
                         dataset_id=lineage["dataset_id"], config=cfg.model_dump(mode="json"))
-    else:
+    elif main:
         catalog.update_run(run_id, status="running")
 
     try:
-        with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rejects)
+        if main:
+            with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rejects)
 
-        # 2. tokenizer: trained on the training documents only (held-out text stays unseen), or reused
+        # 2. tokenizer: trained on the training documents only (held-out text stays unseen), or reused.
+        # Under --nproc rank 0 makes it and the other ranks load what it saved: one vocabulary for all.
         tok_dir = run_dir / "tokenizer"
-        if tok_dir.is_dir():  # --resume: the tokenizer this run already trained
-            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-        elif cfg.tokenizer.path:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer.path)
-            tokenizer.save_pretrained(tok_dir)
-        else:
-            t0 = time.time()
-            tokenizer = train_tokenizer(train_texts, cfg.tokenizer, cfg.model.context_length)
-            tokenizer.save_pretrained(tok_dir)
-            print(f"tokenizer: byte-level BPE, {len(tokenizer):,} tokens, trained in {time.time() - t0:.1f}s")
+        with main_first():
+            if tok_dir.is_dir():  # --resume (or another rank made it): the tokenizer this run already has
+                tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            elif cfg.tokenizer.path:
+                tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer.path)
+                tokenizer.save_pretrained(tok_dir)
+            else:
+                t0 = time.time()
+                tokenizer = train_tokenizer(train_texts, cfg.tokenizer, cfg.model.context_length)
+                tokenizer.save_pretrained(tok_dir)
+                print(f"tokenizer: byte-level BPE, {len(tokenizer):,} tokens, trained in {time.time() - t0:.1f}s")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -419,13 +435,16 @@ def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | N
               f"scored; rejected records: {len(rejects)}")
 
         # 4. model at random init, and its held-out perplexity (~vocabulary size)
-        model = build_model(cfg.model, tokenizer, cfg.train.seed).to(plan(cfg.train.precision).device)
-        before = blocks_perplexity(model, eval_blocks, cfg.train.batch_size)
-        print(f"held-out perplexity at random init: {before['perplexity']:.2f}")
+        model = build_model(cfg.model, tokenizer, cfg.train.seed).to(local_device(plan(cfg.train.precision).device))
+        if main:  # evaluations are rank 0's (no RNG is drawn: the ranks stay in step)
+            before = blocks_perplexity(model, eval_blocks, cfg.train.batch_size)
+            print(f"held-out perplexity at random init: {before['perplexity']:.2f}")
 
         # 5. train (best weights restored when there was validation)
         model, trainer, out, dplan = train_blocks(model, tokenizer, train_pack.blocks, eval_blocks, cfg.train,
                                                   run_dir, f"pretrain {run_id}", bool(resume))
+        if not main:
+            return worker_summary(run_id)
         after = blocks_perplexity(model, eval_blocks, cfg.train.batch_size)
 
         # 6. save an HF folder (model + tokenizer) that loads with AutoModelForCausalLM / AutoTokenizer
@@ -461,5 +480,6 @@ def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | N
               f"over {after['tokens']:,} tokens; {summary['tokens_trained']:,} tokens trained; model in {out_dir}")
         return summary
     except BaseException as e:
-        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        if main:
+            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise

@@ -59,10 +59,12 @@ def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | Non
         parent_id: str | None = None) -> dict:
     """Train a reward model; return the summary (also written to ``summary.json``)."""
     from tunelab.train import _preference as P
+    from tunelab.train.distributed import is_main, world_size, worker_summary
     from tunelab.train.sft import dataset_lineage, last_checkpoint
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
+    main = is_main()  # under --nproc only rank 0 writes files and evaluates (tunelab/train/distributed.py)
     if resume:
         run_dir = ws.run_dir(resume)
         run_id = run_dir.name
@@ -71,7 +73,8 @@ def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | Non
         dataset_lineage(cfg.data)  # fail on a missing file before a run directory is made
         cfg = P.absolute_data(cfg)
         run_id, run_dir = ws.new_run_dir("reward", cfg.name)
-        (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
+        if main:
+            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
     started = time.time()
 
     import torch
@@ -94,11 +97,12 @@ def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | Non
     parent_id = parent_id or start.run_id
     lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": cfg.model.name,
                "base_model_path": str(start.base_path), **dataset_lineage(cfg.data)}
-    P.start_record(run_dir, lineage)
-    if not resume:
+    if main:
+        P.start_record(run_dir, lineage)
+    if main and not resume:
         catalog.add_run(id=run_id, kind="reward", dir=run_dir, name=cfg.name, parent_id=parent_id,
                         base_model=cfg.model.name, dataset_id=lineage["dataset_id"], config=cfg.model_dump(mode="json"))
-    else:
+    elif main:
         catalog.update_run(run_id, status="running")
 
     try:
@@ -108,7 +112,8 @@ def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | Non
         load = (lambda path: P.load_pairs(path, tokenizer, rejects))
         pairs = P.load_pairs(cfg.data.train, tokenizer, rejects, cfg.data.limit)
         train_pairs, val_pairs, held_pairs, held_name = P.split_sets(pairs, cfg.data, cfg.train.seed, load)
-        P.write_rejects(run_dir, rejects)
+        if main:
+            P.write_rejects(run_dir, rejects)
         L = cfg.data.max_length
         train_feats, tr_cut = _features(tokenizer, train_pairs, L)
         val_feats, va_cut = _features(tokenizer, val_pairs, L)
@@ -128,8 +133,9 @@ def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | Non
         model = AutoModelForSequenceClassification.from_pretrained(start.base_path, num_labels=1,
                                                                    dtype=torch.float32)
         model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-        before = P.pairwise_eval(model, tokenizer, held_pairs, L, cfg.eval_batch_size)
-        print(f"held-out before: accuracy {before['accuracy']}, mean margin {before['mean_margin']}")
+        if main:  # the held-out evaluation is rank 0's (no RNG drawn: the ranks stay in step)
+            before = P.pairwise_eval(model, tokenizer, held_pairs, L, cfg.eval_batch_size)
+            print(f"held-out before: accuracy {before['accuracy']}, mean margin {before['mean_margin']}")
 
         # 3. trainer
         steps_per_epoch = math.ceil(len(train_feats) / (cfg.train.batch_size * cfg.train.grad_accum))
@@ -155,13 +161,15 @@ def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | Non
         resume_from = None
         if resume:
             resume_from = last_checkpoint(run_dir / "checkpoints")
-            if resume_from is not None:
+            if resume_from is not None and main:
                 cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
                 print(f"resuming from {resume_from.name}")
-        if resume_from is None:
+        if resume_from is None and main:
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         print(f"device: {dplan.why}; {trainable:,} trainable of {total:,} parameters; {total_steps} steps")
         out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if not main:  # saving and the held-out evaluation are rank 0's
+            return worker_summary(run_id)
 
         # 4. save; held-out after, on the reloaded artifact
         out_dir = P.save_output(trainer.model, tokenizer, run_dir, cfg.method != "full")
@@ -185,6 +193,7 @@ def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | Non
             "trainable_params": trainable, "total_params": total,
             "trainable_percent": round(100 * trainable / total, 4),
             "device": dplan.__dict__, "data": data_report, "wall_time_s": round(time.time() - started, 2),
+            "world_size": world_size(), "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
         }
         write_json(run_dir / "summary.json", summary)
         catalog.update_run(run_id, status="completed", metrics={
@@ -192,5 +201,6 @@ def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | Non
                                     "final_train_loss", "best_eval_loss", "steps")})
         return summary
     except BaseException as e:
-        catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        if main:
+            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise

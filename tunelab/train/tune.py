@@ -9,14 +9,15 @@ sampled values set; its objective is the run's best validation loss. The pruner 
 validation loss at every evaluation (``train.eval_every``) and stops a trial whose loss is worse
 than the median of earlier trials at the same step (Optuna MedianPruner). The study lives in
 ``<workspace>/tune/<name>/study.db``; ``--resume`` continues it up to ``trials`` finished trials.
-Parallel trials (``n_jobs`` > 1) run in separate processes that share the SQLite study; on a
-machine with few cores keep 1 (each trial already uses every core for its matrix products).
+Parallel trials (``n_jobs`` > 1) run in separate processes that share the SQLite study; each uses
+cores / n_jobs torch threads and its own sampler seed, so workers do not propose the same values.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -89,6 +90,30 @@ def _storage(cfg: TuneConfig, ws: Workspace) -> str:
     return f"sqlite:///{study_dir(cfg, ws) / 'study.db'}"
 
 
+def _rdb(cfg: TuneConfig, ws: Workspace):
+    """The study storage; parallel workers wait up to a minute for SQLite's write lock instead of failing."""
+    import optuna
+
+    return optuna.storages.RDBStorage(_storage(cfg, ws), engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _sampler_seed(seed: int, trials_before: int, worker: int) -> int:
+    """One sampler seed per (study seed, trials already in the study, worker): parallel workers and a
+    resumed session draw different random startup values instead of repeating the first worker's."""
+    if trials_before == 0 and worker == 0:
+        return seed  # a fresh one-process study: the configured seed as given
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, trials_before, worker]).generate_state(1)[0])
+
+
 def _suggest(trial, name: str, p: Param):
     if p.choices is not None:
         return trial.suggest_categorical(name, p.choices)
@@ -114,9 +139,10 @@ def _pruning_callback(trial):
     return OptunaPruning()
 
 
-def _objective(cfg: TuneConfig, ws: Workspace):
+def _objective(cfg: TuneConfig, ws: Workspace, worker: int = 0):
     def objective(trial) -> float:
         import optuna
+        import torch
 
         from tunelab import recipes
         from tunelab.train import sft
@@ -130,6 +156,8 @@ def _objective(cfg: TuneConfig, ws: Workspace):
         if not (base.data.validation or base.data.validation_split > 0):
             raise TunelabError("base: the recipe needs validation data (data.validation or data.validation_split): "
                                "it is the objective")
+        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("threads", torch.get_num_threads())
         hook = _pruning_callback(trial)
         summary = sft.run(base, ws, callbacks=[hook])
         trial.set_user_attr("run_id", summary["run_id"])
@@ -145,16 +173,16 @@ def _objective(cfg: TuneConfig, ws: Workspace):
     return objective
 
 
-def _study(cfg: TuneConfig, ws: Workspace, create: bool):
+def _study(cfg: TuneConfig, ws: Workspace, create: bool, seed: int | None = None):
     import optuna
 
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=cfg.startup_trials)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed if seed is None else seed, n_startup_trials=cfg.startup_trials)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=cfg.startup_trials, n_warmup_steps=cfg.warmup_steps,
                                          n_min_trials=1)
     if create:
-        return optuna.create_study(study_name=cfg.name, storage=_storage(cfg, ws), direction="minimize",
+        return optuna.create_study(study_name=cfg.name, storage=_rdb(cfg, ws), direction="minimize",
                                    sampler=sampler, pruner=pruner)
-    return optuna.load_study(study_name=cfg.name, storage=_storage(cfg, ws), sampler=sampler, pruner=pruner)
+    return optuna.load_study(study_name=cfg.name, storage=_rdb(cfg, ws), sampler=sampler, pruner=pruner)
 
 
 def _finished(study) -> int:
@@ -163,14 +191,18 @@ def _finished(study) -> int:
     return sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in study.trials)
 
 
-def _worker(cfg_json: str, ws_root: str, n: int) -> None:
-    """One parallel worker: its own process, the shared SQLite study."""
+def _worker(cfg_json: str, ws_root: str, n: int, worker: int, threads: int, seed: int) -> None:
+    """One parallel worker: its own (spawned) process, ``threads`` torch threads, the shared SQLite study."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # before torch is imported in this process
+        os.environ[var] = str(threads)
     import optuna
+    import torch
 
+    torch.set_num_threads(threads)
     cfg = TuneConfig.model_validate_json(cfg_json)
     ws = Workspace.resolve(ws_root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _study(cfg, ws, create=False).optimize(_objective(cfg, ws), n_trials=n, catch=())
+    _study(cfg, ws, create=False, seed=seed).optimize(_objective(cfg, ws, worker), n_trials=n, catch=())
 
 
 def run(cfg: TuneConfig, workspace: Workspace | None = None, resume: bool = False) -> dict:
@@ -196,14 +228,26 @@ def run(cfg: TuneConfig, workspace: Workspace | None = None, resume: bool = Fals
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     todo = max(0, cfg.trials - _finished(study))
     jobs = min(cfg.n_jobs, todo) or 1
+    before = len(study.trials)
     if jobs == 1:
+        study = _study(cfg, ws, create=False, seed=_sampler_seed(cfg.seed, before, 0))
         study.optimize(_objective(cfg, ws), n_trials=todo, catch=())
     else:
         import multiprocessing as mp
 
+        from tunelab import recipes
+        from tunelab.models import resolve
+
+        # the shared things the workers would otherwise make at the same moment: the catalog, the model cache
+        ws.catalog()
+        base, _ = recipes.load_recipe(_base_path(cfg), cfg.overrides)
+        resolve(base.model.name, ws)
         ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch threads
         share = [todo // jobs + (i < todo % jobs) for i in range(jobs)]
-        procs = [ctx.Process(target=_worker, args=(cfg.model_dump_json(), str(ws.root), n)) for n in share if n]
+        threads = max(1, _cores() // jobs)
+        procs = [ctx.Process(target=_worker, args=(cfg.model_dump_json(), str(ws.root), n, i, threads,
+                                                   _sampler_seed(cfg.seed, before, i)))
+                 for i, n in enumerate(share) if n]
         for p in procs:
             p.start()
         for p in procs:
@@ -230,6 +274,7 @@ def report(cfg: TuneConfig, ws: Workspace, study=None) -> dict:
         importances = {"unavailable": str(e)}
     trials = [{"number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
                "run_id": t.user_attrs.get("run_id"), "pruned_at_step": t.user_attrs.get("pruned_at_step"),
+               "worker": t.user_attrs.get("worker"), "threads": t.user_attrs.get("threads"),
                "intermediate": {str(k): v for k, v in t.intermediate_values.items()}} for t in study.trials]
     out = {"study": cfg.name, "storage": _storage(cfg, ws), "direction": "minimize",
            "objective": "best validation loss of the SFT run",

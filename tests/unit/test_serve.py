@@ -292,3 +292,34 @@ def test_errors_and_limits(server):
     assert r.status_code == 400
     health = httpx.get(url + "/health").json()
     assert health["status"] == "ok" and health["stats"]["completed"] >= 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_leaves_stops_its_decoding(server, monkeypatch, stream):
+    """A client that disconnects (a timeout, a closed stream) gets its request cancelled within a step or a
+    poll, instead of the server decoding all of max_tokens for nobody."""
+    import httpx2 as httpx
+
+    url, registry, engine = server
+    step = engine._step
+    monkeypatch.setattr(engine, "_step", lambda: (time.sleep(0.05), step())[1])  # ~3 s for 64 tokens
+    monkeypatch.setattr(engine, "eos_ids", set())  # the random model must not stop early on its own
+    seen = []
+    submit = engine.submit
+    monkeypatch.setattr(engine, "submit", lambda req: (seen.append(req), submit(req))[1])
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 64, "stream": stream}
+    headers = {"Authorization": "Bearer secret"}
+    if stream:
+        with httpx.stream("POST", url + "/v1/completions", json=body, headers=headers, timeout=30) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first event arrived, then the client hangs up
+    else:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=0.6)
+    (req,) = seen
+    for _ in range(100):
+        if req.finished is not None:
+            break
+        time.sleep(0.05)
+    assert req.finish_reason == "cancelled", (req.finish_reason, len(req.out_ids))
+    assert len(req.out_ids) < 64

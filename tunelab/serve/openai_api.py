@@ -24,6 +24,7 @@ from tunelab.errors import TunelabError
 from tunelab.serve.adapters import Registry, UnknownModel
 from tunelab.serve.batching import Engine, GenRequest, Overloaded
 
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 log = logging.getLogger("tunelab.serve")
 
 
@@ -118,7 +119,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
     """The FastAPI app over a model registry and a running batching engine."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="tunelab serve", version="1")
@@ -252,12 +253,26 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
             usage = bool((body.stream_options or {}).get("include_usage"))
             return StreamingResponse(_stream(kind, rid, created, body.model, req, events, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        while True:
-            what, data = await events.get()
-            if what == "error":
-                raise APIError(500, data, "server_error")
-            if what == "done":
-                break
+        try:
+            checked = time.monotonic()
+            while True:
+                try:
+                    what, data = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    what, data = None, None
+                if what == "error":
+                    raise APIError(500, data, "server_error")
+                if what == "done":
+                    break
+                # Starlette does not cancel a plain endpoint when its client leaves: ask now and then (text
+                # arrives every step, so not only on a quiet queue), and stop decoding for a client that is gone
+                if time.monotonic() - checked >= DISCONNECT_POLL_S:
+                    checked = time.monotonic()
+                    if await request.is_disconnected():
+                        _cancel(req, body.model)
+                        return Response(status_code=499)  # "client closed request" (nginx's convention)
+        finally:  # also when this task is cancelled
+            _cancel(req, body.model)
         _log(req, body.model, stream=False)
         return _final(kind, rid, created, body.model, req)
 
@@ -294,10 +309,13 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
                     break
             yield "data: [DONE]\n\n"
         finally:  # the client went away: stop decoding for it
-            if req.finished is None:
-                req.cancelled = True
-                log.info("request model=%s cancelled by the client after %d completion tokens, %.0f ms", model,
-                         len(req.out_ids), req.latency_s * 1000)
+            _cancel(req, model)
+
+    def _cancel(req: GenRequest, model: str) -> None:
+        if req.finished is None and not req.cancelled:
+            req.cancelled = True
+            log.info("request model=%s cancelled by the client after %d completion tokens, %.0f ms", model,
+                     len(req.out_ids), req.latency_s * 1000)
 
     return app
 

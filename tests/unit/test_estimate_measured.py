@@ -32,29 +32,25 @@ torch.set_num_threads(2)
 from tunelab import recipes
 from tunelab.workspace import Workspace
 
+from tunelab.eval.business import peak_memory, reset_peak_memory
+
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-
 ws = Workspace.resolve(sys.argv[3])
-warm, _ = recipes.load_recipe(sys.argv[1])
-recipes.load_recipe(sys.argv[1])[1](warm, ws)
+warm, warm_fn = recipes.load_recipe(sys.argv[1])
+warm_fn(warm, ws)
 gc.collect()
 ctypes.CDLL("libc.so.6").malloc_trim(0)
-warm_peak = hwm()
 base = rss()
-# Reset the peak resident size to the current one (Linux clear_refs "5"), so the peak below is the
-# 17.6M run's alone, not the warm-up's or anything earlier in the process.
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
+# Reset the peak resident size to the current one (Linux clear_refs "5", read back as VmHWM), so the
+# peak below is the 17.6M run's alone, not the warm-up's or anything earlier in the process.
+reset = reset_peak_memory()
+assert "rss" in reset, "could not reset the peak resident size"
 cfg, fn = recipes.load_recipe(sys.argv[2])
 s = fn(cfg, ws)
-peak = hwm()
-print("RESULT " + json.dumps({"measured": peak - base, "base": base, "warm_peak": warm_peak, "checkpoint_every": s["checkpoint_every_n_layers"],
+peak = peak_memory("cpu", reset)["peak_bytes"]
+print("RESULT " + json.dumps({"measured": peak - base, "checkpoint_every": s["checkpoint_every_n_layers"],
                               "precision": s["device"]["precision"], "params": s["total_params"],
                               "trainable": s["trainable_params"], "tokens": s["tokens_seen"]}))
 '''

@@ -112,12 +112,12 @@ def load_config(path: Path, _seen: frozenset = frozenset()) -> dict:
 
 
 def _env():
+    """The suites' Jinja environment, with lm-eval's ``regex_replace`` filter added."""
     import re
 
-    from tunelab._optional import require
+    from tunelab.eval.suites import _env as suite_env
 
-    jinja2 = require("jinja2", "eval")
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env = suite_env()
     env.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)
     return env
 

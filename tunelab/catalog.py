@@ -32,6 +32,15 @@ MIGRATIONS: list[str] = [
     CREATE INDEX runs_kind ON runs(kind);
     CREATE INDEX runs_parent ON runs(parent_id);
     """,
+    # 2: the run lifecycle (tunelab/train/_run.py): which process runs it and when it last
+    # showed life, so a run whose process died reads "interrupted", not "running"; the error
+    # message of a failed run
+    """
+    ALTER TABLE runs ADD COLUMN pid INTEGER;
+    ALTER TABLE runs ADD COLUMN host TEXT;
+    ALTER TABLE runs ADD COLUMN heartbeat_at REAL;
+    ALTER TABLE runs ADD COLUMN error TEXT;
+    """,
 ]
 
 
@@ -84,7 +93,9 @@ class Catalog:
                  json.dumps(config or {}, default=str), None),
             )
 
-    def update_run(self, id: str, *, status: str | None = None, metrics: dict | None = None) -> None:
+    def update_run(self, id: str, *, status: str | None = None, metrics: dict | None = None,
+                   pid: int | None = None, host: str | None = None, heartbeat_at: float | None = None,
+                   error: str | None = None) -> None:
         sets, args = ["updated_at = ?"], [time.time()]
         if status is not None:
             sets.append("status = ?")
@@ -92,6 +103,10 @@ class Catalog:
         if metrics is not None:
             sets.append("metrics_json = ?")
             args.append(json.dumps(metrics, default=str))
+        for col, val in (("pid", pid), ("host", host), ("heartbeat_at", heartbeat_at), ("error", error)):
+            if val is not None:
+                sets.append(f"{col} = ?")
+                args.append(val)
         with self._connect() as con:
             con.execute(f"UPDATE runs SET {', '.join(sets)} WHERE id = ?", (*args, id))
 

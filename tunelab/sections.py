@@ -11,6 +11,8 @@ from tunelab.config import Strict
 
 class ModelSection(Strict):
     name: str = Field(description="packaged name, local HF folder or hub id")
+    trust_remote_code: bool = Field(False, description="run Python code shipped inside the model folder (auto_map); "
+                                                       "off: such a folder is refused (tunelab/models/refs.py)")
 
 
 class ChatDataSection(Strict):

@@ -95,3 +95,12 @@ class PolicyEvalSection(Strict):
     samples: int = Field(2, ge=1, description="sampled completions per prompt and model")
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(16, ge=1)
+
+
+def refuse_unread(section, path: str, recipe: str, fields: tuple[str, ...]) -> None:
+    """Raise (inside a pydantic validator) when a recipe's section sets options that recipe does not read,
+    instead of ignoring them silently: ``train.padding_free`` in a DPO recipe, say."""
+    unread = [f for f in fields if f in section.model_fields_set]
+    if unread:
+        raise ValueError("; ".join(f"{path}.{f}: the {recipe} recipe does not read this option; remove it"
+                                   for f in unread))

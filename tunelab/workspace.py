@@ -107,6 +107,21 @@ def glob_escape(s: str) -> str:
     return glob.escape(s)
 
 
+def umask_modes(path: str | Path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes the user's umask asks for.
+
+    Some writers create files 0600 whatever the umask (safetensors' ``save_file``; ``tempfile.mkdtemp``
+    folders are 0700): exported models and probes must be readable by the group like any file the user
+    writes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    p = Path(path)
+    for q in [p, *(p.rglob("*") if p.is_dir() else [])]:
+        if q.is_symlink():
+            continue
+        os.chmod(q, (0o777 if q.is_dir() else 0o666) & ~mask)
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -42,7 +42,7 @@ from tunelab.catalog import HEARTBEAT_S
 from tunelab.environment import capture
 from tunelab.errors import TunelabError
 from tunelab.train.distributed import is_main, rank, world_size
-from tunelab.workspace import CANCEL_FILE, Workspace, write_json
+from tunelab.workspace import CANCEL_FILE, Workspace, umask_modes, write_json
 
 
 class Cancelled(Exception):
@@ -365,6 +365,7 @@ def save_output(model, tokenizer, run_dir: Path, adapter: bool, selected_adapter
         model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    umask_modes(tmp)  # safetensors writes 0600
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
@@ -383,6 +384,7 @@ def write_probe(model, input_ids: list[int], path: Path, **inputs) -> None:
         logits = model(input_ids=ids.to(dev), **{k: v.to(dev) for k, v in inputs.items()}).logits
     logits = logits[0, -4:] if logits.dim() == 3 else logits[0]  # causal LM: last 4 positions; a head: its row
     save_file({"input_ids": ids[0], "logits": logits.float().cpu().contiguous()}, str(path))
+    umask_modes(path)
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:

@@ -50,8 +50,14 @@ class ModelRef:
 
 def resolve(ref: str, ws: Workspace | None = None, *, trust_remote_code: bool = False,
             runs: bool = True) -> ModelRef:
-    """Turn a reference into a :class:`ModelRef` (see the module docstring for the order)."""
-    ws = ws or Workspace.resolve()
+    """Turn a reference into a :class:`ModelRef` (see the module docstring for the order). A folder with
+    code of its own is refused here, before anything is made, unless ``trust_remote_code``."""
+    m = _resolve(ref, ws or Workspace.resolve(), trust_remote_code, runs)
+    check_custom_code(m.path, m.trust_remote_code)
+    return m
+
+
+def _resolve(ref: str, ws: Workspace, trust_remote_code: bool, runs: bool) -> ModelRef:
     ref = str(ref)
     p = Path(ref).expanduser()
     if (p / "config.json").is_file() and not (p / "config.yaml").is_file():

@@ -51,22 +51,28 @@ class Workspace:
 
     def new_run_dir(self, kind: str, name: str | None = None) -> tuple[str, Path]:
         """A fresh, unique run id and its directory: ``<kind>-<name>-YYYYmmdd-HHMMSS-xxxx``."""
-        fixed = os.environ.get("TUNELAB_RUN_ID")  # a distributed run: the launcher made the id (train/distributed.py)
+        # an id drawn by someone else: the --nproc launcher (train/distributed.py) or a job queue
+        fixed = os.environ.get("TUNELAB_RUN_ID")
         if fixed and fixed.startswith(f"{kind}-"):
             d = self.runs_dir / fixed
             d.mkdir(parents=True, exist_ok=True)
             return fixed, d
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in (name or "")).strip("-")[:40]
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         while True:  # mkdir is atomic: of two processes drawing the same id, one gets it, the other redraws
-            run_id = "-".join(p for p in (kind, slug, stamp, secrets.token_hex(2)) if p)
+            run_id = self.draw_run_id(kind, name)
             d = self.runs_dir / run_id
             try:
                 d.mkdir(exist_ok=False)
                 return run_id, d
             except FileExistsError:
                 continue
+
+    @staticmethod
+    def draw_run_id(kind: str, name: str | None = None) -> str:
+        """A new run id ``<kind>-<name>-YYYYmmdd-HHMMSS-xxxx`` (no folder made: ``new_run_dir`` claims one)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in (name or "")).strip("-")[:40]
+        return "-".join(p for p in (kind, slug, stamp, secrets.token_hex(2)) if p)
 
     def find_run(self, ref: str) -> Path | None:
         """The one rule that turns a reference into a run folder: a run folder path, a run id, or a

@@ -86,7 +86,8 @@ def test_block_perplexity_equals_exp_mean_nll_from_the_models_own_loss(tiny_lm):
 
 
 def test_load_texts_units_records_and_rejects(tmp_path):
-    from tunelab.train.pretrain import expand_files, load_texts
+    from tunelab.data.lineage import expand_files
+    from tunelab.data.loaders import load_texts
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("First para.\nstill first.\n \nSecond para.\n\n\nThird.\n")
@@ -111,8 +112,8 @@ def test_load_texts_units_records_and_rejects(tmp_path):
 
 
 def test_missing_files_are_one_error(tmp_path):
+    from tunelab.data.lineage import expand_files
     from tunelab.errors import TunelabError
-    from tunelab.train.pretrain import expand_files
 
     with pytest.raises(TunelabError, match="data.files: not found: .*nope.txt"):
         expand_files([str(tmp_path / "nope.txt")], "data.files")
@@ -122,7 +123,8 @@ def test_missing_files_are_one_error(tmp_path):
 
 
 def test_heldout_split_is_by_content():
-    from tunelab.train.pretrain import split_heldout, spread
+    from tunelab.data.loaders import split_heldout
+    from tunelab.train.blocks import spread
 
     texts = [f"document number {i}" for i in range(400)]
     train, held = split_heldout(texts, 0.1)

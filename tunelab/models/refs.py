@@ -51,11 +51,11 @@ class ModelRef:
 def resolve(ref: str, ws: Workspace | None = None, *, trust_remote_code: bool = False,
             runs: bool = True) -> ModelRef:
     """Turn a reference into a :class:`ModelRef` (see the module docstring for the order)."""
-    ws = ws or Workspace.resolve()
     ref = str(ref)
     p = Path(ref).expanduser()
     if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
         return ModelRef(ref, p.resolve(), source="folder", trust_remote_code=trust_remote_code)
+    ws = ws or Workspace.resolve()  # only now: a folder needs no workspace (none is made in the current directory)
     if ref.lower() in PACKAGED or (ws.models_dir / ref / "config.json").is_file():
         return ModelRef(ref, resolve_path(ref, ws), source="packaged", trust_remote_code=trust_remote_code)
     run_dir = ws.find_run(ref) if runs else None

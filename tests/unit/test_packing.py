@@ -168,3 +168,35 @@ def test_configs_check_shapes_and_sources():
     with pytest.raises(ConfigError, match="replay.ratio"):
         cfglib.validate(CPTConfig, {"model": {"name": "m"}, "data": {"files": ["x"]},
                                     "replay": {"files": ["g"], "ratio": 1.0}})
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "cpt"])
+def test_block_recipes_refuse_options_they_cannot_honour(recipe):
+    from tunelab import config as cfglib
+    from tunelab.errors import ConfigError
+    from tunelab.train.cpt import CPTConfig
+    from tunelab.train.pretrain import PretrainConfig
+
+    cls = {"pretrain": PretrainConfig, "cpt": CPTConfig}[recipe]
+    base = {"data": {"files": ["x.txt"]}, **({"model": {"name": "m"}} if recipe == "cpt" else {})}
+    with pytest.raises(ConfigError, match=f"train.padding_free: the {recipe} recipe does not read this option"):
+        cfglib.validate(cls, {**base, "train": {"padding_free": True}})
+    with pytest.raises(ConfigError, match="train.group_by_length: .*packed blocks of one length"):
+        cfglib.validate(cls, {**base, "train": {"group_by_length": True}})
+    assert cfglib.validate(cls, {**base, "train": {"group_by_length": False}}).train.group_by_length is False
+
+
+def test_cpt_bad_model_name_leaves_no_run_folder(tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.train.cpt import CPTConfig, run
+    from tunelab.workspace import Workspace
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Paragraph number {i} about contracts." for i in range(60)))
+    cfg = CPTConfig(model={"name": "no-such-model"}, data={"files": [str(text)], "text_unit": "paragraph",
+                                                           "heldout_share": 0.2})
+    ws = Workspace.resolve(tmp_path / "ws")
+    with pytest.raises(TunelabError, match="unknown model 'no-such-model'"):
+        run(cfg, ws)
+    assert not ws.runs_dir.exists() or not any(ws.runs_dir.iterdir())
+    assert ws.catalog().list_runs() == []

@@ -9,6 +9,7 @@ blocks inside the run lifecycle (``_run``: metrics, resume, cancel, early stoppi
 
 from __future__ import annotations
 
+from tunelab.data.loaders import load_texts, split_heldout
 from tunelab.errors import TunelabError
 from tunelab.sections import TrainSection, refuse_unread
 from tunelab.train import _run
@@ -23,6 +24,17 @@ def refuse_unread_train_options(train: TrainSection, recipe: str) -> None:
     if "group_by_length" in train.model_fields_set and train.group_by_length:
         raise ValueError(f"train.group_by_length: the {recipe} recipe trains on packed blocks of one length, "
                          f"so there is nothing to group; remove it (or set it to false)")
+
+
+def documents(sec, field: str, rejects: list[dict], need_train: bool = True) -> tuple[list, list, list]:
+    """(all, training, held-out) documents of a text section (``files``, ``text_unit``, ``limit``,
+    ``heldout_share``), held out by content hash; too few on a side that is needed is one error naming the fix."""
+    texts = load_texts(sec.files, sec.text_unit, sec.limit, rejects)
+    train, held = split_heldout(texts, sec.heldout_share)
+    if not held or (need_train and not train):
+        raise TunelabError(f"{len(texts)} documents in {field}.files gave {len(train)} for training and {len(held)} "
+                           f"held out; add text, raise {field}.heldout_share, or use {field}.text_unit: paragraph")
+    return texts, train, held
 
 
 def tokenize_and_pack(tokenizer, texts: list[str], block_size: int, batch: int = 256):

@@ -21,13 +21,12 @@ from pydantic import Field, model_validator
 
 from tunelab.config import Strict
 from tunelab.data.lineage import absolute_paths, text_lineage
-from tunelab.data.loaders import load_texts, split_heldout
 from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.sections import LoraSection, ModelSection, TextDataSection, TrainSection
 from tunelab.train import _run
-from tunelab.train.blocks import refuse_unread_train_options, spread, tokenize_and_pack, train_blocks, \
-    training_summary
+from tunelab.train.blocks import (documents, refuse_unread_train_options, spread, tokenize_and_pack, train_blocks,
+                                  training_summary)
 from tunelab.train.device import plan
 from tunelab.train.distributed import local_device
 from tunelab.train.numerics import blocks_perplexity
@@ -98,18 +97,10 @@ def _steps(r: _run.Run) -> dict:
 
     # 1. domain text (+ general text) → held-out documents by content hash; mistakes fail before a run exists
     rejects: list[dict] = []
-    domain = load_texts(cfg.data.files, cfg.data.text_unit, cfg.data.limit, rejects)
-    d_train, d_held = split_heldout(domain, cfg.data.heldout_share)
-    if not d_train or not d_held:
-        raise TunelabError(f"{len(domain)} domain documents gave {len(d_train)} for training and {len(d_held)} "
-                           f"held out; add text, raise data.heldout_share, or use data.text_unit: paragraph")
+    domain, d_train, d_held = documents(cfg.data, "data", rejects)
     general, g_train, g_held = [], [], []
-    if cfg.replay:
-        general = load_texts(cfg.replay.files, cfg.replay.text_unit, cfg.replay.limit, rejects)
-        g_train, g_held = split_heldout(general, cfg.replay.heldout_share)
-        if not g_held:
-            raise TunelabError(f"none of {len(general)} general documents was held out; add general text, raise "
-                               f"replay.heldout_share, or use replay.text_unit: paragraph")
+    if cfg.replay:  # only its held-out part is needed: replay.ratio 0 measures forgetting without mixing
+        general, g_train, g_held = documents(cfg.replay, "replay", rejects, need_train=False)
     transformers.logging.set_verbosity_error()
     model_ref = refs.resolve(cfg.model.name, r.ws, trust_remote_code=cfg.model.trust_remote_code, runs=False)
     r.begin(cfg, base_model=cfg.model.name, lineage={"base_model_path": str(model_ref.path), **data_lineage})

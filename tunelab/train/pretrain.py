@@ -23,13 +23,12 @@ from pydantic import Field, model_validator
 
 from tunelab.config import Strict
 from tunelab.data.lineage import absolute_paths, text_lineage
-from tunelab.data.loaders import load_texts, split_heldout
 from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.sections import TextDataSection, TrainSection
 from tunelab.train import _run
-from tunelab.train.blocks import refuse_unread_train_options, spread, tokenize_and_pack, train_blocks, \
-    training_summary
+from tunelab.train.blocks import (documents, refuse_unread_train_options, spread, tokenize_and_pack, train_blocks,
+                                  training_summary)
 from tunelab.train.device import plan
 from tunelab.train.distributed import local_device, main_first
 from tunelab.train.numerics import blocks_perplexity
@@ -153,11 +152,7 @@ def _steps(r: _run.Run) -> dict:
 
     # 1. raw text → training and held-out documents (by content hash); a mistake fails before a run exists
     rejects: list[dict] = []
-    texts = load_texts(cfg.data.files, cfg.data.text_unit, cfg.data.limit, rejects)
-    train_texts, held_texts = split_heldout(texts, cfg.data.heldout_share)
-    if not train_texts or not held_texts:
-        raise TunelabError(f"{len(texts)} documents gave {len(train_texts)} for training and {len(held_texts)} "
-                           f"held out; add text, raise data.heldout_share, or use data.text_unit: paragraph")
+    texts, train_texts, held_texts = documents(cfg.data, "data", rejects)
     transformers.logging.set_verbosity_error()
     r.begin(cfg, base_model=None, lineage=data_lineage)
     r.write_rejects(rejects)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import write_topic_data
 from tunelab.errors import TunelabError
@@ -180,8 +181,12 @@ def test_padding_free_is_refused_group_by_length_is_read():
     from tunelab.errors import ConfigError
 
     base = {"recipe": "classify", "model": {"name": "x"}, "data": {"train": "t.csv"}}
-    with pytest.raises(ConfigError, match="train.padding_free: the classify recipe does not read this option"):
-        cfglib.validate(ClassifyConfig, {**base, "train": {"padding_free": "auto"}})
+    for value in (True, False):
+        with pytest.raises(ConfigError, match="train.padding_free: the classify recipe does not read this option"):
+            cfglib.validate(ClassifyConfig, {**base, "train": {"padding_free": value}})
+    # a stored config.yaml lists every field at its value, defaults included: --resume reads it back
+    cfg = cfglib.validate(ClassifyConfig, base)
+    assert cfglib.validate(ClassifyConfig, yaml.safe_load(cfglib.dump(cfg))) == cfg
     # length grouping is honoured (the Trainer's train_sampling_strategy), so it is accepted either way
     assert cfglib.validate(ClassifyConfig, {**base, "train": {"group_by_length": False}}).train.group_by_length is False
 

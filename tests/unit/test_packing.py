@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from tunelab.train.numerics import blocks_nll, blocks_perplexity, pack_blocks
 
@@ -171,7 +172,7 @@ def test_configs_check_shapes_and_sources():
 
 
 @pytest.mark.parametrize("recipe", ["pretrain", "cpt"])
-def test_block_recipes_refuse_options_they_cannot_honour(recipe):
+def test_block_recipes_refuse_padding_free(recipe):
     from tunelab import config as cfglib
     from tunelab.errors import ConfigError
     from tunelab.train.cpt import CPTConfig
@@ -179,10 +180,13 @@ def test_block_recipes_refuse_options_they_cannot_honour(recipe):
 
     cls = {"pretrain": PretrainConfig, "cpt": CPTConfig}[recipe]
     base = {"data": {"files": ["x.txt"]}, **({"model": {"name": "m"}} if recipe == "cpt" else {})}
-    with pytest.raises(ConfigError, match=f"train.padding_free: the {recipe} recipe does not read this option"):
-        cfglib.validate(cls, {**base, "train": {"padding_free": True}})
-    with pytest.raises(ConfigError, match="train.group_by_length: .*packed blocks of one length"):
-        cfglib.validate(cls, {**base, "train": {"group_by_length": True}})
+    for value in (True, False):
+        with pytest.raises(ConfigError, match=f"train.padding_free: the {recipe} recipe does not read this option"):
+            cfglib.validate(cls, {**base, "train": {"padding_free": value}})
+    # a stored config.yaml lists every field at its value, defaults included: --resume reads it back
+    cfg = cfglib.validate(cls, base)
+    assert cfglib.validate(cls, yaml.safe_load(cfglib.dump(cfg))) == cfg
+    # length grouping is accepted and changes nothing: every packed block has one length
     assert cfglib.validate(cls, {**base, "train": {"group_by_length": False}}).train.group_by_length is False
 
 

@@ -11,19 +11,9 @@ from __future__ import annotations
 
 from tunelab.data.loaders import load_texts, split_heldout
 from tunelab.errors import TunelabError
-from tunelab.sections import TrainSection, refuse_unread
 from tunelab.train import _run
 from tunelab.train.distributed import world_size
 from tunelab.train.numerics import PadCollator, pack_blocks
-
-
-def refuse_unread_train_options(train: TrainSection, recipe: str) -> None:
-    """Options a block recipe cannot honour, refused (call in the config's validator): padding-free
-    batches are SFT's; length grouping has nothing to group, every block has the same length."""
-    refuse_unread(train, "train", recipe, ("padding_free",))
-    if "group_by_length" in train.model_fields_set and train.group_by_length:
-        raise ValueError(f"train.group_by_length: the {recipe} recipe trains on packed blocks of one length, "
-                         f"so there is nothing to group; remove it (or set it to false)")
 
 
 def documents(sec, field: str, rejects: list[dict], need_train: bool = True) -> tuple[list, list, list]:

@@ -23,10 +23,9 @@ from tunelab.config import Strict
 from tunelab.data.lineage import absolute_paths, text_lineage
 from tunelab.errors import TunelabError
 from tunelab.models import refs
-from tunelab.sections import LoraSection, ModelSection, TextDataSection, TrainSection
+from tunelab.sections import LoraSection, ModelSection, TextDataSection, TrainSection, refuse_unread
 from tunelab.train import _run
-from tunelab.train.blocks import (documents, refuse_unread_train_options, spread, tokenize_and_pack, train_blocks,
-                                  training_summary)
+from tunelab.train.blocks import documents, spread, tokenize_and_pack, train_blocks, training_summary
 from tunelab.train.device import plan
 from tunelab.train.distributed import local_device
 from tunelab.train.numerics import blocks_perplexity
@@ -59,7 +58,9 @@ class CPTConfig(Strict):
 
     @model_validator(mode="after")
     def _unread(self):
-        refuse_unread_train_options(self.train, "cpt")
+        # padding-free batches are SFT's; train.group_by_length is accepted and changes nothing here:
+        # every packed block has one length (the Trainer samples them at random)
+        refuse_unread(self.train, "train", "cpt", ("padding_free",))
         return self
 
 

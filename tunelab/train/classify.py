@@ -18,6 +18,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tunelab._optional import require
+from tunelab._plot import new_figure, png_bytes
 from tunelab.config import Strict
 from tunelab.data.formats import BadRecord
 from tunelab.data.lineage import absolute_paths, file_lineage
@@ -216,8 +217,6 @@ def full_report(logits, label_ids, names: list[str]) -> dict:
 def confusion_png(cm: list[list[int]], names: list[str], title: str) -> bytes:
     """Row-normalized confusion matrix (each row: where that true class went) as a PNG."""
     import numpy as np
-
-    from tunelab._plot import new_figure, png_bytes
 
     m = np.asarray(cm, dtype=float)
     norm = m / np.maximum(m.sum(1, keepdims=True), 1)

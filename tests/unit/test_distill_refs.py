@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.train.distill import DistillConfig, check_same_vocabulary, load_lm, resolve_model_ref
+from tunelab.models.refs import load as load_model, resolve as resolve_model_ref
+from tunelab.train.distill import DistillConfig, check_same_vocabulary
 from tunelab.workspace import Workspace
 
 
@@ -42,12 +43,12 @@ def test_folder_and_run_refs(tmp_path, tiny_model):
     ids = torch.tensor([[1, 5, 9, 12, 40]])
     with torch.no_grad():
         want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), d / "adapter")(ids).logits
-        merged = load_lm(ref)
+        merged = load_model(ref, merge=True)
         assert not hasattr(merged, "peft_config")
         torch.testing.assert_close(merged(ids).logits, want, atol=1e-4, rtol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
     assert not torch.allclose(base, want, atol=1e-3)  # the adapter is not a no-op
-    trainable = load_lm(ref, trainable_adapter=True)  # a student keeps training its adapter
+    trainable = load_model(ref, trainable=True)  # a student keeps training its adapter
     assert hasattr(trainable, "peft_config") and any(p.requires_grad for p in trainable.parameters())
 
     # a full fine-tuning run: its model/ folder

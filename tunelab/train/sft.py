@@ -25,6 +25,7 @@ from tunelab.sections import ChatDataSection, GenerationSection, LoraSection, Mo
 from tunelab.train import _run
 from tunelab.train.device import checkpoint_every, padding_free, plan
 from tunelab.train.distributed import world_size
+from tunelab.train.numerics import print_data_report
 from tunelab.train.peft import (PROMPT_FAMILY, IA3Section, PromptSection, QuantSection, TrainMethod, adapter_report,
                                 apply_peft, check_requirements, ignored_sections, load_kwargs, peft_section)
 from tunelab.workspace import Workspace
@@ -219,12 +220,3 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         "data": data_report,
         "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
     }, catalog_metrics=("final_train_loss", "best_eval_loss", "best_step", "steps", "tokens_per_s"))
-
-
-def print_data_report(rep: dict, max_length: int) -> None:
-    tr, va = rep["train"], rep["validation"]
-    print(f"data: {tr['kept']} train / {va['kept']} validation examples, {tr['tokens']:,} train tokens "
-          f"({tr['label_tokens']:,} in responses), p95 length {tr['length_p95']}; "
-          f"truncated at {max_length} tokens: {tr['truncated'] + va['truncated']}; "
-          f"dropped (no response tokens left): {tr['dropped_no_labels'] + va['dropped_no_labels']}; "
-          f"rejected records: {rep['rejected']}")

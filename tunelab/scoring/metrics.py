@@ -23,7 +23,7 @@ perplexity             summed NLL per example / its token     exp(Σ NLL / Σ to
 =====================  =====================================  ==========================================
 
 ``evaluate(names, preds, refs)`` returns every value with a percentile-bootstrap interval
-(tunelab/eval/stats.py) and keeps, per metric, the score as a function of example indices so a
+(tunelab/scoring/stats.py) and keeps, per metric, the score as a function of example indices so a
 paired test can compare two models on the same examples.
 """
 
@@ -191,7 +191,7 @@ def _sacrebleu(name: str, preds, refs):
     import numpy as np
 
     from tunelab._optional import require
-    from tunelab.eval.stats import Statistic
+    from tunelab.scoring.stats import Statistic
 
     _strings(preds, "predictions")
     _strings(refs, "references")
@@ -344,7 +344,7 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
     """
     import numpy as np
 
-    from tunelab.eval.stats import Statistic, bootstrap_ci, mean_statistic
+    from tunelab.scoring.stats import Statistic, bootstrap_ci, mean_statistic
 
     wanted = resolve_names(names)
     families = [f for f in FAMILIES if any(n in wanted for n in f.names)]

@@ -31,3 +31,18 @@ def split_validation(items: list, share: float, seed: int) -> tuple[list, list]:
     for x in items:
         (val if content_fraction(x, salt=f"val{seed}") < share else train).append(x)
     return train, val
+
+
+def train_validation_chats(data, seed: int, rejects: list[dict]) -> tuple[list[list[dict]], list[list[dict]]]:
+    """A chat data section's training chats (the first ``data.limit``) and validation chats:
+    ``data.validation``, else a ``data.validation_split`` share of train held out by content hash, else none."""
+    chats = load_chats(data.train, data, rejects, data.limit)
+    if data.validation:
+        return chats, load_chats(data.validation, data, rejects)
+    if data.validation_split > 0:
+        chats, val_chats = split_validation(chats, data.validation_split, seed)
+        if not val_chats:
+            print("warning: validation_split left no validation examples (too few distinct records); "
+                  "training without validation or early stopping")
+        return chats, val_chats
+    return chats, []

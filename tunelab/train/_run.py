@@ -353,10 +353,11 @@ def train_rows(log_history: list[dict]) -> list[dict]:
     return [r for r in log_history if "loss" in r and not any(k.startswith("eval_") for k in r)]
 
 
-def save_output(model, tokenizer, run_dir: Path, adapter: bool, selected_adapters: list[str] | None = None) -> Path:
-    """Write the trained adapter (``adapter/``) or model (``model/``) with the tokenizer, atomically:
-    a half-written folder never replaces a good one."""
-    out_dir = run_dir / ("adapter" if adapter else "model")
+def save_output(model, tokenizer, run_dir: Path, adapter: bool, selected_adapters: list[str] | None = None,
+                folder: str | None = None) -> Path:
+    """Write the trained adapter (``adapter/``) or model (``model/``; or ``folder``) with the tokenizer,
+    atomically: a half-written folder never replaces a good one."""
+    out_dir = run_dir / (folder or ("adapter" if adapter else "model"))
     tmp = run_dir / f".{out_dir.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter and selected_adapters and hasattr(model, "peft_config"):

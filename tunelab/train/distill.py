@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from tunelab.config import Strict
 from tunelab.data.lineage import absolute_paths, file_lineage
-from tunelab.data.loaders import load_chats, split_validation
+from tunelab.data.loaders import load_chats, train_validation_chats
 from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.models.generation import generate
@@ -305,13 +305,7 @@ def _steps(r: _run.Run) -> dict:
 
     # 2. data: chats (held out: data.test, else the validation chats)
     rejects: list[dict] = []
-    chats = load_chats(cfg.data.train, cfg.data, rejects, cfg.data.limit)
-    if cfg.data.validation:
-        val_chats = load_chats(cfg.data.validation, cfg.data, rejects)
-    elif cfg.data.validation_split > 0:
-        chats, val_chats = split_validation(chats, cfg.data.validation_split, cfg.train.seed)
-    else:
-        val_chats = []
+    chats, val_chats = train_validation_chats(cfg.data, cfg.train.seed, rejects)
     test_chats = (load_chats(cfg.data.test, cfg.data, rejects, cfg.eval.limit) if cfg.data.test
                   else val_chats[: cfg.eval.limit] if cfg.eval.limit else val_chats)
     r.write_rejects(rejects)

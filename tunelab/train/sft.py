@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from tunelab.config import Strict
 from tunelab.data.lineage import absolute_paths, file_lineage
-from tunelab.data.loaders import load_chats, split_validation
+from tunelab.data.loaders import train_validation_chats
 from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.sections import ChatDataSection, GenerationSection, LoraSection, ModelSection, TrainSection
@@ -110,16 +110,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
 
         # 2. data: chats → masked token ids; every reject and truncation counted
         rejects: list[dict] = []
-        chats = load_chats(cfg.data.train, cfg.data, rejects, cfg.data.limit)
-        if cfg.data.validation:
-            val_chats = load_chats(cfg.data.validation, cfg.data, rejects)
-        elif cfg.data.validation_split > 0:
-            chats, val_chats = split_validation(chats, cfg.data.validation_split, cfg.train.seed)
-            if not val_chats:
-                print("warning: validation_split left no validation examples (too few distinct records); "
-                      "training without validation or early stopping")
-        else:
-            val_chats = []
+        chats, val_chats = train_validation_chats(cfg.data, cfg.train.seed, rejects)
         r.write_rejects(rejects)
         train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
         val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length)

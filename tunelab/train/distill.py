@@ -44,8 +44,8 @@ from tunelab.train import _run
 from tunelab.train import peft as tpeft
 from tunelab.train.device import plan
 from tunelab.train.distributed import main_first, world_size
-from tunelab.train.numerics import (IGNORE_INDEX, distill_loss, print_data_report, prompt_ids, response_nll,
-                                    response_only_loss, tokenize_all_chats)
+from tunelab.train.numerics import (IGNORE_INDEX, PadCollator, distill_loss, print_data_report, prompt_ids,
+                                    response_nll, response_only_loss, tokenize_all_chats)
 from tunelab.train.peft import IA3Section
 from tunelab.workspace import Workspace, write_json
 
@@ -284,8 +284,6 @@ def run(cfg: DistillConfig | None, workspace: Workspace | None = None, resume: s
 
 def _steps(r: _run.Run) -> dict:
     import transformers
-
-    from tunelab.train.numerics import PadCollator
 
     cfg = r.cfg.model_copy(update={"data": absolute_paths(r.cfg.data)})
     data_lineage = file_lineage(cfg.data)  # a missing file fails here, before a run folder is made

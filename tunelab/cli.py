@@ -77,7 +77,9 @@ def train(
         if recipe is None or resume:
             raise TunelabError("--nproc needs a recipe file (resume a distributed run with torchrun, docs/distributed.md)")
         run_id = launch(recipe, set_, ws.root, nproc)
-        _print_summary(json.loads((ws.run_dir(run_id) / "summary.json").read_text()))
+        summary = json.loads((ws.run_dir(run_id) / "summary.json").read_text())
+        _report_evaluated(ws, summary)
+        _print_summary(summary)
         return
     if resume:
         import yaml
@@ -91,8 +93,30 @@ def train(
             raise TunelabError("give a recipe file, or --resume RUN_ID")
         cfg, fn = recipes.load_recipe(recipe, set_)
         summary = fn(cfg, ws)
-    if summary.get("status") != "worker":  # rank 0 (or a single process) prints
+    if summary.get("status") != "worker":  # rank 0 (or a single process) reports and prints
+        _report_evaluated(ws, summary)
         _print_summary(summary)
+
+
+def _report_evaluated(ws, summary: dict) -> None:
+    """report.html for each completed run (a pipeline's stages included) that evaluated itself while
+    training: its eval/metrics.json lists models (distillation: teacher, student at start, student).
+    Training does not import evaluation; this front end joins them."""
+    import json
+
+    from tunelab.eval.run import report_run
+
+    if summary.get("status") != "completed":
+        return
+    for run_id in [s["run_id"] for s in summary.get("stages") or []] or [summary.get("run_id")]:
+        d = ws.find_run(run_id) if run_id else None
+        metrics = d / "eval" / "metrics.json" if d else None
+        if metrics is None or not metrics.is_file() or "models" not in json.loads(metrics.read_text()):
+            continue
+        try:
+            typer.echo(f"report: {report_run(run_id, ws)}")
+        except Exception as e:  # the report is a view; the run's files are complete without it
+            typer.secho(f"warning: report.html not written ({type(e).__name__}: {e})", fg="yellow", err=True)
 
 
 @app.command()

@@ -70,3 +70,18 @@ def load_texts(files: list[str], text_unit: str, limit: int | None, rejects: lis
                     if limit is not None and len(texts) >= limit:
                         return texts
     return texts
+
+
+def train_validation_chats(data, seed: int, rejects: list[dict]) -> tuple[list[list[dict]], list[list[dict]]]:
+    """A chat data section's training chats (the first ``data.limit``) and validation chats:
+    ``data.validation``, else a ``data.validation_split`` share of train held out by content hash, else none."""
+    chats = load_chats(data.train, data, rejects, data.limit)
+    if data.validation:
+        return chats, load_chats(data.validation, data, rejects)
+    if data.validation_split > 0:
+        chats, val_chats = split_validation(chats, data.validation_split, seed)
+        if not val_chats:
+            print("warning: validation_split left no validation examples (too few distinct records); "
+                  "training without validation or early stopping")
+        return chats, val_chats
+    return chats, []

@@ -2,7 +2,7 @@
 
 Every model answers the same tasks with the same decoding. Each score carries a bootstrap interval,
 and each model's difference from the baseline (the first model) carries a paired-bootstrap
-interval and p-value on the same examples (tunelab/eval/stats.py). Per model it also measures the
+interval and p-value on the same examples (tunelab/scoring/stats.py). Per model it also measures the
 business figures (tunelab/eval/business.py) and, when enabled, runs the general-capability probe
 to flag catastrophic forgetting against the baseline.
 
@@ -133,8 +133,8 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
 
 def assemble(cfg, tasks, specs, scored, info) -> dict:
     """Scores, paired differences against the baseline, per-category breakdowns and forgetting flags."""
-    from tunelab.eval.metrics import LOWER_IS_BETTER
-    from tunelab.eval.stats import bootstrap_ci, holm, paired_bootstrap, restrict, value
+    from tunelab.scoring.metrics import LOWER_IS_BETTER
+    from tunelab.scoring.stats import bootstrap_ci, holm, paired_bootstrap, restrict, value
 
     b = cfg.bootstrap
     names = [m["name"] for m in specs]

@@ -132,7 +132,7 @@ def read_judgments(key_path: Path, sheets: list[Path]) -> tuple[dict, list[dict]
 def summarize(key: dict, judgments: list[dict], *, n_resamples: int = 1000, seed: int = 0,
               confidence: float = 0.95) -> dict:
     """Win rate of model B over A (ties count half) with an interval, and Cohen's kappa per rater pair."""
-    from tunelab.eval.stats import bootstrap_ci, mean_statistic
+    from tunelab.scoring.stats import bootstrap_ci, mean_statistic
 
     a, b = key["models"]["a"], key["models"]["b"]
     value = {b: 1.0, "tie": 0.5, a: 0.0}

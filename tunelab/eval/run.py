@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.models.generation import generate
+from tunelab.train.numerics import response_nll_per_example
 from tunelab.workspace import Workspace, read_jsonl, write_json
 
 
@@ -25,94 +27,6 @@ def _load_cfg(run_dir: Path):
     return cfglib.validate(cls, raw, str(run_dir / "config.yaml"))
 
 
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             desc: str = "generate", sampling=None) -> tuple[list[str], list[dict]]:
-    """Greedy decoding (or ``sampling.do_sample`` with its temperature/top_p/seed), left-padded batches.
-    Returns texts and per-example timing/token counts."""
-    import torch
-    from tqdm.auto import tqdm
-
-    mode = {"do_sample": False, "num_beams": 1}
-    if sampling is not None and sampling.do_sample:
-        mode = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        torch.manual_seed(sampling.seed)
-
-    pad = tokenizer.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
-    out_text: dict[int, str] = {}
-    out_stat: dict[int, dict] = {}
-    model.eval()
-    with tqdm(total=len(prompts), desc=desc, unit="ex", dynamic_ncols=True) as bar:
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            n = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), n), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = prompts[i]
-                ids[row, n - len(p):] = torch.tensor(p)
-                mask[row, n - len(p):] = 1
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                dev = next(model.parameters()).device
-                gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                                     **mode, pad_token_id=pad,
-                                     eos_token_id=tokenizer.eos_token_id)
-            dt = time.perf_counter() - t0
-            for row, i in enumerate(idx):
-                new = gen[row, n:].tolist()
-                if tokenizer.eos_token_id in new:
-                    new = new[: new.index(tokenizer.eos_token_id)]
-                out_text[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-                out_stat[i] = {"new_tokens": len(new), "batch_time_s": round(dt, 4)}
-            bar.update(len(idx))
-    texts = [out_text[i] for i in range(len(prompts))]
-    stats = [out_stat[i] for i in range(len(prompts))]
-    return texts, stats
-
-
-def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[list[float], list[int]]:
-    """Per-example summed NLL of reference responses (teacher forcing) and scored tokens: the units a
-    perplexity bootstrap resamples."""
-    import torch
-    import torch.nn.functional as F
-
-    from tunelab.train.numerics import IGNORE_INDEX, PadCollator, causal_logits
-
-    collate = PadCollator(pad_id)
-    nll: list[float] = []
-    count: list[int] = []
-    with torch.no_grad():
-        for b in range(0, len(feats), batch_size):
-            batch = collate(feats[b: b + batch_size])
-            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()
-            labels = batch["labels"][:, 1:].to(logits.device)
-            tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                  reduction="none").view(labels.shape)
-            nll.extend(tok.sum(1).double().cpu().tolist())
-            count.extend((labels != IGNORE_INDEX).sum(1).cpu().tolist())
-    return nll, count
-
-
-def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """Summed NLL of reference responses (teacher forcing) and the number of scored tokens."""
-    import torch
-
-    from tunelab.train.numerics import PadCollator, causal_logits, masked_nll
-
-    collate = PadCollator(pad_id)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(0, len(feats), batch_size):
-            batch = collate(feats[b: b + batch_size])
-            # causal_logits: prompt_tuning/p_tuning adapters prepend virtual tokens; labels stay aligned
-            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
-            nll, n = masked_nll(logits, batch["labels"])
-            total += float(nll)
-            count += n
-    return total, count
-
-
 def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int | None = None,
                  with_base: bool = True, *, business: bool = True, forgetting: bool = True,
                  business_cfg: dict | None = None, forgetting_cfg: dict | None = None,
@@ -123,7 +37,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunelab.eval import metrics as M
+    from tunelab.scoring import metrics as M
     from tunelab.models import resolve
     from tunelab.train.numerics import prompt_ids, tokenize_all_chats
     from tunelab.data.loaders import load_chats
@@ -228,8 +142,8 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
            "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order},
            "bootstrap": {**boot, "confidence": 0.95, "method": "percentile over examples"}}
     if "base" in scored:
-        from tunelab.eval.metrics import LOWER_IS_BETTER
-        from tunelab.eval.stats import paired_bootstrap
+        from tunelab.scoring.metrics import LOWER_IS_BETTER
+        from tunelab.scoring.stats import paired_bootstrap
 
         res["differences"] = {}
         for k in scored["tuned"]:

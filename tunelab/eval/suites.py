@@ -178,7 +178,7 @@ def run(cfg: SuiteConfig, ws, **kw) -> dict:
 
 
 def _check_metrics(kind: str, names: list[str]) -> None:
-    from tunelab.eval.metrics import resolve_names
+    from tunelab.scoring.metrics import resolve_names
 
     extra = [n for n in names if n == "accuracy_norm"]
     rest = [n for n in names if n != "accuracy_norm"]
@@ -416,15 +416,15 @@ def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: Boot
     """Score one model on one task → (Scored, per-example rows, generation stats)."""
     import numpy as np
 
-    from tunelab.eval import metrics as M
-    from tunelab.eval.stats import bootstrap_ci
+    from tunelab.scoring import metrics as M
+    from tunelab.scoring.stats import bootstrap_ci
 
     kw = {"n_resamples": boot.n_resamples, "confidence": boot.confidence, "seed": boot.seed, **(opts or {})}
     items = task.items
     dec = task.spec.decoding or decoding
     gen_stats: dict = {}
     if task.type == "generation":
-        from tunelab.eval.run import generate
+        from tunelab.models.generation import generate
 
         chat = task.spec.chat if task.spec.chat is not None else bool(getattr(tokenizer, "chat_template", None))
         prompts = [_prompt_ids(tokenizer, it["prompt"], chat) for it in items]
@@ -570,7 +570,7 @@ def forgetting_verdict(before: dict, after: dict, cfg: ForgettingSection) -> dic
 
 def judge_win_rates(cfg: SuiteConfig, ws, baseline: str, rows: dict, tasks: list) -> dict:
     """Win rate of every model over the baseline on each generation task, by the suite's judge."""
-    from tunelab.eval import metrics as M
+    from tunelab.scoring import metrics as M
     from tunelab.eval.judge import LLMJudge, reward_judgments
 
     j = cfg.judge

@@ -354,11 +354,11 @@ def train_rows(log_history: list[dict]) -> list[dict]:
 
 
 def save_output(model, tokenizer, run_dir: Path, adapter: bool, selected_adapters: list[str] | None = None,
-                files: dict[str, Any] | None = None) -> Path:
-    """Write the trained adapter (``adapter/``) or model (``model/``) with the tokenizer, atomically:
-    a half-written folder never replaces a good one. ``files``: JSON files to put beside the weights
-    (name → content), written before the folder takes its place."""
-    out_dir = run_dir / ("adapter" if adapter else "model")
+                files: dict[str, Any] | None = None, folder: str | None = None) -> Path:
+    """Write the trained adapter (``adapter/``) or model (``model/``; or ``folder``) with the tokenizer,
+    atomically: a half-written folder never replaces a good one. ``files``: JSON files to put beside the
+    weights (name → content), written before the folder takes its place."""
+    out_dir = run_dir / (folder or ("adapter" if adapter else "model"))
     tmp = run_dir / f".{out_dir.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter and selected_adapters and hasattr(model, "peft_config"):

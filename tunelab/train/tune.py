@@ -15,7 +15,6 @@ cores / n_jobs torch threads and its own sampler seed, so workers do not propose
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -23,8 +22,11 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from tunelab import recipes
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
+from tunelab.models import refs
+from tunelab.train import sft
 from tunelab.workspace import Workspace, write_json
 
 # search-space name → the recipe field it sets
@@ -144,9 +146,6 @@ def _objective(cfg: TuneConfig, ws: Workspace, worker: int = 0):
         import optuna
         import torch
 
-        from tunelab import recipes
-        from tunelab.train import sft
-
         values = {k: _suggest(trial, k, p) for k, p in cfg.space.items()}
         overrides = [*cfg.overrides, *(f"{FIELDS[k]}={v}" for k, v in values.items()),
                      f"name={cfg.name}-t{trial.number}"]
@@ -235,13 +234,10 @@ def run(cfg: TuneConfig, workspace: Workspace | None = None, resume: bool = Fals
     else:
         import multiprocessing as mp
 
-        from tunelab import recipes
-        from tunelab.models import resolve
-
         # the shared things the workers would otherwise make at the same moment: the catalog, the model cache
         ws.catalog()
         base, _ = recipes.load_recipe(_base_path(cfg), cfg.overrides)
-        resolve(base.model.name, ws)
+        refs.resolve(base.model.name, ws, trust_remote_code=base.model.trust_remote_code, runs=False)  # as sft does
         ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch threads
         share = [todo // jobs + (i < todo % jobs) for i in range(jobs)]
         threads = max(1, _cores() // jobs)
@@ -318,10 +314,6 @@ def _plot_history(trials: list[dict], path: Path, importances: dict) -> None:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> TuneConfig:
-    from tunelab import config as cfglib
-
-    from tunelab import recipes
-
     cfg, _ = recipes.load_recipe(path, overrides)
     if not isinstance(cfg, TuneConfig):
         raise TunelabError(f"{path} is a '{cfg.recipe}' recipe; tunelab tune needs 'recipe: tune'")

@@ -23,7 +23,7 @@ perplexity             summed NLL per example / its token     exp(Σ NLL / Σ to
 =====================  =====================================  ==========================================
 
 ``evaluate(names, preds, refs)`` returns every value with a percentile-bootstrap interval
-(tunelab/eval/stats.py) and keeps, per metric, the score as a function of example indices so a
+(tunelab/scoring/stats.py) and keeps, per metric, the score as a function of example indices so a
 paired test can compare two models on the same examples.
 """
 
@@ -191,7 +191,7 @@ def _sacrebleu(name: str, preds, refs):
     import numpy as np
 
     from tunelab._optional import require
-    from tunelab.eval.stats import Statistic
+    from tunelab.scoring.stats import Statistic
 
     _strings(preds, "predictions")
     _strings(refs, "references")
@@ -344,7 +344,7 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
     """
     import numpy as np
 
-    from tunelab.eval.stats import Statistic, bootstrap_ci, mean_statistic
+    from tunelab.scoring.stats import Statistic, bootstrap_ci, mean_statistic
 
     wanted = resolve_names(names)
     families = [f for f in FAMILIES if any(n in wanted for n in f.names)]
@@ -354,29 +354,21 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
     out = Scored()
     for fam in families:
         _check(preds, refs, fam.need_refs)
+        try:
+            got = fam.fn(preds, refs, opts)
+        except (TypeError, ValueError) as e:
+            raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
         if fam.kind == "mean":
-            try:
-                per = fam.fn(preds, refs, opts)
-            except (TypeError, ValueError) as e:
-                raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
             for name in fam.names:
                 if name in wanted:
-                    out.stats[name] = mean_statistic(per[name])
-                    out.values[name] = {"value": float(np.mean(per[name])), "per_example": per[name]}
+                    out.stats[name] = mean_statistic(got[name])
+                    out.values[name] = {"value": float(np.mean(got[name])), "per_example": got[name]}
         elif fam.kind == "stats":
-            try:
-                got = fam.fn(preds, refs, opts)
-            except (TypeError, ValueError) as e:
-                raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
             for name in fam.names:
                 if name in wanted:
                     out.values[name] = {"value": float(got[name][0])}
                     out.stats[name] = got[name][1]
         else:
-            try:
-                full = fam.fn(preds, refs, opts)
-            except (TypeError, ValueError) as e:
-                raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
             # one family computation per resample serves all its metrics (P/R/F1 × 3 averages)
             cache: dict = {}
 
@@ -395,7 +387,7 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
                         return _at(idx)[_name]
 
                     out.stats[name] = Statistic(fn, n)
-                    out.values[name] = {"value": float(full[name])}
+                    out.values[name] = {"value": float(got[name])}
     for name in wanted:
         v = out.values[name]
         lo, hi = bootstrap_ci(out.stats[name], n_resamples=n_resamples, confidence=confidence, seed=seed) \

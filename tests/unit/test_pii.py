@@ -77,8 +77,8 @@ def test_positive(typ, text, value):
     "000-12-3456", "666-12-3456", "900-12-3456", "123-00-6789", "123-45-0000",
     # IP: octets > 255, not four parts, times, MACs, C++ scopes
     "999.1.1.1", "256.100.1.1", "1.2.3", "at 10:30:00", "mac 00:1A:2B:3C:4D:5E", "std::vector::size",
-    # email / URL: no host TLD, no password
-    "@handle says hi", "user@localhost", "https://example.com/a:b", "see https://docs.example.com/x?a=1",
+    # email / URL: no host TLD (URLs without a password are URL findings: test_url_without_password)
+    "@handle says hi", "user@localhost",
     # keys: wrong shape, placeholders, code
     "AKIA1234", "ghp_short", "sk-learn-is-a-python-library", "AIzaShort",
     'api_key="<YOUR_API_KEY>"', "password = hunter2", "token = os.environ['HF_TOKEN']",

@@ -133,7 +133,11 @@ _PHONE_CAND = re.compile(r"(?<![\w+])[+(]?\d[\d \u00a0().\-/]{5,24}\d(?!\w)")
 _PHONE_WORDS = re.compile(r"(?i)\b(?:phone|tel|telephone|call|calling|mobile|mob|cell|cellphone|fax|whatsapp|sms|"
                           r"text|ring|dial|contact|hotline|helpline|handy|telefon|portable|t[ée]l[ée]phone|"
                           r"numéro|mobil|rufnummer)\b")
-_DATE = re.compile(r"\d{1,2}([./-])\d{1,2}\1\d{2,4}|\d{4}([./-])\d{1,2}\2\d{1,2}")
+# A date at the start of a candidate ("05.03.2024 12:30", "(2024-03-05)"), but not a French
+# number written in pairs ("01.12.34.56.78": the date's separator and a digit follow).
+_D, _M = r"(?:0?[1-9]|[12]\d|3[01])", r"(?:0?[1-9]|1[0-2])"
+_DATE = re.compile(rf"\(?(?:{_D}([./-]){_M}\1(?:\d{{4}}|\d{{2}})|{_M}([./-]){_D}\2(?:\d{{4}}|\d{{2}})|"
+                   rf"\d{{4}}([./-]){_M}\3{_D})(?![./-]?\d)")
 # Where mobile numbers are written without the trunk prefix in national format ("98765 43210").
 _MOBILE_WITHOUT_TRUNK = frozenset({"IN"})
 
@@ -184,7 +188,7 @@ def _find_phones(text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> Iterato
                 if span in seen:
                     continue
                 raw = m.raw_string
-                if _DATE.fullmatch(raw.strip("()")) or text[max(0, span[0] - 1):span[0]] in ("#", "$", "€", "£"):
+                if _DATE.match(raw) or text[max(0, span[0] - 1):span[0]] in ("#", "$", "€", "£"):
                     continue
                 if not raw.startswith("+") and not _national_ok(pn, m.number, raw, region):
                     continue
@@ -422,7 +426,7 @@ _PHONE_GATE = re.compile(r"\d[\d \u00a0().\-/]{5,24}\d")
 _DL_GATE = _literals("driv", "dl", "licen", lower=True)
 _PASSPORT_GATE = _literals("passport", "passeport", "reisepass", "pasaporte", "passaporto", lower=True)
 
-_RULES: list[tuple[str, "str | re.Pattern | None", Finder]] = [
+_RULES: list[tuple[str, "str | re.Pattern | None", "Finder | None"]] = [
     # (type, substring or gate pattern that must be present, or None; finder)
     ("URL_CREDENTIALS", "://", _regex(_URL_CRED, "v")),
     *[("API_KEY", _KEY_GATE, _regex(p)) for p in _API_KEYS],
@@ -437,7 +441,7 @@ _RULES: list[tuple[str, "str | re.Pattern | None", Finder]] = [
     ("IP_ADDRESS", ":", _regex(_IPV6, check=_ipv6_ok)),
     ("DRIVER_LICENSE", _DL_GATE, _regex(_DL, "v")),
     ("PASSPORT", _PASSPORT_GATE, _regex(_PASSPORT, "v")),
-    ("PHONE", _PHONE_GATE, _find_phones),  # called with the regions (see detect)
+    ("PHONE", _PHONE_GATE, None),  # _find_phones, called with the regions (see detect)
     ("URL", ".", _find_urls),
 ]
 
@@ -491,7 +495,7 @@ def detect(text: str, types: Iterable[str] | None = None, *, backend: Backend | 
 
     for order, (typ, needle, find) in enumerate(_RULES):
         if typ in want and passes(needle):
-            spans = find(text, regions) if find is _find_phones else find(text)
+            spans = _find_phones(text, regions) if typ == "PHONE" else find(text)
             cands += [(-(e - s), s, order, typ) for s, e in spans if e > s]
     starts: list[int] = []
     chosen: dict[int, Finding] = {}
@@ -643,7 +647,7 @@ class PIIStep(Step):
         self.records_with_pii = 0
 
     def config(self) -> dict[str, Any]:
-        return {"style": self.style, "types": self.types, "salt": bool(self.salt),
+        return {"style": self.style, "types": self.types, "salt": salt_fingerprint(self.salt),
                 "ner": self.backend.model if isinstance(self.backend, SpacyBackend) else self.backend is not None,
                 "phone_regions": list(self.phone_regions), "rules": RULES_VERSION}
 
@@ -678,6 +682,15 @@ class PIIStep(Step):
         new = map_texts(rec, fn)
         self._tally(found)
         return new if found else rec
+
+
+def salt_fingerprint(salt: str) -> str | bool:
+    """What config(), manifests and the catalog say about a salt: ``False`` when none, else 12 hex of
+    a domain-separated SHA-256, so a new salt makes a new dataset version while the salt itself,
+    which would let hashed values be guessed back, is written nowhere."""
+    if not salt:
+        return False
+    return "sha256:" + hashlib.sha256(b"tunelab-pii-salt\0" + salt.encode("utf-8", "surrogatepass")).hexdigest()[:12]
 
 
 def _types_problem(types: Any, allowed: tuple[str, ...]) -> str:

@@ -174,15 +174,45 @@ def _phone_regions(regions: Iterable[str] | None) -> tuple[str, ...]:
     return out
 
 
+_REGION_GROUPS: dict[tuple[str, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def _region_groups(pn, regions: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(regions whose national numbers start with a trunk 0, regions where one can start otherwise)."""
+    if regions not in _REGION_GROUPS:
+        trunk0, free = [], []
+        for r in regions:
+            meta = pn.PhoneMetadata.metadata_for_region(r)
+            prefix = meta.national_prefix if meta is not None else None
+            (trunk0 if prefix == "0" else free).append(r)
+            if prefix == "0" and r in _MOBILE_WITHOUT_TRUNK:
+                free.append(r)
+        _REGION_GROUPS[regions] = (tuple(trunk0), tuple(free))
+    return _REGION_GROUPS[regions]
+
+
 def _find_phones(text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> Iterator[Span]:
     pn = require("phonenumbers", "pii")
+    trunk0, free = _region_groups(pn, regions)
     for cand in _PHONE_CAND.finditer(text):
-        if _digits(cand.group()) < 7:
+        c = cand.group()
+        if _digits(c) < 7 or _DATE.fullmatch(c):
             continue
+        if c.isdigit() and not _PHONE_WORDS.search(text, max(0, cand.start() - 30), cand.start()):
+            continue  # a bare run of digits is a phone number only after a phone word
+        # Only the regions where a number written like this can pass _national_ok (the matcher
+        # is the costly part): "+CC" numbers parse the same under any region.
+        head = c.lstrip("(")
+        if head.startswith("+"):
+            look = regions[:1] + (trunk0 if re.search(r"[\s/]\(?0", c) else ())
+        elif head.startswith("0"):
+            look = trunk0 + tuple(r for r in free if r not in trunk0)
+        else:
+            look = free + (trunk0 if re.search(r"[\s/]\(?0", c) else ())
         lo, hi = max(0, cand.start() - 2), min(len(text), cand.end() + 2)
         window = text[lo:hi]
         seen: set[Span] = set()
-        for region in regions:
+        for region in dict.fromkeys(look):
             for m in pn.PhoneNumberMatcher(window, region, leniency=pn.Leniency.VALID):
                 span = (lo + m.start, lo + m.end)
                 if span in seen:
@@ -314,6 +344,9 @@ _DOMAIN = re.compile(rf"(?<![\w@.\-/:])(?:[a-z0-9](?:[a-z0-9\-]{{0,61}}[a-z0-9])
                      r"(?![\w\-]|\.[a-z0-9])(?:/[^\s<>\"'`{}|\\^]*)?")
 
 
+_TLD_HIT = re.compile(rf"\.(?:{_TLDS})(?![\w\-]|\.[a-z0-9])")
+
+
 def _find_urls(text: str) -> Iterator[Span]:
     for m in _URL.finditer(text):
         s, e = m.span()
@@ -325,8 +358,22 @@ def _find_urls(text: str) -> Iterator[Span]:
         if "@" in authority or "." not in text[s:e].split("://", 1)[-1]:
             continue  # credentials are URL_CREDENTIALS' finding; "http://localhost" is not a host
         yield s, e
-    for m in _DOMAIN.finditer(text):
+    # Domains: find each ".tld" (a literal "." keeps the scan fast on prose), walk back over the
+    # host's characters, then match the whole name from there.
+    done = 0
+    for hit in _TLD_HIT.finditer(text):
+        if hit.start() < done:
+            continue
+        k = hit.start()
+        while k > 0 and (text[k - 1].isascii() and (text[k - 1].isalnum() or text[k - 1] in ".-")):
+            k -= 1
+        while k < hit.start() and not text[k].isalnum():
+            k += 1
+        m = _DOMAIN.match(text, k)
+        if m is None or m.end() <= hit.start():
+            continue
         s, e = m.span()
+        done = e
         while e > s and text[e - 1] in _URL_TRAIL:
             e -= 1
         labels = text[s:e].split("/", 1)[0].split(".")
@@ -643,6 +690,8 @@ class PIIStep(Step):
         self.phone_regions = regions
         self.backend: Backend | None = SpacyBackend(ner_model) if ner else None
         self._want = _wanted(self.types, allowed)
+        if "PHONE" in self._want:
+            require("phonenumbers", "pii")  # fail here, with the install command, not in a worker
         self.counts: Counter[str] = Counter()
         self.records_with_pii = 0
 

@@ -74,6 +74,7 @@ def found(text: str, typ: str | None = None) -> list[str]:
     ("PHONE", "Bengaluru 98452 17730", "98452 17730"),
     ("PHONE", "Mumbai office 022-2674 3310", "022-2674 3310"),
     ("PHONE", "call me on 3128472290", "3128472290"),
+    ("PHONE", "Telefax:    (619) 438-9107", "(619) 438-9107"),
     # every card length an issuer gives out, Luhn-checked
     ("CREDIT_CARD", "JCB 180012345678905 ok", "180012345678905"),
     ("CREDIT_CARD", "JCB 2131 0000 0000 001", "2131 0000 0000 001"),
@@ -92,6 +93,7 @@ def found(text: str, typ: str | None = None) -> list[str]:
     ("URL", "open www.baeckerei-huber.de, then", "www.baeckerei-huber.de"),
     ("URL", "mail us via acme-dental.co.uk/contact today", "acme-dental.co.uk/contact"),
     ("URL", "portal kaveri-soft.co.in", "kaveri-soft.co.in"),
+    ("URL", "sites like “www.freecycle.org” help", "www.freecycle.org"),
     # driver-licence and passport numbers after their context words
     ("DRIVER_LICENSE", "driver's license number D4827719", "D4827719"),
     ("DRIVER_LICENSE", "DL# 38204417 on file", "38204417"),
@@ -139,6 +141,10 @@ def test_positive(typ, text, value):
     # licence and passport look-alikes: no context word, or no number after it
     "D4827719", "533380006", "passport photos cost 15", "the passport is valid until 2030", "DL 2024 report",
     "license plate 7ABC123",
+    # patent and trademark tables, outline numbers (seen in contracts)
+    "EP Granted 8007063.4 22-Nov-04 1944158 5-Jan-11 GB", "Registered 86919986 25-Feb-16 5123456",
+    "WO Published PCT/US2017/055068 5-Oct-17 US", "US Pending 62/611953 29-Mar-18",
+    "as set forth in Sections 5.4.1.1 (Letter of Credit)", "following:\n   3.11.2.2. Foreign Boycotts",
 ])
 def test_negative(text):
     assert detect(text) == [], [(f.type, f.value(text)) for f in detect(text)]

@@ -138,6 +138,7 @@ _PHONE_WORDS = re.compile(r"(?i)\b(?:phone|tel|telephone|call|calling|mobile|mob
 _D, _M = r"(?:0?[1-9]|[12]\d|3[01])", r"(?:0?[1-9]|1[0-2])"
 _DATE = re.compile(rf"\(?(?:{_D}([./-]){_M}\1(?:\d{{4}}|\d{{2}})|{_M}([./-]){_D}\2(?:\d{{4}}|\d{{2}})|"
                    rf"\d{{4}}([./-]){_M}\3{_D})(?![./-]?\d)")
+_DECIMAL = re.compile(r"\d\.\d(?!\d)")  # "8007063.4 22": a decimal, not a number written in groups
 # Where mobile numbers are written without the trunk prefix in national format ("98765 43210").
 _MOBILE_WITHOUT_TRUNK = frozenset({"IN"})
 
@@ -152,7 +153,8 @@ def _national_ok(pn, number, raw: str, region: str) -> bool:
     prefix = pn.PhoneMetadata.metadata_for_region(region).national_prefix
     if not prefix or raw.lstrip("(").startswith(prefix):
         return True
-    return region in _MOBILE_WITHOUT_TRUNK and pn.number_type(number) == pn.PhoneNumberType.MOBILE
+    return (region in _MOBILE_WITHOUT_TRUNK and pn.number_type(number) == pn.PhoneNumberType.MOBILE
+            and [len(g) for g in re.findall(r"\d+", raw)] in ([10], [5, 5], [3, 3, 4], [4, 3, 3]))
 
 
 def _digits(s: str) -> int:
@@ -218,8 +220,10 @@ def _find_phones(text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> Iterato
                 if span in seen:
                     continue
                 raw = m.raw_string
-                if _DATE.match(raw) or text[max(0, span[0] - 1):span[0]] in ("#", "$", "€", "£"):
-                    continue
+                before, after = text[max(0, span[0] - 1):span[0]], text[span[1]:span[1] + 1]
+                if (_DATE.match(raw) or _DECIMAL.search(raw) or (before and (before.isalnum() or before in "#$€£-/.,_"))
+                        or (after and after in "-/")):
+                    continue  # a date, a decimal, or the tail or head of a longer token ("22-Nov-04 1944158 5-Jan")
                 if not raw.startswith("+") and not _national_ok(pn, m.number, raw, region):
                     continue
                 if raw.isdigit() and not _PHONE_WORDS.search(text, max(0, span[0] - 30), span[0]):
@@ -308,14 +312,19 @@ _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = rf"{_OCTET}(?:\.{_OCTET}){{3}}"
 _IPV4_RULE = rf"(?<![\w.]){_IPV4}(?!\w|\.\d)"
 _VERSION_WORDS = re.compile(r"(?i)\b(?:version|release|build|ver|update|upgrade[ds]?(?: to)?|firmware|patch|"
-                            r"rev|revision|v)\.?\s*$")
+                            r"rev|revision|v|sections?|§|clauses?|articles?|paragraphs?|para)\.?\s*$")
 
 
 def _find_ipv4(text: str) -> Iterator[Span]:
-    """IPv4 addresses, except dotted quads that follow a version word ("release 6.0.55.4")."""
+    """IPv4 addresses, except dotted quads that follow a version or section word ("release 6.0.55.4",
+    "Section 5.4.1.2") and quads of single digits (outline numbers; 1.1.1.1-style resolvers are
+    not personal)."""
     for m in re.finditer(_IPV4_RULE, text):
-        if not _VERSION_WORDS.search(text, max(0, m.start() - 24), m.start()):
-            yield m.span()
+        if len(m.group()) == 7 or _VERSION_WORDS.search(text, max(0, m.start() - 24), m.start()):
+            continue
+        if len(m.group()) <= 11 and text[m.end():m.end() + 2] == ". " and max(map(len, m.group().split("."))) <= 2:
+            continue  # "3.11.2.2. Foreign ...": an outline heading
+        yield m.span()
 _IPV6 = rf"(?<![\w:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:{_IPV4}|[0-9A-Fa-f]{{1,4}})?(?![\w:]|\.\d)"
 
 
@@ -338,7 +347,7 @@ _TLDS = ("com|org|net|edu|gov|mil|int|info|biz|io|co|ai|app|dev|tech|online|site
          "email|eu|uk|de|fr|es|nl|ch|se|dk|fi|ie|pt|gr|cz|hu|ro|ca|au|nz|jp|cn|kr|br|mx|ar|za|sg|hk|ru|ua|tr|us|"
          "(?:co|ac|gov|org|net|nic|edu|res|firm|gen|ind)\\.in|(?:co|ac|gov|org|ltd|plc|me)\\.uk|com\\.au|co\\.nz|"
          "co\\.za|com\\.br|co\\.jp|gouv\\.fr|asso\\.fr|com\\.tr")
-_URL_TRAIL = ".,;:!?)]}'\"»"
+_URL_TRAIL = ".,;:!?)]}'\"»”’“‘…"
 _URL = re.compile(r"(?i)(?<![\w@.\-])(?:(?:https?|ftp)://|www\.)[^\s<>\"'`{}|\\^]+")
 _DOMAIN = re.compile(rf"(?<![\w@.\-/:])(?:[a-z0-9](?:[a-z0-9\-]{{0,61}}[a-z0-9])?\.)+(?:{_TLDS})"
                      r"(?![\w\-]|\.[a-z0-9])(?:/[^\s<>\"'`{}|\\^]*)?")

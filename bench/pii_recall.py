@@ -1,6 +1,6 @@
 """Recall and precision of PII detection, by type, on the labelled set the project generates.
 
-    .venv/bin/python bench/pii_recall.py [--n 1500] [--seed 0] [--no-ner] [--missed 5]
+    .venv/bin/python bench/pii_recall.py [--n 1500] [--seed 0] [--no-ner] [--missed 5] [--rules-from DIR]
 
 Builds ``tunelab.data.pii_eval.make_set(n, seed)``: short support tickets, CRM notes, chat
 messages, forms and shipping notices from templates in five locales (US, UK, DE, FR, IN), with
@@ -17,7 +17,8 @@ backend of the ``pii`` extra (skipped with a note when it is not installed), and
 - NER recall for PERSON, LOCATION, ORG, and street addresses (ADDRESS, found by LOCATION findings);
 - texts per second for each pass (one process).
 
-``--missed K`` also prints up to K missed values and false findings per type (synthetic values,
+``--rules-from DIR`` scores the ``tunelab/data/steps/pii.py`` of another source tree (an older
+checkout) instead of this one, rules only: the before/after comparison. ``--missed K`` also prints up to K missed values and false findings per type (synthetic values,
 for the developer's eyes). Ends with one JSON line (the summary).
 """
 
@@ -68,8 +69,24 @@ def _table(title: str, sc: pii_eval.Scores, types) -> list[str]:
     return rows
 
 
+def _rules_from(root: str):
+    import importlib.util
+
+    path = Path(root) / "tunelab" / "data" / "steps" / "pii.py"
+    spec = importlib.util.spec_from_file_location("tunelab.data.steps._pii_compared", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main() -> None:
+    global pii
     print(f"machine: {_machine()}")
+    if ARGS.rules_from:
+        pii = _rules_from(ARGS.rules_from)
+        ARGS.no_ner = True
+        print(f"rules from {ARGS.rules_from}")
     examples = pii_eval.make_set(ARGS.n, ARGS.seed)
     print(f"labelled set: {len(examples)} texts, seed {ARGS.seed}, locales {', '.join(pii_eval.LOCALES)}; "
           f"{sum(len(e.spans) for e in examples)} gold values")
@@ -88,9 +105,10 @@ def main() -> None:
     if ARGS.missed:
         out += [f"  missed {k}: {v}" for k, v in sorted(rules.missed.items())]
 
-    have_ner = importlib.util.find_spec("spacy") is not None and importlib.util.find_spec(pii.NER_MODEL) is not None
-    if ARGS.no_ner or not have_ner:
-        out.append("\nNER: skipped (" + ("--no-ner" if ARGS.no_ner else
+    have_ner = (not ARGS.no_ner and importlib.util.find_spec("spacy") is not None
+                and importlib.util.find_spec(pii.NER_MODEL) is not None)
+    if not have_ner:
+        out.append("\nNER: skipped (" + ("--no-ner or --rules-from" if ARGS.no_ner else
                    f"not installed: pip install 'tunelab[pii]' brings spaCy and {pii.NER_MODEL}") + ")")
     else:
         backend = pii.SpacyBackend()
@@ -114,5 +132,6 @@ if __name__ == "__main__":
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-ner", action="store_true", help="rules only")
     ap.add_argument("--missed", type=int, default=0, help="print up to K missed values and false findings per type")
+    ap.add_argument("--rules-from", help="score the PII rules of another source tree (rules only)")
     ARGS = ap.parse_args()
     main()

@@ -18,8 +18,9 @@ backend of the ``pii`` extra (skipped with a note when it is not installed), and
 - texts per second for each pass (one process).
 
 ``--rules-from DIR`` scores the ``tunelab/data/steps/pii.py`` of another source tree (an older
-checkout) instead of this one, rules only: the before/after comparison. ``--missed K`` also prints up to K missed values and false findings per type (synthetic values,
-for the developer's eyes). Ends with one JSON line (the summary).
+checkout) instead of this one, rules only: the before/after comparison. ``--missed K`` also
+prints up to K missed values and false findings per type (synthetic values, for the
+developer's eyes). Ends with one JSON line (the summary).
 """
 
 from __future__ import annotations

@@ -221,9 +221,10 @@ def _find_phones(text: str, regions: tuple[str, ...] = PHONE_REGIONS) -> Iterato
                     continue
                 raw = m.raw_string
                 before, after = text[max(0, span[0] - 1):span[0]], text[span[1]:span[1] + 1]
-                if (_DATE.match(raw) or _DECIMAL.search(raw) or (before and (before.isalnum() or before in "#$€£-/.,_"))
-                        or (after and after in "-/")):
-                    continue  # a date, a decimal, or the tail or head of a longer token ("22-Nov-04 1944158 5-Jan")
+                # a date, a decimal, or the tail or head of a longer token ("22-Nov-04 1944158 5-Jan-11")
+                if (_DATE.match(raw) or _DECIMAL.search(raw) or (after and after in "-/")
+                        or (before and (before.isalnum() or before in "#$€£-/.,_"))):
+                    continue
                 if not raw.startswith("+") and not _national_ok(pn, m.number, raw, region):
                     continue
                 if raw.isdigit() and not _PHONE_WORDS.search(text, max(0, span[0] - 30), span[0]):
@@ -322,9 +323,11 @@ def _find_ipv4(text: str) -> Iterator[Span]:
     for m in re.finditer(_IPV4_RULE, text):
         if len(m.group()) == 7 or _VERSION_WORDS.search(text, max(0, m.start() - 24), m.start()):
             continue
-        if len(m.group()) <= 11 and text[m.end():m.end() + 2] == ". " and max(map(len, m.group().split("."))) <= 2:
+        if text[m.end():m.end() + 2] == ". " and max(map(len, m.group().split("."))) <= 2:
             continue  # "3.11.2.2. Foreign ...": an outline heading
         yield m.span()
+
+
 _IPV6 = rf"(?<![\w:.])(?:[0-9A-Fa-f]{{0,4}}:){{2,7}}(?:{_IPV4}|[0-9A-Fa-f]{{1,4}})?(?![\w:]|\.\d)"
 
 
@@ -351,8 +354,6 @@ _URL_TRAIL = ".,;:!?)]}'\"»”’“‘…"
 _URL = re.compile(r"(?i)(?<![\w@.\-])(?:(?:https?|ftp)://|www\.)[^\s<>\"'`{}|\\^]+")
 _DOMAIN = re.compile(rf"(?<![\w@.\-/:])(?:[a-z0-9](?:[a-z0-9\-]{{0,61}}[a-z0-9])?\.)+(?:{_TLDS})"
                      r"(?![\w\-]|\.[a-z0-9])(?:/[^\s<>\"'`{}|\\^]*)?")
-
-
 _TLD_HIT = re.compile(rf"\.(?:{_TLDS})(?![\w\-]|\.[a-z0-9])")
 
 

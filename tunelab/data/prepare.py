@@ -123,6 +123,18 @@ def content_id(cfg: PrepareConfig, file_hashes: dict[str, str], steps: list) -> 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _catalog_config(cfg: PrepareConfig) -> dict:
+    """The recipe as the catalog keeps it: a PII step's salt (a secret: with it, hashed values can be
+    guessed back) becomes the step's fingerprint of it."""
+    d = cfg.model_dump(mode="json")
+    for spec, step in zip(cfg.steps, d.get("steps") or []):
+        if spec.kind == "pii" and isinstance(step.get("salt"), str) and step["salt"]:
+            from tunelab.data.steps.pii import salt_fingerprint
+
+            step["salt"] = salt_fingerprint(step["salt"])
+    return d
+
+
 def _input_files(spec: InputSpec) -> list[Path]:
     p = Path(spec.path)
     if not p.exists():
@@ -282,7 +294,7 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     ws.catalog().add_run(id=dataset_id, kind="dataset", dir=final, name=cfg.name, status="completed",
-                         dataset_id=dataset_id, config=cfg.model_dump(mode="json"))
+                         dataset_id=dataset_id, config=_catalog_config(cfg))
     ws.catalog().update_run(dataset_id, metrics={"kept": manifest["counts"]["kept"], **manifest["splits"]})
     manifest["path"] = str(final)
     return manifest

@@ -207,3 +207,34 @@ def test_rlhf_config_errors_are_one_line(pref, tmp_path):
     r = run_cli("train", str(_recipe(tmp_path / "bad.yaml", cfg)), "-w", str(tmp_path / "ws"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "exactly one of reward_model" in r.stderr and "multiple of num_generations" in r.stderr
+
+
+@pytest.mark.parametrize("recipe, extra", [("reward", {}), ("dpo", {}),
+                                           ("rlhf", {"reward_function": "m:f", "num_generations": 2})])
+def test_a_bad_model_name_leaves_no_run_folder(pref, tmp_path, recipe, extra):
+    """The model is resolved before the run folder and catalog row are made: a typo leaves nothing behind."""
+    from tunelab import recipes
+    from tunelab.errors import TunelabError
+    from tunelab.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    cfg, run = recipes.load_recipe(_recipe(tmp_path / f"{recipe}.yaml", {
+        "recipe": recipe, "model": {"name": "no-such-model"}, "data": {"train": str(pref["train"])}, **extra}))
+    with pytest.raises(TunelabError, match="unknown model 'no-such-model'"):
+        run(cfg, ws)
+    assert not ws.runs_dir.exists() or not list(ws.runs_dir.iterdir())
+    assert ws.catalog().list_runs() == []
+
+
+def test_rlhf_with_a_wrong_reward_id_leaves_no_run_folder(pref, tmp_path):
+    from tunelab import recipes
+    from tunelab.errors import TunelabError
+    from tunelab.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    cfg, run = recipes.load_recipe(_recipe(tmp_path / "rlhf.yaml", {
+        "recipe": "rlhf", "model": {"name": str(pref["model"])}, "data": {"train": str(pref["train"])},
+        "reward_model": "reward-nope", "num_generations": 2}))
+    with pytest.raises(TunelabError, match="'reward-nope' is neither a run id"):
+        run(cfg, ws)
+    assert not ws.runs_dir.exists() or not list(ws.runs_dir.iterdir())

@@ -99,8 +99,10 @@ class PolicyEvalSection(Strict):
 
 def refuse_unread(section, path: str, recipe: str, fields: tuple[str, ...]) -> None:
     """Raise (inside a pydantic validator) when a recipe's section sets options that recipe does not read,
-    instead of ignoring them silently: ``train.padding_free`` in a DPO recipe, say."""
-    unread = [f for f in fields if f in section.model_fields_set]
+    instead of ignoring them silently: ``train.padding_free`` in a DPO recipe, say. A value equal to the
+    default is accepted: a run's stored config.yaml lists every field, and ``--resume`` must load it again."""
+    defaults = type(section).model_fields
+    unread = [f for f in fields if f in section.model_fields_set and getattr(section, f) != defaults[f].default]
     if unread:
         raise ValueError("; ".join(f"{path}.{f}: the {recipe} recipe does not read this option; remove it"
                                    for f in unread))

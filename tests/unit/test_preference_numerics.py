@@ -128,3 +128,16 @@ def test_rlhf_refuses_early_stopping_it_never_does():
         cfglib.validate(RLHFConfig, {"recipe": "rlhf", "model": {"name": "m"}, "data": {"train": "x.jsonl"},
                                      "reward_function": "m:f", "num_generations": 2,
                                      "train": {"early_stopping_patience": 2}})
+
+
+@pytest.mark.parametrize("recipe", sorted(PREFERENCE_RECIPES))
+def test_a_stored_config_loads_again_for_resume(recipe, tmp_path):
+    """config.yaml lists every field, the refused train options at their defaults included: --resume reloads it."""
+    from tunelab import config as cfglib
+    from tunelab.recipes import get
+
+    cls, _ = get(recipe)
+    cfg = cfglib.validate(cls, {"recipe": recipe, "model": {"name": "m"}, "data": {"train": "x.jsonl"},
+                                **PREFERENCE_RECIPES[recipe]})
+    (tmp_path / "config.yaml").write_text(cfglib.dump(cfg))
+    assert cfglib.load(cls, tmp_path / "config.yaml") == cfg

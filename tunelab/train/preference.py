@@ -210,6 +210,20 @@ def load_trained(start: refs.ModelRef, out_dir: Path, adapter: bool):
 # ----------------------------------------------------------------------------- reward scoring
 
 
+def _padded(seqs: list[list[int]], pad: int, device, left: bool = False):
+    """(input_ids, attention_mask) of a batch on ``device``, right-padded (left-padded for generation)."""
+    import torch
+
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(n - len(s), n) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
+
+
 def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
     """Scalar scores of a sequence-classification model (num_labels=1), right-padded batches."""
     import torch
@@ -218,15 +232,8 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -
     model.eval()
     with torch.no_grad():
         for b in range(0, len(seqs), batch_size):
-            chunk = seqs[b: b + batch_size]
-            n = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            dev = next(model.parameters()).device
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+            ids, mask = _padded(seqs[b: b + batch_size], pad_id, next(model.parameters()).device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
             out.extend(logits[:, 0].float().cpu().tolist())
     return out
 
@@ -327,18 +334,6 @@ def load_reward_function(spec: str):
 # ----------------------------------------------------------------------------- policy evaluation
 
 
-def _left_pad(seqs: list[list[int]], pad: int):
-    import torch
-
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s)
-        mask[i, n - len(s):] = 1
-    return ids, mask
-
-
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
            seed: int, temperature: float = 1.0) -> list[list[int]]:
     """One sampled completion per prompt (pure sampling at ``temperature``: no top-k/top-p, so the
@@ -350,10 +345,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, b
     model.eval()
     torch.manual_seed(seed)
     for b in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[b: b + batch_size]
-        ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
-        dev = next(model.parameters()).device
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = _padded(prompt_ids[b: b + batch_size], tokenizer.pad_token_id, next(model.parameters()).device,
+                            left=True)
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
@@ -373,15 +366,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[li
     with torch.no_grad():
         for b in range(0, len(prompt_ids), batch_size):
             ps, cs = prompt_ids[b: b + batch_size], completions[b: b + batch_size]
-            seqs = [p + c for p, c in zip(ps, cs)]
-            n = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), n), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            dev = next(model.parameters()).device
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+            ids, mask = _padded([p + c for p, c in zip(ps, cs)], pad_id, next(model.parameters()).device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
             logp = torch.log_softmax(logits.float(), -1).cpu()
             for i, (p, c) in enumerate(zip(ps, cs)):
                 if not c:

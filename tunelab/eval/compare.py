@@ -38,16 +38,16 @@ def load_model(ref: str, ws: Workspace):
     """A run id, model folder or packaged name → (model, tokenizer, info)."""
     import transformers
 
-    from tunelab.train.preference import eval_device, find_run, load_causal, load_tokenizer, resolve_start
+    from tunelab.models import refs
 
     transformers.logging.set_verbosity_error()
-    start = resolve_start(ref, ws)
-    tok, added = load_tokenizer(start)
+    start = refs.resolve(ref, ws)
+    tok, added = refs.load_tokenizer(start)
     if added:  # no template of its own: prompts go in as plain text (the fallback only serves training)
         tok.chat_template = None
-    model = load_causal(start, device=eval_device()).eval()
-    run_dir = find_run(ref, ws)
-    return model, tok, {"ref": ref, "base_path": str(start.base_path),
+    model = refs.load(start, device=refs.eval_device()).eval()
+    run_dir = ws.find_run(ref)
+    return model, tok, {"ref": ref, "base_path": str(start.path),
                         "adapter": str(start.adapter) if start.adapter else None,
                         "run_id": start.run_id, "run_dir": str(run_dir) if run_dir else None}
 

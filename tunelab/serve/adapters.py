@@ -58,21 +58,20 @@ def resolve_target(ref: str, ws: Workspace, name: str | None = None) -> Target:
     """A run id (or prefix, or folder), a model folder, an adapter folder, or a packaged name → what to serve."""
     import json
 
-    from tunelab.models import resolve
-    from tunelab.train.preference import resolve_start
+    from tunelab.models import refs, resolve
 
     folder = Path(ref).expanduser()
     if (folder / "adapter_config.json").is_file():  # a bare peft adapter folder: its config names the base
         base_ref = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
         return Target(name or folder.name, resolve(base_ref, ws), Path(base_ref).name, folder.resolve())
-    start = resolve_start(ref, ws)
+    start = refs.resolve(ref, ws)
     if start.run_id is None:
         base_name = name or (Path(ref).name if Path(ref).exists() else ref)
-        return Target(base_name, start.base_path, base_name)
+        return Target(base_name, start.path, base_name)
     base_name = _base_name(ws.runs_dir / start.run_id if (ws.runs_dir / start.run_id).is_dir() else Path(ref))
     if start.adapter is None:  # a run that trained the whole model: serve it as a base
-        return Target(name or start.run_id, start.base_path, name or start.run_id, run_id=start.run_id)
-    return Target(name or start.run_id, start.base_path, base_name, start.adapter, start.run_id)
+        return Target(name or start.run_id, start.path, name or start.run_id, run_id=start.run_id)
+    return Target(name or start.run_id, start.path, base_name, start.adapter, start.run_id)
 
 
 def _base_name(run_dir: Path) -> str:

@@ -18,7 +18,7 @@ RECIPES: dict[str, str] = {
     "dpo": "tunelab.train.dpo:DPOConfig:run",
     "rlhf": "tunelab.train.rlhf:RLHFConfig:run",
     "pipeline": "tunelab.train.pipeline:PipelineConfig:run",
-    "suite": "tunelab.eval.suites:SuiteConfig:run",
+    "suite": "tunelab.eval.compare:SuiteConfig:run",
     "tune": "tunelab.train.tune:TuneConfig:run",
     "advise": "tunelab.advise.advisor:Answers:advise",
 }

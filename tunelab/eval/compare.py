@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.eval.suites import SuiteConfig  # noqa: F401 (the recipes registry reads it here)
 from tunelab.workspace import Workspace, write_json
 
 
@@ -50,6 +51,11 @@ def load_model(ref: str, ws: Workspace):
     return model, tok, {"ref": ref, "base_path": str(start.path),
                         "adapter": str(start.adapter) if start.adapter else None,
                         "run_id": start.run_id, "run_dir": str(run_dir) if run_dir else None}
+
+
+def run(cfg, ws, **kw) -> dict:
+    """``recipe: suite`` run from Python (the recipes registry): ``tunelab compare`` on the suite's models."""
+    return run_compare(cfg, ws, **kw)
 
 
 def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,

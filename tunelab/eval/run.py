@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.models import refs
 from tunelab.models.generation import generate
 from tunelab.train.numerics import response_nll_per_example
 from tunelab.workspace import Workspace, read_jsonl, write_json
@@ -33,12 +34,9 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
                  n_resamples: int = 1000, seed: int = 0) -> dict:
     """Base vs tuned on the held-out set: every metric with a bootstrap interval, the tuned − base
     difference with a paired-bootstrap p-value, business metrics and the forgetting probe."""
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.scoring import metrics as M
-    from tunelab.models import resolve
     from tunelab.train.numerics import prompt_ids, tokenize_all_chats
     from tunelab.data.loaders import load_chats
 
@@ -60,29 +58,21 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     if not chats:
         raise TunelabError(f"no usable examples in {data_path} ({len(rejects)} rejected)")
     adapter = run_dir / "adapter"
-    full = run_dir / "model"
-    if not adapter.is_dir() and not full.is_dir():
-        raise TunelabError(f"run {run_id} has no trained weights yet (no adapter/ or model/); finish it with "
-                           f"'tunelab train --resume {run_id}'")
-    tuned_dir = adapter if adapter.is_dir() else full
-    tokenizer = AutoTokenizer.from_pretrained(tuned_dir)  # saved with the run: same chat template
+    tuned_ref = refs.resolve(str(run_dir), ws)  # its adapter on the base in its lineage, or its model/
+    tokenizer, _ = refs.load_tokenizer(tuned_ref, chat_template=False)  # saved with the run: same template
     # a recipe without `model:` (distill: teacher/student) records in lineage.json the base its weights sit on
     base_ref = cfg.model.name if hasattr(cfg, "model") else json.loads(
         (run_dir / "lineage.json").read_text(encoding="utf-8"))["base_model_path"]
-    base_path = resolve(base_ref, ws)
 
     prompts = [prompt_ids(tokenizer, c) for c in chats]
-    refs = [c[-1]["content"] for c in chats]
+    references = [c[-1]["content"] for c in chats]
     feats, _ = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
     gen_cfg = {"strategy": "greedy", "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    if adapter.is_dir():
-        from peft import PeftModel
-
-        tuned = PeftModel.from_pretrained(base, adapter)
-    else:
-        tuned = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)
+    tuned = refs.load(tuned_ref)  # with an adapter: a PeftModel, so the base is the same weights, adapter off
+    base = None
+    if with_base and tuned_ref.adapter is None:  # a full fine-tune: the base is a second model
+        base = refs.load(refs.resolve(base_ref, ws, trust_remote_code=tuned_ref.trust_remote_code, runs=False))
 
     from tunelab.eval.business import BusinessSection, business_metrics
     from tunelab.eval.suites import ForgettingSection, forgetting_verdict, probe
@@ -99,7 +89,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
                                  desc=f"eval {name}")
         gen_s = time.perf_counter() - t0
         nlls, counts = response_nll_per_example(model, feats, cfg.eval.batch_size, tokenizer.pad_token_id)
-        text = M.evaluate(M.GENERATION_METRICS, preds, refs, **boot)
+        text = M.evaluate(M.GENERATION_METRICS, preds, references, **boot)
         ppl = M.evaluate(["perplexity"], nlls, counts, **boot)
         scored[name] = {**text.stats, **ppl.stats}
         m = text.flat()
@@ -117,7 +107,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
         m["generation_tokens_per_s"] = round(new_tokens / gen_s, 2) if gen_s > 0 else None
         per = text.values["rougeL"]["per_example"]
         rows = [{"index": i, "prompt": chats[i][-2]["content"] if len(chats[i]) > 1 else "",
-                 "reference": refs[i], "prediction": preds[i], "rougeL": per[i], **gstats[i]}
+                 "reference": references[i], "prediction": preds[i], "rougeL": per[i], **gstats[i]}
                 for i in range(len(chats))]
         return m, rows
 

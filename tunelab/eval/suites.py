@@ -35,6 +35,7 @@ from pydantic import Field, model_validator
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
 from tunelab.eval.business import BusinessSection
+from tunelab.eval.templates import find_path, jinja_env as _env
 
 TASK_TYPES = ("generation", "classification", "multiple_choice", "perplexity")
 DEFAULT_METRICS = {
@@ -170,13 +171,6 @@ def check_suite(cfg: SuiteConfig) -> None:
                 raise ValueError(f"task '{t.name}': {e}") from None
 
 
-def run(cfg: SuiteConfig, ws, **kw) -> dict:
-    """``recipe: suite`` run from Python: ``tunelab compare`` on this suite's models."""
-    from tunelab.eval.compare import run_compare
-
-    return run_compare(cfg, ws, **kw)
-
-
 def _check_metrics(kind: str, names: list[str]) -> None:
     from tunelab.scoring.metrics import resolve_names
 
@@ -200,13 +194,6 @@ class Task:
     spec: TaskSpec
     source: str
     rejected: list[dict] = field(default_factory=list)
-
-
-def _env():
-    from tunelab._optional import require
-
-    jinja2 = require("jinja2", "eval")
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 def _render(env, template, doc: dict):
@@ -247,16 +234,6 @@ def _lm_eval_task(spec: TaskSpec, base: Path) -> tuple[TaskSpec, dict]:
     if upd["type"] != r["type"]:
         raise TunelabError(f"task '{spec.name}': {p.name} is a {r['type']} task, not {upd['type']}")
     return spec.model_copy(update=upd), r
-
-
-def find_path(path: str, base: Path, cwd_first: bool = True) -> Path:
-    """A relative path is looked up from the current folder (like every tunelab recipe), then from ``base``
-    (the suite's or the lm-eval task file's folder); lm-eval data files look next to their task first."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    order = [Path.cwd() / p, base / p] if cwd_first else [base / p, Path.cwd() / p]
-    return next((c.resolve() for c in order if c.exists()), order[0].resolve())
 
 
 def load_task(spec: TaskSpec, base: Path) -> Task:

@@ -371,3 +371,41 @@ def test_data_package_has_no_import_cycles():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def test_line_separators_inside_text_keep_one_record_per_line(tmp_path):
+    p = tmp_path / "ls.jsonl"
+    p.write_text("\n".join(json.dumps({"text": f"para\u2028graph\x85next\u2029{i}", "label": "a"}) for i in range(4)))
+    m = _prep(tmp_path, [{"path": str(p)}], export=["text"])
+    for name in ("train.jsonl", "train.text.jsonl"):
+        lines = (Path(m["path"]) / name).read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 4 and json.loads(lines[0])["text"].startswith("para\u2028graph\x85next\u2029")
+
+
+def test_a_step_kind_used_twice_counts_its_drops_per_step(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_text("\n".join(json.dumps({"text": " ".join(["w"] * n), "label": "a"}) for n in range(1, 9)) + "\n")
+    m = _prep(tmp_path, [{"path": str(p)}], steps=[{"kind": "length", "min_words": 3},
+                                                   {"kind": "length", "max_words": 6}])
+    assert [s["dropped"] for s in m["steps"]] == [{"too_short": 2}, {"too_long": 2}]
+    assert m["counts"]["dropped"] == 4 and m["counts"]["kept"] == 4
+
+
+def test_split_hashes_text_that_is_not_valid_unicode():
+    from tunelab.data.split import content_fraction
+
+    f = content_fraction({"text": "broken \ud800"})
+    assert 0 <= f < 1 and f != content_fraction({"text": "broken "})
+    assert content_fraction({"text": "é"}) == content_fraction({"text": "é"}, "")  # valid text: hash unchanged
+
+
+def test_reason_kinds_group_numbers_but_keep_names():
+    from tunelab.data.records import reason_kind
+
+    assert reason_kind("invalid UTF-8 at byte 17") == "invalid UTF-8 at byte N"
+    assert reason_kind("message 3 must be {'role': ...}") == "message N must be {'role'"
+    assert BadRecord("row has 4 cells, header has 2").kind == "row has N cells, header has N"
+    assert BadRecord("anything: detail", "my kind").kind == "my kind"
+    import pickle
+
+    assert pickle.loads(pickle.dumps(BadRecord("x 1", "k"))).kind == "k"

@@ -29,6 +29,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from tunelab import __version__
 from tunelab.config import Strict
+from tunelab.data.datacard import render_datacard
+from tunelab.data.profile import profile_dataset
 from tunelab.data.readers import SUFFIXES, files_in, read, read_file
 from tunelab.data.records import EXPORTABLE, FORMATS, BadRecord, export, find_surrogate, kind, to_canonical
 from tunelab.data.split import content_fraction
@@ -410,9 +412,10 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
                     counts["rejected"][why] += 1
                     rej.write(json.dumps({"file": source, "line": line, "stage": stage, "reason": reason,
                                           "kind": why}) + "\n")
-                elif tag == "drop":
-                    _, source, line, name, d = res
-                    counts["dropped"][name][d.reason] += 1
+                elif tag == "drop":  # counted per step (a recipe may use one kind twice)
+                    _, source, line, k, d = res
+                    name = steps[k].name
+                    counts["dropped"][k][d.reason] += 1
                     rej.write(json.dumps({"file": source, "line": line, "stage": name, "reason": d.reason,
                                           "detail": d.detail}) + "\n")
                 else:
@@ -431,7 +434,8 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
                                f"are in {kept_at}")
         if counts["kept"] == 0:
             kept_at = _keep_rejects(tmp, ws, dataset_id)
-            reasons = counts["rejected"] + Counter({f"dropped by {n}: {r}": c for n, rc in counts["dropped"].items()
+            reasons = counts["rejected"] + Counter({f"dropped by {cfg.steps[k].kind}: {r}": c
+                                                    for k, rc in counts["dropped"].items()
                                                     for r, c in rc.items()})
             raise TunelabError(f"no record survived from {_named(list(files)) or 'the inputs (no file found)'} "
                                f"({counts['read']:,} read, {n_rejected:,} rejected, {n_dropped:,} dropped"
@@ -481,7 +485,7 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
                     label_counts[s][rec["label"]] += 1
                 for fmt in cfg.export:
                     try:
-                        exports[(s, fmt)].write(json.dumps(export(rec, fmt), ensure_ascii=False) + "\n")
+                        exports[(s, fmt)].write(json_line(export(rec, fmt)))
                         exported[fmt] += 1
                     except BadRecord as e:
                         export_errors[fmt][str(e)] += 1
@@ -513,7 +517,7 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
             "sources": [{"path": p, "sha256": h, "bytes": os.path.getsize(p)} for p, h in files.items()],
             "inputs": [i.model_dump() for i in cfg.inputs],
             "steps": [{"kind": spec.kind, "class": type(st).__name__, "config": st.config(),
-                       "dropped": dict(counts["dropped"].get(st.name, {}))} for spec, st in zip(cfg.steps, steps)],
+                       "dropped": dict(counts["dropped"].get(k, {}))} for k, (spec, st) in enumerate(zip(cfg.steps, steps))],
             "counts": {"read": counts["read"], "rejected": n_rejected, "rejected_by_reason": dict(counts["rejected"]),
                        "dropped": n_dropped, "kept": counts["kept"], "selected": len(keep)},
             "kinds": dict(kinds),
@@ -532,8 +536,6 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
             manifest["files"].append("profile.json")
         write_json(tmp / "manifest.json", manifest)
         prof = _profile(cfg.profile, tmp, ws) if cfg.profile is not None else None
-        from tunelab.data.datacard import render_datacard
-
         (tmp / "datacard.md").write_text(render_datacard(manifest, prof), encoding="utf-8")
         os.replace(tmp, final)  # atomic: the version appears whole or not at all
     except BaseException:
@@ -658,6 +660,19 @@ class _Chain:
         return out
 
 
+# json.dumps leaves these unescaped with ensure_ascii=False, and str.splitlines (and JavaScript) break
+# lines at them: escaped, a JSONL line stays one line for every reader
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def json_line(obj: Any) -> str:
+    """One JSONL line: UTF-8 text as is, except the characters other readers take for line breaks."""
+    s = json.dumps(obj, ensure_ascii=False)
+    if "\u2028" in s or "\u2029" in s or "\x85" in s:  # rare: scan first, translate only then
+        s = s.translate(_LINE_BREAKS)
+    return s + "\n"
+
+
 def _final(rec: dict, salt: str) -> tuple:
     """A kept record as ("keep", its staged JSON line, label, content-hash fraction, kind); or, if a
     text is still not valid Unicode after the steps, a reject."""
@@ -667,7 +682,7 @@ def _final(rec: dict, salt: str) -> tuple:
                 f"invalid Unicode: a lone surrogate in '{field}' (add the control_chars step to remove them)",
                 "invalid Unicode (lone surrogate)", "output")
     body = {k: v for k, v in rec.items() if k != "meta"}
-    return ("keep", json.dumps(rec, ensure_ascii=False) + "\n", str(rec.get("label", "")),
+    return ("keep", json_line(rec), str(rec.get("label", "")),
             content_fraction(body, salt), kind(rec))
 
 
@@ -683,23 +698,23 @@ def _replay(item: tuple, steps: list, salt: str) -> tuple:
             if x is not None:
                 step.add_stats(x)
             if isinstance(rec, Drop):
-                return ("drop", source, line, step.name, rec)
+                return ("drop", source, line, k, rec)
             continue
         if isinstance(rec, Drop):  # its precompute failed on this record
-            return ("drop", source, line, step.name, rec)
+            return ("drop", source, line, k, rec)
         res = _apply(step, rec, x)
         if isinstance(res, Drop):
-            return ("drop", source, line, step.name, res)
+            return ("drop", source, line, k, res)
         if res is not rec:  # this step rewrote the record: what the workers did after it is void
-            return _sequential(res, steps[k + 1:], source, line, salt)
+            return _sequential(res, steps, source, line, salt, start=k + 1)
     return final
 
 
-def _sequential(rec: dict, steps: list, source: str, line: int, salt: str) -> tuple:
-    for step in steps:
-        res = _call(step, rec)
+def _sequential(rec: dict, steps: list, source: str, line: int, salt: str, start: int = 0) -> tuple:
+    for k in range(start, len(steps)):
+        res = _call(steps[k], rec)
         if isinstance(res, Drop):
-            return ("drop", source, line, step.name, res)
+            return ("drop", source, line, k, res)
         rec = res
     return _final(rec, salt)
 
@@ -729,7 +744,7 @@ def _chunks(it, n: int = CHUNK):
 
 def _stream(cfg: PrepareConfig, steps: list, n_workers: int):
     """Every input record's outcome, in input order: ("bad", source, line, reason, kind, stage),
-    ("drop", source, line, step name, Drop) or ("keep", JSON line, label, fraction, kind)."""
+    ("drop", source, line, step index, Drop) or ("keep", JSON line, label, fraction, kind)."""
     if n_workers == 0:  # the reference path: every step called in turn, in this process
         for i, source, line, raw in _items(cfg):
             rec = _canonical(raw, cfg.inputs[i].format, cfg.inputs[i].mapping)
@@ -817,8 +832,6 @@ def _select(spec: SelectSpec, staged: Path, labels: list[str]) -> dict:
 
 
 def _profile(spec: ProfileSpec, version_dir: Path, ws: Workspace) -> dict:
-    from tunelab.data.profile import profile_dataset
-
     tok = None
     if spec.tokenizer:
         from transformers import AutoTokenizer

@@ -23,6 +23,7 @@ from collections import deque
 from pathlib import Path
 from typing import Iterator, Literal
 
+from tunelab._optional import require
 from tunelab.data.records import BadRecord
 from tunelab.errors import TunelabError
 
@@ -125,7 +126,7 @@ def read_json(p: Path) -> Iterator[Item]:
     try:
         text = blob.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        yield str(p), 0, BadRecord(f"invalid UTF-8 at byte {e.start}: the whole JSON file is unreadable")
+        yield str(p), 0, BadRecord(f"invalid UTF-8 at byte {e.start}: the whole JSON file is unreadable", "invalid UTF-8")
         return
     data = parse_json(text)
     if isinstance(data, BadRecord):
@@ -208,8 +209,6 @@ def _csv_reason(err: str, n_lines: int) -> str:
 
 
 def read_parquet(p: Path, batch_size: int = 4096) -> Iterator[Item]:
-    from tunelab._optional import require
-
     pq = require("pyarrow.parquet", "data")
     n = 0
     for batch in pq.ParquetFile(p).iter_batches(batch_size=batch_size):

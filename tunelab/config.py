@@ -127,7 +127,7 @@ def format_validation_error(model: type[BaseModel], err: ValidationError) -> lis
             got = e.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"
             msg = e["msg"].removeprefix("Value error, ")  # our validators' messages stand on their own
-            problems.append(f"{path}: {msg} (got {shown})")
+            problems.append(f"{path}: {msg}" if shown in msg else f"{path}: {msg} (got {shown})")
     return problems
 
 

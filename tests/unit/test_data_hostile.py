@@ -409,3 +409,15 @@ def test_reason_kinds_group_numbers_but_keep_names():
     import pickle
 
     assert pickle.loads(pickle.dumps(BadRecord("x 1", "k"))).kind == "k"
+
+
+def test_step_settings_fall_back_to_the_step_for_types_pydantic_cannot_check():
+    from typing import Any, Protocol
+
+    from tunelab.data.prepare import _checkable
+
+    class Backend(Protocol):
+        def analyze(self, text: str) -> list: ...
+
+    assert _checkable(Backend) is Any
+    assert _checkable(list[str] | None) == (list[str] | None)

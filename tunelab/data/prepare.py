@@ -25,7 +25,7 @@ from collections import Counter, defaultdict, deque
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
 from tunelab import __version__
 from tunelab.config import Strict
@@ -55,7 +55,7 @@ class InputSpec(Strict):
     @classmethod
     def _known_format(cls, v: str) -> str:
         if v != "auto" and v not in FORMATS:
-            raise ValueError(f"unknown format '{v}'{_did_you_mean(v, FORMATS)} (known: auto, {', '.join(FORMATS)})")
+            raise ValueError(f"unknown format {v!r}{_did_you_mean(v, FORMATS)} (known: auto, {', '.join(FORMATS)})")
         return v
 
 
@@ -110,7 +110,7 @@ class PrepareConfig(Strict):
     @field_validator("export")
     @classmethod
     def _known_exports(cls, v: list[str]) -> list[str]:
-        bad = [f"'{f}'{_did_you_mean(f, FORMATS)}" for f in v if f not in FORMATS]
+        bad = [f"{f!r}{_did_you_mean(f, FORMATS)}" for f in v if f not in FORMATS]
         if bad:
             raise ValueError(f"unknown export format {', '.join(bad)} (known: {', '.join(FORMATS)})")
         return v
@@ -166,6 +166,15 @@ def _listify(tp: Any) -> Any:
         return tp
 
 
+def _checkable(tp: Any) -> Any:
+    """``tp`` if pydantic can check values against it, else Any (e.g. a backend object's Protocol type)."""
+    try:
+        TypeAdapter(tp, config=ConfigDict(arbitrary_types_allowed=True))
+        return tp
+    except Exception:  # noqa: BLE001 - PydanticSchemaGenerationError and friends: the step checks it itself
+        return Any
+
+
 _SETTINGS: dict[str, type[BaseModel]] = {}
 
 
@@ -187,7 +196,7 @@ def step_settings_model(kind: str) -> type[BaseModel]:
                 continue
             if prm.default is prm.empty and not required_ok:
                 continue  # filled by the factory (e.g. the evaluation texts read from ``paths``)
-            fields[name] = (_listify(hints.get(name, Any)), ... if prm.default is prm.empty else prm.default)
+            fields[name] = (_checkable(_listify(hints.get(name, Any))), ... if prm.default is prm.empty else prm.default)
     model = create_model(f"{kind}_settings", __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True),
                          **fields)
     _SETTINGS[kind] = model

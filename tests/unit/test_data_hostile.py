@@ -98,6 +98,8 @@ def test_lone_surrogate_is_rejected_or_cleaned_never_a_crash(tmp_path):
     assert rej["line"] == 4 and "surrogate" in rej["reason"] and "'text'" in rej["reason"]
     m = _prep(tmp_path, [{"path": str(p)}], ws="ws2", steps=[{"kind": "control_chars"}])
     assert m["counts"]["kept"] == 4 and "broken  emoji" in (Path(m["path"]) / "train.jsonl").read_text()
+    m = _prep(tmp_path, [{"path": str(p)}], ws="ws3", workers=2, steps=[{"kind": "exact_dedup"}])  # in workers
+    assert m["counts"]["kept"] == 3 and [r["stage"] for r in _rejects(m)] == ["output"]
 
 
 def test_utf8_bom_does_not_cost_the_first_record(tmp_path):

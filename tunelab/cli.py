@@ -123,12 +123,20 @@ def _report_evaluated(ws, summary: dict) -> None:
 @guarded
 def validate(recipes_: list[Path] = typer.Argument(..., metavar="RECIPE...", help="recipe files"),
              set_: list[str] = typer.Option([], "--set")):
-    """Check recipe files without running them; every problem is listed."""
+    """Check recipe files without running them (settings, named choices, files they read); every problem is listed."""
     from tunelab import recipes
 
+    failed = 0
     for r in recipes_:
-        recipes.load_recipe(r, set_)
+        try:
+            recipes.load_recipe(r, set_, check_files=True)
+        except TunelabError as e:
+            failed += 1
+            typer.secho(f"error: {e}", fg="red", err=True)
+            continue
         typer.echo(f"ok: {r}")
+    if failed:
+        raise typer.Exit(2)
 
 
 @app.command("eval")
@@ -351,7 +359,7 @@ def data_prepare(
     from tunelab import recipes
     from tunelab.data.prepare import PrepareConfig, run
 
-    cfg, _ = recipes.load_recipe(recipe, set_)
+    cfg, _ = recipes.load_recipe(recipe, set_, check_files=True)
     if not isinstance(cfg, PrepareConfig):
         raise TunelabError(f"{recipe} is a '{cfg.recipe}' recipe; data prepare needs 'recipe: data'")
     m = run(cfg, _ws(workspace), strict=strict or None)
@@ -507,6 +515,10 @@ def _print_manifest(m: dict) -> None:
     if m.get("pii", {}).get("by_type"):
         t.add_row("PII found", ", ".join(f"{k} {v}" for k, v in sorted(m["pii"]["by_type"].items())))
     _console().print(t)
+    for w in m.get("warnings", []):
+        typer.secho(f"warning: {w}", fg="yellow", err=True)
+    if c["rejected"] or c["dropped"]:
+        _console().print(f"rejects (file, line, reason): {Path(m.get('path', '')) / 'rejects.jsonl'}")
     _console().print(f"written: {m.get('path', '')}")
 
 

@@ -32,8 +32,9 @@ def get(name: str):
     return getattr(m, cls), getattr(m, fn)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None):
-    """Read a recipe file; return (config, run function)."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = False):
+    """Read a recipe file; return (config, run function). ``check_files``: also report named files
+    that do not exist (for recipes that check them)."""
     from tunelab import config as cfglib
 
     raw = cfglib.apply_overrides(cfglib.load_yaml(path), overrides or [])
@@ -43,4 +44,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None):
     cls, fn = get(str(name))
     if name in ("pipeline", "tune") and "base_dir" not in raw:  # files named relative to this file
         raw["base_dir"] = str(Path(path).resolve().parent)
-    return cfglib.validate(cls, raw, str(path)), fn
+    return cfglib.validate(cls, raw, str(path), check_files=check_files), fn

@@ -27,6 +27,7 @@ from typing import Any
 from tunelab.data.records import kind as _kind
 from tunelab.errors import TunelabError
 from tunelab._plot import new_figure as _figure, png_bytes as _png
+from tunelab.workspace import write_json
 
 SPLITS = ("train", "validation", "test")
 PERCENTILES = (50, 90, 95, 99)
@@ -746,7 +747,5 @@ def profile_dataset(version_dir: Path, *, tokenizer=None, max_length: int = 2048
             for name, draw in charts:
                 _write_bytes(version_dir / name, draw())
                 profile["charts"].append(name)
-        from tunelab.workspace import write_json
-
         write_json(version_dir / "profile.json", profile)
     return profile

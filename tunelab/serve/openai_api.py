@@ -21,7 +21,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import Registry, UnknownModel
@@ -60,6 +60,14 @@ def _no_surrogates(s: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_no_surrogates)]
+# JSON Schema's "integer" (what /openapi.json publishes) includes 2.0; 2.5, "2" and true stay refused
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]  # constraints before the validator: in the schema
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_integral)]
 # strict: no coercion ("yes" is not true, 1.0 is not a token count, "3" is not a number); no inf or nan
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -72,19 +80,21 @@ class StreamOptions(BaseModel):
 class _Body(BaseModel):
     model_config = _STRICT
     model: Text
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    max_tokens: Optional[Count] = None
+    # the published schema says what is accepted: 0, or MIN_TEMPERATURE to 2
+    temperature: float = Field(1.0, ge=0.0, le=2.0, json_schema_extra={
+        "anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE, "maximum": 2}]})
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: Int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})  # refused below with the reason
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     stop: Union[Text, list[Text], None] = None
-    seed: Optional[int] = Field(None, ge=0, le=SEED_MAX)
+    seed: Optional[Seed] = None
     user: Optional[Text] = None
     # accepted only at their neutral values: anything else is refused rather than ignored
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logprobs: Optional[Union[bool, int]] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    logprobs: Optional[Union[bool, Int]] = None
 
     @field_validator("temperature")
     @classmethod
@@ -109,12 +119,12 @@ class Message(BaseModel):
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[Count] = None
 
 
 class CompletionBody(_Body):
     prompt: Union[Text, list[Text]]
-    echo: bool = False
+    echo: bool = Field(False, json_schema_extra={"const": False})
 
 
 class AdapterBody(BaseModel):
@@ -280,7 +290,9 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
         ids = _tokenize(served, prompt, "prompt")
-        return await _respond("completion", body, served, ids, body.max_tokens or 16, request)
+        # OpenAI's default of 16, or this server's limit when lower: a client that did not ask is not refused
+        max_tokens = body.max_tokens or min(16, limits.max_tokens)
+        return await _respond("completion", body, served, ids, max_tokens, request)
 
     def _tokenize(served, text: str, param: str, **kw) -> list[int]:
         if len(text) > limits.max_prompt_tokens * 64:  # far over any tokenization of max_prompt_tokens: skip the work

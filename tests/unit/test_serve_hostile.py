@@ -332,3 +332,36 @@ def test_health_counts_cancelled_requests_as_cancelled(api, tiny_model, tok):
     after = c.get("/health").json()["stats"]
     assert after["cancelled"] == before.get("cancelled", 0) + 1, after
     assert after["completed"] == before["completed"], (before, after)
+
+
+def test_a_completion_without_max_tokens_fits_the_servers_limit(tiny_model):
+    """OpenAI's default of 16 completion tokens is capped by a lower --max-tokens: a client that did not ask
+    for a length is not refused for it."""
+    from fastapi.testclient import TestClient
+
+    app, registry, engine = _build(tiny_model, {}, max_tokens=4)
+    try:
+        r = TestClient(app).post("/v1/completions", json={"model": "tiny", "prompt": "The cat"})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4, r.text
+    finally:
+        engine.close()
+
+
+def test_an_unexpected_error_is_a_json_500_without_a_traceback(tiny_model, adapters, monkeypatch):
+    """A bug of ours (injected: the model lookup raises) answers OpenAI's JSON error shape with status 500 and
+    no traceback; the traceback goes to the server log."""
+    from fastapi.testclient import TestClient
+
+    app, registry, engine = _build(tiny_model, {}, max_tokens=4)
+    try:
+        def broken(name):
+            raise KeyError("injected bug")
+
+        monkeypatch.setattr(registry, "get", broken)
+        r = TestClient(app, raise_server_exceptions=False).post(
+            "/v1/completions", json={"model": "tiny", "prompt": "The cat"})
+        assert r.status_code == 500 and r.headers["content-type"].startswith("application/json"), r.text
+        err = r.json()["error"]
+        assert err["type"] == "server_error" and "KeyError" in err["message"] and "Traceback" not in r.text
+    finally:
+        engine.close()

@@ -19,8 +19,9 @@ and unloaded between steps (tunelab/serve/adapters.py).
 A failing row fails alone. Per-row work (seeding, sampling, decoding, delivering text) is guarded
 row by row. When a batched forward raises, the cache is put back as it was before the step and
 each row is run alone on its slice of the cache: a row that fails alone fails its request, every
-other row gets its step from its own forward and the batch goes on (principle 12: bad input fails
-alone; cf. vLLM, which aborts a request whose sampling fails instead of the whole batch).
+other row gets its step from its own forward and the batch goes on (design principle 12: bad input
+fails alone). Requests taken off the queue count as busy until they are rows, so an adapter is never
+unloaded under them.
 """
 
 from __future__ import annotations

@@ -44,7 +44,8 @@ class Limits(BaseModel):
 # ----------------------------------------------------------------------------- request bodies
 
 # Below this a positive temperature overflows the softmax in float32 (logits / 1e-40 = inf, inf/inf = nan);
-# vLLM raises temperatures under the same 1e-2 to it with a warning, tunelab refuses them instead of changing them.
+# vLLM raises temperatures under the same 1e-2 to it with a warning (vllm/sampling_params.py, _MAX_TEMP);
+# tunelab refuses them instead of changing them.
 MIN_TEMPERATURE = 0.01
 SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; OpenAI's seed is a signed 64-bit integer
 _SURROGATE = re.compile("[\ud800-\udfff]")

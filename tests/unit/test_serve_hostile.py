@@ -365,3 +365,26 @@ def test_an_unexpected_error_is_a_json_500_without_a_traceback(tiny_model, adapt
         assert err["type"] == "server_error" and "KeyError" in err["message"] and "Traceback" not in r.text
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("broken", ["config-not-json", "config-a-list", "weights-garbage"])
+def test_loading_a_broken_adapter_folder_is_a_400_naming_path(api, adapters, tmp_path, broken):
+    """POST /v1/adapters with a folder whose adapter_config.json is not JSON (or not an object), or whose
+    weights are garbage, is a 400 naming `path`; the server goes on serving."""
+    import shutil
+
+    c, _ = api
+    folder = tmp_path / broken
+    shutil.copytree(adapters["colors-a"], folder)
+    if broken == "config-not-json":
+        (folder / "adapter_config.json").write_text("{not json")
+    elif broken == "config-a-list":
+        (folder / "adapter_config.json").write_text("[]")
+    else:
+        (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    r = c.post("/v1/adapters", json={"name": f"broken-{broken}", "path": str(folder)})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "path", r.text
+    assert f"broken-{broken}" not in [m["id"] for m in c.get("/v1/models").json()["data"]]
+    assert c.post("/v1/completions", json={"model": "colors-a", "prompt": "The cat", "max_tokens": 2}).status_code == 200
+    assert not [a for a in getattr(api[0].app.state.registry.model, "peft_config", {})
+                if a not in {m.adapter for m in api[0].app.state.registry.models.values()}], "a half-loaded adapter"

@@ -162,7 +162,12 @@ class Registry:
         internal = f"adapter_{self._counter}"  # peft names become module keys: no dots, no user text
         with self.lock:
             if hasattr(self.model, "peft_config"):
-                self.model.load_adapter(str(path), adapter_name=internal)
+                try:
+                    self.model.load_adapter(str(path), adapter_name=internal)
+                except Exception as e:  # weights that do not load: leave no half-injected adapter behind
+                    if internal in self.model.peft_config:
+                        self.model.delete_adapter(internal)
+                    raise TunelabError(f"cannot load the adapter in '{path}': {type(e).__name__}: {e}") from None
             else:
                 from peft import PeftModel
 

@@ -144,7 +144,12 @@ class Registry:
         cfg_file = path / "adapter_config.json"
         if not cfg_file.is_file():
             raise TunelabError(f"'{path}' is not a peft adapter folder (no adapter_config.json)")
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise TunelabError(f"'{cfg_file}' cannot be read as JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise TunelabError(f"'{cfg_file}' is not a JSON object")
         if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
             kind = "DoRA" if cfg.get("use_dora") else cfg.get("peft_type")
             raise TunelabError(f"adapter '{name}' is {kind}; only LoRA adapters can share a batch "
@@ -156,7 +161,12 @@ class Registry:
         internal = f"adapter_{self._counter}"  # peft names become module keys: no dots, no user text
         with self.lock:
             if hasattr(self.model, "peft_config"):
-                self.model.load_adapter(str(path), adapter_name=internal)
+                try:
+                    self.model.load_adapter(str(path), adapter_name=internal)
+                except Exception as e:  # weights that do not load: leave no half-injected adapter behind
+                    if internal in self.model.peft_config:
+                        self.model.delete_adapter(internal)
+                    raise TunelabError(f"cannot load the adapter in '{path}': {type(e).__name__}: {e}") from None
             else:
                 from peft import PeftModel
 
@@ -164,15 +174,27 @@ class Registry:
                 if self.engine is not None:
                     self.engine.model = self.model
         served = Served(name, internal, tok, str(path), run_id)
-        self.models[name] = served
+        self.models = {**self.models, name: served}  # a new dict: request handlers read it concurrently
         return served
 
     def remove(self, name: str) -> None:
         served = self.get(name)
         if served.adapter == BASE:
             raise TunelabError(f"'{name}' is the base model; it cannot be unloaded")
-        with self.lock:
-            if self.engine is not None and served.adapter in self.engine.busy_adapters():
-                raise TunelabError(f"adapter '{name}' has requests in flight; retry when they finish")
-            self.model.delete_adapter(served.adapter)
-            del self.models[name]
+        from tunelab.serve.batching import AdapterBusy
+
+        with self.lock:  # the engine is between steps
+            if self.engine is not None:
+                try:  # refuses new requests for it from here on, atomically with the busy check
+                    self.engine.retire(served.adapter)
+                except AdapterBusy:
+                    raise TunelabError(f"adapter '{name}' has requests queued or in flight; retry when they "
+                                       "finish") from None
+            try:
+                self.model.delete_adapter(served.adapter)
+            except Exception:
+                if self.engine is not None:
+                    self.engine.unretire(served.adapter)
+                raise
+            # a new dict, not a mutation: request handlers read the names concurrently
+            self.models = {k: v for k, v in self.models.items() if k != name}

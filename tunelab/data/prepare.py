@@ -859,6 +859,6 @@ def _profile(spec: ProfileSpec, version_dir: Path, ws: Workspace) -> dict:
 
         from tunelab.models import resolve
 
-        tok = AutoTokenizer.from_pretrained(resolve(spec.tokenizer, ws))
+        tok = AutoTokenizer.from_pretrained(resolve(spec.tokenizer, ws), trust_remote_code=False)  # never a folder's code
     return profile_dataset(version_dir, tokenizer=tok, max_length=spec.max_length, epochs=spec.epochs,
                            embed=spec.embed, clusters=spec.clusters, sample=spec.sample, write=True)

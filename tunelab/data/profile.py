@@ -412,8 +412,8 @@ def embed_texts(texts: list[str], path: str, batch_size: int = EMBED_BATCH):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModel.from_pretrained(path, trust_remote_code=False)
     model.eval()
     out = []
     with torch.no_grad():
@@ -614,7 +614,7 @@ def profile_dataset(version_dir: Path, *, tokenizer=None, max_length: int = 2048
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)
     warnings: list[str] = []
     notes: list[str] = [PROXY_NOTE]
     unit = "tokens" if tokenizer is not None else "words"

@@ -152,8 +152,8 @@ def pull(name: str, workspace: Workspace | None = None, force: bool = False) -> 
     tmp = ws.models_dir / f".{key}.partial-{os.getpid()}"  # per process: concurrent pulls do not mix files
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=pm.gguf_file)
-    model = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=pm.gguf_file)
+    tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=pm.gguf_file, trust_remote_code=False)
+    model = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=pm.gguf_file, trust_remote_code=False)
     # The weights are dequantized to fp32 on load; drop the GGUF quantizer so the folder
     # saves and reloads as a plain fp32 HF model.
     model.hf_quantizer = None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.models import refs
 from tunelab.serve.batching import BASE
 from tunelab.workspace import Workspace
 
@@ -58,12 +59,11 @@ def resolve_target(ref: str, ws: Workspace, name: str | None = None) -> Target:
     """A run id (or prefix, or folder), a model folder, an adapter folder, or a packaged name → what to serve."""
     import json
 
-    from tunelab.models import refs, resolve
-
     folder = Path(ref).expanduser()
     if (folder / "adapter_config.json").is_file():  # a bare peft adapter folder: its config names the base
         base_ref = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-        return Target(name or folder.name, resolve(base_ref, ws), Path(base_ref).name, folder.resolve())
+        base = refs.resolve(base_ref, ws, runs=False).path
+        return Target(name or folder.name, base, Path(base_ref).name, folder.resolve())
     start = refs.resolve(ref, ws)
     if start.run_id is None:
         base_name = name or (Path(ref).name if Path(ref).exists() else ref)
@@ -94,23 +94,15 @@ def newest_demo_run(ws: Workspace) -> str:
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    from tunelab.train.numerics import ensure_chat_template
-
-    tok = AutoTokenizer.from_pretrained(path)
-    ensure_chat_template(tok)
-    return tok
+    """A tokenizer folder's tokenizer with a chat template (models.refs: no custom code runs)."""
+    return refs.load_tokenizer(refs.ModelRef(str(path), Path(path)))[0]
 
 
 class Registry:
     """The base model and its adapters, by the names clients use."""
 
     def __init__(self, base_path: Path, base_name: str, *, device: str = "cpu", dtype: str = "float32"):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype)).to(device).eval()
+        self.model = refs.load(refs.ModelRef(str(base_path), Path(base_path)), dtype=dtype, device=device).eval()
         self.base_path = Path(base_path)
         tok = load_tokenizer(base_path)
         self.base_vocab = len(tok)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from tunelab import config as cfglib
 from tunelab.errors import ConfigError
 
 RECIPES: dict[str, str] = {
@@ -35,8 +36,6 @@ def get(name: str):
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = False):
     """Read a recipe file; return (config, run function). ``check_files``: also report named files
     that do not exist (for recipes that check them)."""
-    from tunelab import config as cfglib
-
     raw = cfglib.apply_overrides(cfglib.load_yaml(path), overrides or [])
     name = raw.get("recipe")
     if not name:

@@ -35,7 +35,9 @@ from tunelab.data.readers import SUFFIXES, files_in, read, read_file
 from tunelab.data.records import EXPORTABLE, FORMATS, BadRecord, export, find_surrogate, kind, to_canonical
 from tunelab.data.split import content_fraction
 from tunelab.data.steps.base import Drop, texts
+from tunelab.data.steps.pii import salt_fingerprint
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.models import resolve
 from tunelab.workspace import Workspace, sha256_file, write_json
 
 
@@ -345,8 +347,6 @@ def _catalog_config(cfg: PrepareConfig) -> dict:
     d = cfg.model_dump(mode="json")
     for spec, step in zip(cfg.steps, d.get("steps") or []):
         if spec.kind == "pii" and isinstance(step.get("salt"), str) and step["salt"]:
-            from tunelab.data.steps.pii import salt_fingerprint
-
             step["salt"] = salt_fingerprint(step["salt"])
     return d
 
@@ -856,8 +856,6 @@ def _profile(spec: ProfileSpec, version_dir: Path, ws: Workspace) -> dict:
     tok = None
     if spec.tokenizer:
         from transformers import AutoTokenizer
-
-        from tunelab.models import resolve
 
         tok = AutoTokenizer.from_pretrained(resolve(spec.tokenizer, ws), trust_remote_code=False)  # never a folder's code
     return profile_dataset(version_dir, tokenizer=tok, max_length=spec.max_length, epochs=spec.epochs,

@@ -34,6 +34,7 @@ import random
 import sys
 from pathlib import Path
 
+from tunelab._optional import require
 from tunelab.errors import TunelabError
 from tunelab.eval.templates import find_path, jinja_env
 
@@ -227,8 +228,6 @@ def _data_files(files, folder: Path):
 
 
 def _load_dataset(cfg: dict, path: Path):
-    from tunelab._optional import require
-
     datasets = require("datasets", "train")
     src = cfg.get("dataset_path")
     kw = dict(cfg.get("dataset_kwargs") or {})

@@ -10,18 +10,25 @@ import json
 import time
 from pathlib import Path
 
+from tunelab import config as cfglib
+from tunelab import recipes
+from tunelab.data.loaders import load_chats
 from tunelab.errors import TunelabError
+from tunelab.eval.business import BusinessSection, business_metrics, describe
+from tunelab.eval.report import write_report
+from tunelab.eval.suites import ForgettingSection, forgetting_verdict, probe
 from tunelab.models import refs
 from tunelab.models.generation import generate
-from tunelab.train.numerics import response_nll_per_example
+from tunelab.scoring import metrics as M
+from tunelab.scoring.metrics import LOWER_IS_BETTER
+from tunelab.scoring.stats import paired_bootstrap
+from tunelab.sections import ChatDataSection
+from tunelab.train.numerics import prompt_ids, response_nll_per_example, tokenize_all_chats
 from tunelab.workspace import Workspace, read_jsonl, write_json
 
 
 def _load_cfg(run_dir: Path):
     import yaml
-
-    from tunelab import config as cfglib
-    from tunelab import recipes
 
     raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     cls, _ = recipes.get(raw.get("recipe", "sft"))
@@ -36,15 +43,10 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     difference with a paired-bootstrap p-value, business metrics and the forgetting probe."""
     import transformers
 
-    from tunelab.scoring import metrics as M
-    from tunelab.train.numerics import prompt_ids, tokenize_all_chats
-    from tunelab.data.loaders import load_chats
-
     transformers.logging.set_verbosity_error()
     run_dir = ws.run_dir(ref)
     run_id = run_dir.name
     cfg = _load_cfg(run_dir)
-    from tunelab.sections import ChatDataSection
 
     if not isinstance(getattr(cfg, "data", None), ChatDataSection) or not hasattr(cfg.eval, "max_new_tokens"):
         raise TunelabError(f"run {run_id} is a '{cfg.recipe}' run: 'tunelab eval' scores generated answers of "
@@ -73,9 +75,6 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     base = None
     if with_base and tuned_ref.adapter is None:  # a full fine-tune: the base is a second model
         base = refs.load(refs.resolve(base_ref, ws, trust_remote_code=tuned_ref.trust_remote_code, runs=False))
-
-    from tunelab.eval.business import BusinessSection, business_metrics
-    from tunelab.eval.suites import ForgettingSection, forgetting_verdict, probe
 
     bcfg = BusinessSection(**(business_cfg or {}))
     fcfg = ForgettingSection(**(forgetting_cfg or {}))
@@ -132,9 +131,6 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
            "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order},
            "bootstrap": {**boot, "confidence": 0.95, "method": "percentile over examples"}}
     if "base" in scored:
-        from tunelab.scoring.metrics import LOWER_IS_BETTER
-        from tunelab.scoring.stats import paired_bootstrap
-
         res["differences"] = {}
         for k in scored["tuned"]:
             d = paired_bootstrap(scored["base"][k], scored["tuned"][k], **boot)
@@ -173,8 +169,6 @@ def _mark_forgetting(ws: Workspace, run_dir: Path, verdict: dict) -> None:
 
 def report_run(ref: str, ws: Workspace) -> Path:
     """Gather a run's files and write its report.html."""
-    from tunelab.eval.report import write_report
-
     run_dir = ws.run_dir(ref)
 
     def _json(name):
@@ -238,8 +232,6 @@ def print_eval(res: dict) -> None:
                   f"{f['after']['general_perplexity']:.4g} ({f['perplexity_change']:+.1%}), probe accuracy "
                   f"{f['before']['probe_accuracy']:.3f} → {f['after']['probe_accuracy']:.3f}: {flag}")
     if res.get("business"):
-        from tunelab.eval.business import describe
-
         for m, b in res["business"].items():
             con.print(f"[bold]{m}[/bold]")
             for line in describe(b):

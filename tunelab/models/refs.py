@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.models.resolve import PACKAGED, resolve as resolve_path
+from tunelab.models.chat import ensure_chat_template
+from tunelab.models.resolve import PACKAGED
+from tunelab.models.resolve import resolve as resolve_path
 from tunelab.workspace import Workspace
 
 TASKS = {"causal": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
@@ -151,8 +153,6 @@ def load_tokenizer(m: ModelRef | str, ws: Workspace | None = None, *, chat_templ
     tok = AutoTokenizer.from_pretrained(m.tokenizer_path, trust_remote_code=m.trust_remote_code)
     added = False
     if chat_template:
-        from tunelab.models.chat import ensure_chat_template
-
         added = ensure_chat_template(tok)
     return tok, added
 

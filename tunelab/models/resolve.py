@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab._optional import require
 from tunelab.errors import TunelabError
 from tunelab.workspace import Workspace, sha256_file, write_json
 
@@ -107,8 +108,6 @@ def resolve(ref: str, workspace: Workspace | None = None, *, pull_packaged: bool
 
 
 def _from_hub(repo_id: str) -> Path:
-    from tunelab._optional import require
-
     hub = require("huggingface_hub", "train")
     try:
         return Path(hub.snapshot_download(repo_id, local_files_only=True))
@@ -145,7 +144,6 @@ def pull(name: str, workspace: Workspace | None = None, force: bool = False) -> 
     src = _package_dir(pm)
     if src is None:
         raise TunelabError(f"model '{key}' needs its wheel: {pm.pip}")
-    from tunelab._optional import require
 
     require("gguf", "gguf")
     tf = require("transformers", "train")

@@ -35,7 +35,10 @@ import string
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tunelab._optional import require
 from tunelab.errors import TunelabError
+from tunelab.models.resolve import PACKAGED, _package_dir
+from tunelab.scoring.stats import Statistic, bootstrap_ci, mean_statistic
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 AVERAGES = ("macro", "micro", "weighted")
@@ -68,8 +71,6 @@ def _strings(xs: list, what: str) -> None:
 
 
 def rouge_per_example(preds: list[str], refs: list[str]) -> list[dict[str, float]]:
-    from tunelab._optional import require
-
     rs = require("rouge_score.rouge_scorer", "eval")
     scorer = rs.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     out = []
@@ -88,7 +89,6 @@ def rouge(preds: list[str], refs: list[str]) -> dict[str, float]:
 
 def bleu_chrf(preds: list[str], refs: list[str]) -> dict[str, float]:
     _check(preds, refs)
-    from tunelab._optional import require
 
     sb = require("sacrebleu", "eval")
     return {"bleu": sb.corpus_bleu(preds, [refs]).score, "chrf": sb.corpus_chrf(preds, [refs]).score}
@@ -129,8 +129,6 @@ def bertscore_model(name: str | None = None) -> tuple[str, int]:
     name = name or DEFAULT_BERTSCORE_MODEL
     p = Path(name)
     if not p.is_dir():
-        from tunelab.models.resolve import PACKAGED, _package_dir
-
         pm = PACKAGED.get(name.lower())
         if pm is None or not pm.folder:
             raise TunelabError(f"BERTScore model '{name}' is neither a local model folder nor a packaged encoder "
@@ -147,7 +145,6 @@ def bertscore(preds: list[str], refs: list[str], model: str | None = None, num_l
               batch_size: int = 32) -> dict[str, list[float]]:
     """Per-example BERTScore P/R/F1 (bert_score.score, no idf, no baseline rescaling)."""
     _check(preds, refs)
-    from tunelab._optional import require
 
     bs = require("bert_score", "eval")
     import torch
@@ -189,9 +186,6 @@ def _sacrebleu(name: str, preds, refs):
     summed over each resample and turned into the corpus score by sacrebleu itself (the way
     sacrebleu.significance bootstraps), so a resample costs a sum, not a re-tokenization."""
     import numpy as np
-
-    from tunelab._optional import require
-    from tunelab.scoring.stats import Statistic
 
     _strings(preds, "predictions")
     _strings(refs, "references")
@@ -241,10 +235,10 @@ def _prf_fn(preds, refs, opts):
 
 
 def _roc_auc_fn(preds, refs, opts):
+    import warnings
+
     import numpy as np
     from sklearn.metrics import roc_auc_score
-
-    import warnings
 
     scores = np.asarray(preds, dtype=float)
     labels = opts.get("labels")
@@ -343,8 +337,6 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
     (class order of ROC-AUC probability columns).
     """
     import numpy as np
-
-    from tunelab.scoring.stats import Statistic, bootstrap_ci, mean_statistic
 
     wanted = resolve_names(names)
     families = [f for f in FAMILIES if any(n in wanted for n in f.names)]

@@ -19,7 +19,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.models import refs
-from tunelab.serve.batching import BASE
+from tunelab.serve.batching import BASE, AdapterBusy
 from tunelab.workspace import Workspace
 
 DEMO_RUN_PREFIX = "sft-support-demo-"  # `tunelab demo` trains recipe name "support-demo" (resources/demo_sft_support.yaml)
@@ -173,7 +173,6 @@ class Registry:
         served = self.get(name)
         if served.adapter == BASE:
             raise TunelabError(f"'{name}' is the base model; it cannot be unloaded")
-        from tunelab.serve.batching import AdapterBusy
 
         with self.lock:  # the engine is between steps
             if self.engine is not None:

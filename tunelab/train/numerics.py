@@ -13,6 +13,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.models.chat import ensure_chat_template, fallback_chat_template, render  # noqa: F401 (re-exported)
+from tunelab.train.peft import virtual_tokens
 
 IGNORE_INDEX = -100
 
@@ -212,8 +213,6 @@ def causal_logits(model, input_ids, attention_mask=None, position_ids=None):
     the input by exactly ``num_virtual_tokens``; those leading positions are dropped here so labels
     stay aligned. Any other length mismatch is an error, never a silent shift of the labels.
     """
-    from tunelab.train.peft import virtual_tokens
-
     # padding-free batches: transformers builds the block-causal mask from position_ids only when no
     # KV cache exists, and a config with use_cache=True would create one: without it examples would mix
     pos = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}

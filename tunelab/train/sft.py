@@ -25,9 +25,26 @@ from tunelab.sections import ChatDataSection, GenerationSection, LoraSection, Mo
 from tunelab.train import _run
 from tunelab.train.device import checkpoint_every, padding_free, plan
 from tunelab.train.distributed import world_size
-from tunelab.train.numerics import print_data_report
-from tunelab.train.peft import (PROMPT_FAMILY, IA3Section, PromptSection, QuantSection, TrainMethod, adapter_report,
-                                apply_peft, check_requirements, ignored_sections, load_kwargs, peft_section)
+from tunelab.train.numerics import (
+    PadCollator,
+    PaddingFreeCollator,
+    print_data_report,
+    response_only_loss,
+    tokenize_all_chats,
+)
+from tunelab.train.peft import (
+    PROMPT_FAMILY,
+    IA3Section,
+    PromptSection,
+    QuantSection,
+    TrainMethod,
+    adapter_report,
+    apply_peft,
+    check_requirements,
+    ignored_sections,
+    load_kwargs,
+    peft_section,
+)
 from tunelab.workspace import Workspace
 
 
@@ -57,8 +74,6 @@ class SFTConfig(Strict):
 def _trainer_class():
     from transformers import Trainer
 
-    from tunelab.train.numerics import response_only_loss
-
     class SFTTrainer(Trainer):
         """transformers' Trainer with one override: the loss computes logits on response tokens only."""
 
@@ -87,13 +102,14 @@ def run(cfg: SFTConfig | None, workspace: Workspace | None = None, resume: str |
 
 
 def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
-    from tunelab.train._cpu_speed import FrozenBf16, checkpointed_eager_attention, cpu_bf16_training, \
-        use_fast_lora_dropout
-    from tunelab.train.numerics import PadCollator, PaddingFreeCollator, tokenize_all_chats
+    from tunelab.train._cpu_speed import (
+        FrozenBf16,
+        checkpointed_eager_attention,
+        cpu_bf16_training,
+        use_fast_lora_dropout,
+    )
 
     cfg = r.cfg.model_copy(update={"data": absolute_paths(r.cfg.data)})
     if cfg.method != "full":

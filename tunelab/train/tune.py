@@ -23,6 +23,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tunelab import recipes
+from tunelab._optional import require
+from tunelab._plot import new_figure, png_bytes
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
 from tunelab.models import refs
@@ -206,8 +208,6 @@ def _worker(cfg_json: str, ws_root: str, n: int, worker: int, threads: int, seed
 
 def run(cfg: TuneConfig, workspace: Workspace | None = None, resume: bool = False) -> dict:
     """Run (or continue) the study until it has ``cfg.trials`` finished trials; write the report."""
-    from tunelab._optional import require
-
     optuna = require("optuna", "tune")
     ws = workspace or Workspace.resolve()
     _base_path(cfg)
@@ -284,8 +284,6 @@ def report(cfg: TuneConfig, ws: Workspace, study=None) -> dict:
 
 
 def _plot_history(trials: list[dict], path: Path, importances: dict) -> None:
-    from tunelab._plot import new_figure, png_bytes
-
     fig = new_figure(10, 3.6)
     ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     done = [t for t in trials if t["state"] == "COMPLETE"]

@@ -172,7 +172,8 @@ class Store:
         """Update a job; with ``owner``, only while that worker still holds its lease."""
         for k in ("error", "result"):
             if k in fields:
-                fields[f"{k}_json"] = None if fields[k] is None else json.dumps(fields.pop(k), default=str)
+                value = fields.pop(k)
+                fields[f"{k}_json"] = None if value is None else json.dumps(value, default=str)
         fields["updated_at"] = time.time()
         sets = ", ".join(f"{k} = ?" for k in fields)
         q, args = f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), id]

@@ -132,6 +132,7 @@ class Worker:
             run_dir = J.run_dir(self.ws, a.job["run_id"]) if a.job["run_id"] else None
             if a.job["command"] == "train" and run_dir is not None and run_dir.is_dir():
                 (run_dir / CANCEL_FILE).write_text(wanted, encoding="utf-8")
+                self.store.event(job_id, f"{wanted}: CANCEL written to the run folder; it stops after this step")
             else:
                 a.handle.terminate()
                 a.term_sent = now

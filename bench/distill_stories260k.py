@@ -59,7 +59,7 @@ def main() -> None:
     from tunelab.recipes import load_recipe
     from tunelab.train import sft
     from tunelab.train.distill import score
-    from tunelab.train._numerics import ensure_chat_template
+    from tunelab.train.numerics import ensure_chat_template
     from tunelab.workspace import Workspace
 
     transformers.logging.set_verbosity_error()

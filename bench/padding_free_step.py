@@ -34,9 +34,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab import config as cfglib
-    from tunelab.train._numerics import (PadCollator, PaddingFreeCollator, ensure_chat_template,
+    from tunelab.train.numerics import (PadCollator, PaddingFreeCollator, ensure_chat_template,
                                          response_only_loss, tokenize_all_chats)
-    from tunelab.train.sft import SFTConfig, load_chats
+    from tunelab.data.loaders import load_chats
+    from tunelab.train.sft import SFTConfig
 
     cfg = cfglib.load(SFTConfig, ROOT / "examples" / "sft_lora_support.yaml")
     tok = AutoTokenizer.from_pretrained(a.model)

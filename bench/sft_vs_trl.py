@@ -110,7 +110,7 @@ def child_trl(a, variant: str, tmp: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from tunelab.train.callbacks import MetricsJsonl
-    from tunelab.train.sft import load_chats
+    from tunelab.data.loaders import load_chats
     from tunelab.config import validate
     from tunelab.train.sft import SFTConfig as TLConfig
 

@@ -7,10 +7,18 @@ how far a database has come, so an old workspace upgrades itself on open.
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any
+
+# A running run records its heartbeat every HEARTBEAT_S seconds (tunelab/train/_run.py); one whose
+# heartbeat is older than STALE_S, or whose process is gone from this host, is shown as interrupted.
+HEARTBEAT_S = 15.0
+STALE_S = 120.0
+STATES = ("queued", "running", "completed", "failed", "interrupted", "cancelled")
 
 MIGRATIONS: list[str] = [
     # 1: runs
@@ -223,4 +231,22 @@ def _row(row: sqlite3.Row) -> dict[str, Any]:
     d = dict(row)
     d["config"] = json.loads(d.pop("config_json") or "{}")
     d["metrics"] = json.loads(d.pop("metrics_json") or "null")
+    if d["status"] == "running" and not alive(d):
+        d["status"] = "interrupted"  # its process died without a word (SIGKILL, power loss)
     return d
+
+
+def alive(row: dict, now: float | None = None) -> bool:
+    """Whether a run recorded as running still has a live process: its pid on this host, or (another
+    host) a recent heartbeat. A row without a heartbeat (older workspaces) is taken at its word."""
+    hb = row.get("heartbeat_at")
+    if hb is None:
+        return True
+    if row.get("host") == socket.gethostname() and row.get("pid"):
+        try:
+            os.kill(int(row["pid"]), 0)
+        except ProcessLookupError:
+            return False
+        except (PermissionError, OSError):
+            pass  # exists, owned by someone else
+    return (now or time.time()) - float(hb) < STALE_S

@@ -449,6 +449,21 @@ def runs_show(run: str, workspace: Optional[Path] = WorkspaceOpt):
     typer.echo(json.dumps(out, indent=2, default=str))
 
 
+@runs_app.command("cancel")
+@guarded
+def runs_cancel(run: str = typer.Argument(..., help="run id or a unique prefix"),
+                workspace: Optional[Path] = WorkspaceOpt):
+    """Ask a running training run to stop: it saves a checkpoint at its next step and ends 'cancelled'
+    ('tunelab train --resume RUN' continues it)."""
+    ws = _ws(workspace)
+    d = ws.run_dir(run)
+    state = (ws.catalog().get_run(d.name) or {}).get("status", "unknown")
+    if state != "running":
+        raise TunelabError(f"run {d.name} is {state}, not running: nothing to cancel")
+    ws.request_cancel(d.name)
+    typer.echo(f"cancel requested for {d.name}: it stops at its next optimizer step")
+
+
 def _print_manifest(m: dict) -> None:
     from rich.table import Table
 

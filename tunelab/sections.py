@@ -11,6 +11,8 @@ from tunelab.config import Strict
 
 class ModelSection(Strict):
     name: str = Field(description="packaged name, local HF folder or hub id")
+    trust_remote_code: bool = Field(False, description="run Python code shipped inside the model folder (auto_map); "
+                                                       "off: such a folder is refused (tunelab/models/refs.py)")
 
 
 class ChatDataSection(Strict):
@@ -93,3 +95,12 @@ class PolicyEvalSection(Strict):
     samples: int = Field(2, ge=1, description="sampled completions per prompt and model")
     max_new_tokens: int = Field(48, ge=1)
     batch_size: int = Field(16, ge=1)
+
+
+def refuse_unread(section, path: str, recipe: str, fields: tuple[str, ...]) -> None:
+    """Raise (inside a pydantic validator) when a recipe's section sets options that recipe does not read,
+    instead of ignoring them silently: ``train.padding_free`` in a DPO recipe, say."""
+    unread = [f for f in fields if f in section.model_fields_set]
+    if unread:
+        raise ValueError("; ".join(f"{path}.{f}: the {recipe} recipe does not read this option; remove it"
+                                   for f in unread))

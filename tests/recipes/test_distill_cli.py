@@ -38,8 +38,8 @@ def _train_teacher(src: Path, dst: Path, train: Path, steps: int = 150) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tunelab.sections import ChatDataSection
-    from tunelab.train._numerics import PadCollator, ensure_chat_template, response_only_loss, tokenize_all_chats
-    from tunelab.train.sft import load_chats
+    from tunelab.train.numerics import PadCollator, ensure_chat_template, response_only_loss, tokenize_all_chats
+    from tunelab.data.loaders import load_chats
 
     tok = AutoTokenizer.from_pretrained(src)
     ensure_chat_template(tok)

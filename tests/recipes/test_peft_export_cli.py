@@ -76,6 +76,13 @@ def test_dora_merge_export_gives_base_plus_adapter_logits(tmp_path, tiny_model):
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     info = json.loads((out / "export.json").read_text())
     assert info["merged"] and 0 <= info["probe_max_abs_diff"] < 1e-3
+    # exported weights and the probe are readable by the group, as the umask (022 here) asks (not 0600)
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (out / "model.safetensors", run_dir / "probe.safetensors", run_dir / "adapter" / "adapter_model.safetensors"):
+        assert f.stat().st_mode & 0o777 == 0o666 & ~mask, (f, oct(f.stat().st_mode))
 
     merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no peft
     ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), run_dir / "adapter").eval()

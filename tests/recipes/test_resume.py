@@ -61,6 +61,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model):
     assert killed_at is not None, "training finished before it could be killed; make the run longer"
     (run_b,) = list((ws_b / "runs").iterdir())
     assert not (run_b / "summary.json").exists()  # really interrupted
+    # the catalog still says "running" (nobody could write otherwise), but the process is gone
+    shown = run_cli("runs", "show", run_b.name, "-w", str(ws_b))
+    assert json.loads(shown.stdout)["catalog"]["status"] == "interrupted", shown.stdout[-2000:]
 
     r = run_cli("train", "--resume", run_b.name, "-w", str(ws_b))
     assert r.returncode == 0, r.stderr[-3000:]

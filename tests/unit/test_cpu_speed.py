@@ -125,7 +125,7 @@ def test_fast_dropout_under_autocast_emits_what_autocast_would_compute():
 def test_frozen_head_nll_equals_linear_plus_cross_entropy(autocast):
     import torch.nn.functional as F
 
-    from tunelab.train._numerics import frozen_head_nll
+    from tunelab.train.numerics import frozen_head_nll
 
     torch.manual_seed(0)
     head = torch.nn.Linear(24, 300, bias=False).requires_grad_(False)

@@ -151,7 +151,7 @@ def test_bad_step_config_is_reported(tmp_path):
 
 def test_training_run_records_the_prepared_dataset_id(tmp_path):
     from tunelab.sections import ChatDataSection
-    from tunelab.train.sft import dataset_lineage
+    from tunelab.data.lineage import file_lineage as dataset_lineage
 
     files = _write_broken_corpus(tmp_path / "raw")
     m = run(_cfg(files), Workspace.resolve(tmp_path / "ws"))

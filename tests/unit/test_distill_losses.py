@@ -1,4 +1,4 @@
-"""Distillation losses (tunelab.train._numerics) against hand computations."""
+"""Distillation losses (tunelab.train.numerics) against hand computations."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from tunelab.train._numerics import IGNORE_INDEX, distill_divergence, distill_loss, masked_nll
+from tunelab.train.numerics import IGNORE_INDEX, distill_divergence, distill_loss, masked_nll
 
 
 def _softmax(xs, T=1.0):

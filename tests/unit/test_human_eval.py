@@ -83,7 +83,7 @@ def test_blind_sheet_roundtrip_winrate_kappa_and_preference_pairs(tmp_path):
     assert len(prefs) == 30
     assert all(("good" in p["chosen"]) or ("plain" in p["chosen"] and "poor" in p["rejected"]) for p in prefs)
     # the reward/DPO recipes read them as preference records
-    from tunelab.train._preference import load_pairs
+    from tunelab.train.preference import load_pairs
 
     rejects = []
     loaded = load_pairs(str(tmp_path / "he" / "preferences.jsonl"), None, rejects)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.train._numerics import (IGNORE_INDEX, PadCollator, TokenStats, ensure_chat_template, prompt_ids,
+from tunelab.train.numerics import (IGNORE_INDEX, PadCollator, TokenStats, ensure_chat_template, prompt_ids,
                                      response_only_loss, tokenize_all_chats, tokenize_chat)
 
 CHAT = [{"role": "system", "content": "Be brief."},

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tunelab.train._numerics import blocks_nll, blocks_perplexity, pack_blocks
+from tunelab.train.numerics import blocks_nll, blocks_perplexity, pack_blocks
 
 EOS = 0
 

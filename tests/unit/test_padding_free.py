@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunelab.train._numerics import (IGNORE_INDEX, PadCollator, PaddingFreeCollator, ensure_chat_template,
+from tunelab.train.numerics import (IGNORE_INDEX, PadCollator, PaddingFreeCollator, ensure_chat_template,
                                      response_only_loss, tokenize_all_chats)
 
 CHATS = [

@@ -23,7 +23,7 @@ NV = 4  # virtual tokens
 def batch(tiny_model, tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from tunelab.train._numerics import PadCollator, ensure_chat_template, tokenize_all_chats
+    from tunelab.train.numerics import PadCollator, ensure_chat_template, tokenize_all_chats
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     ensure_chat_template(tok)
@@ -66,7 +66,7 @@ def test_peft_method_trains_reports_and_reloads(method, tiny_model, batch, tmp_p
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tunelab.train._numerics import response_only_loss
+    from tunelab.train.numerics import response_only_loss
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -138,7 +138,7 @@ def test_dora_and_rslora_configs():
 def test_misaligned_logits_are_an_error_not_a_shift():
     import torch
 
-    from tunelab.train._numerics import causal_logits
+    from tunelab.train.numerics import causal_logits
 
     class Odd(torch.nn.Module):  # returns one logit position too many, and is no prompt-learning model
         def forward(self, input_ids, attention_mask=None):

@@ -20,7 +20,7 @@ def tok(tmp_path_factory):
 
 
 def test_fit_prompt_keeps_the_tail_within_budget(tok):
-    from tunelab.train._numerics import fit_prompt
+    from tunelab.train.numerics import fit_prompt
 
     prompt = "Human: one two three four five six\n\nAssistant: ok\n\nHuman: what color is the cat?\n\nAssistant:"
     n = len(tok(prompt, add_special_tokens=False)["input_ids"])
@@ -37,7 +37,7 @@ def test_fit_prompt_keeps_the_tail_within_budget(tok):
 
 
 def test_encode_prompt_response_cuts_prompt_first(tok):
-    from tunelab.train._numerics import encode_prompt_response
+    from tunelab.train.numerics import encode_prompt_response
 
     prompt = "one two three four five six " * 10 + "what color is the cat?"
     ids, cut = encode_prompt_response(tok, prompt, " The cat is red.", 24)
@@ -52,7 +52,7 @@ def test_encode_prompt_response_cuts_prompt_first(tok):
 
 
 def test_hh_rlhf_transcripts_become_pairs(tmp_path, tok):
-    from tunelab.train._preference import load_pairs
+    from tunelab.train.preference import load_pairs
 
     p = tmp_path / "hh.jsonl"
     rows = [

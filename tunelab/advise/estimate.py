@@ -239,7 +239,7 @@ def cpu_fast_path(cfg: EstimateConfig) -> bool:
     return cfg.cpu_speedups
 
 
-# The frozen LM head's NLL is computed this many tokens at a time (tunelab/train/_numerics.py)
+# The frozen LM head's NLL is computed this many tokens at a time (tunelab/train/numerics.py)
 HEAD_CHUNK = 512
 
 

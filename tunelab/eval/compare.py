@@ -38,7 +38,7 @@ def load_model(ref: str, ws: Workspace):
     """A run id, model folder or packaged name → (model, tokenizer, info)."""
     import transformers
 
-    from tunelab.train._preference import eval_device, find_run, load_causal, load_tokenizer, resolve_start
+    from tunelab.train.preference import eval_device, find_run, load_causal, load_tokenizer, resolve_start
 
     transformers.logging.set_verbosity_error()
     start = resolve_start(ref, ws)

@@ -77,7 +77,7 @@ def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: 
     import torch
     import torch.nn.functional as F
 
-    from tunelab.train._numerics import IGNORE_INDEX, PadCollator, causal_logits
+    from tunelab.train.numerics import IGNORE_INDEX, PadCollator, causal_logits
 
     collate = PadCollator(pad_id)
     nll: list[float] = []
@@ -98,7 +98,7 @@ def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tupl
     """Summed NLL of reference responses (teacher forcing) and the number of scored tokens."""
     import torch
 
-    from tunelab.train._numerics import PadCollator, causal_logits, masked_nll
+    from tunelab.train.numerics import PadCollator, causal_logits, masked_nll
 
     collate = PadCollator(pad_id)
     total, count = 0.0, 0
@@ -125,8 +125,8 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
 
     from tunelab.eval import metrics as M
     from tunelab.models import resolve
-    from tunelab.train._numerics import prompt_ids, tokenize_all_chats
-    from tunelab.train.sft import load_chats
+    from tunelab.train.numerics import prompt_ids, tokenize_all_chats
+    from tunelab.data.loaders import load_chats
 
     transformers.logging.set_verbosity_error()
     run_dir = ws.run_dir(ref)

@@ -388,7 +388,7 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 def choice_logliks(model, tokenizer, contexts: list[str], choices: list[list[str]], delimiter: str = " ",
                    batch_size: int = 16) -> list[list[float]]:
     """log p(delimiter + choice | context) for every choice of every item, tokenized as lm-eval does."""
-    from tunelab.train._preference import completion_logprobs
+    from tunelab.train.preference import completion_logprobs
 
     ctx_ids, cont_ids, owner = [], [], []
     for i, (c, chs) in enumerate(zip(contexts, choices)):
@@ -406,7 +406,7 @@ def choice_logliks(model, tokenizer, contexts: list[str], choices: list[list[str
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat:
-        from tunelab.train._numerics import prompt_ids
+        from tunelab.train.numerics import prompt_ids
 
         return prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
@@ -486,7 +486,7 @@ def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: Boot
         blocks = _blocks(tokenizer, [it["text"] for it in items], task.spec.block_size)
         if not blocks:
             raise TunelabError(f"task '{task.name}': the text is shorter than two tokens")
-        from tunelab.train._numerics import blocks_nll
+        from tunelab.train.numerics import blocks_nll
 
         for i, (doc, b) in enumerate(blocks):
             total, n = blocks_nll(model, [b], 1)
@@ -575,7 +575,7 @@ def judge_win_rates(cfg: SuiteConfig, ws, baseline: str, rows: dict, tasks: list
 
     j = cfg.judge
     if j.reward_model:
-        from tunelab.train._preference import load_reward_model
+        from tunelab.train.preference import load_reward_model
 
         scorer, _ = load_reward_model(j.reward_model, ws)
 

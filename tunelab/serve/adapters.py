@@ -59,7 +59,7 @@ def resolve_target(ref: str, ws: Workspace, name: str | None = None) -> Target:
     import json
 
     from tunelab.models import resolve
-    from tunelab.train._preference import resolve_start
+    from tunelab.train.preference import resolve_start
 
     folder = Path(ref).expanduser()
     if (folder / "adapter_config.json").is_file():  # a bare peft adapter folder: its config names the base
@@ -97,7 +97,7 @@ def newest_demo_run(ws: Workspace) -> str:
 def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
-    from tunelab.train._numerics import ensure_chat_template
+    from tunelab.train.numerics import ensure_chat_template
 
     tok = AutoTokenizer.from_pretrained(path)
     ensure_chat_template(tok)

@@ -278,7 +278,8 @@ def run(cfg: ClassifyConfig, workspace: Workspace | None = None, resume: str | N
         parent_id: str | None = None) -> dict:
     """Train; evaluate on the test file; return the summary (also written to ``summary.json``)."""
     from tunelab.train.distributed import is_main, world_size, worker_summary
-    from tunelab.train.sft import dataset_lineage, last_checkpoint
+    from tunelab.data.lineage import file_lineage as dataset_lineage
+    from tunelab.train._run import last_checkpoint
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()

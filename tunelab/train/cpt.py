@@ -127,9 +127,9 @@ def run(cfg: CPTConfig, workspace: Workspace | None = None, resume: str | None =
 
     from tunelab.environment import capture
     from tunelab.models import resolve
-    from tunelab.train._numerics import blocks_perplexity
+    from tunelab.train.numerics import blocks_perplexity
     from tunelab.train.device import plan
-    from tunelab.train.sft import write_probe
+    from tunelab.train._run import write_probe
 
     transformers.logging.set_verbosity_error()
     model_path = resolve(cfg.model.name, ws)

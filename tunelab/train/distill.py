@@ -188,7 +188,7 @@ def _n_params(model) -> int:
 def _trainer_class():
     from transformers import Trainer
 
-    from tunelab.train._numerics import IGNORE_INDEX, distill_loss, response_only_loss
+    from tunelab.train.numerics import IGNORE_INDEX, distill_loss, response_only_loss
 
     class DistillTrainer(Trainer):
         """transformers' Trainer with one override: the distillation loss (teacher logits, or CE on
@@ -253,7 +253,7 @@ def score(model, tokenizer, chats: list[list[dict]], cfg: CompareSection, max_le
     """Response perplexity (teacher forcing, response tokens only) and ROUGE/BLEU of greedy answers."""
     from tunelab.eval import metrics as M
     from tunelab.eval.run import generate, response_nll
-    from tunelab.train._numerics import prompt_ids, tokenize_all_chats
+    from tunelab.train.numerics import prompt_ids, tokenize_all_chats
 
     prompts = [prompt_ids(tokenizer, c) for c in chats]
     refs = [c[-1]["content"] for c in chats]
@@ -276,7 +276,7 @@ def measure_latency(models: dict, chats: list[list[dict]], n_prompts: int, new_t
     warm-up each, so machine load hits both alike. ``models``: name → (model, tokenizer)."""
     import torch
 
-    from tunelab.train._numerics import prompt_ids
+    from tunelab.train.numerics import prompt_ids
 
     chats = chats[:n_prompts]
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -312,7 +312,7 @@ def _ratio(a, b):
 def _teacher_responses(teacher, t_tok, chats: list[list[dict]], seq: SequenceSection, desc: str):
     """Replace each chat's last assistant turn by the teacher's greedy answer; empty answers are dropped."""
     from tunelab.eval.run import generate
-    from tunelab.train._numerics import prompt_ids
+    from tunelab.train.numerics import prompt_ids
 
     texts, _ = generate(teacher, t_tok, [prompt_ids(t_tok, c) for c in chats], seq.max_new_tokens, seq.batch_size,
                         desc=desc)
@@ -347,7 +347,9 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
         parent_id: str | None = None) -> dict:
     """Distill; return the summary (also written to ``summary.json``)."""
     from tunelab.train.distributed import is_main, main_first, world_size, worker_summary
-    from tunelab.train.sft import dataset_lineage, last_checkpoint, load_chats, split_validation, write_probe
+    from tunelab.data.lineage import file_lineage as dataset_lineage
+    from tunelab.data.loaders import load_chats, split_validation
+    from tunelab.train._run import last_checkpoint, write_probe
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
@@ -369,9 +371,9 @@ def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | No
     from tunelab.environment import capture
     from tunelab.train import callbacks as cb
     from tunelab.train import peft as tpeft
-    from tunelab.train._numerics import PadCollator, ensure_chat_template, tokenize_all_chats
+    from tunelab.train.numerics import PadCollator, ensure_chat_template, tokenize_all_chats
     from tunelab.train.device import plan
-    from tunelab.train.sft import _print_data_report
+    from tunelab.train.sft import print_data_report as _print_data_report
 
     transformers.logging.set_verbosity_error()
     # 1. teacher and student, and their tokenizers: a vocabulary mismatch fails before any run is made

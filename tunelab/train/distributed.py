@@ -117,7 +117,9 @@ def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> s
     ws = Workspace.resolve(workspace)
     ws.catalog()  # created (migrated) once here, not by N ranks at once
     _prepare_models(cfg, ws)
-    run_id, _ = ws.new_run_dir(cfg.recipe, getattr(cfg, "name", None))  # made here; ranks reuse it
+    # the id is drawn here and every rank uses it; the folder is made by the run itself once its model
+    # resolved (tunelab/train/_run.py), so a run that fails before that leaves nothing behind
+    run_id = ws.draw_run_id(cfg.recipe, getattr(cfg, "name", None))
     env = {**os.environ, RUN_ID_ENV: run_id, "TUNELAB_WORKSPACE": str(ws.root)}
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -68,9 +68,10 @@ def heldout_preferences(lc: list[float], lr: list[float], ref_c: list[float] | N
 def run(cfg: DPOConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train; return the summary (also written to ``summary.json``)."""
-    from tunelab.train import _preference as P
+    from tunelab.train import preference as P
     from tunelab.train.distributed import is_main, world_size, worker_summary
-    from tunelab.train.sft import dataset_lineage, last_checkpoint
+    from tunelab.data.lineage import file_lineage as dataset_lineage
+    from tunelab.train._run import last_checkpoint
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()

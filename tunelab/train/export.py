@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.workspace import Workspace, write_json
+from tunelab.models import refs
+from tunelab.workspace import Workspace, umask_modes, write_json
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MERGEABLE_PEFT_TYPES = {"LORA", "IA3"}  # DoRA and rsLoRA are LoRA with options; QLoRA is LoRA on a 4-bit base
@@ -35,7 +36,8 @@ AUTO_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSeq
 PROBE_RELATIVE_TOLERANCE = 1e-4
 
 
-def merge_adapter(base_path: str | Path, adapter_dir: str | Path, dtype: str = "fp32"):
+def merge_adapter(base_path: str | Path, adapter_dir: str | Path, dtype: str = "fp32",
+                  trust_remote_code: bool = False):
     """Load the base, apply the adapter, fold it in; returns a plain transformers model (no peft)."""
     import torch
     import transformers
@@ -52,7 +54,8 @@ def merge_adapter(base_path: str | Path, adapter_dir: str | Path, dtype: str = "
         raise TunelabError(f"dtype must be one of {', '.join(DTYPES)} (got '{dtype}')")
     auto = getattr(transformers, AUTO_CLASSES.get(acfg.get("task_type"), "AutoModelForCausalLM"))
     # merge in fp32 (the sum W + BA is exact enough there); cast only when saving
-    base = auto.from_pretrained(base_path, dtype=torch.float32)
+    refs.check_custom_code(Path(base_path), trust_remote_code)
+    base = auto.from_pretrained(base_path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
@@ -74,8 +77,6 @@ def export_run(ref: str, ws: Workspace, merge: bool = False, out: str | Path | N
                dtype: str = "fp32") -> dict:
     """Export a run's trained weights; returns what ``export.json`` records (with ``path``)."""
     import yaml
-
-    from tunelab.models import resolve
 
     run_dir = ws.run_dir(ref)
     run_id = run_dir.name
@@ -104,9 +105,9 @@ def export_run(ref: str, ws: Workspace, merge: bool = False, out: str | Path | N
     try:
         if merge:
             import torch
-            from transformers import AutoTokenizer
 
-            model = merge_adapter(resolve(base_name, ws), adapter, dtype)
+            m = refs.resolve(str(run_dir), ws)  # the base the adapter sits on, from the run's lineage
+            model = merge_adapter(m.path, adapter, dtype, m.trust_remote_code)
             probe = probe_difference(model, run_dir / "probe.safetensors")
             if probe is not None:
                 diff, scale = probe
@@ -121,12 +122,13 @@ def export_run(ref: str, ws: Workspace, merge: bool = False, out: str | Path | N
                     raise TunelabError(f"the merged model does not reproduce the trained one (max |logit diff| "
                                        f"{diff:.3g} for logits up to {scale:.3g}); export the adapter alone instead")
             model.to(getattr(torch, DTYPES[dtype])).save_pretrained(tmp)  # safetensors
-            AutoTokenizer.from_pretrained(adapter).save_pretrained(tmp)  # with the chat template used in training
+            refs.load_tokenizer(m, chat_template=False)[0].save_pretrained(tmp)  # with the training chat template
         else:
             shutil.copytree(adapter if adapter.is_dir() else full, tmp)
         info["files"] = sorted(p.name for p in tmp.iterdir())
         info["weights_bytes"] = sum(p.stat().st_size for p in tmp.iterdir() if p.suffix in (".safetensors", ".bin"))
         write_json(tmp / "export.json", info)
+        umask_modes(tmp)  # safetensors writes 0600; an export is for others to read
         shutil.rmtree(dest, ignore_errors=True)
         tmp.rename(dest)
     finally:

@@ -169,7 +169,7 @@ def split_heldout(texts: list[str], share: float) -> tuple[list[str], list[str]]
 
 
 def tokenize_and_pack(tokenizer, texts: list[str], block_size: int, batch: int = 256):
-    from tunelab.train._numerics import pack_blocks
+    from tunelab.train.numerics import pack_blocks
 
     if tokenizer.eos_token_id is None:
         raise TunelabError("the tokenizer has no EOS token, which separates packed documents; add one")
@@ -197,10 +197,10 @@ def train_blocks(model, tokenizer, train: list[list[int]], evals: list[list[int]
     from transformers.trainer_callback import PrinterCallback
 
     from tunelab.train import callbacks as cb
-    from tunelab.train._numerics import PadCollator
+    from tunelab.train.numerics import PadCollator
     from tunelab.train.device import plan
     from tunelab.train.distributed import is_main
-    from tunelab.train.sft import last_checkpoint
+    from tunelab.train._run import last_checkpoint
 
     dplan = plan(tc.precision, tc.gradient_checkpointing)
     feats = [{"input_ids": b, "labels": b} for b in train]  # every position is a target in pretraining
@@ -382,9 +382,9 @@ def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | N
     from transformers import AutoTokenizer
 
     from tunelab.environment import capture
-    from tunelab.train._numerics import blocks_perplexity
+    from tunelab.train.numerics import blocks_perplexity
     from tunelab.train.device import plan
-    from tunelab.train.sft import write_probe
+    from tunelab.train._run import write_probe
 
     transformers.logging.set_verbosity_error()
     lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": None, **data_lineage}

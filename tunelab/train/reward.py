@@ -42,7 +42,7 @@ class RewardConfig(Strict):
 
 
 def _features(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
-    from tunelab.train._numerics import encode_prompt_response
+    from tunelab.train.numerics import encode_prompt_response
 
     feats, truncated = [], 0
     for p in pairs:
@@ -58,9 +58,10 @@ def _features(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict]
 def run(cfg: RewardConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train a reward model; return the summary (also written to ``summary.json``)."""
-    from tunelab.train import _preference as P
+    from tunelab.train import preference as P
     from tunelab.train.distributed import is_main, world_size, worker_summary
-    from tunelab.train.sft import dataset_lineage, last_checkpoint
+    from tunelab.data.lineage import file_lineage as dataset_lineage
+    from tunelab.train._run import last_checkpoint
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()

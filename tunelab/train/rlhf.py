@@ -71,8 +71,9 @@ class RLHFConfig(Strict):
 def run(cfg: RLHFConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train; return the summary (also written to ``summary.json``)."""
-    from tunelab.train import _preference as P
-    from tunelab.train.sft import dataset_lineage, last_checkpoint
+    from tunelab.train import preference as P
+    from tunelab.data.lineage import file_lineage as dataset_lineage
+    from tunelab.train._run import last_checkpoint
 
     ws = workspace or Workspace.resolve()
     catalog = ws.catalog()
@@ -136,7 +137,7 @@ def run(cfg: RLHFConfig, workspace: Workspace | None = None, resume: str | None 
         if not train_prompts:
             raise TunelabError(f"no usable prompts in {cfg.data.train} ({len(rejects)} rejected; "
                                f"see {run_dir / 'rejects.jsonl'})")
-        from tunelab.train._numerics import fit_prompt, n_special_tokens
+        from tunelab.train.numerics import fit_prompt, n_special_tokens
 
         budget = cfg.data.max_length - cfg.max_new_tokens - n_special_tokens(tokenizer)
         fitted = [fit_prompt(tokenizer, p, budget) for p in train_prompts]

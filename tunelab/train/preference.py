@@ -26,7 +26,7 @@ def _text(x, tokenizer, generation_prompt: bool) -> str:
     """A canonical field (string, or list of chat messages) as text."""
     if isinstance(x, str):
         return x
-    from tunelab.train._numerics import render
+    from tunelab.train.numerics import render
 
     if generation_prompt:
         return render(tokenizer, x, add_generation_prompt=True)
@@ -102,7 +102,7 @@ def load_prompts(path: str, tokenizer, rejects: list[dict], limit: int | None = 
 def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, str]:
     """(train, validation, held-out, name of the held-out set). Validation comes from ``data.validation``
     or a content-hash split; the held-out report set is ``data.test`` when given, else the validation set."""
-    from tunelab.train.sft import split_validation
+    from tunelab.data.loaders import split_validation
 
     if data.validation:
         train, val = items, load(data.validation)
@@ -122,7 +122,7 @@ def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, st
 def fit_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
     """Cut each prompt from the left so prompt + the longer response fits ``max_length`` tokens
     (trainers that cut from the right would otherwise drop the responses of long prompts)."""
-    from tunelab.train._numerics import fit_prompt, n_special_tokens, prompt_budget
+    from tunelab.train.numerics import fit_prompt, n_special_tokens, prompt_budget
 
     special = n_special_tokens(tokenizer) + 1  # + the EOS the trainer appends
     out, cut = [], 0
@@ -205,7 +205,7 @@ def load_causal(start: Start, trainable_adapter: bool = False, device: str | Non
 def load_tokenizer(start: Start):
     from transformers import AutoTokenizer
 
-    from tunelab.train._numerics import ensure_chat_template
+    from tunelab.train.numerics import ensure_chat_template
 
     tok = AutoTokenizer.from_pretrained(start.adapter or start.base_path)
     added = ensure_chat_template(tok)
@@ -245,7 +245,7 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -
 
 def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16) -> dict:
     """Bradley–Terry view of a reward model on pairs: accuracy (chosen scored above rejected) and mean margin."""
-    from tunelab.train._numerics import encode_prompt_response
+    from tunelab.train.numerics import encode_prompt_response
 
     if not pairs:
         return {"pairs": 0, "accuracy": None, "mean_margin": None}
@@ -274,7 +274,7 @@ class RewardScorer:
         self.__name__ = name
 
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
-        from tunelab.train._numerics import encode_prompt_response
+        from tunelab.train.numerics import encode_prompt_response
 
         seqs = [encode_prompt_response(self.tokenizer, _as_str(p), _as_str(c), self.max_length)[0]
                 for p, c in zip(prompts, completions)]
@@ -293,7 +293,7 @@ def load_reward_model(ref: str, ws: Workspace):
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tunelab.train._numerics import ensure_chat_template
+    from tunelab.train.numerics import ensure_chat_template
 
     transformers.logging.set_verbosity_error()
     p = Path(ref)
@@ -431,7 +431,7 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[li
 
 def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16):
     """log p(chosen + EOS | prompt) and log p(rejected + EOS | prompt) per pair (prompt cut from the left)."""
-    from tunelab.train._numerics import fit_prompt, n_special_tokens, prompt_budget
+    from tunelab.train.numerics import fit_prompt, n_special_tokens, prompt_budget
 
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     special = n_special_tokens(tokenizer)
@@ -451,7 +451,7 @@ def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    from tunelab.train._numerics import fit_prompt, n_special_tokens
+    from tunelab.train.numerics import fit_prompt, n_special_tokens
 
     budget = max(max_prompt_tokens - n_special_tokens(tokenizer), 1)
     return [tokenizer(fit_prompt(tokenizer, p, budget)[0], add_special_tokens=True)["input_ids"] for p in prompts]

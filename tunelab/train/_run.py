@@ -1,0 +1,394 @@
+"""The run lifecycle: the one place where a training run starts, records its state, fails, is
+interrupted or cancelled, resumes and finishes. Every recipe's ``run()`` is one call::
+
+    def run(cfg, workspace=None, resume=None, parent_id=None):
+        return _run.execute("reward", cfg, _steps, RewardConfig, workspace, resume, parent_id)
+
+and ``_steps(r: Run)`` holds the method's own steps. What this module owns:
+
+- resume: ``--resume RUN`` reloads the run's own config.yaml and continues from the newest complete
+  checkpoint (metrics logged after it are dropped);
+- the run folder, config.yaml, lineage.json, environment.json, the catalog row and its states
+  ``queued → running → completed | failed | interrupted | cancelled`` (``begin`` makes the folder
+  and the row together, after the recipe has checked its inputs and resolved its model, so a bad
+  model name leaves neither);
+- a heartbeat (pid, host, time) so ``tunelab runs list`` shows a run whose process died as
+  ``interrupted`` (tunelab/catalog.py), and the error message of a failed run;
+- cooperative cancel: a file ``CANCEL`` in the run folder (``Workspace.request_cancel``) is seen at
+  the next optimizer step: the Trainer saves a checkpoint and the run ends ``cancelled``;
+  ``--resume`` continues it;
+- rank-0 guards under ``--nproc`` (only rank 0 writes files and the catalog);
+- the one ``training_args`` builder for transformers' and TRL's argument classes;
+- saving the trained weights atomically, the reload probe and summary.json.
+
+Plain functions and one record (no base class): recipes call what they need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from tunelab import config as cfglib
+from tunelab.catalog import HEARTBEAT_S
+from tunelab.environment import capture
+from tunelab.errors import TunelabError
+from tunelab.train.distributed import is_main, rank, world_size
+from tunelab.workspace import CANCEL_FILE, Workspace, umask_modes, write_json
+
+
+class Cancelled(Exception):
+    """A run stopped at a step boundary because its CANCEL file appeared (a checkpoint was saved)."""
+
+    def __init__(self, step: int):
+        super().__init__(f"cancelled at step {step}")
+        self.step = step
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM: treated like Ctrl-C, so the run is recorded as interrupted (and can be resumed)."""
+
+
+@dataclass
+class Run:
+    """One run in progress: its config, folder, catalog row and what the recipe recorded."""
+
+    kind: str
+    cfg: Any
+    ws: Workspace
+    resumed: bool
+    parent_id: str | None = None
+    id: str | None = None
+    dir: Path | None = None
+    main: bool = field(default_factory=is_main)
+    started: float = field(default_factory=time.time)
+    lineage: dict = field(default_factory=dict)
+    began: bool = False
+    cancel_step: int | None = None
+    _stop: threading.Event | None = None
+
+    @property
+    def catalog(self):
+        return self.ws.catalog()
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / "metrics.jsonl"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.dir / "checkpoints"
+
+    # ------------------------------------------------------------------ start
+
+    def begin(self, cfg=None, *, base_model: str | None, lineage: dict, parent_id: str | None = None,
+              dataset_id: str | None = None) -> dict:
+        """Make the run folder (a new run) and its catalog row, and write config.yaml, lineage.json and
+        environment.json. Call it once the recipe has checked its inputs and resolved its model."""
+        if cfg is not None:
+            self.cfg = cfg
+        if not self.resumed:
+            self.id, self.dir = self.ws.new_run_dir(self.kind, getattr(self.cfg, "name", None))
+            if self.main:
+                (self.dir / "config.yaml").write_text(cfglib.dump(self.cfg), encoding="utf-8")
+        self.parent_id = parent_id or self.parent_id
+        self.lineage = {"run_id": self.id, "parent_id": self.parent_id, "base_model": base_model, **lineage}
+        if self.main:
+            (self.dir / CANCEL_FILE).unlink(missing_ok=True)  # a resume is a request to go on
+            write_json(self.dir / "lineage.json", self.lineage)
+            write_json(self.dir / "environment.json", capture())
+            cat = self.catalog
+            if cat.get_run(self.id) is None:  # a new run (or one a job queue pre-assigned an id to)
+                cat.add_run(id=self.id, kind=self.kind, dir=self.dir, name=getattr(self.cfg, "name", None),
+                            parent_id=self.parent_id, base_model=base_model,
+                            dataset_id=dataset_id or self.lineage.get("dataset_id"),
+                            config=self.cfg.model_dump(mode="json"))
+            cat.update_run(self.id, status="running", pid=os.getpid(), host=socket.gethostname(),
+                           heartbeat_at=time.time())
+            self._start_heartbeat()
+        self.began = True
+        return self.lineage
+
+    def _start_heartbeat(self) -> None:
+        self._stop = threading.Event()
+        cat, run_id, stop = self.catalog, self.id, self._stop
+
+        def beat():
+            while not stop.wait(HEARTBEAT_S):
+                try:
+                    cat.update_run(run_id, heartbeat_at=time.time())
+                except Exception as e:  # a locked database for a moment is not a reason to stop training
+                    print(f"warning: heartbeat not recorded ({e})")
+
+        threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True).start()
+
+    def stop_heartbeat(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    # ------------------------------------------------------------------ data and training
+
+    def write_rejects(self, rejects: list[dict]) -> None:
+        if self.main:
+            write_rows(self.dir / "rejects.jsonl", rejects)
+
+    def callbacks(self, desc: str | None = None, *, extra: tuple[str, ...] = (), patience: int | None = None,
+                  more: list | None = None) -> list:
+        """metrics.jsonl, the progress bar, cancel, early stopping (``patience`` evaluations) and ``more``."""
+        from transformers import EarlyStoppingCallback
+
+        from tunelab.train import callbacks as cb
+
+        out = [cb.MetricsJsonl(self.metrics_path, extra=extra), cb.Progress(desc or f"{self.kind} {self.id}"),
+               _cancel_callback(self), *(more or [])]
+        if patience:
+            out.append(EarlyStoppingCallback(early_stopping_patience=patience))
+        return out
+
+    def train(self, trainer):
+        """``trainer.train()``, resuming from the newest complete checkpoint on ``--resume``; raises
+        :class:`Cancelled` when the run's CANCEL file stopped it (after the checkpoint was saved)."""
+        from transformers.trainer_callback import PrinterCallback
+
+        from tunelab.train import callbacks as cb
+
+        trainer.remove_callback(PrinterCallback)
+        resume_from = last_checkpoint(self.checkpoints) if self.resumed else None
+        if self.resumed and resume_from is None:
+            print("no complete checkpoint yet: starting this run from the beginning")
+        if self.main:
+            if resume_from is None:
+                self.metrics_path.unlink(missing_ok=True)
+            else:
+                cb.truncate_metrics(self.metrics_path, checkpoint_step(resume_from))
+                print(f"resuming from {resume_from.name}")
+        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        if self.cancel_step is not None:
+            raise Cancelled(self.cancel_step)
+        return out
+
+    # ------------------------------------------------------------------ end
+
+    def finish(self, summary: dict, catalog_metrics: tuple[str, ...] = ()) -> dict:
+        """Write summary.json and mark the run completed; return the summary."""
+        summary = {"run_id": self.id, "status": "completed", **summary,
+                   "wall_time_s": round(time.time() - self.started, 2)}
+        summary.setdefault("world_size", world_size())
+        write_json(self.dir / "summary.json", summary)
+        self.catalog.update_run(self.id, status="completed",
+                                metrics={k: summary.get(k) for k in catalog_metrics})
+        return summary
+
+    def worker_summary(self) -> dict:
+        """What a rank other than 0 returns after training: the run's files are rank 0's to write."""
+        return {"run_id": self.id, "status": "worker", "rank": rank()}
+
+
+def execute(kind: str, cfg, steps: Callable[[Run], dict], config_cls, workspace: Workspace | None = None,
+            resume: str | None = None, parent_id: str | None = None) -> dict:
+    """Run a recipe's ``steps`` inside the lifecycle; return its summary.
+
+    On ``resume`` the run's own config.yaml is reloaded (``cfg`` is ignored). An exception marks the run
+    ``failed`` with its message (``interrupted`` for Ctrl-C or SIGTERM) and propagates; a cancel returns
+    ``{"status": "cancelled", ...}``.
+    """
+    ws = workspace or Workspace.resolve()
+    r = Run(kind=kind, cfg=cfg, ws=ws, resumed=bool(resume), parent_id=parent_id)
+    if resume:
+        r.dir = ws.run_dir(resume)
+        r.id = r.dir.name
+        r.cfg = cfglib.load(config_cls, r.dir / "config.yaml")
+    elif cfg is None:
+        raise TunelabError(f"{kind}: give a recipe, or resume a run")
+    restore = _sigterm_as_interrupt()
+    try:
+        return steps(r)
+    except Cancelled as c:
+        if r.main:
+            r.catalog.update_run(r.id, status="cancelled")
+        print(f"run {r.id} cancelled at step {c.step} (checkpoint saved); continue it with "
+              f"'tunelab train --resume {r.id}'")
+        return {"run_id": r.id, "status": "cancelled", "stopped_step": c.step}
+    except BaseException as e:
+        if r.main and r.began:
+            interrupted = isinstance(e, KeyboardInterrupt)
+            r.catalog.update_run(r.id, status="interrupted" if interrupted else "failed",
+                                 error=None if interrupted else (f"{type(e).__name__}: {e}"[:2000]))
+        raise
+    finally:
+        r.stop_heartbeat()
+        restore()
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """SIGTERM → KeyboardInterrupt in the main thread, so a stopped run is recorded as interrupted."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def _cancel_callback(run: Run):
+    from transformers import TrainerCallback
+
+    class CancelOnFile(TrainerCallback):
+        """Stops training at a step boundary when the run's CANCEL file exists, saving a checkpoint first.
+        Under --nproc the ranks agree (max over ranks) so all stop at the same step."""
+
+        def on_step_end(self, args, state, control, **kw):
+            flag = (run.dir / CANCEL_FILE).exists()
+            if world_size() > 1:
+                import torch
+                import torch.distributed as dist
+
+                if dist.is_available() and dist.is_initialized():
+                    t = torch.tensor([int(flag)], device="cpu")
+                    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                    flag = bool(t.item())
+            if flag:
+                run.cancel_step = state.global_step
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return CancelOnFile()
+
+
+# ----------------------------------------------------------------------------- helpers recipes share
+
+
+def training_args(t, dplan, out_dir: Path, *, has_val: bool, total_steps: int, cls=None,
+                  checkpoint_every: int | None = None, metric: str = "eval_loss", greater_is_better: bool = False,
+                  **extra):
+    """The one TrainingArguments builder, for transformers' class and TRL's config classes alike.
+
+    ``t`` is the recipe's ``train:`` section, ``dplan`` the device plan (precision, device). Gradient
+    checkpointing is ``checkpoint_every``: 0 off, 1 every layer, k > 1 every k-th decoder layer
+    (default: the plan's choice). TRL's own defaults (bf16 on, checkpointing on) are replaced here.
+    ``extra`` adds or overrides fields (TRL's ``beta``, ``max_length``, ...).
+    """
+    if cls is None:
+        from transformers import TrainingArguments as cls
+    ck = int(dplan.gradient_checkpointing) if checkpoint_every is None else checkpoint_every
+    fields = dict(
+        output_dir=str(out_dir),
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps or -1,
+        lr_scheduler_type=t.scheduler,
+        warmup_steps=int(round(t.warmup_ratio * total_steps)),
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        seed=t.seed,
+        data_seed=t.seed,
+        bf16=dplan.precision == "bf16",
+        fp16=dplan.precision == "fp16",
+        use_cpu=dplan.device == "cpu",
+        activation_checkpointing=ck > 0,
+        # k > 1: only every k-th decoder layer (transformers' every_n_layers); tunelab/train/device.py
+        activation_checkpointing_kwargs={"every_n_layers": ck} if ck > 1 else None,
+        eval_strategy="steps" if has_val else "no",
+        eval_steps=t.eval_every,
+        save_strategy="steps",
+        save_steps=t.eval_every,
+        save_total_limit=t.save_total_limit,
+        load_best_model_at_end=has_val,
+        metric_for_best_model=metric if has_val else None,
+        greater_is_better=greater_is_better if has_val else None,
+        restore_callback_states_from_checkpoint=True,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        save_only_model=False,
+    )
+    fields.update(extra)
+    return cls(**fields)
+
+
+def steps_total(n_examples: int, t, world: int = 1) -> int:
+    """Optimizer steps of a run: ``max_steps``, or epochs over ``n_examples`` at the global batch."""
+    import math
+
+    per_epoch = math.ceil(n_examples / (t.batch_size * t.grad_accum * world))
+    return t.max_steps or math.ceil(per_epoch * t.epochs)
+
+
+def last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint (trainer_state.json is written last, so a kill mid-save is skipped)."""
+    done = [p for p in ckpt_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return max(done, key=checkpoint_step) if done else None
+
+
+def checkpoint_step(path: Path | str) -> int:
+    return int(str(path).rsplit("-", 1)[-1])
+
+
+def best_step(state) -> int:
+    """The step of the best checkpoint (the last step when nothing was validated)."""
+    return checkpoint_step(state.best_model_checkpoint) if state.best_model_checkpoint else state.global_step
+
+
+def train_rows(log_history: list[dict]) -> list[dict]:
+    """The training-loss rows of a Trainer's log history (validation rows left out)."""
+    return [r for r in log_history if "loss" in r and not any(k.startswith("eval_") for k in r)]
+
+
+def save_output(model, tokenizer, run_dir: Path, adapter: bool, selected_adapters: list[str] | None = None) -> Path:
+    """Write the trained adapter (``adapter/``) or model (``model/``) with the tokenizer, atomically:
+    a half-written folder never replaces a good one."""
+    out_dir = run_dir / ("adapter" if adapter else "model")
+    tmp = run_dir / f".{out_dir.name}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    if adapter and selected_adapters and hasattr(model, "peft_config"):
+        model.save_pretrained(tmp, selected_adapters=selected_adapters)
+    else:
+        model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    umask_modes(tmp)  # safetensors writes 0600
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def write_probe(model, input_ids: list[int], path: Path, **inputs) -> None:
+    """Save the final model's logits on one fixed input, so anyone can check that the saved artifact,
+    loaded back with plain transformers/peft, reproduces the trained model."""
+    import torch
+    from safetensors.torch import save_file
+
+    model.eval()
+    ids = torch.tensor([input_ids])
+    dev = next(model.parameters()).device  # the model may sit on a GPU; the probe is saved from the CPU
+    with torch.no_grad():
+        logits = model(input_ids=ids.to(dev), **{k: v.to(dev) for k, v in inputs.items()}).logits
+    logits = logits[0, -4:] if logits.dim() == 3 else logits[0]  # causal LM: last 4 positions; a head: its row
+    save_file({"input_ids": ids[0], "logits": logits.float().cpu().contiguous()}, str(path))
+    umask_modes(path)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A JSONL file written atomically."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)

@@ -21,7 +21,10 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab import config as cfglib
+from tunelab.models.resolve import HUB_ID, PACKAGED
 from tunelab.platform import auth as A
+from tunelab.platform import bedrock
 from tunelab.platform import files as F
 from tunelab.platform import jobs as J
 from tunelab.platform.inference import PATHS as INFERENCE_PATHS, Models, dispatch
@@ -165,8 +168,6 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    from tunelab.platform import bedrock
-
     settings = settings or PlatformSettings()
     P = Platform(ws, settings)
     store = P.store
@@ -299,8 +300,6 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     # ------------------------------------------------------------------ OpenAI fine-tuning jobs
 
     def check_model(model: str) -> None:
-        from tunelab.models.resolve import HUB_ID, PACKAGED
-
         p = Path(model)
         ok = (model.lower() in PACKAGED or (ws.models_dir / model / "config.json").is_file()
               or (p.is_absolute() and (p / "config.json").is_file()) or bool(HUB_ID.match(model)))
@@ -482,7 +481,6 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     async def create_native_job(body: NativeJob, p=need("write")):
         import yaml
 
-        from tunelab import config as cfglib
 
         jid = new_id("job")
         recipe = None
@@ -599,8 +597,6 @@ class Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         from starlette.datastructures import Headers
-
-        from tunelab.platform import bedrock
 
         P = self.platform
         path, method = scope["path"], scope["method"]

@@ -31,6 +31,9 @@ from urllib.parse import unquote, urlparse
 from pydantic import BaseModel, ConfigDict, Field
 
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.platform import jobs as J
+from tunelab.platform.jobs import deep_merge
+from tunelab.platform.store import TERMINAL, new_id
 
 PREFIX = "/model-customization-jobs"
 ARN = "arn:aws:bedrock:local:000000000000:model-customization-job/{}"
@@ -111,8 +114,6 @@ def local_path(uri: str, param: str, must_exist: bool = True) -> str:
 
 
 def recipe_for(body: CreateBody, defaults: dict) -> dict:
-    from tunelab.platform.jobs import deep_merge
-
     kind = TYPES[body.customizationType]
     train_path = local_path(body.trainingDataConfig.s3Uri, "trainingDataConfig.s3Uri")
     val_path = local_path(body.validationDataConfig.validators[0].s3Uri, "validationDataConfig.validators[0].s3Uri") \
@@ -212,8 +213,6 @@ def view(job: dict, full: bool = True) -> dict:
 def routes(api, P, need, APIError) -> None:
     from fastapi import Query
 
-    from tunelab.platform import jobs as J
-    from tunelab.platform.store import TERMINAL, new_id
 
     store, ws = P.store, P.ws
 

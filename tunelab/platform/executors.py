@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
+from tunelab._optional import require
+
 
 class Handle(Protocol):
     def poll(self) -> int | None:
@@ -108,8 +110,6 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str, num_cpus: float | None = None, num_gpus: float | None = None):
-        from tunelab._optional import require
-
         require("ray", "platform")
         from ray.job_submission import JobSubmissionClient
 

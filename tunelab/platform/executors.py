@@ -92,8 +92,9 @@ class _RayJob:
         status = self.client.get_job_status(self.sub_id)
         if not status.is_terminal():
             return None
-        try:  # the job's whole output, once, into the job's log
-            self.log_path.write_text(self.client.get_job_logs(self.sub_id), encoding="utf-8")
+        try:  # the job's whole output, once, appended to the job's log
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(self.client.get_job_logs(self.sub_id))
         except Exception:
             pass
         return 0 if status == JobStatus.SUCCEEDED else 1

@@ -191,3 +191,39 @@ def test_pause_then_resume_continues_from_the_checkpoint(make_server, tiny_model
     assert f"resuming from checkpoint-{steps_at_pause}" in log and done["attempts"] == 2
     steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000) if e.type == "metrics"]
     assert sorted(steps) == list(range(1, 101))  # every step once: none lost, none logged twice
+
+
+def test_dpo_job_from_openai_preference_records(make_server, tiny_model, tmp_path):
+    import yaml
+
+    srv = make_server()
+    client = srv.client()
+    rec = {"input": {"messages": [{"role": "user", "content": "What color is the cat?"}]},
+           "preferred_output": [{"role": "assistant", "content": "The cat is red."}],
+           "non_preferred_output": [{"role": "assistant", "content": "The cat is blue."}]}
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("\n".join([json.dumps(rec)] * 6 + [json.dumps({**rec, "preferred_output": []})]) + "\n")
+    with pytest.raises(openai.BadRequestError, match="line 7: preferred_output must be a list"):
+        client.files.create(file=p.open("rb"), purpose="fine-tune")
+    p.write_text("\n".join([json.dumps(rec)] * 6) + "\n")
+    f = client.files.create(file=p.open("rb"), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="holds openai_dpo records"):
+        client.fine_tuning.jobs.create(model=str(tiny_model), training_file=f.id)  # supervised needs chats
+    job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=f.id, validation_file=f.id, method={
+        "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 3}}})
+    assert job.status == "queued" and job.method.type == "dpo"
+    row = srv.store.get_job(job.id)
+    recipe = yaml.safe_load(row["recipe_yaml"])
+    assert recipe["recipe"] == "dpo" and recipe["beta"] == 0.2 and row["run_id"] == f"dpo-{job.id}"
+    pairs = [json.loads(x) for x in Path(recipe["data"]["train"]).read_text().splitlines()]
+    assert pairs[0] == {"prompt": "What color is the cat?", "chosen": "The cat is red.", "rejected": "The cat is blue."}
+    done = srv.wait(job.id)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["result"]["implicit_reward_margin"] > 0 and done["result"]["steps"] == 2
+    job = client.fine_tuning.jobs.retrieve(job.id)
+    out = client.chat.completions.create(model=job.fine_tuned_model, max_tokens=4,
+                                         messages=[{"role": "user", "content": "What color is the cat?"}])
+    assert out.usage.completion_tokens > 0
+    # a base model the server does not know is not loaded for a caller who names it
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.chat.completions.create(model=str(tmp_path), messages=[{"role": "user", "content": "hi"}])

@@ -72,6 +72,12 @@ class Models:
                         base.registry.add(model, out, job["run_id"])
                 return base.app
             return self._base(str(out), name=model).app  # a full model: its own base
+        # a base model: a packaged one, one in the server's model cache, or the base of one of this project's
+        # jobs; never any folder or hub id a caller names (that would load arbitrary models into memory)
+        known = model.lower() in PACKAGED or (self.ws.models_dir / model / "config.json").is_file() or any(
+            j["spec"].get("model") == model for j in self.store.list_jobs(principal.project, limit=100000))
+        if not known:
+            raise NotServed(f"model '{model}' is not served here; see GET /v1/models")
         return self._base(model).app
 
     def _base(self, ref: str, name: str | None = None) -> _Base:

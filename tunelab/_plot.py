@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import io
 
+from tunelab._optional import require
+
 
 def new_figure(width: float, height: float):
-    from tunelab._optional import require
-
     require("matplotlib", "eval")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -77,7 +77,9 @@ def train(
         if recipe is None or resume:
             raise TunelabError("--nproc needs a recipe file (resume a distributed run with torchrun, docs/distributed.md)")
         run_id = launch(recipe, set_, ws.root, nproc)
-        _print_summary(json.loads((ws.run_dir(run_id) / "summary.json").read_text()))
+        summary = json.loads((ws.run_dir(run_id) / "summary.json").read_text())
+        _report_evaluated(ws, summary)
+        _print_summary(summary)
         return
     if resume:
         import yaml
@@ -91,20 +93,50 @@ def train(
             raise TunelabError("give a recipe file, or --resume RUN_ID")
         cfg, fn = recipes.load_recipe(recipe, set_)
         summary = fn(cfg, ws)
-    if summary.get("status") != "worker":  # rank 0 (or a single process) prints
+    if summary.get("status") != "worker":  # rank 0 (or a single process) reports and prints
+        _report_evaluated(ws, summary)
         _print_summary(summary)
+
+
+def _report_evaluated(ws, summary: dict) -> None:
+    """report.html for each completed run (a pipeline's stages included) that evaluated itself while
+    training: its eval/metrics.json lists models (distillation: teacher, student at start, student).
+    Training does not import evaluation; this front end joins them."""
+    import json
+
+    from tunelab.eval.run import report_run
+
+    if summary.get("status") != "completed":
+        return
+    for run_id in [s["run_id"] for s in summary.get("stages") or []] or [summary.get("run_id")]:
+        d = ws.find_run(run_id) if run_id else None
+        metrics = d / "eval" / "metrics.json" if d else None
+        if metrics is None or not metrics.is_file() or "models" not in json.loads(metrics.read_text()):
+            continue
+        try:
+            typer.echo(f"report: {report_run(run_id, ws)}")
+        except Exception as e:  # the report is a view; the run's files are complete without it
+            typer.secho(f"warning: report.html not written ({type(e).__name__}: {e})", fg="yellow", err=True)
 
 
 @app.command()
 @guarded
 def validate(recipes_: list[Path] = typer.Argument(..., metavar="RECIPE...", help="recipe files"),
              set_: list[str] = typer.Option([], "--set")):
-    """Check recipe files without running them; every problem is listed."""
+    """Check recipe files without running them (settings, named choices, files they read); every problem is listed."""
     from tunelab import recipes
 
+    failed = 0
     for r in recipes_:
-        recipes.load_recipe(r, set_)
+        try:
+            recipes.load_recipe(r, set_, check_files=True)
+        except TunelabError as e:
+            failed += 1
+            typer.secho(f"error: {e}", fg="red", err=True)
+            continue
         typer.echo(f"ok: {r}")
+    if failed:
+        raise typer.Exit(2)
 
 
 @app.command("eval")
@@ -327,7 +359,7 @@ def data_prepare(
     from tunelab import recipes
     from tunelab.data.prepare import PrepareConfig, run
 
-    cfg, _ = recipes.load_recipe(recipe, set_)
+    cfg, _ = recipes.load_recipe(recipe, set_, check_files=True)
     if not isinstance(cfg, PrepareConfig):
         raise TunelabError(f"{recipe} is a '{cfg.recipe}' recipe; data prepare needs 'recipe: data'")
     m = run(cfg, _ws(workspace), strict=strict or None)
@@ -483,6 +515,10 @@ def _print_manifest(m: dict) -> None:
     if m.get("pii", {}).get("by_type"):
         t.add_row("PII found", ", ".join(f"{k} {v}" for k, v in sorted(m["pii"]["by_type"].items())))
     _console().print(t)
+    for w in m.get("warnings", []):
+        typer.secho(f"warning: {w}", fg="yellow", err=True)
+    if c["rejected"] or c["dropped"]:
+        _console().print(f"rejects (file, line, reason): {Path(m.get('path', '')) / 'rejects.jsonl'}")
     _console().print(f"written: {m.get('path', '')}")
 
 

@@ -40,18 +40,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Return a copy of ``data`` with each dotted override applied (intermediate dicts created)."""
+    """Return a copy of ``data`` with each dotted override applied (intermediate dicts created).
+
+    A number indexes into a list: ``inputs.0.path=x`` sets the first input's path."""
     out = _deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
-        node = out
-        for part in path[:-1]:
-            nxt = node.get(part)
-            if not isinstance(nxt, dict):
+        node: Any = out
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not (part.isdigit() and int(part) < len(node)):
+                    where = ".".join(path[:i]) or "(top level)"
+                    raise ConfigError([f"override '{text}': {where} is a list of {len(node)} item(s); "
+                                       f"use an index from 0 to {len(node) - 1}"], "--set")
+                key: Any = int(part)
+            else:
+                key = part
+            if last:
+                node[key] = value
+                break
+            nxt = node[key] if isinstance(node, list) else node.get(key)
+            if not isinstance(nxt, (dict, list)):
                 nxt = {}
-                node[part] = nxt
+                node[key] = nxt
             node = nxt
-        node[path[-1]] = value
     return out
 
 
@@ -113,24 +126,37 @@ def format_validation_error(model: type[BaseModel], err: ValidationError) -> lis
         else:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            problems.append(f"{path}: {e['msg']} (got {shown})")
+            msg = e["msg"].removeprefix("Value error, ")  # our validators' messages stand on their own
+            problems.append(f"{path}: {msg}" if shown in msg else f"{path}: {msg} (got {shown})")
     return problems
 
 
-def validate(model: type[T], data: dict, source: str | None = None) -> T:
-    """Validate ``data`` against ``model``; raise one ConfigError listing every problem."""
+def validate(model: type[T], data: dict, source: str | None = None, check_files: bool = False) -> T:
+    """Validate ``data`` against ``model``; raise one ConfigError listing every problem.
+
+    A config class may add checks its field types cannot express with a classmethod
+    ``recipe_problems(data, files)`` (on the raw data, so they are reported together with the type
+    errors); ``check_files`` asks it to check that the files the recipe names exist."""
+    problems: list[str] = []
+    cfg = None
     try:
-        return model.model_validate(data)
+        cfg = model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(model, err), source) from None
+        problems = format_validation_error(model, err)
+    extra = getattr(model, "recipe_problems", None)
+    if extra is not None and isinstance(data, dict):
+        problems += extra(data, files=check_files)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
 
 
 def load(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-         data: dict | None = None) -> T:
+         data: dict | None = None, check_files: bool = False) -> T:
     """Load a recipe from YAML (or a dict), apply overrides, validate strictly."""
     raw = load_yaml(path) if path is not None else (data or {})
     raw = apply_overrides(raw, overrides or [])
-    return validate(model, raw, str(path) if path else None)
+    return validate(model, raw, str(path) if path else None, check_files=check_files)
 
 
 def dump(cfg: BaseModel) -> str:

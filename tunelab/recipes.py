@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+from tunelab import config as cfglib
 from tunelab.errors import ConfigError
 
 RECIPES: dict[str, str] = {
@@ -18,7 +19,7 @@ RECIPES: dict[str, str] = {
     "dpo": "tunelab.train.dpo:DPOConfig:run",
     "rlhf": "tunelab.train.rlhf:RLHFConfig:run",
     "pipeline": "tunelab.train.pipeline:PipelineConfig:run",
-    "suite": "tunelab.eval.suites:SuiteConfig:run",
+    "suite": "tunelab.eval.compare:SuiteConfig:run",
     "tune": "tunelab.train.tune:TuneConfig:run",
     "advise": "tunelab.advise.advisor:Answers:advise",
 }
@@ -32,10 +33,9 @@ def get(name: str):
     return getattr(m, cls), getattr(m, fn)
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None):
-    """Read a recipe file; return (config, run function)."""
-    from tunelab import config as cfglib
-
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = False):
+    """Read a recipe file; return (config, run function). ``check_files``: also report named files
+    that do not exist (for recipes that check them)."""
     raw = cfglib.apply_overrides(cfglib.load_yaml(path), overrides or [])
     name = raw.get("recipe")
     if not name:
@@ -43,4 +43,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None):
     cls, fn = get(str(name))
     if name in ("pipeline", "tune") and "base_dir" not in raw:  # files named relative to this file
         raw["base_dir"] = str(Path(path).resolve().parent)
-    return cfglib.validate(cls, raw, str(path)), fn
+    return cfglib.validate(cls, raw, str(path), check_files=check_files), fn

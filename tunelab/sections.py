@@ -99,8 +99,12 @@ class PolicyEvalSection(Strict):
 
 def refuse_unread(section, path: str, recipe: str, fields: tuple[str, ...]) -> None:
     """Raise (inside a pydantic validator) when a recipe's section sets options that recipe does not read,
-    instead of ignoring them silently: ``train.padding_free`` in a DPO recipe, say."""
-    unread = [f for f in fields if f in section.model_fields_set]
+    instead of ignoring them silently: ``train.padding_free`` in a DPO recipe, say.
+
+    An option at its default value is accepted: a run's stored config.yaml lists every field, defaults
+    included, and ``--resume`` validates it again."""
+    fields_info = type(section).model_fields
+    unread = [f for f in fields if getattr(section, f) != fields_info[f].get_default(call_default_factory=True)]
     if unread:
         raise ValueError("; ".join(f"{path}.{f}: the {recipe} recipe does not read this option; remove it"
                                    for f in unread))

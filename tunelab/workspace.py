@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.catalog import Catalog
 from tunelab.errors import TunelabError
 
 DEFAULT_DIRNAME = "tunelab-workspace"
@@ -45,8 +46,6 @@ class Workspace:
         return self.root / "tunelab.db"
 
     def catalog(self):
-        from tunelab.catalog import Catalog
-
         return Catalog(self.db_path)
 
     def new_run_dir(self, kind: str, name: str | None = None) -> tuple[str, Path]:

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("sacrebleu")
 pytest.importorskip("rouge_score")
 
-from tunelab.eval import metrics as M  # noqa: E402
+from tunelab.scoring import metrics as M  # noqa: E402
 
 TOL = 1e-6
 

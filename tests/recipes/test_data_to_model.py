@@ -23,8 +23,11 @@ def test_prepare_then_train_links_lineage(tmp_path, tiny_model):
     r = run_cli("data", "prepare", str(data_recipe), "-w", str(ws))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "rejected: invalid JSON" in r.stdout and "dropped by exact_dedup: duplicate" in r.stdout
-    r = run_cli("data", "prepare", str(data_recipe), "-w", str(ws), "--strict")
+    r = run_cli("data", "prepare", str(data_recipe), "-w", str(ws))
     assert r.returncode == 0 and "reused" in r.stdout  # already prepared: same content id
+    # --strict judges the reused version too: it has a rejected record (issue: strict passed here)
+    r = run_cli("data", "prepare", str(data_recipe), "-w", str(ws), "--strict")
+    assert r.returncode == 2 and "already exists" in r.stderr and "rejects.jsonl" in r.stderr
     (version,) = list((ws / "datasets").iterdir())
     manifest = json.loads((version / "manifest.json").read_text())
     assert "jane@example.com" not in (version / "train.jsonl").read_text() + (version / "test.jsonl").read_text() \

@@ -207,3 +207,67 @@ def test_rlhf_config_errors_are_one_line(pref, tmp_path):
     r = run_cli("train", str(_recipe(tmp_path / "bad.yaml", cfg)), "-w", str(tmp_path / "ws"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "exactly one of reward_model" in r.stderr and "multiple of num_generations" in r.stderr
+
+
+@pytest.mark.parametrize("recipe, extra", [("reward", {}), ("dpo", {}),
+                                           ("rlhf", {"reward_function": "m:f", "num_generations": 2})])
+def test_a_bad_model_name_leaves_no_run_folder(pref, tmp_path, recipe, extra):
+    """The model is resolved before the run folder and catalog row are made: a typo leaves nothing behind."""
+    from tunelab import recipes
+    from tunelab.errors import TunelabError
+    from tunelab.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    cfg, run = recipes.load_recipe(_recipe(tmp_path / f"{recipe}.yaml", {
+        "recipe": recipe, "model": {"name": "no-such-model"}, "data": {"train": str(pref["train"])}, **extra}))
+    with pytest.raises(TunelabError, match="unknown model 'no-such-model'"):
+        run(cfg, ws)
+    assert not ws.runs_dir.exists() or not list(ws.runs_dir.iterdir())
+    assert ws.catalog().list_runs() == []
+
+
+def test_rlhf_with_a_wrong_reward_id_leaves_no_run_folder(pref, tmp_path):
+    from tunelab import recipes
+    from tunelab.errors import TunelabError
+    from tunelab.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    cfg, run = recipes.load_recipe(_recipe(tmp_path / "rlhf.yaml", {
+        "recipe": "rlhf", "model": {"name": str(pref["model"])}, "data": {"train": str(pref["train"])},
+        "reward_model": "reward-nope", "num_generations": 2}))
+    with pytest.raises(TunelabError, match="'reward-nope' is neither a run id"):
+        run(cfg, ws)
+    assert not ws.runs_dir.exists() or not list(ws.runs_dir.iterdir())
+
+
+def test_rlhf_cancel_then_resume(pref, tmp_path):
+    """The run lifecycle under a TRL trainer: a CANCEL file (written here by the reward function at the first
+    step) stops GRPO at a step boundary with a checkpoint and the run ends 'cancelled'; --resume continues
+    from that checkpoint to the end, and metrics.jsonl holds each step once."""
+    from tunelab import recipes
+    from tunelab.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    (tmp_path / "cancel_once.py").write_text(
+        "from pathlib import Path\n"
+        f"RUNS = Path({str(ws.runs_dir)!r})\n"
+        "def reward(prompts, completions, **kw):\n"
+        "    for d in RUNS.iterdir():\n"
+        "        if not (d / 'cancelled-once').exists():\n"
+        "            (d / 'cancelled-once').write_text('1')\n"
+        "            (d / 'CANCEL').write_text('now')\n"
+        "    return [float(len(c)) for c in completions]\n")
+    cfg, run = recipes.load_recipe(_recipe(tmp_path / "rlhf.yaml", {
+        "recipe": "rlhf", "name": "cancel", "model": {"name": str(pref["model"])},
+        "data": {"train": str(pref["train"]), "max_length": 48, "limit": 32, "validation_split": 0.0},
+        "reward_function": f"{tmp_path / 'cancel_once.py'}:reward", "num_generations": 2, "max_new_tokens": 4,
+        "lora": {"dropout": 0.0}, "train": {"max_steps": 3, "batch_size": 4, "seed": 7, "eval_every": 50}}))
+    first = run(cfg, ws)
+    assert first["status"] == "cancelled" and first["stopped_step"] == 1
+    run_dir = ws.run_dir(first["run_id"])
+    assert ws.catalog().get_run(run_dir.name)["status"] == "cancelled"
+    assert (run_dir / "checkpoints" / "checkpoint-1" / "trainer_state.json").is_file()
+    s = run(None, ws, resume=run_dir.name)
+    assert s["status"] == "completed" and s["steps"] == 3
+    assert ws.catalog().get_run(run_dir.name)["status"] == "completed"
+    assert [r["step"] for r in _rows(run_dir) if "loss" in r] == [1, 2, 3]

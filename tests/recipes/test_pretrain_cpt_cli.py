@@ -158,3 +158,44 @@ def test_cpt_too_little_heldout_text_is_one_line(tmp_path, tiny_model):
     r = run_cli("train", str(recipe), "-w", str(tmp_path / "ws"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "held out" in r.stderr and "text_unit: paragraph" in r.stderr
+
+
+def test_pretrain_cancel_then_resume(tmp_path, monkeypatch):
+    """The run lifecycle under a block recipe: a CANCEL file stops the run at a step (checkpoint saved,
+    status cancelled); --resume continues it from there, with the run's own tokenizer, to the end."""
+    from transformers import TrainerCallback
+
+    from tunelab.train import _run
+    from tunelab.train.pretrain import PretrainConfig, run
+    from tunelab.workspace import CANCEL_FILE, Workspace
+
+    corpus = write_stories(tmp_path / "corpus.txt", 120, seed=0)
+    cfg = PretrainConfig(model={"hidden_size": 32, "layers": 1, "heads": 2, "context_length": 32},
+                         tokenizer={"vocab_size": 300},
+                         data={"files": [str(corpus)], "text_unit": "paragraph", "heldout_share": 0.1},
+                         train={"max_steps": 8, "batch_size": 4, "eval_every": 4, "seed": 1})
+
+    class CancelAfterThree(TrainerCallback):  # what `Workspace.request_cancel` does, at a known step
+        def __init__(self, r):
+            self.r = r
+
+        def on_step_begin(self, args, state, control, **kw):
+            if state.global_step == 3:
+                (self.r.dir / CANCEL_FILE).write_text("now")
+
+    real = _run.Run.callbacks
+    monkeypatch.setattr(_run.Run, "callbacks", lambda self, *a, **k: [CancelAfterThree(self), *real(self, *a, **k)])
+    ws = Workspace.resolve(tmp_path / "ws")
+    s = run(cfg, ws)
+    assert s["status"] == "cancelled" and s["stopped_step"] == 4
+    assert ws.catalog().get_run(s["run_id"])["status"] == "cancelled"
+    run_dir = ws.runs_dir / s["run_id"]
+    assert (run_dir / "checkpoints" / "checkpoint-4").is_dir() and not (run_dir / "model").exists()
+
+    monkeypatch.undo()
+    done = run(None, ws, resume=s["run_id"])
+    assert done["status"] == "completed" and done["steps"] == 8 and (run_dir / "model" / "config.json").is_file()
+    assert ws.catalog().get_run(s["run_id"])["status"] == "completed"
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 9))  # one row per step: the rows after the checkpoint were not doubled

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 
 from tests.conftest import write_topic_data
 from tunelab.errors import TunelabError
@@ -173,3 +174,30 @@ def test_no_training_examples_is_one_line(tmp_path, tiny_bert):
     cfg = ClassifyConfig(model={"name": str(tiny_bert)}, data={"train": str(p)})  # label_field left at 'label'
     with pytest.raises(TunelabError, match="no usable training examples.*'label'.*data.label_field"):
         run(cfg, Workspace.resolve(tmp_path / "ws"))
+
+
+def test_padding_free_is_refused_group_by_length_is_read():
+    from tunelab import config as cfglib
+    from tunelab.errors import ConfigError
+
+    base = {"recipe": "classify", "model": {"name": "x"}, "data": {"train": "t.csv"}}
+    for value in (True, False):
+        with pytest.raises(ConfigError, match="train.padding_free: the classify recipe does not read this option"):
+            cfglib.validate(ClassifyConfig, {**base, "train": {"padding_free": value}})
+    # a stored config.yaml lists every field at its value, defaults included: --resume reads it back
+    cfg = cfglib.validate(ClassifyConfig, base)
+    assert cfglib.validate(ClassifyConfig, yaml.safe_load(cfglib.dump(cfg))) == cfg
+    # length grouping is honoured (the Trainer's train_sampling_strategy), so it is accepted either way
+    assert cfglib.validate(ClassifyConfig, {**base, "train": {"group_by_length": False}}).train.group_by_length is False
+
+
+def test_bad_model_name_leaves_no_run_folder(tmp_path):
+    from tunelab.train.classify import run
+    from tunelab.workspace import Workspace
+
+    p = write_topic_data(tmp_path / "t.csv", 10, seed=1)
+    ws = Workspace.resolve(tmp_path / "ws")
+    with pytest.raises(TunelabError, match="unknown model 'no-such-model'"):
+        run(ClassifyConfig(model={"name": "no-such-model"}, data={"train": str(p)}), ws)
+    assert not ws.runs_dir.exists() or not any(ws.runs_dir.iterdir())
+    assert ws.catalog().list_runs() == []

@@ -104,3 +104,22 @@ def test_refs_refuse_and_allow_custom_code(tmp_path, tiny_model):
     # the explicit, documented option loads it (and so runs its code: that is what the option means)
     model = refs.load(refs.resolve(str(folder), trust_remote_code=True))
     assert type(model).__name__ == "EvilForCausalLM" and marker.exists()
+
+
+def test_every_transformers_load_says_trust_remote_code():
+    """A static check: each ``from_pretrained`` call in tunelab passes trust_remote_code (peft adapters,
+    which have no code of their own, excepted), so no path can fall back to transformers' prompt."""
+    import ast
+
+    missing = []
+    for p in (ROOT / "tunelab").rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr == "from_pretrained":
+                owner = ast.unparse(node.func.value)
+                if owner == "PeftModel" or any(k.arg == "trust_remote_code" for k in node.keywords):
+                    continue
+                if any(k.arg is None for k in node.keywords):  # **kwargs: checked where they are built
+                    continue
+                missing.append(f"{p.relative_to(ROOT)}:{node.lineno}: {owner}.from_pretrained")
+    assert not missing, "\n".join(missing)

@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.train.distill import DistillConfig, check_same_vocabulary, load_lm, resolve_model_ref
+from tunelab.models.refs import load as load_model, resolve as resolve_model_ref
+from tunelab.train.distill import DistillConfig, check_same_vocabulary
 from tunelab.workspace import Workspace
 
 
@@ -42,12 +43,12 @@ def test_folder_and_run_refs(tmp_path, tiny_model):
     ids = torch.tensor([[1, 5, 9, 12, 40]])
     with torch.no_grad():
         want = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), d / "adapter")(ids).logits
-        merged = load_lm(ref)
+        merged = load_model(ref, merge=True)
         assert not hasattr(merged, "peft_config")
         torch.testing.assert_close(merged(ids).logits, want, atol=1e-4, rtol=1e-4)
         base = AutoModelForCausalLM.from_pretrained(tiny_model)(ids).logits
     assert not torch.allclose(base, want, atol=1e-3)  # the adapter is not a no-op
-    trainable = load_lm(ref, trainable_adapter=True)  # a student keeps training its adapter
+    trainable = load_model(ref, trainable=True)  # a student keeps training its adapter
     assert hasattr(trainable, "peft_config") and any(p.requires_grad for p in trainable.parameters())
 
     # a full fine-tuning run: its model/ folder
@@ -101,3 +102,35 @@ def test_config_rules():
     # a dumped config (all defaults written out) loads back equal: what --resume reads
     c = _cfg(mode="sequence")
     assert cfglib.validate(DistillConfig, yaml.safe_load(cfglib.dump(c))) == c
+
+
+@pytest.mark.parametrize("which", ["teacher", "student"])
+def test_bad_model_name_leaves_no_run(tmp_path, tiny_model, which):
+    from tests.conftest import write_color_data
+    from tunelab.train import distill
+
+    data = write_color_data(tmp_path / "chats.jsonl", 8, seed=1)
+    names = {"teacher": str(tiny_model), "student": str(tiny_model), which: "no-such-model"}
+    cfg = _cfg(teacher={"name": names["teacher"]}, student={"name": names["student"]},
+               data={"train": str(data), "test": str(data)})
+    ws = Workspace.resolve(tmp_path / "ws")
+    with pytest.raises(TunelabError, match="unknown model") as e:
+        distill.run(cfg, ws)
+    assert "\n" not in str(e.value)
+    assert not ws.runs_dir.exists() or not list(ws.runs_dir.iterdir())  # no run folder
+    assert ws.catalog().list_runs() == []  # and no catalog row
+
+
+def test_unread_train_options():
+    from tunelab import config as cfglib
+
+    base = {"recipe": "distill", "teacher": {"name": "t"}, "student": {"name": "s"},
+            "data": {"train": "x.jsonl", "test": "y.jsonl"}}
+    # padding-free batches are SFT's: distillation pads (teacher and student see the same rows)
+    for value in (True, False):
+        with pytest.raises(ConfigError, match="train.padding_free: the distill recipe does not read this option"):
+            cfglib.validate(DistillConfig, {**base, "train": {"padding_free": value}})
+    # length-grouped batches are read (the Trainer's sampler): both values are accepted
+    for value in (True, False):
+        assert cfglib.validate(DistillConfig, {**base, "train": {"group_by_length": value}}).train.group_by_length \
+            is value

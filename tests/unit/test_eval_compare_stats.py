@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.eval import stats as ST
+from tunelab.scoring import stats as ST
 from tunelab.eval import suites as S
 
 
@@ -24,7 +24,7 @@ def test_holm_adjusted_p_values_are_statsmodels_and_holms():
 
 
 def test_compare_marks_significance_on_adjusted_p_values():
-    from tunelab.eval import metrics as M
+    from tunelab.scoring import metrics as M
     from tunelab.eval.compare import assemble
 
     cfg = S.SuiteConfig(name="x", tasks=[S.TaskSpec(name=f"t{i}", type="multiple_choice", data="d.jsonl")

@@ -12,8 +12,8 @@ pytest.importorskip("sacrebleu")
 pytest.importorskip("rouge_score")
 
 from tunelab.errors import TunelabError  # noqa: E402
-from tunelab.eval import metrics as M  # noqa: E402
-from tunelab.eval import stats as S  # noqa: E402
+from tunelab.scoring import metrics as M  # noqa: E402
+from tunelab.scoring import stats as S  # noqa: E402
 
 PREDS = ["the cat sat on the mat", "a dog barked loudly", "it rained all day", "hello world", "blue sky"]
 REFS = ["the cat sat on a mat", "the dog barked", "it was sunny all day", "hello world", "green grass"]

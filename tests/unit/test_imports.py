@@ -1,5 +1,5 @@
-"""Imports flow one way (DESIGN.md): core → models/scoring → data → train → eval/advise → serve → platform
-→ console → front ends; no cycles between modules; no private module imported from another package; and a
+"""Imports flow one way (DESIGN.md): core → models → scoring → data → train → eval/advise → serve →
+platform → console → front ends; no cycles between modules; no private module imported from another package; and a
 tunelab module is imported inside a function only when it is heavy (it pulls torch & co. at import time)
 or the importer is a front end that must start fast.
 
@@ -16,8 +16,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2] / "tunelab"
 
 # rank of each package; a module may import its own package and packages of a lower rank only
-RANKS = {"core": 0, "models": 1, "scoring": 1, "data": 2, "train": 3, "eval": 4, "advise": 4, "serve": 5,
-         "platform": 6, "console": 7, "front": 9}
+RANKS = {"core": 0, "models": 1, "scoring": 2, "data": 3, "train": 4, "eval": 5, "advise": 5, "serve": 6,
+         "platform": 7, "console": 8, "front": 9}
 FRONT = {"tunelab.cli", "tunelab.demo", "tunelab.demo_data", "tunelab.__main__"}
 # tunelab.recipes is core: a registry of names that imports recipe modules by string when asked (DESIGN 6)
 HEAVY = {"torch", "transformers", "peft", "trl", "datasets", "accelerate", "safetensors", "tokenizers", "numpy",

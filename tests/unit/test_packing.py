@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import yaml
 
 from tunelab.train.numerics import blocks_nll, blocks_perplexity, pack_blocks
 
@@ -86,7 +87,8 @@ def test_block_perplexity_equals_exp_mean_nll_from_the_models_own_loss(tiny_lm):
 
 
 def test_load_texts_units_records_and_rejects(tmp_path):
-    from tunelab.train.pretrain import expand_files, load_texts
+    from tunelab.data.lineage import expand_files
+    from tunelab.data.loaders import load_texts
 
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("First para.\nstill first.\n \nSecond para.\n\n\nThird.\n")
@@ -111,8 +113,8 @@ def test_load_texts_units_records_and_rejects(tmp_path):
 
 
 def test_missing_files_are_one_error(tmp_path):
+    from tunelab.data.lineage import expand_files
     from tunelab.errors import TunelabError
-    from tunelab.train.pretrain import expand_files
 
     with pytest.raises(TunelabError, match="data.files: not found: .*nope.txt"):
         expand_files([str(tmp_path / "nope.txt")], "data.files")
@@ -122,7 +124,8 @@ def test_missing_files_are_one_error(tmp_path):
 
 
 def test_heldout_split_is_by_content():
-    from tunelab.train.pretrain import split_heldout, spread
+    from tunelab.data.loaders import split_heldout
+    from tunelab.train.blocks import spread
 
     texts = [f"document number {i}" for i in range(400)]
     train, held = split_heldout(texts, 0.1)
@@ -166,3 +169,38 @@ def test_configs_check_shapes_and_sources():
     with pytest.raises(ConfigError, match="replay.ratio"):
         cfglib.validate(CPTConfig, {"model": {"name": "m"}, "data": {"files": ["x"]},
                                     "replay": {"files": ["g"], "ratio": 1.0}})
+
+
+@pytest.mark.parametrize("recipe", ["pretrain", "cpt"])
+def test_block_recipes_refuse_padding_free(recipe):
+    from tunelab import config as cfglib
+    from tunelab.errors import ConfigError
+    from tunelab.train.cpt import CPTConfig
+    from tunelab.train.pretrain import PretrainConfig
+
+    cls = {"pretrain": PretrainConfig, "cpt": CPTConfig}[recipe]
+    base = {"data": {"files": ["x.txt"]}, **({"model": {"name": "m"}} if recipe == "cpt" else {})}
+    for value in (True, False):
+        with pytest.raises(ConfigError, match=f"train.padding_free: the {recipe} recipe does not read this option"):
+            cfglib.validate(cls, {**base, "train": {"padding_free": value}})
+    # a stored config.yaml lists every field at its value, defaults included: --resume reads it back
+    cfg = cfglib.validate(cls, base)
+    assert cfglib.validate(cls, yaml.safe_load(cfglib.dump(cfg))) == cfg
+    # length grouping is accepted and changes nothing: every packed block has one length
+    assert cfglib.validate(cls, {**base, "train": {"group_by_length": False}}).train.group_by_length is False
+
+
+def test_cpt_bad_model_name_leaves_no_run_folder(tmp_path):
+    from tunelab.errors import TunelabError
+    from tunelab.train.cpt import CPTConfig, run
+    from tunelab.workspace import Workspace
+
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"Paragraph number {i} about contracts." for i in range(60)))
+    cfg = CPTConfig(model={"name": "no-such-model"}, data={"files": [str(text)], "text_unit": "paragraph",
+                                                           "heldout_share": 0.2})
+    ws = Workspace.resolve(tmp_path / "ws")
+    with pytest.raises(TunelabError, match="unknown model 'no-such-model'"):
+        run(cfg, ws)
+    assert not ws.runs_dir.exists() or not any(ws.runs_dir.iterdir())
+    assert ws.catalog().list_runs() == []

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+import sys
 
 import pytest
 
 from tunelab.data.steps.base import Drop
-from tunelab.data.steps.pii import TYPES, Finding, PIIStep, detect, iban_ok, luhn_ok, redact
+from tunelab.data.steps.pii import (RULES_VERSION, TYPES, Finding, PIIStep, card_issuer_ok, detect,
+                                    iban_ok, luhn_ok, redact, salt_fingerprint)
 from tunelab.errors import ConfigError, MissingExtra
 
 GH_TOKEN = "ghp_" + "A1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q7r8"
@@ -59,6 +61,49 @@ def found(text: str, typ: str | None = None) -> list[str]:
     ("API_KEY", '{"client_secret": "q9w8e7r6t5y4"}', "q9w8e7r6t5y4"),
     ("API_KEY", 'password: str = "correct horse battery"', "correct horse battery"),
     ("API_KEY", "Authorization: Bearer abcdef0123456789abcdef", "abcdef0123456789abcdef"),
+    # national phone formats (phonenumbers' matcher, several default regions)
+    ("PHONE", "ring 312.847.2290 today", "312.847.2290"),
+    ("PHONE", "ring 312 847 2290 today", "312 847 2290"),
+    ("PHONE", "US 1-312-847-2290", "1-312-847-2290"),
+    ("PHONE", "Leeds (0113) 496 7723", "(0113) 496 7723"),
+    ("PHONE", "mobile 07912 345678", "07912 345678"),
+    ("PHONE", "Praxis 030/28394756", "030/28394756"),
+    ("PHONE", "Handy 0176 23456789", "0176 23456789"),
+    ("PHONE", "bureau 01.42.68.53.07", "01.42.68.53.07"),
+    ("PHONE", "portable 07-62-18-44-90", "07-62-18-44-90"),
+    ("PHONE", "Bengaluru 98452 17730", "98452 17730"),
+    ("PHONE", "Mumbai office 022-2674 3310", "022-2674 3310"),
+    ("PHONE", "call me on 3128472290", "3128472290"),
+    ("PHONE", "Telefax:    (619) 438-9107", "(619) 438-9107"),
+    # every card length an issuer gives out, Luhn-checked
+    ("CREDIT_CARD", "JCB 180012345678905 ok", "180012345678905"),
+    ("CREDIT_CARD", "JCB 2131 0000 0000 001", "2131 0000 0000 001"),
+    ("CREDIT_CARD", "Visa 4222 222 222 222", "4222 222 222 222"),
+    ("CREDIT_CARD", "Diners 3056 930902 5904", "3056 930902 5904"),
+    ("CREDIT_CARD", "Maestro card 6759 000 000 005", "6759 000 000 005"),
+    ("CREDIT_CARD", "Maestro card 675912345674", "675912345674"),
+    ("CREDIT_CARD", "Maestro 6759 4111 0000 0008", "6759 4111 0000 0008"),
+    ("CREDIT_CARD", "UnionPay 6212 3456 7890 12347", "6212 3456 7890 12347"),
+    ("CREDIT_CARD", "Visa 4111 1111 1111 1111 003", "4111 1111 1111 1111 003"),
+    # IBANs in any case
+    ("IBAN", "pay gb82west12345698765432 now", "gb82west12345698765432"),
+    ("IBAN", "pay de89 3704 0044 0532 0130 00 thanks", "de89 3704 0044 0532 0130 00"),
+    # URLs and domain names
+    ("URL", "see https://docs.example.com/x?a=1.", "https://docs.example.com/x?a=1"),
+    ("URL", "open www.baeckerei-huber.de, then", "www.baeckerei-huber.de"),
+    ("URL", "mail us via acme-dental.co.uk/contact today", "acme-dental.co.uk/contact"),
+    ("URL", "portal kaveri-soft.co.in", "kaveri-soft.co.in"),
+    ("URL", "sites like “www.freecycle.org” help", "www.freecycle.org"),
+    # driver-licence and passport numbers after their context words
+    ("DRIVER_LICENSE", "driver's license number D4827719", "D4827719"),
+    ("DRIVER_LICENSE", "DL# 38204417 on file", "38204417"),
+    ("DRIVER_LICENSE", "Driver License: S530-4128-0935.", "S530-4128-0935"),
+    ("DRIVER_LICENSE", "drivers license no. B482-771-93-442-1", "B482-771-93-442-1"),
+    ("DRIVER_LICENSE", "driving licence number HARRI704153J99KT", "HARRI704153J99KT"),
+    ("PASSPORT", "passport number: 533380006.", "533380006"),
+    ("PASSPORT", "Passport no. C4J7K0R29 issued", "C4J7K0R29"),
+    ("PASSPORT", "my passport is 18FK44302", "18FK44302"),
+    ("PASSPORT", "Passport #J8369854", "J8369854"),
 ])
 def test_positive(typ, text, value):
     assert found(text, typ) == [value]
@@ -77,13 +122,29 @@ def test_positive(typ, text, value):
     "000-12-3456", "666-12-3456", "900-12-3456", "123-00-6789", "123-45-0000",
     # IP: octets > 255, not four parts, times, MACs, C++ scopes
     "999.1.1.1", "256.100.1.1", "1.2.3", "at 10:30:00", "mac 00:1A:2B:3C:4D:5E", "std::vector::size",
-    # email / URL: no host TLD, no password
-    "@handle says hi", "user@localhost", "https://example.com/a:b", "see https://docs.example.com/x?a=1",
+    # email / URL: no host TLD (URLs without a password are URL findings: test_url_without_password)
+    "@handle says hi", "user@localhost",
     # keys: wrong shape, placeholders, code
     "AKIA1234", "ghp_short", "sk-learn-is-a-python-library", "AIzaShort",
     'api_key="<YOUR_API_KEY>"', "password = hunter2", "token = os.environ['HF_TOKEN']",
     "pad_token = tokenizer.eos_token", 'pad_token="<|endoftext|>"', "password=${DB_PASSWORD}",
     "max_tokens = 123456789", 'secret = "xxxxxxxxxxxx"', "Token: the smallest unit",
+    # ordinary numbers that phonenumbers accepts as valid somewhere: order/invoice numbers, dates, ids
+    "order 2021-690290 shipped", "invoice 4159647593 paid", "ref 2123456789", "on 05.03.2024", "(05.05.2023)",
+    "Order #2125550123", "tracking 1Z999AA10123456784", "ISBN 978-3-16-148410-0", "zip 94103", "PLZ 10115 Berlin",
+    "3 x 250 g for 12,50 €", "batch B123456-12", "loyalty id 48213390211", "hours 9:00–17:30",
+    # cards: a Luhn-valid 12-digit Maestro-shaped number without a card word; a 1800 number failing Luhn
+    "reference 675912345674", "JCB 180012345678906",
+    # versions are not IPs, file names and code are not domains
+    "release 6.0.55.4 is out", "upgrade to 10.2.3.4", "setup.py and README.md", "x = tensor.to(device)",
+    "the end.It was", "http://localhost:8000/x", "e.g. this", "Node.js and Vue.js",
+    # licence and passport look-alikes: no context word, or no number after it
+    "D4827719", "533380006", "passport photos cost 15", "the passport is valid until 2030", "DL 2024 report",
+    "license plate 7ABC123",
+    # patent and trademark tables, outline numbers (seen in contracts)
+    "EP Granted 8007063.4 22-Nov-04 1944158 5-Jan-11 GB", "Registered 86919986 25-Feb-16 5123456",
+    "WO Published PCT/US2017/055068 5-Oct-17 US", "US Pending 62/611953 29-Mar-18",
+    "as set forth in Sections 5.4.1.1 (Letter of Credit)", "following:\n   3.11.2.2. Foreign Boycotts",
 ])
 def test_negative(text):
     assert detect(text) == [], [(f.type, f.value(text)) for f in detect(text)]
@@ -167,8 +228,13 @@ def test_step_hash_and_types():
     out = step({"text": "jane@example.com 123-45-6789"})
     digest = hashlib.sha256(b"pepperjane@example.com").hexdigest()[:10]
     assert out["text"] == f"[EMAIL:{digest}] 123-45-6789"
-    assert step.config() == {"style": "hash", "types": ["EMAIL"], "salt": True, "ner": False}
-    assert PIIStep().config() == {"style": "mask", "types": None, "salt": False, "ner": False}
+    regions = ["US", "GB", "DE", "FR", "IN"]
+    assert step.config() == {"style": "hash", "types": ["EMAIL"], "salt": salt_fingerprint("pepper"), "ner": False,
+                             "phone_regions": regions, "rules": RULES_VERSION}
+    assert salt_fingerprint("pepper").startswith("sha256:") and "pepper" not in salt_fingerprint("pepper")
+    assert salt_fingerprint("pepper2") != salt_fingerprint("pepper")  # another salt, another dataset id
+    assert PIIStep().config() == {"style": "mask", "types": None, "salt": False, "ner": False,
+                                  "phone_regions": regions, "rules": RULES_VERSION}
 
 
 def test_step_drop_lists_types_only():
@@ -185,12 +251,42 @@ def test_step_bad_config():
         PIIStep(style="shred")
     with pytest.raises(ConfigError, match="unknown PII type"):
         PIIStep(types=["EMAIL", "NAME"])
+    with pytest.raises(ConfigError, match="phone_regions.*XX"):
+        PIIStep(phone_regions=["US", "XX"])
+    with pytest.raises(ConfigError, match="types: must be a list"):
+        PIIStep(types=[1, 2])
+    assert PIIStep(types="email").types == ["EMAIL"]
+
+
+def test_url_without_password_is_url_not_credentials():
+    for text in ("https://example.com/a:b", "see https://docs.example.com/x?a=1"):
+        assert [f.type for f in detect(text)] == ["URL"]
+    text = "ftp://admin:s3cr3t@db.example.com/path"
+    assert [f.type for f in detect(text)] == ["URL_CREDENTIALS"]
+
+
+def test_phone_regions_decide_national_formats():
+    text = "Praxis 030 28394756"  # a Berlin number written the German way
+    assert found(text, "PHONE") == ["030 28394756"]
+    assert detect(text, phone_regions=["US"]) == []
+    assert found("call +49 30 28394756", "PHONE") == ["+49 30 28394756"]  # +CC: whatever the regions
+    assert [f.type for f in detect("call +49 30 28394756", phone_regions=["US"])] == ["PHONE"]
+    assert PIIStep(phone_regions=["de"]).phone_regions == ("DE",)
+
+
+def test_card_issuers():
+    assert card_issuer_ok("180012345678905") and card_issuer_ok("213100000000001")
+    assert luhn_ok("180012345678905") and not card_issuer_ok("1800123456789057")  # 1800 issues 15 digits only
+    assert card_issuer_ok("675900000005") and not card_issuer_ok("411111111111")  # 12: Maestro only
+    for n in range(12, 20):
+        assert any(card_issuer_ok(p + "0" * (n - len(p))) for p in ("4", "6759", "62", "36", "34", "51", "3528"))
 
 
 def test_values_never_leak_into_logs():
     values = ["jane@example.com", "+1 415 555 2671", "4111 1111 1111 1111", "GB82WEST12345698765432",
-              "123-45-6789", "192.168.1.20", "ftp://admin:s3cr3t@db.example.com", "AKIAIOSFODNN7EXAMPLE"]
-    text = " ; ".join(values)
+              "123-45-6789", "192.168.1.20", "ftp://admin:s3cr3t@db.example.com", "AKIAIOSFODNN7EXAMPLE",
+              "https://jane-doe-portfolio.com/cv", "D4827719", "533380006"]
+    text = " ; ".join(values[:-2] + ["driver's license D4827719", "passport no 533380006"])
     fs = detect(text)
     assert sorted(f.type for f in fs) == sorted(TYPES)
     assert all(isinstance(f, Finding) for f in fs)
@@ -206,8 +302,13 @@ def test_values_never_leak_into_logs():
         assert v not in blob
 
 
-@pytest.mark.skipif(importlib.util.find_spec("presidio_analyzer") is not None,
-                    reason="presidio is installed; the missing-extra path cannot be exercised")
-def test_ner_without_presidio_says_how_to_install():
+def test_ner_without_spacy_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "spacy", None)  # as if the extra were not installed
     with pytest.raises(MissingExtra, match=r"pip install 'tunelab\[pii\]'"):
         PIIStep(ner=True)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("spacy") is None, reason="spaCy (extra pii) is not installed")
+def test_ner_with_a_pipeline_that_is_not_installed_says_how_to_install():
+    with pytest.raises(MissingExtra, match=r"en_core_web_nonexistent.*pip install 'tunelab\[pii\]'"):
+        PIIStep(ner=True, ner_model="en_core_web_nonexistent")

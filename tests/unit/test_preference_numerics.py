@@ -97,3 +97,47 @@ def test_rlhf_config_needs_one_reward_and_whole_groups():
     assert "exactly one of reward_model" in msg and "multiple of num_generations" in msg
     with pytest.raises(ConfigError, match="beta"):  # RLHF here always keeps a KL penalty to the start
         cfglib.validate(RLHFConfig, {**base, "reward_function": "m:f", "beta": 0})
+
+
+PREFERENCE_RECIPES = {"reward": {}, "dpo": {}, "rlhf": {"reward_function": "m:f", "num_generations": 2}}
+
+
+@pytest.mark.parametrize("recipe", sorted(PREFERENCE_RECIPES))
+@pytest.mark.parametrize("option, value", [("padding_free", True), ("group_by_length", False)])
+def test_preference_recipes_refuse_train_options_they_do_not_read(recipe, option, value):
+    """TRL's reward/DPO/GRPO trainers never see train.padding_free or train.group_by_length: a recipe that sets
+    them is refused with the option's name, instead of training as if they had been honoured."""
+    from tunelab import config as cfglib
+    from tunelab.errors import ConfigError
+    from tunelab.recipes import get
+
+    base = {"recipe": recipe, "model": {"name": "m"}, "data": {"train": "x.jsonl"}, **PREFERENCE_RECIPES[recipe]}
+    cls, _ = get(recipe)
+    cfglib.validate(cls, base)  # the defaults are fine
+    with pytest.raises(ConfigError) as e:
+        cfglib.validate(cls, {**base, "train": {option: value}})
+    assert f"train.{option}: the {recipe} recipe does not read this option; remove it" in str(e.value)
+
+
+def test_rlhf_refuses_early_stopping_it_never_does():
+    from tunelab import config as cfglib
+    from tunelab.errors import ConfigError
+    from tunelab.train.rlhf import RLHFConfig
+
+    with pytest.raises(ConfigError, match="train.early_stopping_patience: the rlhf recipe does not read"):
+        cfglib.validate(RLHFConfig, {"recipe": "rlhf", "model": {"name": "m"}, "data": {"train": "x.jsonl"},
+                                     "reward_function": "m:f", "num_generations": 2,
+                                     "train": {"early_stopping_patience": 2}})
+
+
+@pytest.mark.parametrize("recipe", sorted(PREFERENCE_RECIPES))
+def test_a_stored_config_loads_again_for_resume(recipe, tmp_path):
+    """config.yaml lists every field, the refused train options at their defaults included: --resume reloads it."""
+    from tunelab import config as cfglib
+    from tunelab.recipes import get
+
+    cls, _ = get(recipe)
+    cfg = cfglib.validate(cls, {"recipe": recipe, "model": {"name": "m"}, "data": {"train": "x.jsonl"},
+                                **PREFERENCE_RECIPES[recipe]})
+    (tmp_path / "config.yaml").write_text(cfglib.dump(cfg))
+    assert cfglib.load(cls, tmp_path / "config.yaml") == cfg

@@ -17,7 +17,18 @@ from typing import Callable, Literal, get_args, get_origin
 
 from pydantic import Field
 
+from tunelab import config as cfglib
+from tunelab.advise.estimate import (
+    DEVICES,
+    PRESETS,
+    EstimateConfig,
+    estimate,
+    format_estimate,
+    model_shape,
+    param_counts,
+)
 from tunelab.config import Strict
+from tunelab.errors import TunelabError
 
 
 class Answers(Strict):
@@ -97,8 +108,6 @@ def model_gb(a: Answers) -> float | None:
     """Base model size in billions of parameters (preset shape or the given number)."""
     if a.model_params_b:
         return a.model_params_b
-    from tunelab.advise.estimate import model_shape, param_counts
-    from tunelab.errors import TunelabError
 
     try:
         return param_counts(model_shape(a.model))["total"] / 1e9
@@ -149,8 +158,6 @@ def advise(a: Answers, workspace=None) -> dict:
         out["estimate_command"] = cmd
         out["estimate_method"] = method
         if size_b is not None or _is_known(a.model):
-            from tunelab.advise.estimate import EstimateConfig, estimate
-
             try:
                 out["estimate"] = estimate(EstimateConfig(
                     model=a.model, method=method, tokens=tokens or None, device=device, weights_dtype=wdt,
@@ -162,8 +169,6 @@ def advise(a: Answers, workspace=None) -> dict:
 
 def _device_for(gpu_memory_gb: float | None) -> str:
     """The smallest device of the estimator's table with at least the given memory (default A100-80GB)."""
-    from tunelab.advise.estimate import DEVICES
-
     if gpu_memory_gb is None:
         return "a100-80gb"
     fits = [d for d in DEVICES.values() if d.memory_gb and d.memory_gb >= gpu_memory_gb]
@@ -172,8 +177,6 @@ def _device_for(gpu_memory_gb: float | None) -> str:
 
 def _is_known(model: str) -> bool:
     from pathlib import Path
-
-    from tunelab.advise.estimate import PRESETS
 
     return model.lower() in PRESETS or (Path(model) / "config.json").is_file()
 
@@ -185,8 +188,6 @@ QUESTIONS = ["goal", "knowledge_changes", "needs_citations", "labeled_examples",
 
 def ask(prompt: Callable[[str, object], object]) -> Answers:
     """Ask each question through ``prompt(text, default)`` (the CLI passes typer.prompt)."""
-    from tunelab import config as cfglib
-
     raw: dict = {}
     for name in QUESTIONS:
         f = Answers.model_fields[name]
@@ -210,7 +211,5 @@ def format_advice(res: dict) -> str:
     if res.get("estimate_command"):
         lines.append(f"estimate the training: {res['estimate_command']}")
     if res.get("estimate"):
-        from tunelab.advise.estimate import format_estimate
-
         lines.append(format_estimate(res["estimate"]))
     return "\n".join(lines)

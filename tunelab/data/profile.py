@@ -27,6 +27,7 @@ from typing import Any
 from tunelab.data.records import kind as _kind
 from tunelab.errors import TunelabError
 from tunelab._plot import new_figure as _figure, png_bytes as _png
+from tunelab.workspace import write_json
 
 SPLITS = ("train", "validation", "test")
 PERCENTILES = (50, 90, 95, 99)
@@ -411,8 +412,8 @@ def embed_texts(texts: list[str], path: str, batch_size: int = EMBED_BATCH):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModel.from_pretrained(path, trust_remote_code=False)
     model.eval()
     out = []
     with torch.no_grad():
@@ -613,7 +614,7 @@ def profile_dataset(version_dir: Path, *, tokenizer=None, max_length: int = 2048
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)
     warnings: list[str] = []
     notes: list[str] = [PROXY_NOTE]
     unit = "tokens" if tokenizer is not None else "words"
@@ -746,7 +747,5 @@ def profile_dataset(version_dir: Path, *, tokenizer=None, max_length: int = 2048
             for name, draw in charts:
                 _write_bytes(version_dir / name, draw())
                 profile["charts"].append(name)
-        from tunelab.workspace import write_json
-
         write_json(version_dir / "profile.json", profile)
     return profile

@@ -18,13 +18,73 @@ Canonical kinds (see steps/base.py): chat ``{"messages"}``, preference ``{"promp
 
 from __future__ import annotations
 
-from tunelab.data.formats import BadRecord, check_messages as _check_messages, required_text as _str
+import math
+import re
 
 FORMATS = ("alpaca", "prompt_completion", "bedrock_cpt", "bedrock_conversation", "messages", "sharegpt",
            "preference", "classification", "text")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bing": "assistant", "system": "system"}
 HH_ASSISTANT = "\n\nAssistant:"
+ROLES = {"system", "user", "assistant"}
+_NUMBERS = re.compile(r"(?<![\w-])\d+(?![\w-])")  # "byte 17", not the 8 of "UTF-8"
+
+
+class BadRecord(ValueError):
+    """A record that cannot be used; the message is the reason (never the record's text).
+
+    ``kind`` groups reasons for counting (``"invalid UTF-8"`` for ``"invalid UTF-8 at byte 17"``):
+    the console and the manifest count by kind, rejects.jsonl keeps the full reason.
+    """
+
+    def __init__(self, reason: str, kind: str | None = None):
+        super().__init__(reason)
+        self.kind = kind or reason_kind(reason)
+
+    def __reduce__(self):  # keep ``kind`` across processes
+        return (type(self), (str(self), self.kind))
+
+
+def reason_kind(reason: str) -> str:
+    """A reason's kind: the part before the first ':', numbers replaced by N, at most 80 characters."""
+    return _NUMBERS.sub("N", reason.split(":")[0]).strip()[:80]
+
+
+def check_messages(msgs: object) -> list[dict]:
+    """Validate a chat: roles known, a system message only first, user/assistant alternating, ending with the assistant."""
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRecord("'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLES \
+                or not isinstance(m.get("content"), str):
+            raise BadRecord(f"message {i} must be {{'role': system|user|assistant, 'content': str}}")
+        out.append({"role": m["role"], "content": m["content"]})
+    body = [m for m in out if m["role"] != "system"]
+    if any(m["role"] == "system" for m in out[1:]):
+        raise BadRecord("a system message may only come first")
+    for i, m in enumerate(body):
+        want = "user" if i % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise BadRecord(f"chat roles must alternate user/assistant starting with user (turn {i} is {m['role']})")
+    if not body or body[-1]["role"] != "assistant":
+        raise BadRecord("the conversation must end with an assistant message")
+    if any(not m["content"].strip() for m in body if m["role"] == "assistant"):
+        raise BadRecord("an assistant message is empty")
+    return out
+
+
+def required_text(rec: dict, key: str, required: bool = True) -> str:
+    """``rec[key]`` as a non-empty string, or BadRecord saying what is wrong."""
+    v = rec.get(key)
+    if v is None or (isinstance(v, str) and not v.strip()):
+        if required:
+            raise BadRecord(f"field '{key}' is missing or empty")
+        return ""
+    if not isinstance(v, str):
+        raise BadRecord(f"field '{key}' must be a string, got {type(v).__name__}")
+    return v
+
 
 
 def detect(rec: dict) -> str:
@@ -79,50 +139,53 @@ def to_canonical(rec: dict, fmt: str = "auto", mapping: dict[str, str] | None = 
         raise BadRecord(f"a record must be a JSON object, got {type(rec).__name__}")
     if mapping:
         rec = {**rec, **{canon: rec[src] for canon, src in mapping.items() if src in rec}}
+    if fmt != "auto" and fmt not in FORMATS:
+        raise BadRecord(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}", "unknown format")
     fmt = detect(rec) if fmt == "auto" else fmt
     if fmt == "alpaca":
-        user = _str(rec, "instruction")
-        extra = _str(rec, "input", required=False)
+        user = required_text(rec, "instruction")
+        extra = required_text(rec, "input", required=False)
         return {"messages": [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
-                             {"role": "assistant", "content": _str(rec, "output")}]}
+                             {"role": "assistant", "content": required_text(rec, "output")}]}
     if fmt == "prompt_completion":
         if isinstance(rec.get("prompt"), list) and isinstance(rec.get("completion"), list):  # conversational
-            return {"messages": _check_messages(rec["prompt"] + rec["completion"])}
-        return {"messages": [{"role": "user", "content": _str(rec, "prompt")},
-                             {"role": "assistant", "content": _str(rec, "completion")}]}
+            return {"messages": check_messages(rec["prompt"] + rec["completion"])}
+        return {"messages": [{"role": "user", "content": required_text(rec, "prompt")},
+                             {"role": "assistant", "content": required_text(rec, "completion")}]}
     if fmt == "bedrock_cpt":
-        return {"text": _str(rec, "input")}
+        return {"text": required_text(rec, "input")}
     if fmt == "text":
-        return {"text": _str(rec, "text")}
+        return {"text": required_text(rec, "text")}
     if fmt == "classification":
-        label = rec.get("label")
-        if label is None or str(label).strip() == "":
-            raise BadRecord("field 'label' is missing or empty")
-        return {"text": _str(rec, "text"), "label": str(label)}
+        return {"text": required_text(rec, "text"), "label": _label(rec.get("label"))}
     if fmt == "messages":
-        return {"messages": _check_messages(rec.get("messages"))}
+        return {"messages": check_messages(rec.get("messages"))}
     if fmt == "sharegpt":
         conv = rec.get("conversations")
         if not isinstance(conv, list) or not conv:
             raise BadRecord("'conversations' must be a non-empty list")
         msgs = []
         for i, t in enumerate(conv):
-            role = SHAREGPT_ROLES.get(str(t.get("from", "")).lower()) if isinstance(t, dict) else None
+            who = t.get("from") if isinstance(t, dict) else None
+            role = SHAREGPT_ROLES.get(who.lower()) if isinstance(who, str) else None
             if role is None or not isinstance(t.get("value"), str):
                 raise BadRecord(f"turn {i} must be {{'from': human|gpt|system, 'value': str}}")
             msgs.append({"role": role, "content": t["value"]})
-        return {"messages": _check_messages(msgs)}
+        return {"messages": check_messages(msgs)}
     if fmt == "bedrock_conversation":
         msgs = []
-        for s in rec.get("system") or []:
+        system, turns = rec.get("system") or [], rec.get("messages") or []
+        if not isinstance(system, list) or not isinstance(turns, list):
+            raise BadRecord("'system' and 'messages' must be lists")
+        for s in system:
             if isinstance(s, dict) and isinstance(s.get("text"), str):
                 msgs.append({"role": "system", "content": s["text"]})
-        for i, m in enumerate(rec.get("messages") or []):
+        for i, m in enumerate(turns):
             parts = m.get("content") if isinstance(m, dict) else None
             if not isinstance(parts, list) or not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
                 raise BadRecord(f"message {i}: content must be a list of {{'text': str}}")
             msgs.append({"role": m.get("role"), "content": "".join(p["text"] for p in parts)})
-        return {"messages": _check_messages(msgs)}
+        return {"messages": check_messages(msgs)}
     if fmt == "preference":
         if isinstance(rec.get("conversations"), list):  # ShareGPT preference (LLaMA-Factory dpo format)
             prompt = to_canonical({"conversations": rec["conversations"] + [{"from": "gpt", "value": "x"}]},
@@ -134,12 +197,61 @@ def to_canonical(rec: dict, fmt: str = "auto", mapping: dict[str, str] | None = 
                 if not isinstance(text, str) or not text.strip():
                     raise BadRecord(f"field '{key}' is missing or empty")
                 pair[key] = [{"role": "assistant", "content": text}]
-            return {"prompt": prompt, **pair}
-        chosen, rejected = _str(rec, "chosen"), _str(rec, "rejected")
+            return _distinct({"prompt": prompt, **pair})
+        chosen, rejected = required_text(rec, "chosen"), required_text(rec, "rejected")
         if rec.get("prompt"):
-            return {"prompt": _str(rec, "prompt"), "chosen": chosen, "rejected": rejected}
-        return split_hh(chosen, rejected)
+            return _distinct({"prompt": required_text(rec, "prompt"), "chosen": chosen, "rejected": rejected})
+        return _distinct(split_hh(chosen, rejected))
     raise BadRecord(f"unknown format '{fmt}'; known: {', '.join(FORMATS)}")
+
+
+def _label(label: object) -> str:
+    """A classification label as a string; missing, empty, NaN/inf and non-scalar labels are rejected."""
+    if label is None or (isinstance(label, str) and not label.strip()):
+        raise BadRecord("field 'label' is missing or empty")
+    if isinstance(label, float) and not math.isfinite(label) or isinstance(label, str) and label.strip().lower() == "nan":
+        # pandas writes a missing value as NaN; json.loads reads NaN/Infinity as floats
+        raise BadRecord("field 'label' is NaN (a missing value)")
+    if not isinstance(label, (str, int, float)):
+        raise BadRecord(f"field 'label' must be a string or a number, got {type(label).__name__}")
+    return str(label)
+
+
+def _distinct(pair: dict) -> dict:
+    """A preference pair whose chosen and rejected responses differ (an identical pair teaches nothing)."""
+    if _plain(pair["chosen"]) == _plain(pair["rejected"]):
+        raise BadRecord("chosen and rejected are identical")
+    return pair
+
+
+def _plain(v: object) -> object:
+    if isinstance(v, str):
+        return v.strip()
+    return [(m["role"], m["content"].strip()) for m in v]
+
+
+def find_surrogate(rec: dict) -> str | None:
+    """The first field of a canonical record holding a lone surrogate (text that is not valid Unicode and
+    cannot be written as UTF-8, e.g. from a JSON escape ``"\\ud800"``), or None."""
+    for k, v in rec.items():
+        if k == "meta":
+            continue
+        if isinstance(v, str):
+            if not _encodable(v):
+                return k
+        elif isinstance(v, list):
+            for i, m in enumerate(v):
+                if isinstance(m, dict) and isinstance(m.get("content"), str) and not _encodable(m["content"]):
+                    return f"{k}.{i}.content"
+    return None
+
+
+def _encodable(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def kind(rec: dict) -> str:
@@ -150,6 +262,14 @@ def kind(rec: dict) -> str:
     if "label" in rec:
         return "classification"
     return "text"
+
+
+# which formats each record kind can be written as (chat → alpaca/prompt_completion: single-turn chats only)
+EXPORTABLE = {"chat": ("messages", "bedrock_conversation", "sharegpt", "alpaca", "prompt_completion", "text",
+                       "bedrock_cpt"),
+              "preference": ("preference",),
+              "classification": ("classification", "text"),
+              "text": ("text", "bedrock_cpt")}
 
 
 def export(rec: dict, fmt: str) -> dict:
@@ -185,4 +305,6 @@ def export(rec: dict, fmt: str) -> dict:
         return {"text": rec["text"], "label": rec["label"]} if fmt == "classification" else {"text": rec["text"]}
     if k == "text" and fmt in ("text", "bedrock_cpt"):
         return {"input": rec["text"]} if fmt == "bedrock_cpt" else {"text": rec["text"]}
+    if k == "chat" and fmt in EXPORTABLE["chat"]:
+        raise BadRecord(f"a multi-turn chat cannot be written as '{fmt}' (single-turn only)")
     raise BadRecord(f"a {k} record cannot be written as '{fmt}'")

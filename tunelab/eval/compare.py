@@ -2,7 +2,7 @@
 
 Every model answers the same tasks with the same decoding. Each score carries a bootstrap interval,
 and each model's difference from the baseline (the first model) carries a paired-bootstrap
-interval and p-value on the same examples (tunelab/eval/stats.py). Per model it also measures the
+interval and p-value on the same examples (tunelab/scoring/stats.py). Per model it also measures the
 business figures (tunelab/eval/business.py) and, when enabled, runs the general-capability probe
 to flag catastrophic forgetting against the baseline.
 
@@ -18,6 +18,17 @@ import time
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.eval import suites as S
+from tunelab.eval.business import business_metrics, describe, reset_peak_memory
+from tunelab.eval.report import write_compare_report
+from tunelab.eval.suites import (
+    SuiteConfig,  # noqa: F401 (the recipes registry reads it here)
+    _prompt_ids,
+    forgetting_verdict,
+)
+from tunelab.models import refs
+from tunelab.scoring.metrics import LOWER_IS_BETTER
+from tunelab.scoring.stats import bootstrap_ci, holm, paired_bootstrap, restrict, value
 from tunelab.workspace import Workspace, write_json
 
 
@@ -38,27 +49,27 @@ def load_model(ref: str, ws: Workspace):
     """A run id, model folder or packaged name → (model, tokenizer, info)."""
     import transformers
 
-    from tunelab.train.preference import eval_device, find_run, load_causal, load_tokenizer, resolve_start
-
     transformers.logging.set_verbosity_error()
-    start = resolve_start(ref, ws)
-    tok, added = load_tokenizer(start)
+    start = refs.resolve(ref, ws)
+    tok, added = refs.load_tokenizer(start)
     if added:  # no template of its own: prompts go in as plain text (the fallback only serves training)
         tok.chat_template = None
-    model = load_causal(start, device=eval_device()).eval()
-    run_dir = find_run(ref, ws)
-    return model, tok, {"ref": ref, "base_path": str(start.base_path),
+    model = refs.load(start, device=refs.eval_device()).eval()
+    run_dir = ws.find_run(ref)
+    return model, tok, {"ref": ref, "base_path": str(start.path),
                         "adapter": str(start.adapter) if start.adapter else None,
                         "run_id": start.run_id, "run_dir": str(run_dir) if run_dir else None}
+
+
+def run(cfg, ws, **kw) -> dict:
+    """``recipe: suite`` run from Python (the recipes registry): ``tunelab compare`` on the suite's models."""
+    return run_compare(cfg, ws, **kw)
 
 
 def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
                 overrides: list[str] | None = None, limit: int | None = None, out: Path | None = None,
                 business: bool = True) -> dict:
     """``suite``: a suite file, or a SuiteConfig (relative paths then resolve from the current folder)."""
-    from tunelab.eval import suites as S
-    from tunelab.eval.business import business_metrics, reset_peak_memory
-
     if isinstance(suite, S.SuiteConfig):
         cfg, base_dir, suite_path = suite, Path.cwd(), None
     else:
@@ -97,8 +108,6 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
                                                                  encoding="utf-8")
         meta["eval_s"] = round(time.perf_counter() - t0, 2)
         if business:
-            from tunelab.eval.suites import _prompt_ids
-
             first = next((t for t in tasks if t.type == "generation"), None) or tasks[0]
             texts = [it.get("prompt") or it.get("text", "")[:400] for it in first.items[: bcfg.latency_requests]]
             chat = first.type == "generation" and bool(getattr(tok, "chat_template", None))
@@ -118,7 +127,6 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
         res["win_rates"] = S.judge_win_rates(cfg, ws, names[0], rows, tasks)
     res.update({"id": cid, "suite": str(suite_path) if suite_path else None, "out": str(out_dir)})
     write_json(out_dir / "results.json", S.json_safe(res))
-    from tunelab.eval.report import write_compare_report
 
     res["report"] = str(write_compare_report(out_dir, res, rows, cfg.max_examples_in_report))
     cat = ws.catalog()
@@ -133,9 +141,6 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
 
 def assemble(cfg, tasks, specs, scored, info) -> dict:
     """Scores, paired differences against the baseline, per-category breakdowns and forgetting flags."""
-    from tunelab.eval.metrics import LOWER_IS_BETTER
-    from tunelab.eval.stats import bootstrap_ci, holm, paired_bootstrap, restrict, value
-
     b = cfg.bootstrap
     names = [m["name"] for m in specs]
     baseline = names[0]
@@ -181,8 +186,6 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
                     categories[t.name][c][m][k] = {"value": v, "ci_low": lo, "ci_high": hi}
     forgetting = {}
     if cfg.forgetting.enabled:
-        from tunelab.eval.suites import forgetting_verdict
-
         for m in names[1:]:
             forgetting[m] = forgetting_verdict(info[baseline]["probe"], info[m]["probe"], cfg.forgetting)
     return {"name": cfg.name, "baseline": baseline, "models": {m: {**s, **info[m]} for m, s in zip(names, specs)},
@@ -203,8 +206,6 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
 def print_compare(res: dict) -> None:
     from rich.console import Console
     from rich.table import Table
-
-    from tunelab.eval.business import describe
 
     c = Console(width=200)
     names = list(res["models"])

@@ -23,6 +23,7 @@ from itertools import combinations
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.scoring.stats import bootstrap_ci, mean_statistic
 from tunelab.workspace import read_jsonl, write_json
 
 SHEET_FIELDS = ["item", "prompt", "response_1", "response_2", "judgment", "rater", "comment"]
@@ -132,8 +133,6 @@ def read_judgments(key_path: Path, sheets: list[Path]) -> tuple[dict, list[dict]
 def summarize(key: dict, judgments: list[dict], *, n_resamples: int = 1000, seed: int = 0,
               confidence: float = 0.95) -> dict:
     """Win rate of model B over A (ties count half) with an interval, and Cohen's kappa per rater pair."""
-    from tunelab.eval.stats import bootstrap_ci, mean_statistic
-
     a, b = key["models"]["a"], key["models"]["b"]
     value = {b: 1.0, "tie": 0.5, a: 0.0}
     by_item: dict[str, list[float]] = defaultdict(list)

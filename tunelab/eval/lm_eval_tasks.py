@@ -34,7 +34,9 @@ import random
 import sys
 from pathlib import Path
 
+from tunelab._optional import require
 from tunelab.errors import TunelabError
+from tunelab.eval.templates import find_path, jinja_env
 
 OUTPUT_TYPES = {"multiple_choice": "multiple_choice", "generate_until": "generation",
                 "loglikelihood_rolling": "perplexity"}
@@ -115,9 +117,7 @@ def _env():
     """The suites' Jinja environment, with lm-eval's ``regex_replace`` filter added."""
     import re
 
-    from tunelab.eval.suites import _env as suite_env
-
-    env = suite_env()
+    env = jinja_env()
     env.filters["regex_replace"] = lambda s, pattern, repl, count=0: re.sub(pattern, repl, s, count=count)
     return env
 
@@ -214,7 +214,6 @@ def _gold(target, choices: list) -> int:
 
 
 def _data_files(files, folder: Path):
-    from tunelab.eval.suites import find_path
 
     def one(f):
         return str(find_path(f, folder, cwd_first=False))
@@ -229,8 +228,6 @@ def _data_files(files, folder: Path):
 
 
 def _load_dataset(cfg: dict, path: Path):
-    from tunelab._optional import require
-
     datasets = require("datasets", "train")
     src = cfg.get("dataset_path")
     kw = dict(cfg.get("dataset_kwargs") or {})

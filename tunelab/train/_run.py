@@ -353,10 +353,12 @@ def train_rows(log_history: list[dict]) -> list[dict]:
     return [r for r in log_history if "loss" in r and not any(k.startswith("eval_") for k in r)]
 
 
-def save_output(model, tokenizer, run_dir: Path, adapter: bool, selected_adapters: list[str] | None = None) -> Path:
-    """Write the trained adapter (``adapter/``) or model (``model/``) with the tokenizer, atomically:
-    a half-written folder never replaces a good one."""
-    out_dir = run_dir / ("adapter" if adapter else "model")
+def save_output(model, tokenizer, run_dir: Path, adapter: bool, selected_adapters: list[str] | None = None,
+                files: dict[str, Any] | None = None, folder: str | None = None) -> Path:
+    """Write the trained adapter (``adapter/``) or model (``model/``; or ``folder``) with the tokenizer,
+    atomically: a half-written folder never replaces a good one. ``files``: JSON files to put beside the
+    weights (name → content), written before the folder takes its place."""
+    out_dir = run_dir / (folder or ("adapter" if adapter else "model"))
     tmp = run_dir / f".{out_dir.name}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     if adapter and selected_adapters and hasattr(model, "peft_config"):
@@ -365,25 +367,37 @@ def save_output(model, tokenizer, run_dir: Path, adapter: bool, selected_adapter
         model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    for name, content in (files or {}).items():
+        write_json(tmp / name, content)
     umask_modes(tmp)  # safetensors writes 0600
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     return out_dir
 
 
-def write_probe(model, input_ids: list[int], path: Path, **inputs) -> None:
+def write_probe(model, input_ids, path: Path, **inputs) -> None:
     """Save the final model's logits on one fixed input, so anyone can check that the saved artifact,
-    loaded back with plain transformers/peft, reproduces the trained model."""
+    loaded back with plain transformers/peft, reproduces the trained model.
+
+    ``input_ids``: one row of token ids, or a batch of rows of one length (a padded batch: pass its
+    ``attention_mask`` in ``inputs``); a batch is saved with its ``inputs``, so a reload feeds the same."""
     import torch
     from safetensors.torch import save_file
 
     model.eval()
-    ids = torch.tensor([input_ids])
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    batch = ids.dim() == 2
+    ids = ids if batch else ids[None]
     dev = next(model.parameters()).device  # the model may sit on a GPU; the probe is saved from the CPU
     with torch.no_grad():
         logits = model(input_ids=ids.to(dev), **{k: v.to(dev) for k, v in inputs.items()}).logits
-    logits = logits[0, -4:] if logits.dim() == 3 else logits[0]  # causal LM: last 4 positions; a head: its row
-    save_file({"input_ids": ids[0], "logits": logits.float().cpu().contiguous()}, str(path))
+    if batch:  # causal LM: last 4 positions of each row; a head: every row
+        saved = {"input_ids": ids, **{k: v.cpu() for k, v in inputs.items()},
+                 "logits": logits[:, -4:] if logits.dim() == 3 else logits}
+    else:  # causal LM: last 4 positions; a head: its row
+        saved = {"input_ids": ids[0], "logits": logits[0, -4:] if logits.dim() == 3 else logits[0]}
+    saved["logits"] = saved["logits"].float().cpu()
+    save_file({k: v.contiguous() for k, v in saved.items()}, str(path))
     umask_modes(path)
 
 

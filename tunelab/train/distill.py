@@ -25,20 +25,27 @@ latency (median per prompt, same prompts and decoding, measured in this run) →
 from __future__ import annotations
 
 import json
-import math
-import shutil
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunelab import config as cfglib
 from tunelab.config import Strict
+from tunelab.data.lineage import absolute_paths, file_lineage
+from tunelab.data.loaders import load_chats, train_validation_chats
 from tunelab.errors import TunelabError
-from tunelab.sections import ChatDataSection, LoraSection, ModelSection, TrainSection
+from tunelab.models import refs
+from tunelab.models.generation import generate
+from tunelab.scoring import metrics as M
+from tunelab.sections import ChatDataSection, LoraSection, ModelSection, TrainSection, refuse_unread
+from tunelab.train import _run
+from tunelab.train import peft as tpeft
+from tunelab.train.device import plan
+from tunelab.train.distributed import main_first, world_size
+from tunelab.train.numerics import (IGNORE_INDEX, PadCollator, distill_loss, print_data_report, prompt_ids,
+                                    response_nll, response_only_loss, tokenize_all_chats)
 from tunelab.train.peft import IA3Section
 from tunelab.workspace import Workspace, write_json
 
@@ -85,6 +92,7 @@ class DistillConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
+        refuse_unread(self.train, "train", "distill", ("padding_free",))  # padded batches only (SFT-only option)
         problems = []
         if self.mode == "sequence":
             changed = [k for k, v in _LOGIT_DEFAULTS.items() if getattr(self, k) != v]
@@ -102,70 +110,6 @@ class DistillConfig(Strict):
 
 
 # ----------------------------------------------------------------------------- models
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A resolved teacher or student: weights folder, optional adapter on it, tokenizer folder."""
-
-    ref: str
-    path: Path
-    adapter: Path | None
-    tokenizer: Path
-    run_id: str | None = None
-
-    def describe(self) -> dict:
-        return {"ref": self.ref, "path": str(self.path), "adapter": str(self.adapter) if self.adapter else None,
-                "run_id": self.run_id}
-
-
-def _run_dir_for(ref: str, ws: Workspace) -> Path | None:
-    p = Path(ref).expanduser()
-    if p.is_dir() and (p / "config.yaml").is_file():
-        return p.resolve()
-    if "/" in ref or "\\" in ref or not ws.runs_dir.is_dir():
-        return None  # a path (or hub id): not a run id
-    if (ws.runs_dir / ref).is_dir() or any(ws.runs_dir.glob(f"{ref}*")):
-        return ws.run_dir(ref)  # raises, in one line, when the prefix is ambiguous
-    return None
-
-
-def resolve_model_ref(ref: str, ws: Workspace) -> ModelRef:
-    """A model folder, packaged name or hub id (tunelab.models.resolve), or a run id: its model/, or
-    its adapter/ on the base model recorded in its lineage."""
-    from tunelab.models import PACKAGED, resolve
-
-    p = Path(ref).expanduser()
-    plain = (p / "config.json").is_file() or ref.lower() in PACKAGED or (ws.models_dir / ref / "config.json").is_file()
-    run_dir = None if plain else _run_dir_for(ref, ws)
-    if run_dir is None:
-        path = resolve(ref, ws)
-        return ModelRef(ref, path, None, path)
-    if (run_dir / "model" / "config.json").is_file():
-        return ModelRef(ref, run_dir / "model", None, run_dir / "model", run_dir.name)
-    if (run_dir / "adapter").is_dir():
-        lineage = json.loads((run_dir / "lineage.json").read_text(encoding="utf-8"))
-        base = Path(lineage.get("base_model_path") or "")
-        if not (base / "config.json").is_file():
-            base = resolve(lineage.get("base_model") or "", ws)
-        return ModelRef(ref, base, run_dir / "adapter", run_dir / "adapter", run_dir.name)
-    raise TunelabError(f"run {run_dir.name} has no trained weights (no model/ or adapter/); finish it with "
-                       f"'tunelab train --resume {run_dir.name}'")
-
-
-def load_lm(m: ModelRef, trainable_adapter: bool = False):
-    """Load a causal LM in fp32; an adapter is merged into its base unless it is to be trained further."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(m.path, dtype=torch.float32)
-    if m.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, m.adapter, is_trainable=trainable_adapter)
-        if not trainable_adapter:
-            model = model.merge_and_unload()
-    return model
-
 
 def check_same_vocabulary(t_tok, s_tok, teacher: str, student: str) -> None:
     """Logit distillation compares distributions token by token: both models must use one vocabulary."""
@@ -187,8 +131,6 @@ def _n_params(model) -> int:
 
 def _trainer_class():
     from transformers import Trainer
-
-    from tunelab.train.numerics import IGNORE_INDEX, distill_loss, response_only_loss
 
     class DistillTrainer(Trainer):
         """transformers' Trainer with one override: the distillation loss (teacher logits, or CE on
@@ -251,10 +193,6 @@ def _trainer_class():
 
 def score(model, tokenizer, chats: list[list[dict]], cfg: CompareSection, max_length: int, desc: str):
     """Response perplexity (teacher forcing, response tokens only) and ROUGE/BLEU of greedy answers."""
-    from tunelab.eval import metrics as M
-    from tunelab.eval.run import generate, response_nll
-    from tunelab.train.numerics import prompt_ids, tokenize_all_chats
-
     prompts = [prompt_ids(tokenizer, c) for c in chats]
     refs = [c[-1]["content"] for c in chats]
     preds, gstats = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=desc)
@@ -275,8 +213,6 @@ def measure_latency(models: dict, chats: list[list[dict]], n_prompts: int, new_t
     suppressed so both models do the same work), the models interleaved prompt by prompt after one
     warm-up each, so machine load hits both alike. ``models``: name → (model, tokenizer)."""
     import torch
-
-    from tunelab.train.numerics import prompt_ids
 
     chats = chats[:n_prompts]
     times: dict[str, list[float]] = {k: [] for k in models}
@@ -311,9 +247,6 @@ def _ratio(a, b):
 
 def _teacher_responses(teacher, t_tok, chats: list[list[dict]], seq: SequenceSection, desc: str):
     """Replace each chat's last assistant turn by the teacher's greedy answer; empty answers are dropped."""
-    from tunelab.eval.run import generate
-    from tunelab.train.numerics import prompt_ids
-
     texts, _ = generate(teacher, t_tok, [prompt_ids(t_tok, c) for c in chats], seq.max_new_tokens, seq.batch_size,
                         desc=desc)
     out = [c[:-1] + [{"role": "assistant", "content": t}] for c, t in zip(chats, texts) if t.strip()]
@@ -343,306 +276,194 @@ def _sequence_data(teacher, t_tok, chats, val_chats, cfg: DistillConfig, run_dir
     return chats, val_chats, gen
 
 
-def run(cfg: DistillConfig, workspace: Workspace | None = None, resume: str | None = None,
+def run(cfg: DistillConfig | None, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Distill; return the summary (also written to ``summary.json``)."""
-    from tunelab.train.distributed import is_main, main_first, world_size, worker_summary
-    from tunelab.data.lineage import file_lineage as dataset_lineage
-    from tunelab.data.loaders import load_chats, split_validation
-    from tunelab.train._run import last_checkpoint, write_probe
+    return _run.execute("distill", cfg, _steps, DistillConfig, workspace, resume, parent_id)
 
-    ws = workspace or Workspace.resolve()
-    catalog = ws.catalog()
-    main = is_main()  # under --nproc only rank 0 writes files, evaluates and generates (train/distributed.py)
-    if resume:
-        run_dir = ws.run_dir(resume)
-        cfg = cfglib.load(DistillConfig, run_dir / "config.yaml")
-    else:
-        dataset_lineage(cfg.data)  # fail on a missing file before a run directory is made
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={
-            k: str(Path(getattr(cfg.data, k)).resolve()) for k in ("train", "validation", "test")
-            if getattr(cfg.data, k)})})
 
-    import torch
+def _steps(r: _run.Run) -> dict:
     import transformers
-    from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
 
-    from tunelab.environment import capture
-    from tunelab.train import callbacks as cb
-    from tunelab.train import peft as tpeft
-    from tunelab.train.numerics import PadCollator, ensure_chat_template, tokenize_all_chats
-    from tunelab.train.device import plan
-    from tunelab.train.sft import print_data_report as _print_data_report
-
+    cfg = r.cfg.model_copy(update={"data": absolute_paths(r.cfg.data)})
+    data_lineage = file_lineage(cfg.data)  # a missing file fails here, before a run folder is made
     transformers.logging.set_verbosity_error()
-    # 1. teacher and student, and their tokenizers: a vocabulary mismatch fails before any run is made
-    teacher_ref = resolve_model_ref(cfg.teacher.name, ws)
-    student_ref = resolve_model_ref(cfg.student.name, ws)
-    t_tok = AutoTokenizer.from_pretrained(teacher_ref.tokenizer)
-    s_tok = AutoTokenizer.from_pretrained(student_ref.tokenizer)
+    # 1. teacher and student, and their tokenizers: a bad name or a vocabulary mismatch fails before the run folder
+    teacher_ref = refs.resolve(cfg.teacher.name, r.ws, trust_remote_code=cfg.teacher.trust_remote_code)
+    student_ref = refs.resolve(cfg.student.name, r.ws, trust_remote_code=cfg.student.trust_remote_code)
+    t_tok, _ = refs.load_tokenizer(teacher_ref)
+    s_tok, template_added = refs.load_tokenizer(student_ref)
     if cfg.mode == "logits":
         check_same_vocabulary(t_tok, s_tok, cfg.teacher.name, cfg.student.name)
-    ensure_chat_template(t_tok)
-    template_added = ensure_chat_template(s_tok)
     same_tokenizer = t_tok.get_vocab() == s_tok.get_vocab()
+    # base_model_path: what a saved adapter attaches to (or the student's start folder)
+    r.begin(cfg, base_model=cfg.student.name, lineage={
+        "base_model_path": str(student_ref.path), "teacher": teacher_ref.describe(),
+        "student": student_ref.describe(), **data_lineage})
 
-    if resume:
-        run_id = run_dir.name
-    else:
-        run_id, run_dir = ws.new_run_dir("distill", cfg.name)
-        if main:
-            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
-    started = time.time()
-    base_for_output = student_ref.path  # what the saved adapter attaches to (or the student's start folder)
-    lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": cfg.student.name,
-               "base_model_path": str(base_for_output), "teacher": teacher_ref.describe(),
-               "student": student_ref.describe(), **dataset_lineage(cfg.data)}
-    if main:
-        write_json(run_dir / "lineage.json", lineage)
-        write_json(run_dir / "environment.json", capture())
-    if main and not resume:
-        catalog.add_run(id=run_id, kind="distill", dir=run_dir, name=cfg.name, parent_id=parent_id,
-                        base_model=cfg.student.name, dataset_id=lineage["dataset_id"],
-                        config=cfg.model_dump(mode="json"))
-    elif main:
-        catalog.update_run(run_id, status="running")
+    # 2. data: chats (held out: data.test, else the validation chats)
+    rejects: list[dict] = []
+    chats, val_chats = train_validation_chats(cfg.data, cfg.train.seed, rejects)
+    test_chats = (load_chats(cfg.data.test, cfg.data, rejects, cfg.eval.limit) if cfg.data.test
+                  else val_chats[: cfg.eval.limit] if cfg.eval.limit else val_chats)
+    r.write_rejects(rejects)
+    if not chats or not test_chats:
+        raise TunelabError(f"need training and held-out examples: {len(chats)} train, {len(test_chats)} "
+                           f"held out ({len(rejects)} rejected; see {r.dir / 'rejects.jsonl'})")
 
-    try:
-        # 2. data: chats (held out: data.test, else the validation chats)
-        rejects: list[dict] = []
-        chats = load_chats(cfg.data.train, cfg.data, rejects, cfg.data.limit)
-        if cfg.data.validation:
-            val_chats = load_chats(cfg.data.validation, cfg.data, rejects)
-        elif cfg.data.validation_split > 0:
-            chats, val_chats = split_validation(chats, cfg.data.validation_split, cfg.train.seed)
-        else:
-            val_chats = []
-        test_chats = (load_chats(cfg.data.test, cfg.data, rejects, cfg.eval.limit) if cfg.data.test
-                      else val_chats[: cfg.eval.limit] if cfg.eval.limit else val_chats)
-        if main:
-            with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rejects)
-        if not chats or not test_chats:
-            raise TunelabError(f"need training and held-out examples: {len(chats)} train, {len(test_chats)} "
-                               f"held out ({len(rejects)} rejected; see {run_dir / 'rejects.jsonl'})")
+    dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
+    teacher = refs.load(teacher_ref, merge=True).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
 
-        dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
-        teacher = load_lm(teacher_ref).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    # 3. sequence mode: the teacher answers the training (and validation) prompts, once per run
+    teacher_gen = {}
+    if cfg.mode == "sequence":
+        with main_first():  # under --nproc rank 0 generates once; the other ranks read its file
+            chats, val_chats, teacher_gen = _sequence_data(teacher, t_tok, chats, val_chats, cfg, r.dir,
+                                                           r.dir / "teacher_responses.jsonl")
+        print(f"teacher responses: {teacher_gen['train']} train / {teacher_gen['validation']} validation "
+              f"({teacher_gen['empty_dropped']} empty answers dropped) in {teacher_gen['seconds']} s")
 
-        # 3. sequence mode: the teacher answers the training (and validation) prompts, once per run
-        teacher_gen = {}
-        if cfg.mode == "sequence":
-            cache = run_dir / "teacher_responses.jsonl"
-            with main_first():  # under --nproc rank 0 generates once; the other ranks read its file
-                chats, val_chats, teacher_gen = _sequence_data(teacher, t_tok, chats, val_chats, cfg, run_dir, cache)
-            print(f"teacher responses: {teacher_gen['train']} train / {teacher_gen['validation']} validation "
-                  f"({teacher_gen['empty_dropped']} empty answers dropped) in {teacher_gen['seconds']} s")
+    train_feats, train_stats = tokenize_all_chats(s_tok, chats, cfg.data.max_length)
+    val_feats, val_stats = tokenize_all_chats(s_tok, val_chats, cfg.data.max_length)
+    if not train_feats:
+        raise TunelabError(f"no usable training examples in {cfg.data.train}")
+    data_report = {"train": train_stats.as_dict(), "validation": val_stats.as_dict(), "rejected": len(rejects)}
+    print_data_report(data_report, cfg.data.max_length)
 
-        train_feats, train_stats = tokenize_all_chats(s_tok, chats, cfg.data.max_length)
-        val_feats, val_stats = tokenize_all_chats(s_tok, val_chats, cfg.data.max_length)
-        if not train_feats:
-            raise TunelabError(f"no usable training examples in {cfg.data.train}")
-        data_report = {"train": train_stats.as_dict(), "validation": val_stats.as_dict(), "rejected": len(rejects)}
-        _print_data_report(data_report, cfg.data.max_length)
+    # 4. student (+ adapter); its held-out quality at the start, once per run
+    transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
+    continue_adapter = student_ref.adapter is not None and cfg.method != "full"
+    student = refs.load(student_ref, trainable=continue_adapter, merge=True)
+    start = _student_start(r, student, s_tok, test_chats, cfg)
+    if cfg.method != "full" and not continue_adapter:
+        student = tpeft.apply_peft(student, tpeft.peft_section(cfg), tokenizer_path=str(student_ref.tokenizer_path))
+    if continue_adapter:
+        print(f"student {cfg.student.name} is an adapter run: training its adapter further "
+              f"(its own rank and targets; this recipe's lora/ia3 sections are not used)")
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in student.parameters())
 
-        # 4. student (+ adapter); its held-out quality at the start, once per run
-        transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
-        continue_adapter = student_ref.adapter is not None and cfg.method != "full"
-        student = load_lm(student_ref, trainable_adapter=continue_adapter)
-        start_file = run_dir / "eval" / "student_start.json"
-        if not main:  # the held-out comparison is rank 0's (greedy decoding draws no RNG: ranks stay in step)
-            start = None
-        elif start_file.is_file():
-            start = json.loads(start_file.read_text(encoding="utf-8"))
-        else:
-            m, rows = score(student, s_tok, test_chats, cfg.eval, cfg.data.max_length, "student at start")
-            start = {"metrics": m, "rows": rows}
-            start_file.parent.mkdir(exist_ok=True)
-            write_json(start_file, start)
-        if cfg.method != "full" and not continue_adapter:
-            student = tpeft.apply_peft(student, tpeft.peft_section(cfg), tokenizer_path=str(student_ref.tokenizer))
-        if continue_adapter:
-            print(f"student {cfg.student.name} is an adapter run: training its adapter further "
-                  f"(its own rank and targets; this recipe's lora/ia3 sections are not used)")
-        trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in student.parameters())
+    # 5. trainer
+    total_steps = _run.steps_total(len(train_feats), cfg.train)
+    has_val = bool(val_feats)
+    args = _run.training_args(
+        cfg.train, dplan, r.checkpoints, has_val=has_val, total_steps=total_steps,
+        include_num_input_tokens_seen="non_padding",
+        train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
+        remove_unused_columns=False, prediction_loss_only=True)
+    kd = ({"loss": cfg.loss, "temperature": cfg.temperature, "beta": cfg.jsd_beta, "alpha": cfg.alpha}
+          if cfg.mode == "logits" else None)
+    trainer = _trainer_class()(
+        model=student, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
+        data_collator=PadCollator(s_tok.pad_token_id), processing_class=s_tok,
+        callbacks=r.callbacks(extra=("distill_loss", "ce_loss"),
+                              patience=cfg.train.early_stopping_patience if has_val else None),
+        teacher=teacher if cfg.mode == "logits" else None, kd=kd)
+    what = (f"{cfg.loss}{f' (beta {cfg.jsd_beta})' if cfg.loss == 'jsd' else ''}, T={cfg.temperature}, "
+            f"alpha={cfg.alpha}" if cfg.mode == "logits" else "cross-entropy on the teacher's responses")
+    print(f"distill ({cfg.mode}: {what}); device: {dplan.why}; student {trainable:,} trainable of {total:,} "
+          f"parameters; {total_steps} steps")
+    out = r.train(trainer)
+    if not r.main:  # the model, probe, comparison and summary are rank 0's to write
+        return r.worker_summary()
 
-        # 5. trainer
-        steps_per_epoch = math.ceil(len(train_feats) / (cfg.train.batch_size * cfg.train.grad_accum))
-        total_steps = cfg.train.max_steps or math.ceil(steps_per_epoch * cfg.train.epochs)
-        has_val = bool(val_feats)
-        ckpt_dir = run_dir / "checkpoints"
-        args = TrainingArguments(
-            output_dir=str(ckpt_dir),
-            per_device_train_batch_size=cfg.train.batch_size,
-            per_device_eval_batch_size=cfg.train.batch_size,
-            gradient_accumulation_steps=cfg.train.grad_accum,
-            learning_rate=cfg.train.learning_rate,
-            num_train_epochs=cfg.train.epochs,
-            max_steps=cfg.train.max_steps or -1,
-            lr_scheduler_type=cfg.train.scheduler,
-            warmup_steps=int(round(cfg.train.warmup_ratio * total_steps)),
-            weight_decay=cfg.train.weight_decay,
-            max_grad_norm=cfg.train.max_grad_norm,
-            seed=cfg.train.seed,
-            data_seed=cfg.train.seed,
-            bf16=dplan.precision == "bf16",
-            fp16=dplan.precision == "fp16",
-            use_cpu=dplan.device == "cpu",
-            activation_checkpointing=dplan.gradient_checkpointing,
-            eval_strategy="steps" if has_val else "no",
-            eval_steps=cfg.train.eval_every,
-            save_strategy="steps",
-            save_steps=cfg.train.eval_every,
-            save_total_limit=cfg.train.save_total_limit,
-            load_best_model_at_end=has_val,
-            metric_for_best_model="eval_loss" if has_val else None,
-            greater_is_better=False if has_val else None,
-            restore_callback_states_from_checkpoint=True,
-            logging_strategy="steps",
-            logging_steps=1,
-            include_num_input_tokens_seen="non_padding",
-            train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
-            report_to="none",
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            save_only_model=False,
-            prediction_loss_only=True,
-        )
-        kd = ({"loss": cfg.loss, "temperature": cfg.temperature, "beta": cfg.jsd_beta, "alpha": cfg.alpha}
-              if cfg.mode == "logits" else None)
-        callbacks = [cb.MetricsJsonl(run_dir / "metrics.jsonl", extra=("distill_loss", "ce_loss")),
-                     cb.Progress(f"distill {run_id}")]
-        if has_val and cfg.train.early_stopping_patience:
-            callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-        trainer = _trainer_class()(
-            model=student, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
-            data_collator=PadCollator(s_tok.pad_token_id), processing_class=s_tok, callbacks=callbacks,
-            teacher=teacher if cfg.mode == "logits" else None, kd=kd)
-        trainer.remove_callback(PrinterCallback)
+    # 6. save the best student (load_best_model_at_end restored it) with the tokenizer
+    # without accelerate's mixed-precision forward wrapper: the saved weights, probe and the timing
+    # against the (fp32) teacher all see the plain fp32 model
+    student = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).to("cpu").eval()
+    teacher = teacher.to("cpu")
+    out_dir = _run.save_output(student, s_tok, r.dir, adapter=cfg.method != "full")
+    _run.write_probe(student, (val_feats or train_feats)[0]["input_ids"], r.dir / "probe.safetensors")
 
-        resume_from = None
-        if resume:
-            resume_from = last_checkpoint(ckpt_dir)
-            if resume_from is None:
-                print("no complete checkpoint yet: starting this run from the beginning")
-                if main:
-                    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            elif main:
-                cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
-                print(f"resuming from {resume_from.name}")
-        elif main:
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        what = (f"{cfg.loss}{f' (beta {cfg.jsd_beta})' if cfg.loss == 'jsd' else ''}, T={cfg.temperature}, "
-                f"alpha={cfg.alpha}" if cfg.mode == "logits" else "cross-entropy on the teacher's responses")
-        print(f"distill ({cfg.mode}: {what}); device: {dplan.why}; student {trainable:,} trainable of {total:,} "
-              f"parameters; {total_steps} steps")
-        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        if not main:
-            return worker_summary(run_id)
+    # 7. held-out comparison: teacher, student at start, student; parameters; latency
+    comparison, s_rows, t_rows = _compare(teacher, t_tok, student, s_tok, start, test_chats, cfg, same_tokenizer)
+    quality, latency = comparison["quality_retained"], comparison["latency"]
+    _write_eval(r.dir, cfg, comparison, {"base": start["rows"], "tuned": s_rows, "teacher": t_rows})
 
-        # 6. save the best student (load_best_model_at_end restored it) with the tokenizer
-        # without accelerate's mixed-precision forward wrapper: the saved weights, probe and the timing
-        # against the (fp32) teacher all see the plain fp32 model
-        student = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).to("cpu").eval()
-        teacher = teacher.to("cpu")
-        out_dir = run_dir / ("model" if cfg.method == "full" else "adapter")
-        tmp = run_dir / f".{out_dir.name}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        student.save_pretrained(tmp)
-        s_tok.save_pretrained(tmp)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        tmp.rename(out_dir)
-        write_probe(student, (val_feats or train_feats)[0]["input_ids"], run_dir / "probe.safetensors")
+    st = trainer.state
+    train_rows = _run.train_rows(st.log_history)
+    d_rows = [x["distill_loss"] for x in train_rows if "distill_loss" in x]
+    summary = r.finish({
+        "mode": cfg.mode,
+        "method": cfg.method,
+        "teacher": cfg.teacher.name,
+        "student": cfg.student.name,
+        "base_model": cfg.student.name,
+        "output": str(out_dir),
+        "steps": st.global_step,
+        "max_steps": st.max_steps,
+        "early_stopped": bool(has_val and st.global_step < st.max_steps),
+        "best_step": _run.best_step(st),
+        "best_eval_loss": st.best_metric,
+        "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
+        "first_distill_loss": d_rows[0] if d_rows else None,
+        "final_distill_loss": d_rows[-1] if d_rows else None,
+        "quality_retained": quality,
+        "rougeL_retained": quality["rougeL"],
+        "parameter_ratio": comparison["parameter_ratio"],
+        "latency_ratio": latency["ratio"],
+        "comparison": comparison,
+        "teacher_generation": teacher_gen or None,
+        "train_runtime_s": round(out.metrics.get("train_runtime", 0.0), 2),
+        "tokens_seen": st.num_input_tokens_seen,
+        "tokens_per_s": round(st.num_input_tokens_seen / max(out.metrics.get("train_runtime", 1e-9), 1e-9), 2),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_percent": round(100 * trainable / total, 4),
+        "device": dplan.__dict__,
+        "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
+        "data": data_report,
+        "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
+    }, catalog_metrics=("final_distill_loss", "best_eval_loss", "rougeL_retained", "parameter_ratio",
+                        "latency_ratio"))
+    _print_comparison(comparison)
+    return summary
 
-        # 7. held-out comparison: teacher, student at start, student; parameters; latency
-        s_metrics, s_rows = score(student, s_tok, test_chats, cfg.eval, cfg.data.max_length, "student")
-        t_metrics, t_rows = score(teacher, t_tok, test_chats, cfg.eval, cfg.data.max_length, "teacher")
-        deployed = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
-        t_params, s_params = _n_params(teacher), _n_params(deployed)
-        latency = measure_latency({"teacher": (teacher, t_tok), "student": (deployed, s_tok)}, test_chats,
-                                  cfg.eval.latency_prompts, cfg.eval.max_new_tokens)
-        latency["ratio"] = _ratio(latency["student_median_ms"], latency["teacher_median_ms"])
-        quality = {
-            "rougeL": _ratio(s_metrics["rougeL"], t_metrics["rougeL"]),
-            # perplexities per token compare only under one tokenizer; per character they always do
-            "perplexity": _ratio(t_metrics["perplexity"], s_metrics["perplexity"]) if same_tokenizer else None,
-            "nll_per_char": _ratio(t_metrics["response_nll_per_char"], s_metrics["response_nll_per_char"]),
-        }
-        comparison = {
-            "held_out": len(test_chats),
-            "data": cfg.data.test or "validation chats",
-            "models": {"teacher": t_metrics, "student_start": start["metrics"], "student": s_metrics},
-            "quality_retained": quality,
-            "student_vs_start": {"rougeL": round(s_metrics["rougeL"] - start["metrics"]["rougeL"], 4),
-                                 "perplexity": _ratio(s_metrics["perplexity"], start["metrics"]["perplexity"])},
-            "parameters": {"teacher": t_params, "student": s_params},
-            "parameter_ratio": _ratio(s_params, t_params),
-            "latency": latency,
-            "same_tokenizer": same_tokenizer,
-        }
-        _write_eval(run_dir, cfg, comparison, {"base": start["rows"], "tuned": s_rows, "teacher": t_rows})
 
-        st = trainer.state
-        best_step = int(st.best_model_checkpoint.rsplit("-", 1)[-1]) if st.best_model_checkpoint else st.global_step
-        train_rows = [r for r in st.log_history if "loss" in r and "eval_loss" not in r]
-        d_rows = [r["distill_loss"] for r in train_rows if "distill_loss" in r]
-        summary = {
-            "run_id": run_id,
-            "status": "completed",
-            "mode": cfg.mode,
-            "method": cfg.method,
-            "teacher": cfg.teacher.name,
-            "student": cfg.student.name,
-            "base_model": cfg.student.name,
-            "output": str(out_dir),
-            "steps": st.global_step,
-            "max_steps": st.max_steps,
-            "early_stopped": bool(has_val and st.global_step < st.max_steps),
-            "best_step": best_step,
-            "best_eval_loss": st.best_metric,
-            "final_train_loss": train_rows[-1]["loss"] if train_rows else None,
-            "first_distill_loss": d_rows[0] if d_rows else None,
-            "final_distill_loss": d_rows[-1] if d_rows else None,
-            "quality_retained": quality,
-            "parameter_ratio": comparison["parameter_ratio"],
-            "latency_ratio": latency["ratio"],
-            "comparison": comparison,
-            "teacher_generation": teacher_gen or None,
-            "train_runtime_s": round(out.metrics.get("train_runtime", 0.0), 2),
-            "tokens_seen": st.num_input_tokens_seen,
-            "tokens_per_s": round(st.num_input_tokens_seen / max(out.metrics.get("train_runtime", 1e-9), 1e-9), 2),
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_percent": round(100 * trainable / total, 4),
-            "device": dplan.__dict__,
-            "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
-            "data": data_report,
-            "wall_time_s": round(time.time() - started, 2),
-            "world_size": world_size(),
-            "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
-        }
-        write_json(run_dir / "summary.json", summary)
-        catalog.update_run(run_id, status="completed", metrics={
-            "final_distill_loss": summary["final_distill_loss"], "best_eval_loss": summary["best_eval_loss"],
-            "rougeL_retained": quality["rougeL"], "parameter_ratio": summary["parameter_ratio"],
-            "latency_ratio": summary["latency_ratio"]})
-        _print_comparison(comparison)
-        try:
-            from tunelab.eval.run import report_run
+def _student_start(r: _run.Run, student, s_tok, test_chats, cfg: DistillConfig) -> dict | None:
+    """The student's held-out quality before training, scored once per run (kept for --resume)."""
+    start_file = r.dir / "eval" / "student_start.json"
+    if not r.main:  # the held-out comparison is rank 0's (greedy decoding draws no RNG: ranks stay in step)
+        return None
+    if start_file.is_file():
+        return json.loads(start_file.read_text(encoding="utf-8"))
+    m, rows = score(student, s_tok, test_chats, cfg.eval, cfg.data.max_length, "student at start")
+    start_file.parent.mkdir(exist_ok=True)
+    write_json(start_file, {"metrics": m, "rows": rows})
+    return {"metrics": m, "rows": rows}
 
-            report_run(run_id, ws)
-        except Exception as e:  # the report is a view; the run's files are complete without it
-            print(f"warning: report.html not written ({type(e).__name__}: {e})")
-        return summary
-    except BaseException as e:
-        if main:
-            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-        raise
+
+def _compare(teacher, t_tok, student, s_tok, start: dict, test_chats, cfg: DistillConfig,
+             same_tokenizer: bool) -> tuple[dict, list[dict], list[dict]]:
+    """Teacher, student at start and trained student on the held-out chats: quality, parameters, latency;
+    with the student's and the teacher's per-example rows (for eval/)."""
+    s_metrics, s_rows = score(student, s_tok, test_chats, cfg.eval, cfg.data.max_length, "student")
+    t_metrics, t_rows = score(teacher, t_tok, test_chats, cfg.eval, cfg.data.max_length, "teacher")
+    deployed = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
+    t_params, s_params = _n_params(teacher), _n_params(deployed)
+    latency = measure_latency({"teacher": (teacher, t_tok), "student": (deployed, s_tok)}, test_chats,
+                              cfg.eval.latency_prompts, cfg.eval.max_new_tokens)
+    latency["ratio"] = _ratio(latency["student_median_ms"], latency["teacher_median_ms"])
+    quality = {
+        "rougeL": _ratio(s_metrics["rougeL"], t_metrics["rougeL"]),
+        # perplexities per token compare only under one tokenizer; per character they always do
+        "perplexity": _ratio(t_metrics["perplexity"], s_metrics["perplexity"]) if same_tokenizer else None,
+        "nll_per_char": _ratio(t_metrics["response_nll_per_char"], s_metrics["response_nll_per_char"]),
+    }
+    return {
+        "held_out": len(test_chats),
+        "data": cfg.data.test or "validation chats",
+        "models": {"teacher": t_metrics, "student_start": start["metrics"], "student": s_metrics},
+        "quality_retained": quality,
+        "student_vs_start": {"rougeL": round(s_metrics["rougeL"] - start["metrics"]["rougeL"], 4),
+                             "perplexity": _ratio(s_metrics["perplexity"], start["metrics"]["perplexity"])},
+        "parameters": {"teacher": t_params, "student": s_params},
+        "parameter_ratio": _ratio(s_params, t_params),
+        "latency": latency,
+        "same_tokenizer": same_tokenizer,
+    }, s_rows, t_rows
 
 
 def _write_eval(run_dir: Path, cfg: DistillConfig, comparison: dict, rows: dict[str, list[dict]]) -> None:

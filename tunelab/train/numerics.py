@@ -7,10 +7,13 @@ learns to stop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.errors import TunelabError
 from tunelab.models.chat import ensure_chat_template, fallback_chat_template, render  # noqa: F401 (re-exported)
+from tunelab.train.peft import virtual_tokens
 
 IGNORE_INDEX = -100
 
@@ -116,6 +119,16 @@ def tokenize_all_chats(tokenizer, chats: list[list[dict]], max_length: int | Non
     return feats, stats
 
 
+def print_data_report(rep: dict, max_length: int) -> None:
+    """One line on what tokenization kept, cut and dropped (``rep``: train/validation TokenStats dicts, rejected)."""
+    tr, va = rep["train"], rep["validation"]
+    print(f"data: {tr['kept']} train / {va['kept']} validation examples, {tr['tokens']:,} train tokens "
+          f"({tr['label_tokens']:,} in responses), p95 length {tr['length_p95']}; "
+          f"truncated at {max_length} tokens: {tr['truncated'] + va['truncated']}; "
+          f"dropped (no response tokens left): {tr['dropped_no_labels'] + va['dropped_no_labels']}; "
+          f"rejected records: {rep['rejected']}")
+
+
 class PadCollator:
     """Right-pad a list of {input_ids, labels} into tensors; padded labels are IGNORE_INDEX."""
 
@@ -200,8 +213,6 @@ def causal_logits(model, input_ids, attention_mask=None, position_ids=None):
     the input by exactly ``num_virtual_tokens``; those leading positions are dropped here so labels
     stay aligned. Any other length mismatch is an error, never a silent shift of the labels.
     """
-    from tunelab.train.peft import virtual_tokens
-
     # padding-free batches: transformers builds the block-causal mask from position_ids only when no
     # KV cache exists, and a config with use_cache=True would create one: without it examples would mix
     pos = {} if position_ids is None else {"position_ids": position_ids, "use_cache": False}
@@ -314,6 +325,46 @@ def frozen_head_nll(hidden, weight, targets, chunk: int = 512):
     return _FROZEN_HEAD_NLL.apply(hidden, weight, targets, chunk)
 
 
+# ----------------------------------------------------------------------------- held-out scoring (teacher forcing)
+
+def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[list[float], list[int]]:
+    """Per-example summed NLL of reference responses (teacher forcing) and scored tokens: the units a
+    perplexity bootstrap resamples."""
+    import torch
+    import torch.nn.functional as F
+
+    collate = PadCollator(pad_id)
+    nll: list[float] = []
+    count: list[int] = []
+    with torch.no_grad():
+        for b in range(0, len(feats), batch_size):
+            batch = collate(feats[b: b + batch_size])
+            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()
+            labels = batch["labels"][:, 1:].to(logits.device)
+            tok = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX,
+                                  reduction="none").view(labels.shape)
+            nll.extend(tok.sum(1).double().cpu().tolist())
+            count.extend((labels != IGNORE_INDEX).sum(1).cpu().tolist())
+    return nll, count
+
+
+def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[float, int]:
+    """Summed NLL of reference responses (teacher forcing) and the number of scored tokens."""
+    import torch
+
+    collate = PadCollator(pad_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(feats), batch_size):
+            batch = collate(feats[b: b + batch_size])
+            # causal_logits: prompt_tuning/p_tuning adapters prepend virtual tokens; labels stay aligned
+            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
+            nll, n = masked_nll(logits, batch["labels"])
+            total += float(nll)
+            count += n
+    return total, count
+
+
 # ----------------------------------------------------------------------------- packing (pretraining, CPT)
 
 @dataclass
@@ -374,10 +425,14 @@ def blocks_nll(model, blocks: list[list[int]], batch_size: int = 8) -> tuple[flo
 
 def blocks_perplexity(model, blocks: list[list[int]], batch_size: int = 8) -> dict:
     """Token-weighted perplexity, exp(sum NLL / tokens), over fixed blocks: comparable before and after training."""
-    from tunelab.eval.metrics import perplexity
-
     total, n = blocks_nll(model, blocks, batch_size)
-    return {"perplexity": perplexity(total, n), "mean_nll": total / n, "tokens": n, "blocks": len(blocks)}
+    if n <= 0:
+        raise TunelabError("perplexity needs at least one scored token")
+    try:
+        ppl = math.exp(total / n)
+    except OverflowError:  # a mean NLL above ~709 nats: the perplexity is past float range
+        ppl = math.inf
+    return {"perplexity": ppl, "mean_nll": total / n, "tokens": n, "blocks": len(blocks)}
 
 
 # ----------------------------------------------------------------------------- distillation

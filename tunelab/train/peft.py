@@ -159,43 +159,49 @@ def load_kwargs(section: PeftSection) -> dict:
         "dtype": dtype, "device_map": {"": 0 if torch.cuda.is_available() else "cpu"}}
 
 
-def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
-    """The peft library's config object for ``section``."""
+def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None, **extra):
+    """The peft library's config object for ``section``; ``extra`` sets or overrides fields of it (a recipe's
+    own ``target_modules`` list, ``modules_to_save`` for a head trained in full)."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     m = section.method
+    p = section.prompt
     if m in LORA_FAMILY:
         lo = section.lora
-        return LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=lo.target_modules,
-                          use_dora=m == "dora", use_rslora=m == "rslora", task_type=task_type)
-    if m == "ia3":
-        return IA3Config(target_modules=section.ia3.target_modules,
-                         feedforward_modules=section.ia3.feedforward_modules, task_type=task_type)
-    p = section.prompt
-    if m == "prompt_tuning":
+        cls, kw = LoraConfig, dict(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                   target_modules=lo.target_modules, use_dora=m == "dora", use_rslora=m == "rslora")
+    elif m == "ia3":
+        cls, kw = IA3Config, dict(target_modules=section.ia3.target_modules,
+                                  feedforward_modules=section.ia3.feedforward_modules)
+    elif m == "prompt_tuning":
+        cls, kw = PromptTuningConfig, dict(num_virtual_tokens=p.num_virtual_tokens)
         if p.init_text:
             if not tokenizer_path:
                 raise TunelabError("prompt.init_text needs the model's tokenizer: pass tokenizer_path to apply_peft")
-            return PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, prompt_tuning_init="TEXT",
-                                      prompt_tuning_init_text=p.init_text, tokenizer_name_or_path=tokenizer_path,
-                                      task_type=task_type)
-        return PromptTuningConfig(num_virtual_tokens=p.num_virtual_tokens, task_type=task_type)
-    if m == "prefix_tuning":
-        kw = {"encoder_hidden_size": p.encoder_hidden_size} if p.encoder_hidden_size else {}
-        return PrefixTuningConfig(num_virtual_tokens=p.num_virtual_tokens, prefix_projection=p.prefix_projection,
-                                  task_type=task_type, **kw)
-    if m == "p_tuning":
-        kw = {"encoder_hidden_size": p.encoder_hidden_size} if p.encoder_hidden_size else {}
-        return PromptEncoderConfig(num_virtual_tokens=p.num_virtual_tokens, encoder_reparameterization_type="MLP",
-                                   task_type=task_type, **kw)
-    raise TunelabError(f"unknown PEFT method '{m}'; known: {', '.join(PEFT_METHODS)}")
+            kw.update(prompt_tuning_init="TEXT", prompt_tuning_init_text=p.init_text,
+                      tokenizer_name_or_path=tokenizer_path)
+    elif m in ("prefix_tuning", "p_tuning"):
+        kw = dict(num_virtual_tokens=p.num_virtual_tokens)
+        if p.encoder_hidden_size:
+            kw["encoder_hidden_size"] = p.encoder_hidden_size
+        if m == "prefix_tuning":
+            cls = PrefixTuningConfig
+            kw["prefix_projection"] = p.prefix_projection
+        else:
+            cls = PromptEncoderConfig
+            kw["encoder_reparameterization_type"] = "MLP"
+    else:
+        raise TunelabError(f"unknown PEFT method '{m}'; known: {', '.join(PEFT_METHODS)}")
+    return cls(**{**kw, "task_type": task_type, **extra})
 
 
-def apply_peft(model, section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None):
+def apply_peft(model, section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None,
+               **extra):
     """Wrap ``model`` (loaded with :func:`load_kwargs`) in the adapter ``section`` describes; returns a PeftModel.
 
     ``task_type`` is peft's: CAUSAL_LM, SEQ_CLS, TOKEN_CLS, SEQ_2_SEQ_LM, FEATURE_EXTRACTION.
     ``tokenizer_path`` (default: the model's own folder) is read only by ``prompt.init_text``.
+    ``extra``: fields of the peft config to set or override (:func:`peft_config`).
     """
     from peft import get_peft_model
 
@@ -206,7 +212,7 @@ def apply_peft(model, section: PeftSection, task_type: str = "CAUSAL_LM", tokeni
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _cpu_4bit_inference_guard(model)
     path = tokenizer_path or getattr(model, "name_or_path", None) or None
-    return get_peft_model(model, peft_config(section, task_type, path))
+    return get_peft_model(model, peft_config(section, task_type, path, **extra))
 
 
 def _cpu_4bit_inference_guard(model) -> None:

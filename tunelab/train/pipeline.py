@@ -23,8 +23,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from tunelab import config as cfglib
+from tunelab import recipes
 from tunelab.config import Strict
 from tunelab.errors import ConfigError, TunelabError
+from tunelab.models import refs
+from tunelab.train import _run
+from tunelab.train.export import merge_adapter
 from tunelab.workspace import Workspace, write_json
 
 # the field each recipe starts from; a stage's ``input:`` overrides it
@@ -70,8 +75,6 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 def stage_configs(cfg: PipelineConfig) -> list[tuple[str, dict]]:
     """Each stage's raw recipe dict (file or inline, overrides applied) and its label; checks the
     recipes exist and that every stage after the first has a field to receive the previous model."""
-    from tunelab import config as cfglib
-
     out, problems = [], []
     base = Path(cfg.base_dir) if cfg.base_dir else Path.cwd()
     for i, st in enumerate(cfg.stages):
@@ -98,35 +101,24 @@ def stage_configs(cfg: PipelineConfig) -> list[tuple[str, dict]]:
     return out
 
 
-def hand_on(summary: dict, run_dir: Path) -> str:
+def hand_on(summary: dict, ws: Workspace) -> str:
     """The model folder a finished stage passes to the next: its full model, or base + adapter merged."""
     out = Path(summary.get("output") or "")
     if not out.is_dir():
         raise TunelabError(f"stage run {summary.get('run_id')} reports no output folder")
     if not (out / "adapter_config.json").is_file():
         return str(out)
-    merged = run_dir / "merged"
-    if (merged / "config.json").is_file():
-        return str(merged)
-    from transformers import AutoTokenizer
-
-    from tunelab.train.export import merge_adapter
-
-    acfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
-    model = merge_adapter(acfg["base_model_name_or_path"], out)
-    tmp = run_dir / ".merged.partial"
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(out).save_pretrained(tmp)
-    tmp.rename(merged)
-    return str(merged)
+    run_dir = ws.run_dir(summary["run_id"])
+    if (run_dir / "merged" / "config.json").is_file():
+        return str(run_dir / "merged")
+    m = refs.resolve(summary["run_id"], ws)  # the run's base (from its lineage) + its adapter
+    tokenizer, _ = refs.load_tokenizer(m, chat_template=False)  # the adapter's own, with its chat template
+    return str(_run.save_output(merge_adapter(m.path, m.adapter), tokenizer, run_dir, adapter=False, folder="merged"))
 
 
 def run(cfg: PipelineConfig, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Run the stages in order; return a summary with one row per stage."""
-    from tunelab import config as cfglib
-    from tunelab import recipes
-
     if resume:
         raise TunelabError("a pipeline is resumed stage by stage: 'tunelab train --resume STAGE_RUN_ID' for the "
                            "interrupted stage, then run the remaining stages with input set to its output")
@@ -144,8 +136,7 @@ def run(cfg: PipelineConfig, workspace: Workspace | None = None, resume: str | N
         print(f"== stage {i + 1}/{len(stages)}: {label} ({raw['recipe']})"
               + (f", from {previous_model}" if previous_model and field and field.lower() != "none" else ""))
         summary = fn(stage_cfg, ws, parent_id=previous_run)
-        run_dir = ws.run_dir(summary["run_id"])
-        previous_model, previous_run = hand_on(summary, run_dir), summary["run_id"]
+        previous_model, previous_run = hand_on(summary, ws), summary["run_id"]
         rows.append({"stage": label, "recipe": raw["recipe"], "run_id": summary["run_id"],
                      "parent_id": rows[-1]["run_id"] if rows else parent_id, "output": summary.get("output"),
                      "hands_on": previous_model,

@@ -1,23 +1,39 @@
-"""What the reward, DPO and RLHF recipes share: preference pairs and prompts, the starting policy,
-reward scoring, policy evaluation against a reward, and the run bookkeeping.
+"""What the reward, DPO and RLHF recipes share that is about preferences: preference pairs and prompts,
+the starting policy, reward scoring, and policy evaluation against a reward.
 
 Everything here is plain text in, text out: a prompt string and a response string. Chat
 records are rendered with the model's chat template first, so one scoring function serves
-reward training, its evaluation, the RL reward and the before/after report alike.
+reward training, its evaluation, the RL reward and the before/after report alike. Models are
+resolved and loaded through tunelab/models/refs.py; the run itself (folder, catalog, trainer
+arguments, saving) is tunelab/train/_run.py's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
-import json
-import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
+from tunelab.data.formats import BadRecord
+from tunelab.data.lineage import absolute_paths, file_lineage
+from tunelab.data.loaders import split_validation
+from tunelab.data.readers import read
+from tunelab.data.records import kind, to_canonical
 from tunelab.errors import TunelabError
-from tunelab.workspace import Workspace, write_json
+from tunelab.models import refs
+from tunelab.train._run import Run, write_rows
+from tunelab.train.numerics import encode_prompt_response, fit_prompt, n_special_tokens, prompt_budget, render
+from tunelab.train.peft import peft_config, peft_section
+from tunelab.workspace import Workspace
+
+# train: options the TRL-engined recipes do not read, refused in their configs (sections.refuse_unread):
+# padding-free batches are SFT's; group_by_length has no input_ids column to sort TRL's reward/DPO pairs by
+# (prompt_ids/chosen_ids/rejected_ids), and GRPO/RLOO draw prompts with their own repeat sampler
+UNREAD_TRAIN = ("padding_free", "group_by_length")
 
 # ----------------------------------------------------------------------------- data
 
@@ -26,8 +42,6 @@ def _text(x, tokenizer, generation_prompt: bool) -> str:
     """A canonical field (string, or list of chat messages) as text."""
     if isinstance(x, str):
         return x
-    from tunelab.train.numerics import render
-
     if generation_prompt:
         return render(tokenizer, x, add_generation_prompt=True)
     return "".join(m["content"] for m in x if m.get("role") == "assistant") or "".join(m["content"] for m in x)
@@ -39,10 +53,6 @@ def load_pairs(path: str, tokenizer, rejects: list[dict], limit: int | None = No
     Accepts prompt/chosen/rejected (strings or chat messages) and hh-rlhf whole transcripts,
     which ``data.records`` splits at the last "\\n\\nAssistant:".
     """
-    from tunelab.data.formats import BadRecord
-    from tunelab.data.readers import read
-    from tunelab.data.records import kind, to_canonical
-
     pairs = []
     for _, line, rec in read(path):
         if limit is not None and len(pairs) >= limit:
@@ -66,10 +76,6 @@ def load_pairs(path: str, tokenizer, rejects: list[dict], limit: int | None = No
 def load_prompts(path: str, tokenizer, rejects: list[dict], limit: int | None = None) -> list[str]:
     """Prompts for RL: from preference pairs, chat/instruction records (the context before the last
     assistant turn), or records with just a ``prompt`` field."""
-    from tunelab.data.formats import BadRecord
-    from tunelab.data.readers import read
-    from tunelab.data.records import kind, to_canonical
-
     prompts = []
     for _, line, rec in read(path):
         if limit is not None and len(prompts) >= limit:
@@ -102,8 +108,6 @@ def load_prompts(path: str, tokenizer, rejects: list[dict], limit: int | None = 
 def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, str]:
     """(train, validation, held-out, name of the held-out set). Validation comes from ``data.validation``
     or a content-hash split; the held-out report set is ``data.test`` when given, else the validation set."""
-    from tunelab.data.loaders import split_validation
-
     if data.validation:
         train, val = items, load(data.validation)
     elif data.validation_split > 0:
@@ -122,8 +126,6 @@ def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, st
 def fit_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
     """Cut each prompt from the left so prompt + the longer response fits ``max_length`` tokens
     (trainers that cut from the right would otherwise drop the responses of long prompts)."""
-    from tunelab.train.numerics import fit_prompt, n_special_tokens, prompt_budget
-
     special = n_special_tokens(tokenizer) + 1  # + the EOS the trainer appends
     out, cut = [], 0
     for p in pairs:
@@ -134,92 +136,92 @@ def fit_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict]
     return out, cut
 
 
-# ----------------------------------------------------------------------------- models
+# ----------------------------------------------------------------------------- the start of a run
 
 
-@dataclass
-class Start:
-    """A starting point: a model folder, optionally with an adapter, and the run it came from."""
+def prepare(r: Run):
+    """The steps before a reward, DPO or RLHF run has a folder: its config with absolute data paths (so
+    evaluation and --resume work from any folder), the data lineage (a missing file fails here) and the
+    model it starts from (``model.name``: a folder, a packaged name, or a run: its model, or its adapter,
+    which keeps training). Starts the recipe cannot use are refused. Returns (cfg, start, lineage)."""
+    import datasets
+    import transformers
 
-    ref: str
-    base_path: Path
-    adapter: Path | None = None
-    run_id: str | None = None
-
-
-def find_run(ref: str, ws: Workspace) -> Path | None:
-    """A run folder, a run id, or a unique prefix of one (``reward-hh`` for ``reward-hh-20261126-...``);
-    None when ``ref`` names no run."""
-    p = Path(ref)
-    if p.is_dir() and (p / "config.yaml").exists():
-        return p.resolve()
-    if not ref or "/" in ref or "\\" in ref or p.exists() or not ws.runs_dir.is_dir():
-        return None
-    if (ws.runs_dir / ref).is_dir():
-        return ws.runs_dir / ref
-    matches = sorted(d for d in ws.runs_dir.glob(f"{ref}-*") if (d / "config.yaml").exists())
-    if len(matches) > 1:
-        raise TunelabError(f"'{ref}' matches {len(matches)} runs ({matches[0].name}, ...); give more of the id")
-    return matches[0] if matches else None
+    cfg = r.cfg.model_copy(update={"data": absolute_paths(r.cfg.data)})
+    lineage = file_lineage(cfg.data)
+    transformers.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    start = refs.resolve(cfg.model.name, r.ws, trust_remote_code=cfg.model.trust_remote_code)
+    if start.adapter is not None and cfg.recipe == "reward":
+        raise TunelabError(f"model.name: run {start.run_id} holds a LoRA adapter; a reward model starts from a full "
+                           "model folder (a packaged name, a folder, or a full fine-tuning run)")
+    if start.adapter is not None and cfg.method == "full":
+        raise TunelabError(f"model.name: run {start.run_id} holds an adapter; use an adapter method (the run's "
+                           "adapter keeps training) or start from a merged model folder (tunelab export --merge)")
+    return cfg, start, lineage
 
 
-def resolve_start(ref: str, ws: Workspace) -> Start:
-    """A run (id, unique id prefix or folder) → its adapter/ or model/; anything else → ``models.resolve``."""
-    from tunelab.models import resolve
-
-    run_dir = find_run(ref, ws)
-    if run_dir is None:
-        return Start(ref, resolve(ref, ws))
-    adapter, full = run_dir / "adapter", run_dir / "model"
-    if full.is_dir():
-        return Start(ref, full, None, run_dir.name)
-    if adapter.is_dir():
-        lineage = json.loads((run_dir / "lineage.json").read_text(encoding="utf-8"))
-        base = lineage.get("base_model_path") or str(resolve(lineage["base_model"], ws))
-        return Start(ref, Path(base), adapter, run_dir.name)
-    raise TunelabError(f"run {run_dir.name} has no trained weights (no adapter/ or model/); finish it with "
-                       f"'tunelab train --resume {run_dir.name}'")
+def begin(r: Run, cfg, start: refs.ModelRef, lineage: dict) -> None:
+    """Make the run's folder and catalog row; a start from a run makes that run the parent."""
+    r.begin(cfg, base_model=cfg.model.name, parent_id=r.parent_id or start.run_id,
+            lineage={"base_model_path": str(start.path), "start_adapter": str(start.adapter) if start.adapter else None,
+                     **lineage})
 
 
-def eval_device() -> str:
-    import torch
-
-    from tunelab.train.distributed import local_device
-
-    return local_device("cuda") if torch.cuda.is_available() else "cpu"
-
-
-def load_causal(start: Start, trainable_adapter: bool = False, device: str | None = None):
-    """The starting policy as a causal LM (float32), with its adapter when it has one."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(start.base_path, dtype=torch.float32)
-    if start.adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, start.adapter, is_trainable=trainable_adapter)
-    return model.to(device) if device else model
-
-
-def load_tokenizer(start: Start):
-    from transformers import AutoTokenizer
-
-    from tunelab.train.numerics import ensure_chat_template
-
-    tok = AutoTokenizer.from_pretrained(start.adapter or start.base_path)
-    added = ensure_chat_template(tok)
-    return tok, added
+def pair_sets(r: Run, cfg, tokenizer, fit, cut_key: str) -> tuple[list, list, list, dict]:
+    """The preference pairs of a reward or DPO run: (train, validation, held-out, data report). Train and
+    validation go through ``fit(tokenizer, pairs, max_length) -> (items, n_cut)``; rejects are written."""
+    rejects: list[dict] = []
+    pairs = load_pairs(cfg.data.train, tokenizer, rejects, cfg.data.limit)
+    train, val, held, held_name = split_sets(pairs, cfg.data, cfg.train.seed,
+                                             lambda path: load_pairs(path, tokenizer, rejects))
+    r.write_rejects(rejects)
+    L = cfg.data.max_length
+    train, tr_cut = fit(tokenizer, train, L)
+    val, va_cut = fit(tokenizer, val, L)
+    if not train:
+        raise TunelabError(f"no usable preference pairs in {cfg.data.train} ({len(rejects)} rejected; "
+                           f"see {r.dir / 'rejects.jsonl'})")
+    print(f"data: {len(train)} train / {len(val)} validation pairs; held-out report on {len(held)} {held_name} "
+          f"pairs; prompts cut from the left to fit {L} tokens: {tr_cut + va_cut}; rejected records: {len(rejects)}")
+    return train, val, held, {"train_pairs": len(train), "validation_pairs": len(val), "heldout_pairs": len(held),
+                              "heldout_set": held_name, "rejected": len(rejects), cut_key: tr_cut + va_cut}
 
 
-def adapter_config(method: str, lora, task_type: str):
-    """The peft config of a LoRA-family method (lora | dora | rslora), via tunelab/train/peft.py."""
-    from tunelab.train.peft import PeftSection, peft_config
+def policy_for_training(start: refs.ModelRef, cfg):
+    """(model, peft_config) for a TRL trainer. A fresh adapter on a model folder: the reference is the
+    folder's model (adapter disabled). Starting from a run with an adapter: that adapter keeps training
+    (whatever its method) and TRL keeps a frozen copy as the reference. Full: the reference is the folder's
+    model too (a second copy)."""
+    model = refs.load(start, trainable=True)
+    if start.adapter is not None or cfg.method == "full":
+        return model, None
+    return model, peft_config(peft_section(cfg), "CAUSAL_LM")
 
-    return peft_config(PeftSection(method=method, lora=lora), task_type)
+
+def load_trained(start: refs.ModelRef, out_dir: Path, adapter: bool):
+    """The saved policy, reloaded in float32 from disk: evaluation sees exactly the artifact (and not
+    the trainer's model, whose forward accelerate wraps in mixed-precision autocast)."""
+    saved = dataclasses.replace(start, adapter=out_dir) if adapter else dataclasses.replace(start, path=out_dir,
+                                                                                            adapter=None)
+    return refs.load(saved, device=refs.eval_device())
 
 
 # ----------------------------------------------------------------------------- reward scoring
+
+
+def _padded(seqs: list[list[int]], pad: int, device, left: bool = False):
+    """(input_ids, attention_mask) of a batch on ``device``, right-padded (left-padded for generation)."""
+    import torch
+
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        cols = slice(n - len(s), n) if left else slice(0, len(s))
+        ids[i, cols] = torch.tensor(s)
+        mask[i, cols] = 1
+    return ids.to(device), mask.to(device)
 
 
 def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
@@ -230,23 +232,14 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -
     model.eval()
     with torch.no_grad():
         for b in range(0, len(seqs), batch_size):
-            chunk = seqs[b: b + batch_size]
-            n = max(len(s) for s in chunk)
-            ids = torch.full((len(chunk), n), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), n), dtype=torch.long)
-            for i, s in enumerate(chunk):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            dev = next(model.parameters()).device
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+            ids, mask = _padded(seqs[b: b + batch_size], pad_id, next(model.parameters()).device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
             out.extend(logits[:, 0].float().cpu().tolist())
     return out
 
 
 def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16) -> dict:
     """Bradley–Terry view of a reward model on pairs: accuracy (chosen scored above rejected) and mean margin."""
-    from tunelab.train.numerics import encode_prompt_response
-
     if not pairs:
         return {"pairs": 0, "accuracy": None, "mean_margin": None}
     chosen = [encode_prompt_response(tokenizer, p["prompt"], p["chosen"], max_length)[0] for p in pairs]
@@ -274,8 +267,6 @@ class RewardScorer:
         self.__name__ = name
 
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:
-        from tunelab.train.numerics import encode_prompt_response
-
         seqs = [encode_prompt_response(self.tokenizer, _as_str(p), _as_str(c), self.max_length)[0]
                 for p, c in zip(prompts, completions)]
         return score_ids(self.model, seqs, self.tokenizer.pad_token_id, self.batch_size)
@@ -288,51 +279,30 @@ def _as_str(x) -> str:
 
 
 def load_reward_model(ref: str, ws: Workspace):
-    """A reward run (id or folder) or a sequence-classification model folder → (RewardScorer, info)."""
-    import torch
+    """A reward run (folder, id or unique id prefix) or a sequence-classification model folder →
+    (RewardScorer, info). A run's adapter is merged into its base: scoring runs a plain model."""
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from tunelab.train.numerics import ensure_chat_template
 
     transformers.logging.set_verbosity_error()
-    p = Path(ref)
-    run_dir = find_run(ref, ws)
+    run_dir = ws.find_run(ref)
     info: dict = {"reward_model": ref}
     if run_dir is not None:
-        import yaml
-
-        rcfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8"))
+        rcfg = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         if rcfg.get("recipe") != "reward":
             raise TunelabError(f"reward_model: run {run_dir.name} is a '{rcfg.get('recipe')}' run, not a reward "
                                "model; train one with 'recipe: reward'")
-        max_length = int(rcfg.get("data", {}).get("max_length", 512))
-        adapter, full = run_dir / "adapter", run_dir / "model"
-        if full.is_dir():
-            model = AutoModelForSequenceClassification.from_pretrained(full, num_labels=1, dtype=torch.float32)
-            tok_dir = full
-        elif adapter.is_dir():
-            from peft import PeftModel
-
-            lineage = json.loads((run_dir / "lineage.json").read_text(encoding="utf-8"))
-            base = AutoModelForSequenceClassification.from_pretrained(lineage["base_model_path"], num_labels=1,
-                                                                      dtype=torch.float32)
-            model = PeftModel.from_pretrained(base, adapter).merge_and_unload()
-            tok_dir = adapter
-        else:
-            raise TunelabError(f"reward run {run_dir.name} has no trained weights yet")
-        info.update({"reward_run_id": run_dir.name, "reward_model_path": str(tok_dir)})
+        max_length = int((rcfg.get("data") or {}).get("max_length", 512))
+        m = refs.resolve(str(run_dir), ws)
+        info.update({"reward_run_id": run_dir.name, "reward_model_path": str(m.tokenizer_path)})
+    elif Path(ref).is_dir():
+        m, max_length = refs.resolve(ref, ws, runs=False), 512
+        info["reward_model_path"] = str(m.path)
     else:
-        folder = p if p.is_dir() else None
-        if folder is None:
-            raise TunelabError(f"reward_model: '{ref}' is neither a run id in {ws.root} nor a model folder")
-        model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=1, dtype=torch.float32)
-        tok_dir, max_length = folder, 512
-        info["reward_model_path"] = str(folder.resolve())
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    ensure_chat_template(tok)
+        raise TunelabError(f"reward_model: '{ref}' is neither a run id in {ws.root} nor a model folder")
+    model = refs.load(m, task="seq_cls", merge=True, num_labels=1)
+    tok, _ = refs.load_tokenizer(m)
     model.config.pad_token_id = tok.pad_token_id
-    model.to(eval_device()).eval()
+    model.to(refs.eval_device()).eval()
     for prm in model.parameters():
         prm.requires_grad_(False)
     return RewardScorer(model, tok, max_length), info
@@ -364,18 +334,6 @@ def load_reward_function(spec: str):
 # ----------------------------------------------------------------------------- policy evaluation
 
 
-def _left_pad(seqs: list[list[int]], pad: int):
-    import torch
-
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s)
-        mask[i, n - len(s):] = 1
-    return ids, mask
-
-
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
            seed: int, temperature: float = 1.0) -> list[list[int]]:
     """One sampled completion per prompt (pure sampling at ``temperature``: no top-k/top-p, so the
@@ -387,10 +345,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, b
     model.eval()
     torch.manual_seed(seed)
     for b in range(0, len(prompt_ids), batch_size):
-        chunk = prompt_ids[b: b + batch_size]
-        ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
-        dev = next(model.parameters()).device
-        ids, mask = ids.to(dev), mask.to(dev)
+        ids, mask = _padded(prompt_ids[b: b + batch_size], tokenizer.pad_token_id, next(model.parameters()).device,
+                            left=True)
         with torch.no_grad():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
                                  temperature=temperature, top_k=0, top_p=1.0, pad_token_id=tokenizer.pad_token_id,
@@ -410,15 +366,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[li
     with torch.no_grad():
         for b in range(0, len(prompt_ids), batch_size):
             ps, cs = prompt_ids[b: b + batch_size], completions[b: b + batch_size]
-            seqs = [p + c for p, c in zip(ps, cs)]
-            n = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), n), dtype=torch.long)
-            for i, s in enumerate(seqs):
-                ids[i, : len(s)] = torch.tensor(s)
-                mask[i, : len(s)] = 1
-            dev = next(model.parameters()).device
-            logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
+            ids, mask = _padded([p + c for p, c in zip(ps, cs)], pad_id, next(model.parameters()).device)
+            logits = model(input_ids=ids, attention_mask=mask).logits
             logp = torch.log_softmax(logits.float(), -1).cpu()
             for i, (p, c) in enumerate(zip(ps, cs)):
                 if not c:
@@ -431,8 +380,6 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[li
 
 def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16):
     """log p(chosen + EOS | prompt) and log p(rejected + EOS | prompt) per pair (prompt cut from the left)."""
-    from tunelab.train.numerics import fit_prompt, n_special_tokens, prompt_budget
-
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     special = n_special_tokens(tokenizer)
     prompts, chosen, rejected = [], [], []
@@ -451,8 +398,6 @@ def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size:
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    from tunelab.train.numerics import fit_prompt, n_special_tokens
-
     budget = max(max_prompt_tokens - n_special_tokens(tokenizer), 1)
     return [tokenizer(fit_prompt(tokenizer, p, budget)[0], add_special_tokens=True)["input_ids"] for p in prompts]
 
@@ -491,104 +436,15 @@ def evaluate_policy(policy, start_model, tokenizer, prompts: list[str], reward_f
             "win_rate": mean(wins), "kl_to_reference": mean(kl_terms), "rows": rows}
 
 
-# ----------------------------------------------------------------------------- run bookkeeping
-
-
-def absolute_data(cfg):
-    """The config with absolute data paths, so evaluation and --resume work from any directory."""
-    d = cfg.data
-    return cfg.model_copy(update={"data": d.model_copy(update={
-        k: str(Path(getattr(d, k)).resolve()) for k in ("train", "validation", "test") if getattr(d, k)})})
-
-
-def trainer_args(t, dplan, out_dir: Path, has_val: bool, total_steps: int, *, metric: str = "eval_loss",
-                 greater_is_better: bool = False) -> dict:
-    """TrainingArguments fields shared by tunelab's TRL-engined recipes (TRL's own defaults — bf16 on,
-    gradient checkpointing on — are replaced by the per-device plan)."""
-    return dict(
-        output_dir=str(out_dir),
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.epochs,
-        max_steps=t.max_steps or -1,
-        lr_scheduler_type=t.scheduler,
-        warmup_steps=int(round(t.warmup_ratio * total_steps)),
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        seed=t.seed,
-        data_seed=t.seed,
-        bf16=dplan.precision == "bf16",
-        fp16=dplan.precision == "fp16",
-        use_cpu=dplan.device == "cpu",
-        gradient_checkpointing=dplan.gradient_checkpointing,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=t.eval_every,
-        save_strategy="steps",
-        save_steps=t.eval_every,
-        save_total_limit=t.save_total_limit,
-        load_best_model_at_end=has_val,
-        metric_for_best_model=metric if has_val else None,
-        greater_is_better=greater_is_better if has_val else None,
-        restore_callback_states_from_checkpoint=True,
-        logging_strategy="steps",
-        logging_steps=1,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        save_only_model=False,
-    )
-
-
-def save_output(model, tokenizer, run_dir: Path, lora: bool) -> Path:
-    """Write the trained adapter (only the trained one, not a frozen reference copy) or model, atomically."""
-    out_dir = run_dir / ("adapter" if lora else "model")
-    tmp = run_dir / f".{out_dir.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora and hasattr(model, "peft_config"):
-        model.save_pretrained(tmp, selected_adapters=["default"])
-    else:
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-    return out_dir
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-
-
-def train_rows(log_history: list[dict]) -> list[dict]:
-    return [r for r in log_history if "loss" in r and not any(k.startswith("eval_") for k in r)]
-
-
-def write_rejects(run_dir: Path, rejects: list[dict]) -> None:
-    write_rows(run_dir / "rejects.jsonl", rejects)
-
-
-def start_record(run_dir: Path, lineage: dict) -> None:
-    from tunelab.environment import capture
-
-    write_json(run_dir / "lineage.json", lineage)
-    write_json(run_dir / "environment.json", capture())
-
-
-def policy_for_training(start: Start, method: str, lora):
-    """(model, peft_config) for a TRL trainer. A fresh adapter on a model folder: the reference is the
-    folder's model (adapter disabled). Starting from a run with an adapter: that adapter keeps training
-    (whatever its method) and TRL keeps a frozen copy as the reference. Full: the reference is the folder's
-    model too (a second copy)."""
-    model = load_causal(start, trainable_adapter=True)
-    if start.adapter is not None:
-        if method == "full":
-            raise TunelabError(f"model.name: run {start.run_id} holds an adapter; use an adapter method (the run's "
-                               "adapter keeps training) or start from a merged model folder (tunelab export --merge)")
-        return model, None
-    return model, (adapter_config(method, lora, "CAUSAL_LM") if method != "full" else None)
+def judge_policy(run_dir: Path, policy, start_model, tokenizer, prompts: list[str], judge, ev, *,
+                 max_length: int, seed: int) -> dict:
+    """:func:`evaluate_policy` with a recipe's ``eval:`` section; the sampled generations go to the run's
+    ``eval/generations.jsonl``."""
+    res = evaluate_policy(policy, start_model, tokenizer, prompts, judge, samples=ev.samples,
+                          max_new_tokens=ev.max_new_tokens, max_length=max_length, batch_size=ev.batch_size, seed=seed)
+    (run_dir / "eval").mkdir(exist_ok=True)
+    write_rows(run_dir / "eval" / "generations.jsonl", res.pop("rows"))
+    return res
 
 
 def judge_prompts(held: list, n: int) -> list[str]:
@@ -602,10 +458,3 @@ def judge_prompts(held: list, n: int) -> list[str]:
         if len(out) >= n:
             break
     return out
-
-
-def load_trained(start: Start, out_dir: Path, lora: bool):
-    """The saved policy, reloaded in float32 from disk: evaluation sees exactly the artifact (and not
-    the trainer's model, whose forward accelerate wraps in mixed-precision autocast)."""
-    return load_causal(Start(start.ref, start.base_path, out_dir) if lora else Start(start.ref, out_dir),
-                       device=eval_device())

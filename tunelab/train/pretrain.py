@@ -9,28 +9,29 @@ random init → transformers Trainer (validation on the held-out blocks, early s
 checkpoints) → held-out perplexity of the best weights → ``run_dir/model`` (HF folder with the
 tokenizer) → summary.
 
-The raw-text helpers here (reading, held-out split, packing, the block Trainer) are shared with
-continued pre-training (cpt.py).
+Reading and holding out raw text are ``data/loaders.py``'s; packing and the block Trainer are
+``train/blocks.py``'s, shared with continued pre-training (cpt.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import math
-import re
-import shutil
 import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tunelab import config as cfglib
 from tunelab.config import Strict
+from tunelab.data.lineage import absolute_paths, text_lineage
 from tunelab.errors import TunelabError
-from tunelab.sections import TextDataSection, TrainSection
-from tunelab.workspace import Workspace, sha256_file, write_json
+from tunelab.models import refs
+from tunelab.sections import TextDataSection, TrainSection, refuse_unread
+from tunelab.train import _run
+from tunelab.train.blocks import documents, spread, tokenize_and_pack, train_blocks, training_summary
+from tunelab.train.device import plan
+from tunelab.train.distributed import local_device, main_first
+from tunelab.train.numerics import blocks_perplexity
+from tunelab.workspace import Workspace
 
 
 class ArchSection(Strict):
@@ -85,231 +86,18 @@ class PretrainConfig(Strict):
     train: TrainSection = TrainSection()  # from scratch wants a higher learning_rate (1e-3 to 3e-3)
 
     @model_validator(mode="after")
+    def _unread(self):
+        # padding-free batches are SFT's; train.group_by_length is accepted and changes nothing here:
+        # every packed block has one length (the Trainer samples them at random)
+        refuse_unread(self.train, "train", "pretrain", ("padding_free",))
+        return self
+
+    @model_validator(mode="after")
     def _block_fits(self):
         if self.data.block_size and self.data.block_size > self.model.context_length:
             raise ValueError(f"data.block_size {self.data.block_size} exceeds model.context_length "
                              f"{self.model.context_length}; lower it or raise the context")
         return self
-
-
-# ----------------------------------------------------------------------------- raw text (shared with cpt)
-
-_BLANK_LINE = re.compile(r"\n[ \t]*\n")
-
-
-def expand_files(files: list[str], field: str) -> list[Path]:
-    """The files behind ``files`` (folders: their .txt/.md, recursively, sorted). Missing ones are one error."""
-    from tunelab.data.readers import TEXT_SUFFIXES
-
-    missing = [f"{field}: not found: {f}" for f in files if not Path(f).exists()]
-    if missing:
-        raise TunelabError("; ".join(missing))
-    out: list[Path] = []
-    for f in map(Path, files):
-        if f.is_dir():
-            found = sorted(p for p in f.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
-            if not found:
-                raise TunelabError(f"{field}: folder {f} has no .txt/.md files")
-            out += found
-        else:
-            out.append(f)
-    return out
-
-
-def text_lineage(sections: dict[str, TextDataSection | object]) -> dict:
-    """Dataset id from the content of every input file plus the data config (DESIGN principle 8)."""
-    files, configs = {}, {}
-    for name, sec in sections.items():
-        for p in expand_files(sec.files, f"{name}.files"):
-            files[str(p.resolve())] = sha256_file(p)
-        configs[name] = sec.model_dump(mode="json", exclude={"files"})
-    blob = json.dumps({"files": sorted(files.values()), "config": configs}, sort_keys=True)
-    return {"dataset_id": "ds-" + hashlib.sha256(blob.encode()).hexdigest()[:16],
-            "files": [{"path": p, "sha256": h} for p, h in files.items()]}
-
-
-def absolute_files(sec):
-    """The section with absolute paths, so a stored config works from any directory (eval, --resume)."""
-    return sec.model_copy(update={"files": [str(Path(f).resolve()) for f in sec.files]})
-
-
-def load_texts(files: list[str], text_unit: str, limit: int | None, rejects: list[dict]) -> list[str]:
-    """Documents from plain text (a file, a folder) or records; unusable records go to ``rejects``."""
-    from tunelab.data.formats import BadRecord
-    from tunelab.data.readers import read
-    from tunelab.data.records import export, to_canonical
-
-    texts: list[str] = []
-    for f in files:
-        for src, line, rec in read(f):
-            try:
-                if isinstance(rec, BadRecord):
-                    raise rec
-                text = export(to_canonical(rec), "text")["text"]
-            except BadRecord as e:
-                rejects.append({"file": src, "line": line, "reason": str(e)})
-                continue
-            parts = _BLANK_LINE.split(text) if text_unit == "paragraph" else [text]
-            for part in parts:
-                if part.strip():
-                    texts.append(part.strip() if text_unit == "paragraph" else part)
-                    if limit is not None and len(texts) >= limit:
-                        return texts
-    return texts
-
-
-def split_heldout(texts: list[str], share: float) -> tuple[list[str], list[str]]:
-    """Held-out documents chosen by content hash: the same on every run, seed and machine; duplicates stay together."""
-    from tunelab.data.split import content_fraction
-
-    train, held = [], []
-    for t in texts:
-        (held if content_fraction(t, salt="heldout") < share else train).append(t)
-    return train, held
-
-
-def tokenize_and_pack(tokenizer, texts: list[str], block_size: int, batch: int = 256):
-    from tunelab.train.numerics import pack_blocks
-
-    if tokenizer.eos_token_id is None:
-        raise TunelabError("the tokenizer has no EOS token, which separates packed documents; add one")
-
-    def streams():
-        for i in range(0, len(texts), batch):
-            yield from tokenizer(texts[i:i + batch], add_special_tokens=False)["input_ids"]
-
-    return pack_blocks(streams(), block_size, tokenizer.eos_token_id)
-
-
-def spread(blocks: list, n: int | None) -> list:
-    """At most ``n`` blocks spread evenly over the list (not just its start): a fixed, representative eval set."""
-    if n is None or len(blocks) <= n:
-        return list(blocks)
-    return [blocks[(i * len(blocks)) // n] for i in range(n)]
-
-
-def train_blocks(model, tokenizer, train: list[list[int]], evals: list[list[int]], tc: TrainSection,
-                 run_dir: Path, label: str, resume: bool):
-    """Train a causal LM on packed blocks with transformers' Trainer (validation, early stopping,
-    checkpoints, --resume); the best weights are loaded at the end when there was validation.
-    Returns (the model with its plain forward, trainer, train output, device plan)."""
-    from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
-
-    from tunelab.train import callbacks as cb
-    from tunelab.train.numerics import PadCollator
-    from tunelab.train.device import plan
-    from tunelab.train.distributed import is_main
-    from tunelab.train._run import last_checkpoint
-
-    dplan = plan(tc.precision, tc.gradient_checkpointing)
-    feats = [{"input_ids": b, "labels": b} for b in train]  # every position is a target in pretraining
-    eval_feats = [{"input_ids": b, "labels": b} for b in evals]
-    steps_per_epoch = math.ceil(len(feats) / (tc.batch_size * tc.grad_accum))
-    total_steps = tc.max_steps or math.ceil(steps_per_epoch * tc.epochs)
-    has_val = bool(eval_feats)
-    ckpt_dir = run_dir / "checkpoints"
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        per_device_train_batch_size=tc.batch_size,
-        per_device_eval_batch_size=tc.batch_size,
-        gradient_accumulation_steps=tc.grad_accum,
-        learning_rate=tc.learning_rate,
-        num_train_epochs=tc.epochs,
-        max_steps=tc.max_steps or -1,
-        lr_scheduler_type=tc.scheduler,
-        warmup_steps=int(round(tc.warmup_ratio * total_steps)),
-        weight_decay=tc.weight_decay,
-        max_grad_norm=tc.max_grad_norm,
-        seed=tc.seed,
-        data_seed=tc.seed,
-        bf16=dplan.precision == "bf16",
-        fp16=dplan.precision == "fp16",
-        use_cpu=dplan.device == "cpu",
-        activation_checkpointing=dplan.gradient_checkpointing,
-        eval_strategy="steps" if has_val else "no",
-        eval_steps=tc.eval_every,
-        save_strategy="steps",
-        save_steps=tc.eval_every,
-        save_total_limit=tc.save_total_limit,
-        load_best_model_at_end=has_val,
-        metric_for_best_model="eval_loss" if has_val else None,
-        greater_is_better=False if has_val else None,
-        restore_callback_states_from_checkpoint=True,
-        logging_strategy="steps",
-        logging_steps=1,
-        include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="random",  # blocks all have one length: nothing to group
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-        save_only_model=False,
-        prediction_loss_only=True,
-    )
-    callbacks = [cb.MetricsJsonl(run_dir / "metrics.jsonl"), cb.Progress(label)]
-    if has_val and tc.early_stopping_patience:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tc.early_stopping_patience))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(model=model, args=args, train_dataset=feats, eval_dataset=eval_feats or None,
-                      data_collator=PadCollator(pad), processing_class=tokenizer, callbacks=callbacks)
-    trainer.remove_callback(PrinterCallback)
-
-    resume_from = None
-    main = is_main()  # metrics.jsonl is rank 0's under --nproc
-    if resume:
-        resume_from = last_checkpoint(ckpt_dir)
-        if resume_from is None:
-            print("no complete checkpoint yet: starting this run from the beginning")
-            if main:
-                (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        elif main:
-            cb.truncate_metrics(run_dir / "metrics.jsonl", int(resume_from.name.split("-")[-1]))
-            print(f"resuming from {resume_from.name}")
-    elif main:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"device: {dplan.why}; {trainable:,} trainable of {total:,} parameters "
-          f"({100 * trainable / total:.2f}%); {total_steps} steps of {tc.batch_size * tc.grad_accum} blocks")
-    out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    # accelerate wraps forward in autocast for mixed precision (bf16 on AMX CPUs); unwrap it so the
-    # perplexity after training is measured in fp32 like the one before, and the probe matches a reload.
-    model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-    return model, trainer, out, dplan
-
-
-def save_folder(model, tokenizer, out_dir: Path) -> None:
-    """save_pretrained model + tokenizer into ``out_dir`` atomically (a kill never leaves half a folder)."""
-    tmp = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
-
-
-def training_summary(trainer, out) -> dict:
-    """Steps, early stop, best step/loss, tokens trained and tokens/s, from the Trainer's state."""
-    from tunelab.train.distributed import world_size
-
-    st = trainer.state
-    rows = [r for r in st.log_history if "loss" in r and "eval_loss" not in r]
-    runtime = out.metrics.get("train_runtime", 0.0)
-    return {
-        "steps": st.global_step,
-        "max_steps": st.max_steps,
-        "early_stopped": bool(st.best_model_checkpoint and st.global_step < st.max_steps),
-        "best_step": int(st.best_model_checkpoint.rsplit("-", 1)[-1]) if st.best_model_checkpoint else st.global_step,
-        "best_eval_loss": st.best_metric,
-        "final_train_loss": rows[-1]["loss"] if rows else None,
-        "train_runtime_s": round(runtime, 2),
-        "tokens_trained": st.num_input_tokens_seen,
-        "tokens_per_s": round(st.num_input_tokens_seen / max(runtime, 1e-9), 2),
-        "world_size": world_size(),
-        "global_batch_size": trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
-        * world_size(),
-    }
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -346,140 +134,103 @@ def build_model(arch: ArchSection, tokenizer, seed: int):
 
 # ----------------------------------------------------------------------------- run
 
-def run(cfg: PretrainConfig, workspace: Workspace | None = None, resume: str | None = None,
+def run(cfg: PretrainConfig | None, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train a tokenizer and a model from scratch; return the summary (also in ``summary.json``)."""
-    from tunelab.train.distributed import is_main, local_device, main_first, worker_summary
+    return _run.execute("pretrain", cfg, _steps, PretrainConfig, workspace, resume, parent_id)
 
-    ws = workspace or Workspace.resolve()
-    catalog = ws.catalog()
-    main = is_main()  # under --nproc only rank 0 writes files and the catalog (tunelab/train/distributed.py)
-    if resume:
-        run_dir = ws.run_dir(resume)
-        run_id = run_dir.name
-        cfg = cfglib.load(PretrainConfig, run_dir / "config.yaml")  # the run's own config, not the file's
-    else:
+
+def _steps(r: _run.Run) -> dict:
+    import transformers
+
+    cfg = r.cfg
+    if not r.resumed:
         if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
             raise TunelabError(f"tokenizer.path: folder not found: {cfg.tokenizer.path}")
         tok = cfg.tokenizer.path and cfg.tokenizer.model_copy(update={"path": str(Path(cfg.tokenizer.path).resolve())})
-        cfg = cfg.model_copy(update={"data": absolute_files(cfg.data), "tokenizer": tok or cfg.tokenizer})
-    started = time.time()
+        cfg = cfg.model_copy(update={"data": absolute_paths(cfg.data), "tokenizer": tok or cfg.tokenizer})
     data_lineage = text_lineage({"data": cfg.data})  # a missing file fails here, before a run directory is made
 
     # 1. raw text → training and held-out documents (by content hash); a mistake fails before a run exists
     rejects: list[dict] = []
-    texts = load_texts(cfg.data.files, cfg.data.text_unit, cfg.data.limit, rejects)
-    train_texts, held_texts = split_heldout(texts, cfg.data.heldout_share)
-    if not train_texts or not held_texts:
-        raise TunelabError(f"{len(texts)} documents gave {len(train_texts)} for training and {len(held_texts)} "
-                           f"held out; add text, raise data.heldout_share, or use data.text_unit: paragraph")
-    if not resume:
-        run_id, run_dir = ws.new_run_dir("pretrain", cfg.name)
-        if main:
-            (run_dir / "config.yaml").write_text(cfglib.dump(cfg), encoding="utf-8")
-
-    import transformers
-    from transformers import AutoTokenizer
-
-    from tunelab.environment import capture
-    from tunelab.train.numerics import blocks_perplexity
-    from tunelab.train.device import plan
-    from tunelab.train._run import write_probe
-
+    texts, train_texts, held_texts = documents(cfg.data, "data", rejects)
     transformers.logging.set_verbosity_error()
-    lineage = {"run_id": run_id, "parent_id": parent_id, "base_model": None, **data_lineage}
-    if main:
-        write_json(run_dir / "lineage.json", lineage)
-        write_json(run_dir / "environment.json", capture())
-    if main and not resume:
-        catalog.add_run(id=run_id, kind="pretrain", dir=run_dir, name=cfg.name, parent_id=parent_id,
-                        dataset_id=lineage["dataset_id"], config=cfg.model_dump(mode="json"))
-    elif main:
-        catalog.update_run(run_id, status="running")
+    r.begin(cfg, base_model=None, lineage=data_lineage)
+    r.write_rejects(rejects)
 
-    try:
-        if main:
-            with open(run_dir / "rejects.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rejects)
+    # 2. tokenizer: trained on the training documents only (held-out text stays unseen), or reused.
+    # Under --nproc rank 0 makes it and the other ranks load what it saved: one vocabulary for all.
+    tok_dir = r.dir / "tokenizer"
+    with main_first():
+        if tok_dir.is_dir():  # --resume (or another rank made it): the tokenizer this run already has
+            tokenizer = _load_tokenizer(tok_dir)
+        elif cfg.tokenizer.path:
+            tokenizer = _load_tokenizer(Path(cfg.tokenizer.path))
+            tokenizer.save_pretrained(tok_dir)
+        else:
+            t0 = time.time()
+            tokenizer = train_tokenizer(train_texts, cfg.tokenizer, cfg.model.context_length)
+            tokenizer.save_pretrained(tok_dir)
+            print(f"tokenizer: byte-level BPE, {len(tokenizer):,} tokens, trained in {time.time() - t0:.1f}s")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
-        # 2. tokenizer: trained on the training documents only (held-out text stays unseen), or reused.
-        # Under --nproc rank 0 makes it and the other ranks load what it saved: one vocabulary for all.
-        tok_dir = run_dir / "tokenizer"
-        with main_first():
-            if tok_dir.is_dir():  # --resume (or another rank made it): the tokenizer this run already has
-                tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-            elif cfg.tokenizer.path:
-                tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer.path)
-                tokenizer.save_pretrained(tok_dir)
-            else:
-                t0 = time.time()
-                tokenizer = train_tokenizer(train_texts, cfg.tokenizer, cfg.model.context_length)
-                tokenizer.save_pretrained(tok_dir)
-                print(f"tokenizer: byte-level BPE, {len(tokenizer):,} tokens, trained in {time.time() - t0:.1f}s")
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    # 3. pack into fixed blocks
+    block = cfg.data.block_size or cfg.model.context_length
+    train_pack = tokenize_and_pack(tokenizer, train_texts, block)
+    held_pack = tokenize_and_pack(tokenizer, held_texts, block)
+    eval_blocks = spread(held_pack.blocks, cfg.data.max_eval_blocks)
+    if not train_pack.blocks or not eval_blocks:
+        raise TunelabError(f"too little text for one {block}-token block in training and held out "
+                           f"({train_pack.tokens} and {held_pack.tokens} tokens); lower data.block_size")
+    data_report = {"documents": len(texts), "rejected": len(rejects), "train": train_pack.as_dict(),
+                   "heldout": {**held_pack.as_dict(), "eval_blocks": len(eval_blocks)}}
+    print(f"data: {len(train_texts)} train / {len(held_texts)} held-out documents; "
+          f"{train_pack.tokens:,} train tokens → {len(train_pack.blocks)} blocks of {block} "
+          f"(dropped {train_pack.dropped} in the final partial block); {len(eval_blocks)} held-out blocks "
+          f"scored; rejected records: {len(rejects)}")
 
-        # 3. pack into fixed blocks
-        block = cfg.data.block_size or cfg.model.context_length
-        train_pack = tokenize_and_pack(tokenizer, train_texts, block)
-        held_pack = tokenize_and_pack(tokenizer, held_texts, block)
-        eval_blocks = spread(held_pack.blocks, cfg.data.max_eval_blocks)
-        if not train_pack.blocks or not eval_blocks:
-            raise TunelabError(f"too little text for one {block}-token block in training and held out "
-                               f"({train_pack.tokens} and {held_pack.tokens} tokens); lower data.block_size")
-        data_report = {"documents": len(texts), "rejected": len(rejects), "train": train_pack.as_dict(),
-                       "heldout": {**held_pack.as_dict(), "eval_blocks": len(eval_blocks)}}
-        print(f"data: {len(train_texts)} train / {len(held_texts)} held-out documents; "
-              f"{train_pack.tokens:,} train tokens → {len(train_pack.blocks)} blocks of {block} "
-              f"(dropped {train_pack.dropped} in the final partial block); {len(eval_blocks)} held-out blocks "
-              f"scored; rejected records: {len(rejects)}")
+    # 4. model at random init, and its held-out perplexity (~vocabulary size)
+    dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
+    model = build_model(cfg.model, tokenizer, cfg.train.seed).to(local_device(dplan.device))
+    if r.main:  # evaluations are rank 0's (no RNG is drawn: the ranks stay in step)
+        before = blocks_perplexity(model, eval_blocks, cfg.train.batch_size)
+        print(f"held-out perplexity at random init: {before['perplexity']:.2f}")
 
-        # 4. model at random init, and its held-out perplexity (~vocabulary size)
-        model = build_model(cfg.model, tokenizer, cfg.train.seed).to(local_device(plan(cfg.train.precision).device))
-        if main:  # evaluations are rank 0's (no RNG is drawn: the ranks stay in step)
-            before = blocks_perplexity(model, eval_blocks, cfg.train.batch_size)
-            print(f"held-out perplexity at random init: {before['perplexity']:.2f}")
+    # 5. train (best weights restored when there was validation)
+    model, trainer, out = train_blocks(r, model, tokenizer, train_pack.blocks, eval_blocks, dplan)
+    if not r.main:
+        return r.worker_summary()
+    after = blocks_perplexity(model, eval_blocks, cfg.train.batch_size)
 
-        # 5. train (best weights restored when there was validation)
-        model, trainer, out, dplan = train_blocks(model, tokenizer, train_pack.blocks, eval_blocks, cfg.train,
-                                                  run_dir, f"pretrain {run_id}", bool(resume))
-        if not main:
-            return worker_summary(run_id)
-        after = blocks_perplexity(model, eval_blocks, cfg.train.batch_size)
+    # 6. save an HF folder (model + tokenizer) that loads with AutoModelForCausalLM / AutoTokenizer
+    model = model.to("cpu")  # saved and probed where a plain reload lands
+    out_dir = _run.save_output(model, tokenizer, r.dir, adapter=False)
+    _run.write_probe(model, eval_blocks[0], r.dir / "probe.safetensors")
 
-        # 6. save an HF folder (model + tokenizer) that loads with AutoModelForCausalLM / AutoTokenizer
-        model = model.to("cpu")  # saved and probed where a plain reload lands
-        out_dir = run_dir / "model"
-        save_folder(model, tokenizer, out_dir)
-        write_probe(model, eval_blocks[0], run_dir / "probe.safetensors")
+    total = sum(p.numel() for p in model.parameters())
+    trained = training_summary(trainer, out)
+    summary = r.finish({
+        "method": "pretrain",
+        "output": str(out_dir),
+        **trained,
+        "heldout_perplexity_before": round(before["perplexity"], 4),
+        "heldout_perplexity_after": round(after["perplexity"], 4),
+        "perplexity": {"before": before, "after": after},
+        "trainable_params": total,
+        "total_params": total,
+        "vocab_size": len(tokenizer),
+        "device": dplan.__dict__,
+        "data": data_report,
+        "epochs_over_train_blocks": round(trained["tokens_trained"] / max(1, len(train_pack.blocks) * block), 3),
+    }, catalog_metrics=("heldout_perplexity_before", "heldout_perplexity_after", "best_eval_loss", "steps",
+                        "tokens_trained", "tokens_per_s"))
+    print(f"pretrain {r.id}: held-out perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f} "
+          f"over {after['tokens']:,} tokens; {summary['tokens_trained']:,} tokens trained; model in {out_dir}")
+    return summary
 
-        total = sum(p.numel() for p in model.parameters())
-        summary = {
-            "run_id": run_id,
-            "status": "completed",
-            "method": "pretrain",
-            "output": str(out_dir),
-            **training_summary(trainer, out),
-            "heldout_perplexity_before": round(before["perplexity"], 4),
-            "heldout_perplexity_after": round(after["perplexity"], 4),
-            "perplexity": {"before": before, "after": after},
-            "trainable_params": total,
-            "total_params": total,
-            "vocab_size": len(tokenizer),
-            "device": dplan.__dict__,
-            "data": data_report,
-            "wall_time_s": round(time.time() - started, 2),
-        }
-        summary["epochs_over_train_blocks"] = round(
-            summary["tokens_trained"] / max(1, len(train_pack.blocks) * block), 3)
-        write_json(run_dir / "summary.json", summary)
-        catalog.update_run(run_id, status="completed", metrics={
-            k: summary[k] for k in ("heldout_perplexity_before", "heldout_perplexity_after", "best_eval_loss",
-                                    "steps", "tokens_trained", "tokens_per_s")})
-        print(f"pretrain {run_id}: held-out perplexity {before['perplexity']:.2f} → {after['perplexity']:.2f} "
-              f"over {after['tokens']:,} tokens; {summary['tokens_trained']:,} tokens trained; model in {out_dir}")
-        return summary
-    except BaseException as e:
-        if main:
-            catalog.update_run(run_id, status="interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
-        raise
+
+def _load_tokenizer(folder: Path):
+    """A tokenizer folder (this run's, or ``tokenizer.path``), loaded through the one model reference."""
+    tokenizer, _ = refs.load_tokenizer(refs.ModelRef(str(folder), folder), chat_template=False)
+    return tokenizer

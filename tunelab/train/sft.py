@@ -18,15 +18,33 @@ from pydantic import Field, model_validator
 
 from tunelab.config import Strict
 from tunelab.data.lineage import absolute_paths, file_lineage
-from tunelab.data.loaders import load_chats, split_validation
+from tunelab.data.loaders import train_validation_chats
 from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.sections import ChatDataSection, GenerationSection, LoraSection, ModelSection, TrainSection
 from tunelab.train import _run
 from tunelab.train.device import checkpoint_every, padding_free, plan
 from tunelab.train.distributed import world_size
-from tunelab.train.peft import (PROMPT_FAMILY, IA3Section, PromptSection, QuantSection, TrainMethod, adapter_report,
-                                apply_peft, check_requirements, ignored_sections, load_kwargs, peft_section)
+from tunelab.train.numerics import (
+    PadCollator,
+    PaddingFreeCollator,
+    print_data_report,
+    response_only_loss,
+    tokenize_all_chats,
+)
+from tunelab.train.peft import (
+    PROMPT_FAMILY,
+    IA3Section,
+    PromptSection,
+    QuantSection,
+    TrainMethod,
+    adapter_report,
+    apply_peft,
+    check_requirements,
+    ignored_sections,
+    load_kwargs,
+    peft_section,
+)
 from tunelab.workspace import Workspace
 
 
@@ -56,8 +74,6 @@ class SFTConfig(Strict):
 def _trainer_class():
     from transformers import Trainer
 
-    from tunelab.train.numerics import response_only_loss
-
     class SFTTrainer(Trainer):
         """transformers' Trainer with one override: the loss computes logits on response tokens only."""
 
@@ -86,13 +102,14 @@ def run(cfg: SFTConfig | None, workspace: Workspace | None = None, resume: str |
 
 
 def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
-    from tunelab.train._cpu_speed import FrozenBf16, checkpointed_eager_attention, cpu_bf16_training, \
-        use_fast_lora_dropout
-    from tunelab.train.numerics import PadCollator, PaddingFreeCollator, tokenize_all_chats
+    from tunelab.train._cpu_speed import (
+        FrozenBf16,
+        checkpointed_eager_attention,
+        cpu_bf16_training,
+        use_fast_lora_dropout,
+    )
 
     cfg = r.cfg.model_copy(update={"data": absolute_paths(r.cfg.data)})
     if cfg.method != "full":
@@ -109,16 +126,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
 
         # 2. data: chats → masked token ids; every reject and truncation counted
         rejects: list[dict] = []
-        chats = load_chats(cfg.data.train, cfg.data, rejects, cfg.data.limit)
-        if cfg.data.validation:
-            val_chats = load_chats(cfg.data.validation, cfg.data, rejects)
-        elif cfg.data.validation_split > 0:
-            chats, val_chats = split_validation(chats, cfg.data.validation_split, cfg.train.seed)
-            if not val_chats:
-                print("warning: validation_split left no validation examples (too few distinct records); "
-                      "training without validation or early stopping")
-        else:
-            val_chats = []
+        chats, val_chats = train_validation_chats(cfg.data, cfg.train.seed, rejects)
         r.write_rejects(rejects)
         train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
         val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length)
@@ -219,12 +227,3 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         "data": data_report,
         "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
     }, catalog_metrics=("final_train_loss", "best_eval_loss", "best_step", "steps", "tokens_per_s"))
-
-
-def print_data_report(rep: dict, max_length: int) -> None:
-    tr, va = rep["train"], rep["validation"]
-    print(f"data: {tr['kept']} train / {va['kept']} validation examples, {tr['tokens']:,} train tokens "
-          f"({tr['label_tokens']:,} in responses), p95 length {tr['length_p95']}; "
-          f"truncated at {max_length} tokens: {tr['truncated'] + va['truncated']}; "
-          f"dropped (no response tokens left): {tr['dropped_no_labels'] + va['dropped_no_labels']}; "
-          f"rejected records: {rep['rejected']}")

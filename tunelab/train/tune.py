@@ -15,7 +15,6 @@ cores / n_jobs torch threads and its own sampler seed, so workers do not propose
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -23,8 +22,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from tunelab import recipes
+from tunelab._optional import require
+from tunelab._plot import new_figure, png_bytes
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
+from tunelab.models import refs
+from tunelab.train import sft
 from tunelab.workspace import Workspace, write_json
 
 # search-space name → the recipe field it sets
@@ -144,9 +148,6 @@ def _objective(cfg: TuneConfig, ws: Workspace, worker: int = 0):
         import optuna
         import torch
 
-        from tunelab import recipes
-        from tunelab.train import sft
-
         values = {k: _suggest(trial, k, p) for k, p in cfg.space.items()}
         overrides = [*cfg.overrides, *(f"{FIELDS[k]}={v}" for k, v in values.items()),
                      f"name={cfg.name}-t{trial.number}"]
@@ -207,8 +208,6 @@ def _worker(cfg_json: str, ws_root: str, n: int, worker: int, threads: int, seed
 
 def run(cfg: TuneConfig, workspace: Workspace | None = None, resume: bool = False) -> dict:
     """Run (or continue) the study until it has ``cfg.trials`` finished trials; write the report."""
-    from tunelab._optional import require
-
     optuna = require("optuna", "tune")
     ws = workspace or Workspace.resolve()
     _base_path(cfg)
@@ -235,13 +234,10 @@ def run(cfg: TuneConfig, workspace: Workspace | None = None, resume: bool = Fals
     else:
         import multiprocessing as mp
 
-        from tunelab import recipes
-        from tunelab.models import resolve
-
         # the shared things the workers would otherwise make at the same moment: the catalog, the model cache
         ws.catalog()
         base, _ = recipes.load_recipe(_base_path(cfg), cfg.overrides)
-        resolve(base.model.name, ws)
+        refs.resolve(base.model.name, ws, trust_remote_code=base.model.trust_remote_code, runs=False)  # as sft does
         ctx = mp.get_context("spawn")  # a fresh interpreter per worker: no forked torch threads
         share = [todo // jobs + (i < todo % jobs) for i in range(jobs)]
         threads = max(1, _cores() // jobs)
@@ -288,8 +284,6 @@ def report(cfg: TuneConfig, ws: Workspace, study=None) -> dict:
 
 
 def _plot_history(trials: list[dict], path: Path, importances: dict) -> None:
-    from tunelab._plot import new_figure, png_bytes
-
     fig = new_figure(10, 3.6)
     ax, ax2 = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     done = [t for t in trials if t["state"] == "COMPLETE"]
@@ -318,10 +312,6 @@ def _plot_history(trials: list[dict], path: Path, importances: dict) -> None:
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> TuneConfig:
-    from tunelab import config as cfglib
-
-    from tunelab import recipes
-
     cfg, _ = recipes.load_recipe(path, overrides)
     if not isinstance(cfg, TuneConfig):
         raise TunelabError(f"{path} is a '{cfg.recipe}' recipe; tunelab tune needs 'recipe: tune'")

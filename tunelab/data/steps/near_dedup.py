@@ -29,6 +29,7 @@ instance per pass over the data. The step pickles (the stored records travel wit
 
 from __future__ import annotations
 
+import functools
 import os
 import tempfile
 import zlib
@@ -164,6 +165,15 @@ class _Store:
         self._offsets, self._lengths = state["offsets"], state["lengths"]
 
 
+@functools.lru_cache(maxsize=32)
+def _lsh_shape(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows) from datasketch's ``_optimal_param`` (~0.1 s of numerical integration: cached, since a
+    recipe's steps are built once to validate it and once to run it)."""
+    from datasketch.lsh import _optimal_param
+
+    return _optimal_param(threshold, num_perm, *LSH_WEIGHTS)
+
+
 class NearDedup(Step):
     """Drops records whose word-shingle Jaccard similarity with an earlier kept record is
     ≥ ``threshold``: reason "near_duplicate", ``detail`` the index of that earlier record."""
@@ -179,14 +189,13 @@ class NearDedup(Step):
         if ngram < 1:
             raise ValueError(f"ngram must be at least 1, got {ngram!r}")
         ds = require("datasketch", "data")
-        from datasketch.lsh import _optimal_param
 
         self.threshold, self.num_perm, self.ngram, self.seed = float(threshold), int(num_perm), int(ngram), int(seed)
         # verify: LSH finds candidates, the exact Jaccard of the shingle sets decides. The MinHash
         # estimate alone is ±0.035 (1 sd at 128 permutations) around the threshold, which cost ~15%
         # precision and recall on pairs near it; verification stores each kept record's shingle hashes.
         self.verify = bool(verify)
-        self.bands, self.rows = _optimal_param(self.threshold, self.num_perm, *LSH_WEIGHTS)
+        self.bands, self.rows = _lsh_shape(self.threshold, self.num_perm)
         rng = np.random.default_rng(self.seed)
         # odd 64-bit multipliers: a band's key is a random linear hash of its MinHash values, mixed
         self._mult = (rng.integers(0, 2**63, size=(self.bands, self.rows), dtype=np.uint64) << np.uint64(1)) | \

@@ -23,7 +23,7 @@ perplexity             summed NLL per example / its token     exp(Σ NLL / Σ to
 =====================  =====================================  ==========================================
 
 ``evaluate(names, preds, refs)`` returns every value with a percentile-bootstrap interval
-(tunelab/eval/stats.py) and keeps, per metric, the score as a function of example indices so a
+(tunelab/scoring/stats.py) and keeps, per metric, the score as a function of example indices so a
 paired test can compare two models on the same examples.
 """
 
@@ -35,7 +35,10 @@ import string
 from dataclasses import dataclass, field
 from typing import Callable
 
+from tunelab._optional import require
 from tunelab.errors import TunelabError
+from tunelab.models.resolve import PACKAGED, _package_dir
+from tunelab.scoring.stats import Statistic, bootstrap_ci, mean_statistic
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 AVERAGES = ("macro", "micro", "weighted")
@@ -68,8 +71,6 @@ def _strings(xs: list, what: str) -> None:
 
 
 def rouge_per_example(preds: list[str], refs: list[str]) -> list[dict[str, float]]:
-    from tunelab._optional import require
-
     rs = require("rouge_score.rouge_scorer", "eval")
     scorer = rs.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     out = []
@@ -88,7 +89,6 @@ def rouge(preds: list[str], refs: list[str]) -> dict[str, float]:
 
 def bleu_chrf(preds: list[str], refs: list[str]) -> dict[str, float]:
     _check(preds, refs)
-    from tunelab._optional import require
 
     sb = require("sacrebleu", "eval")
     return {"bleu": sb.corpus_bleu(preds, [refs]).score, "chrf": sb.corpus_chrf(preds, [refs]).score}
@@ -129,8 +129,6 @@ def bertscore_model(name: str | None = None) -> tuple[str, int]:
     name = name or DEFAULT_BERTSCORE_MODEL
     p = Path(name)
     if not p.is_dir():
-        from tunelab.models.resolve import PACKAGED, _package_dir
-
         pm = PACKAGED.get(name.lower())
         if pm is None or not pm.folder:
             raise TunelabError(f"BERTScore model '{name}' is neither a local model folder nor a packaged encoder "
@@ -147,7 +145,6 @@ def bertscore(preds: list[str], refs: list[str], model: str | None = None, num_l
               batch_size: int = 32) -> dict[str, list[float]]:
     """Per-example BERTScore P/R/F1 (bert_score.score, no idf, no baseline rescaling)."""
     _check(preds, refs)
-    from tunelab._optional import require
 
     bs = require("bert_score", "eval")
     import torch
@@ -189,9 +186,6 @@ def _sacrebleu(name: str, preds, refs):
     summed over each resample and turned into the corpus score by sacrebleu itself (the way
     sacrebleu.significance bootstraps), so a resample costs a sum, not a re-tokenization."""
     import numpy as np
-
-    from tunelab._optional import require
-    from tunelab.eval.stats import Statistic
 
     _strings(preds, "predictions")
     _strings(refs, "references")
@@ -241,10 +235,10 @@ def _prf_fn(preds, refs, opts):
 
 
 def _roc_auc_fn(preds, refs, opts):
+    import warnings
+
     import numpy as np
     from sklearn.metrics import roc_auc_score
-
-    import warnings
 
     scores = np.asarray(preds, dtype=float)
     labels = opts.get("labels")
@@ -344,8 +338,6 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
     """
     import numpy as np
 
-    from tunelab.eval.stats import Statistic, bootstrap_ci, mean_statistic
-
     wanted = resolve_names(names)
     families = [f for f in FAMILIES if any(n in wanted for n in f.names)]
     preds = list(preds) if preds is not None else []
@@ -354,29 +346,21 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
     out = Scored()
     for fam in families:
         _check(preds, refs, fam.need_refs)
+        try:
+            got = fam.fn(preds, refs, opts)
+        except (TypeError, ValueError) as e:
+            raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
         if fam.kind == "mean":
-            try:
-                per = fam.fn(preds, refs, opts)
-            except (TypeError, ValueError) as e:
-                raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
             for name in fam.names:
                 if name in wanted:
-                    out.stats[name] = mean_statistic(per[name])
-                    out.values[name] = {"value": float(np.mean(per[name])), "per_example": per[name]}
+                    out.stats[name] = mean_statistic(got[name])
+                    out.values[name] = {"value": float(np.mean(got[name])), "per_example": got[name]}
         elif fam.kind == "stats":
-            try:
-                got = fam.fn(preds, refs, opts)
-            except (TypeError, ValueError) as e:
-                raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
             for name in fam.names:
                 if name in wanted:
                     out.values[name] = {"value": float(got[name][0])}
                     out.stats[name] = got[name][1]
         else:
-            try:
-                full = fam.fn(preds, refs, opts)
-            except (TypeError, ValueError) as e:
-                raise TunelabError(f"{'/'.join(fam.names)}: unusable input ({e}); expected {fam.inputs}") from None
             # one family computation per resample serves all its metrics (P/R/F1 × 3 averages)
             cache: dict = {}
 
@@ -395,7 +379,7 @@ def evaluate(names, preds: list, refs: list | None = None, *, ci: bool = True, n
                         return _at(idx)[_name]
 
                     out.stats[name] = Statistic(fn, n)
-                    out.values[name] = {"value": float(full[name])}
+                    out.values[name] = {"value": float(got[name])}
     for name in wanted:
         v = out.values[name]
         lo, hi = bootstrap_ci(out.stats[name], n_resamples=n_resamples, confidence=confidence, seed=seed) \

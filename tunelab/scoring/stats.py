@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+from tunelab._optional import require
 from tunelab.errors import TunelabError
 
 
@@ -131,8 +132,6 @@ def holm(p_values: list[float | None], alpha: float = 0.05) -> list[float | None
     Rejecting where the adjusted p is below ``alpha`` keeps the chance of any false positive in
     the family at most ``alpha`` (Holm 1979).
     """
-    from tunelab._optional import require
-
     require("statsmodels", "eval")
     from statsmodels.stats.multitest import multipletests
 

@@ -99,3 +99,28 @@ def test_data_train_and_export_jobs_with_uploaded_files(make_server, tiny_model,
     job = srv.wait(ex["id"], timeout=180)
     assert job["status"] == "succeeded", job["error"]
     assert (srv.ws.root / "platform" / "jobs" / ex["id"] / "export" / "adapter_model.safetensors").is_file()
+
+
+def test_command_lines_for_each_job_kind(tmp_path):
+    from tunelab.platform.jobs import argv_for
+    from tunelab.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path / "ws")
+    w = ["--workspace", str(ws.root)]
+    d = ws.root / "platform" / "jobs" / "job-1"
+
+    def job(command, spec=None, resume=0, run_id="sft-job-1"):
+        return {"id": "job-1", "command": command, "spec": spec or {}, "resume": resume, "run_id": run_id}
+
+    assert argv_for(job("train"), ws) == ["train", str(d / "recipe.yaml"), *w]
+    assert argv_for(job("train", {"options": {"nproc": 2}}), ws)[-2:] == ["--nproc", "2"]
+    assert argv_for(job("train", resume=1), ws) == ["train", str(d / "recipe.yaml"), *w]  # no run folder yet
+    (ws.runs_dir / "sft-job-1").mkdir(parents=True)
+    (ws.runs_dir / "sft-job-1" / "config.yaml").write_text("recipe: sft\n")
+    assert argv_for(job("train", resume=1), ws) == ["train", "--resume", "sft-job-1", *w]
+    assert argv_for(job("data_prepare"), ws) == ["data", "prepare", str(d / "recipe.yaml"), *w]
+    assert argv_for(job("compare"), ws) == ["compare", str(d / "recipe.yaml"), "--out", str(d / "compare"), *w]
+    assert argv_for(job("eval", {"run": "r", "options": {"limit": 5, "no_base": True}}), ws) == [
+        "eval", "r", *w, "--limit", "5", "--no-base"]
+    assert argv_for(job("export", {"run": "r", "options": {"merge": True}}), ws) == [
+        "export", "r", "--out", str(d / "export"), *w, "--merge", "--dtype", "fp32"]

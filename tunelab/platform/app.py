@@ -516,7 +516,7 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
             recipe = raw
             if command == "train":
                 run_id = f"{name}-{jid}"
-            spec = {"recipe": name, "metadata": body.metadata, "set": body.set}
+            spec = {"recipe": name, "metadata": body.metadata, "set": body.set, "options": body.options}
         text = J.write_recipe(ws, jid, recipe)
         store.add_job(id=jid, project=p.project, api="native", command=command, spec=spec, recipe_yaml=text,
                       run_id=run_id, created_by=p.key_id)

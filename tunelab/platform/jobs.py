@@ -159,7 +159,8 @@ def argv_for(job: dict, ws: Workspace) -> list[str]:
     if cmd == "train":
         if job["resume"] and job["run_id"] and (run_dir(ws, job["run_id"]) / "config.yaml").is_file():
             return ["train", "--resume", job["run_id"], "--workspace", str(ws.root)]
-        return ["train", str(d / "recipe.yaml"), "--workspace", str(ws.root)]
+        nproc = int((spec.get("options") or {}).get("nproc") or 1)  # data-parallel processes via torchrun
+        return ["train", str(d / "recipe.yaml"), "--workspace", str(ws.root), *(["--nproc", str(nproc)] * (nproc > 1))]
     if cmd == "data_prepare":
         return ["data", "prepare", str(d / "recipe.yaml"), "--workspace", str(ws.root)]
     if cmd == "compare":

@@ -7,7 +7,8 @@ submitit, Kubernetes Jobs) is one more class with ``start`` returning a :class:`
 
 - :class:`LocalExecutor`: a child process of the worker. On Linux it is tied to the worker with
   ``PR_SET_PDEATHSIG``: when the worker dies (even by SIGKILL) its training process dies too, so
-  the job's next holder never races a stray copy of the same run.
+  the job's next holder never races a stray copy of the same run. (Linux sends the signal when the
+  *thread* that started the child ends: the worker's loop thread, which lives as long as the worker.)
 - :class:`RayExecutor`: a Ray job (Ray Jobs API, ``JobSubmissionClient``) on a cluster whose nodes
   see the workspace at the same path (a shared filesystem); multi-GPU jobs keep using torchrun
   inside the job (``train --nproc N``).

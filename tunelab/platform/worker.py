@@ -64,7 +64,9 @@ class Worker:
         return self
 
     def stop(self, kill: bool = True) -> None:
-        """Stop polling; with ``kill``, stop the running processes (their jobs are taken over after the lease)."""
+        """Stop polling and stop the running processes (their jobs are taken over after the lease). Local job
+        processes end with the worker's thread in any case (executors.LocalExecutor); ``kill`` also stops
+        processes of other executors (Ray jobs)."""
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=30)

@@ -26,10 +26,9 @@ from pathlib import Path
 from tunelab.platform import jobs as J
 from tunelab.platform.executors import Executor, Handle, LocalExecutor
 from tunelab.platform.store import Store
-from tunelab.workspace import Workspace
+from tunelab.workspace import CANCEL_FILE, Workspace  # CANCEL_FILE: the run lifecycle's cooperative stop
 
 log = logging.getLogger("tunelab.platform")
-CANCEL_FILE = "CANCEL"  # tunelab/workspace.py CANCEL_FILE: the run lifecycle's cooperative stop
 
 
 @dataclass

@@ -49,6 +49,84 @@ MIGRATIONS: list[str] = [
     ALTER TABLE runs ADD COLUMN heartbeat_at REAL;
     ALTER TABLE runs ADD COLUMN error TEXT;
     """,
+    # 3: the platform (tunelab/platform): projects, hashed API keys, uploaded files, the job queue (a job is
+    # taken by lease: lease_owner/lease_until, renewed by the worker's heartbeat), job events, and an
+    # append-only audit log (triggers refuse UPDATE and DELETE)
+    """
+    CREATE TABLE api_keys (
+        id TEXT PRIMARY KEY,
+        name TEXT,
+        role TEXT NOT NULL,
+        project TEXT NOT NULL,
+        salt TEXT NOT NULL,
+        hash TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        revoked_at REAL,
+        last_used_at REAL
+    );
+    CREATE TABLE files (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        filename TEXT NOT NULL,
+        purpose TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        path TEXT NOT NULL,
+        records INTEGER,
+        kind TEXT,
+        sha256 TEXT,
+        created_at REAL NOT NULL,
+        deleted_at REAL
+    );
+    CREATE INDEX files_project ON files(project, created_at);
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        api TEXT NOT NULL,
+        command TEXT NOT NULL,
+        status TEXT NOT NULL,
+        spec_json TEXT NOT NULL,
+        recipe_yaml TEXT,
+        run_id TEXT,
+        fine_tuned_model TEXT,
+        created_by TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        lease_owner TEXT,
+        lease_until REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        requested TEXT,
+        resume INTEGER NOT NULL DEFAULT 0,
+        error_json TEXT,
+        result_json TEXT
+    );
+    CREATE INDEX jobs_queue ON jobs(status, created_at);
+    CREATE INDEX jobs_project ON jobs(project, created_at);
+    CREATE UNIQUE INDEX jobs_model ON jobs(fine_tuned_model);
+    CREATE TABLE job_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        level TEXT NOT NULL,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX job_events_job ON job_events(job_id, seq);
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        at REAL NOT NULL,
+        key_id TEXT,
+        role TEXT,
+        project TEXT,
+        action TEXT NOT NULL,
+        target TEXT,
+        status INTEGER,
+        outcome TEXT NOT NULL,
+        client TEXT
+    );
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+    """,
 ]
 
 

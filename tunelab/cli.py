@@ -560,6 +560,120 @@ def _print_summary(s: dict) -> None:
         _console().print(st)
 
 
+# ----------------------------------------------------------------------------- the platform (tunelab/platform)
+
+admin_app = typer.Typer(help="Platform administration: API keys and the audit log.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys: shown once at creation, stored hashed.", no_args_is_help=True)
+admin_app.add_typer(keys_app, name="keys")
+app.add_typer(admin_app, name="admin")
+
+
+@app.command()
+@guarded
+def server(
+    host: str = typer.Option("127.0.0.1", help="address to listen on (beyond loopback only with API keys)"),
+    port: int = typer.Option(8000, help="port to listen on"),
+    config: Optional[Path] = typer.Option(None, "--config", help="settings YAML (tunelab/platform/settings.py)"),
+    concurrency: Optional[int] = typer.Option(None, help="jobs run at once by this server (default 1)"),
+    no_worker: bool = typer.Option(False, "--no-worker", help="serve the API only; another server runs the jobs"),
+    executor: Optional[str] = typer.Option(None, help="local | ray"),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray dashboard, e.g. http://HEAD:8265"),
+    set_: list[str] = typer.Option([], "--set", help="override a setting: --set lease_s=10"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """The platform: OpenAI-compatible fine-tuning jobs and chat, Bedrock customization jobs, native recipes."""
+    from tunelab import config as cfglib
+    from tunelab.platform.server import serve as run_platform
+    from tunelab.platform.settings import PlatformSettings
+
+    flags = [f"host={host}", f"port={port}"]
+    flags += [f"concurrency={concurrency}"] * (concurrency is not None) + ["worker=false"] * no_worker
+    flags += [f"executor={executor}"] * (executor is not None) + [f"ray_address={ray_address}"] * bool(ray_address)
+    settings = cfglib.load(PlatformSettings, config, [*flags, *set_])
+    run_platform(settings, _ws(workspace))
+
+
+@keys_app.command("create")
+@guarded
+def admin_keys_create(
+    role: str = typer.Option(..., "--role", help="admin | trainer | labeler | viewer"),
+    project: str = typer.Option("default", "--project", help="the project the key works in"),
+    name: Optional[str] = typer.Option(None, "--name", help="a label (who or what uses it)"),
+    workspace: Optional[Path] = WorkspaceOpt,
+):
+    """Create an API key; it is printed once and cannot be shown again."""
+    from tunelab.platform.auth import create_key
+    from tunelab.platform.store import Store
+
+    store = Store(_ws(workspace).db_path)
+    kid, key = create_key(store, role, project, name)
+    store.audit(key_id=None, role="cli", project=project, action=f"keys create {kid}", target=kid, status=None,
+                outcome=f"ok: role {role}")
+    typer.echo(key)
+    typer.secho(f"key {kid}: role {role}, project {project}. Store it now: it is not shown again.", fg="yellow",
+                err=True)
+
+
+@keys_app.command("list")
+@guarded
+def admin_keys_list(workspace: Optional[Path] = WorkspaceOpt):
+    """API keys (ids, roles, projects; never the keys)."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    from tunelab.platform.store import Store
+
+    def when(t):
+        return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t else ""
+
+    t = Table("id", "name", "role", "project", "created", "last used", "revoked")
+    for k in Store(_ws(workspace).db_path).list_keys():
+        t.add_row(k["id"], k["name"] or "", k["role"], k["project"], when(k["created_at"]), when(k["last_used_at"]),
+                  when(k["revoked_at"]))
+    _console().print(t)
+
+
+@keys_app.command("revoke")
+@guarded
+def admin_keys_revoke(key_id: str = typer.Argument(..., help="the key's id (from 'tunelab admin keys list')"),
+                      workspace: Optional[Path] = WorkspaceOpt):
+    """Revoke an API key; requests with it are refused from now on."""
+    from tunelab.platform.store import Store
+
+    store = Store(_ws(workspace).db_path)
+    if not store.revoke_key(key_id):
+        raise TunelabError(f"no active key '{key_id}'; see 'tunelab admin keys list'")
+    store.audit(key_id=None, role="cli", project=None, action=f"keys revoke {key_id}", target=key_id, status=None,
+                outcome="ok")
+    typer.echo(f"revoked {key_id}")
+
+
+@admin_app.command("audit")
+@guarded
+def admin_audit(limit: int = typer.Option(50, help="newest N entries"),
+                project: Optional[str] = typer.Option(None, help="only this project"),
+                json_: bool = typer.Option(False, "--json"),
+                workspace: Optional[Path] = WorkspaceOpt):
+    """The audit log, newest first: who did what, and the outcome."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    from tunelab.platform.store import Store
+
+    rows = Store(_ws(workspace).db_path).audit_log(limit, project=project)
+    if json_:
+        typer.echo(_json(rows))
+        return
+    t = Table("time", "key", "role", "project", "action", "status", "outcome", "client")
+    for r in rows:
+        t.add_row(dt.datetime.fromtimestamp(r["at"]).strftime("%Y-%m-%d %H:%M:%S"), r["key_id"] or "",
+                  r["role"] or "", r["project"] or "", r["action"], str(r["status"] or ""), r["outcome"],
+                  r["client"] or "")
+    _console().print(t)
+
+
 def main() -> None:
     import os
     import warnings

@@ -11,7 +11,6 @@ register the version in the catalog.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import importlib
 import inspect
 import json
@@ -30,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from tunelab import __version__
 from tunelab.config import Strict
 from tunelab.data.datacard import render_datacard
+from tunelab.data.lineage import content_hash
 from tunelab.data.profile import profile_dataset
 from tunelab.data.readers import SUFFIXES, files_in, read, read_file
 from tunelab.data.records import EXPORTABLE, FORMATS, BadRecord, export, find_surrogate, kind, to_canonical
@@ -332,13 +332,13 @@ def _path_problem(where: str, path: str, folder_ok: bool = False) -> list[str]:
 
 
 def content_id(cfg: PrepareConfig, file_hashes: dict[str, str], steps: list) -> str:
-    blob = json.dumps({"files": sorted(file_hashes.values()), "inputs": [i.model_dump(exclude={"path"}) for i in cfg.inputs],
-                       "steps": [[type(s).__name__, s.config()] for s in steps], "split": cfg.split.model_dump(),
-                       "select": cfg.select.model_dump() if cfg.select else None,
-                       "select_targets": [sha256_file(t) for t in (cfg.select.target if cfg.select else [])
-                                          if Path(t).is_file()],
-                       "tunelab": __version__}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    """The version's hash (data/lineage.py): raw files' content, readers, steps, split, selection, version."""
+    return content_hash({"files": sorted(file_hashes.values()), "inputs": [i.model_dump(exclude={"path"}) for i in cfg.inputs],
+                         "steps": [[type(s).__name__, s.config()] for s in steps], "split": cfg.split.model_dump(),
+                         "select": cfg.select.model_dump() if cfg.select else None,
+                         "select_targets": [sha256_file(t) for t in (cfg.select.target if cfg.select else [])
+                                            if Path(t).is_file()],
+                         "tunelab": __version__})
 
 
 def _catalog_config(cfg: PrepareConfig) -> dict:

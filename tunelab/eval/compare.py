@@ -57,7 +57,7 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
                 business: bool = True) -> dict:
     """``suite``: a suite file, or a SuiteConfig (relative paths then resolve from the current folder)."""
     from tunelab.eval import suites as S
-    from tunelab.eval.business import business_metrics, reset_peak_memory
+    from tunelab.eval.business import business_metrics, quality_share, reset_peak_memory
 
     if isinstance(suite, S.SuiteConfig):
         cfg, base_dir, suite_path = suite, Path.cwd(), None
@@ -103,10 +103,12 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
             texts = [it.get("prompt") or it.get("text", "")[:400] for it in first.items[: bcfg.latency_requests]]
             chat = first.type == "generation" and bool(getattr(tok, "chat_template", None))
             prompts = [_prompt_ids(tok, t, chat) for t in texts]
+            per = next((sc.values[bcfg.quality_metric].get("per_example") for sc in scored[name].values()
+                        if bcfg.quality_metric in sc.values), None)
             meta["business"] = business_metrics(model, tok, prompts, bcfg,
                                                 adapter_dir=Path(meta["adapter"]) if meta["adapter"] else None,
                                                 run_dir=Path(meta["run_dir"]) if meta["run_dir"] else None,
-                                                peak_reset=peak_reset)
+                                                peak_reset=peak_reset, quality=quality_share(name, per, bcfg))
         if cfg.forgetting.enabled:
             meta["probe"] = S.probe(model, tok, cfg.forgetting, base_dir)
         info[name] = meta
@@ -133,7 +135,6 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
 
 def assemble(cfg, tasks, specs, scored, info) -> dict:
     """Scores, paired differences against the baseline, per-category breakdowns and forgetting flags."""
-    from tunelab.eval.metrics import LOWER_IS_BETTER
     from tunelab.eval.stats import bootstrap_ci, holm, paired_bootstrap, restrict, value
 
     b = cfg.bootstrap
@@ -149,8 +150,6 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
             for k in scored[m][t.name].values:
                 d = paired_bootstrap(scored[baseline][t.name].stats[k], scored[m][t.name].stats[k],
                                      n_resamples=b.n_resamples, confidence=b.confidence, seed=b.seed)
-                better = (d["difference"] < 0) if k in LOWER_IS_BETTER else (d["difference"] > 0)
-                d["better"] = better if d["difference"] != 0 else None
                 diffs[m][t.name][k] = d
     # every difference is one test of one family: Holm–Bonferroni over all of them, significance on the adjusted p
     alpha = 1 - b.confidence
@@ -159,6 +158,10 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
         d["p_value_adjusted"] = adj
         d["significant"] = adj is not None and adj < alpha
         d["significant_unadjusted"] = d["p_value"] is not None and d["p_value"] < alpha
+    for per_task in diffs.values():
+        for per_metric in per_task.values():
+            for k, d in per_metric.items():
+                mark_verdict(k, d, None if d["p_value_adjusted"] is None else d["significant"])
     categories: dict = {}
     for t in tasks:
         cats = sorted({it.get("category") for it in t.items if it.get("category") is not None})
@@ -200,23 +203,34 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
             "forgetting_thresholds": cfg.forgetting.model_dump()}
 
 
+_DIRECTION_WORDS = {"higher": "higher is better", "lower": "lower is better", "neutral": "neutral"}
+
+
+def mark_verdict(metric: str, d: dict, significant: bool | None) -> dict:
+    """Add to a paired difference ``d`` its metric's direction and the verdict a report may print
+    (tunelab/eval/metrics.py ``verdict``); ``better`` is True/False only for a significant difference."""
+    from tunelab.eval.metrics import direction, verdict
+
+    d["direction"] = direction(metric)
+    d["verdict"] = verdict(metric, d.get("difference"), significant)
+    d["better"] = {"better": True, "worse": False}.get(d["verdict"])
+    return d
+
+
 def print_compare(res: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
+    from tunelab._console import console, show, table
     from tunelab.eval.business import describe
+    from tunelab.eval.metrics import direction
 
-    c = Console(width=200)
+    c = console()
     names = list(res["models"])
     mc = res.get("multiple_comparisons") or {"tests": 0, "alpha": 1 - res["bootstrap"]["confidence"]}
-    c.print(f"value [{res['bootstrap']['confidence']:.0%} bootstrap interval] (difference, p from a paired bootstrap vs "
-            f"{res['baseline']}, Holm p: p adjusted by Holm-Bonferroni over all {mc['tests']} differences; * marks "
-            f"Holm p < {mc['alpha']:.2g})", soft_wrap=True)
+    c.print(f"value [{res['bootstrap']['confidence']:.0%} bootstrap interval] (difference from {res['baseline']} "
+            f"[its paired-bootstrap interval], p from the paired bootstrap, Holm p: p adjusted by Holm-Bonferroni over "
+            f"all {mc['tests']} differences; * marks Holm p < {mc['alpha']:.2g}: verdict). 'better'/'worse' only "
+            f"where Holm p < {mc['alpha']:.2g}, in the metric's direction", soft_wrap=True)
     for task, meta in res["tasks"].items():
-        t = Table(title=f"{task} ({meta['type']}, {meta['n']} examples)")
-        t.add_column("metric")
-        for m in names:
-            t.add_column(m, justify="right")
+        t = table("metric", *names, title=f"{task} ({meta['type']}, {meta['n']} examples)", right=tuple(names))
         for k in meta["metrics"]:
             cells = []
             for m in names:
@@ -228,10 +242,12 @@ def print_compare(res: dict) -> None:
                     d = res["differences"][m][task][k]
                     p = "—" if d["p_value"] is None else f"{d['p_value']:.3g}"
                     pa = "—" if d.get("p_value_adjusted") is None else f"{d['p_value_adjusted']:.3g}"
-                    cell += f" ({d['difference']:+.3g}, p={p}, Holm p={pa}{' *' if d.get('significant') else ''})"
+                    ci = "" if d.get("ci_low") is None else f" [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
+                    cell += (f" ({d['difference']:+.3g}{ci}, p={p}, Holm p={pa}{' *' if d.get('significant') else ''}"
+                             f": {d.get('verdict', '—')})")
                 cells.append(cell)
-            t.add_row(k, *cells)
-        c.print(t)
+            t.add_row(f"{k} ({_DIRECTION_WORDS[direction(k)]})", *cells)
+        show(c, t)
     wr = res.get("win_rates")
     if wr:
         for m, per in wr.items():

@@ -125,3 +125,23 @@ def test_every_metric_declares_a_direction():
     assert M.direction("something_new") == "neutral"
     assert M.verdict("rougeL", 0.1, False) == "no significant difference"
     assert M.verdict("perplexity", -1.0, True) == "better" and M.verdict("generated_tokens", 5, True) == "neutral"
+
+
+def test_final_loss_is_the_example_weighted_last_epoch():
+    """17 examples at batch 8: steps of 8, 8 and 1 example; the 1-example step's loss counts as one example."""
+    from types import SimpleNamespace
+
+    from tunelab.train._run import final_loss
+
+    losses = [1.0, 0.9, 3.55, 0.8, 0.85, 3.5]
+    tr = SimpleNamespace(
+        state=SimpleNamespace(log_history=[{"step": i + 1, "loss": v, "epoch": (i + 1) / 3} for i, v in
+                                           enumerate(losses)] + [{"step": 6, "eval_loss": 0.7}]),
+        args=SimpleNamespace(per_device_train_batch_size=8, gradient_accumulation_steps=1, world_size=1),
+        train_dataset=list(range(17)))
+    out = final_loss(tr)
+    assert out["final_train_loss"] == pytest.approx((8 * 0.8 + 8 * 0.85 + 1 * 3.5) / 17)
+    assert out["last_step_loss"] == 3.5 and out["last_step_examples"] == 1 and out["final_train_loss_steps"] == 3
+    # a run shorter than an epoch: all its steps
+    tr.state.log_history = tr.state.log_history[:2]
+    assert final_loss(tr)["final_train_loss"] == pytest.approx(0.95)

@@ -119,13 +119,14 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
                       "training without validation or early stopping")
         else:
             val_chats = []
-        r.write_rejects(rejects)
-        train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
-        val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length)
+        n_unreadable = len(rejects)
+        train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length, rejects, "train")
+        val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length, rejects, "validation")
+        r.write_rejects(rejects)  # unreadable records and chats whose response was truncated away
         if not train_feats:
             raise TunelabError(f"no usable training examples in {cfg.data.train} "
                                f"({len(rejects)} rejected; see {r.dir / 'rejects.jsonl'})")
-        data_report = {"train": train_stats.as_dict(), "validation": val_stats.as_dict(), "rejected": len(rejects)}
+        data_report = {"train": train_stats.as_dict(), "validation": val_stats.as_dict(), "rejected": n_unreadable}
         print_data_report(data_report, cfg.data.max_length)
 
         # 3. model (+ adapter)
@@ -225,6 +226,6 @@ def print_data_report(rep: dict, max_length: int) -> None:
     tr, va = rep["train"], rep["validation"]
     print(f"data: {tr['kept']} train / {va['kept']} validation examples, {tr['tokens']:,} train tokens "
           f"({tr['label_tokens']:,} in responses), p95 length {tr['length_p95']}; "
-          f"truncated at {max_length} tokens: {tr['truncated'] + va['truncated']}; "
-          f"dropped (no response tokens left): {tr['dropped_no_labels'] + va['dropped_no_labels']}; "
-          f"rejected records: {rep['rejected']}")
+          f"truncated at {max_length} tokens: train {tr['truncated']}, validation {va['truncated']}; "
+          f"dropped (no response tokens left): train {tr['dropped_no_labels']}, validation "
+          f"{va['dropped_no_labels']} (in rejects.jsonl); rejected records: {rep['rejected']}")

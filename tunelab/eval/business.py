@@ -34,6 +34,8 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from tunelab.config import Strict
+from tunelab.eval.metrics import mark_verdict
+from tunelab.eval.stats import holm, mean_statistic, paired_bootstrap
 
 
 class BusinessSection(Strict):
@@ -276,9 +278,6 @@ def speed_differences(base: dict, tuned: dict, *, n_resamples: int = 1000, seed:
                       confidence: float = 0.95) -> dict:
     """tuned − base of the per-request latencies (total and first token), timed on the same prompts: a paired
     bootstrap per figure, Holm-adjusted over the two, with the verdict (lower is better; tunelab/eval/metrics.py)."""
-    from tunelab.eval.compare import mark_verdict
-    from tunelab.eval.stats import holm, mean_statistic, paired_bootstrap
-
     alpha = 1 - confidence
     out = {}
     for name, key in (("latency_total_s", "samples_total_s"), ("latency_first_token_s", "samples_first_token_s")):

@@ -17,7 +17,9 @@ import re
 import time
 from pathlib import Path
 
+from tunelab._console import console, show, table
 from tunelab.errors import TunelabError
+from tunelab.eval.metrics import direction, mark_verdict
 from tunelab.workspace import Workspace, write_json
 
 
@@ -206,21 +208,8 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
 _DIRECTION_WORDS = {"higher": "higher is better", "lower": "lower is better", "neutral": "neutral"}
 
 
-def mark_verdict(metric: str, d: dict, significant: bool | None) -> dict:
-    """Add to a paired difference ``d`` its metric's direction and the verdict a report may print
-    (tunelab/eval/metrics.py ``verdict``); ``better`` is True/False only for a significant difference."""
-    from tunelab.eval.metrics import direction, verdict
-
-    d["direction"] = direction(metric)
-    d["verdict"] = verdict(metric, d.get("difference"), significant)
-    d["better"] = {"better": True, "worse": False}.get(d["verdict"])
-    return d
-
-
 def print_compare(res: dict) -> None:
-    from tunelab._console import console, show, table
     from tunelab.eval.business import describe
-    from tunelab.eval.metrics import direction
 
     c = console()
     names = list(res["models"])

@@ -433,6 +433,15 @@ def direction(name: str) -> str:
     return DIRECTION.get(name, NEUTRAL)
 
 
+def mark_verdict(name: str, d: dict, significant: bool | None) -> dict:
+    """Add to a paired difference ``d`` (tunelab/eval/stats.py) its metric's direction and ``verdict``;
+    ``better`` is True/False only for a better/worse verdict."""
+    d["direction"] = direction(name)
+    d["verdict"] = verdict(name, d.get("difference"), significant)
+    d["better"] = {"better": True, "worse": False}.get(d["verdict"])
+    return d
+
+
 def verdict(name: str, difference: float | None, significant: bool | None) -> str:
     """What a report may say about ``b − a = difference`` of metric ``name``: ``better``/``worse`` only
     when a paired test found the difference significant (``significant``; None: no test was run) and

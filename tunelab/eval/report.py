@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 from tunelab._plot import new_figure as _new_figure, png_bytes as _png
+from tunelab.eval.business import describe_speed
 from tunelab.eval.metrics import direction
 
 MAX_SAMPLES = 20
@@ -242,8 +243,6 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
         b = {"models": {m: {"business": v} for m, v in eval_metrics["business"].items()}}
         parts += ["<h3>Business metrics</h3>", _business_section(b)]
         if eval_metrics.get("speed_differences"):
-            from tunelab.eval.business import describe_speed
-
             parts.append(f"<pre>{_esc(chr(10).join(describe_speed(eval_metrics['speed_differences'])))}</pre>")
     skip = ("models", "n_examples", "business", "forgetting", "differences", "speed_differences")
     details = {k: v for k, v in (eval_metrics or {}).items() if k not in skip}

@@ -10,7 +10,10 @@ import json
 import time
 from pathlib import Path
 
+from tunelab._console import console, show, table
 from tunelab.errors import TunelabError
+from tunelab.eval.metrics import direction, mark_verdict
+from tunelab.eval.stats import holm, paired_bootstrap
 from tunelab.workspace import Workspace, read_jsonl, write_json
 
 
@@ -259,9 +262,6 @@ def paired_differences(base: dict, tuned: dict, base_values: dict, tuned_values:
     the tested metrics) where per-example scores exist (``base``/``tuned``: metric → Statistic), the plain
     difference elsewhere (generated tokens, seconds: not tested). Each carries its direction and the verdict
     a report may print: better/worse only where the adjusted p is below 1 − ``confidence``."""
-    from tunelab.eval.compare import mark_verdict
-    from tunelab.eval.stats import holm, paired_bootstrap
-
     alpha = 1 - confidence
     out: dict = {}
     for k in tuned:
@@ -329,9 +329,6 @@ def report_run(ref: str, ws: Workspace) -> Path:
 
 
 def print_eval(res: dict) -> None:
-    from tunelab._console import console, show, table
-    from tunelab.eval.metrics import direction
-
     models = list(res["models"])
     diffs = res.get("differences") or {}
     both = len(models) == 2 and bool(diffs)

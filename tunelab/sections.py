@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tunelab.config import Strict
 
@@ -67,6 +67,24 @@ class TrainSection(Strict):
     padding_free: bool | Literal["auto"] = Field(
         "auto", description="SFT: one unpadded row per batch with per-example position ids (no attention across "
                             "examples); auto: on where faster, a GPU with flash attention (tunelab/train/device.py)")
+    report_to: list[Literal["mlflow", "tensorboard"]] = Field(
+        default_factory=list, description="also log the training metrics to MLflow (a local file store in "
+        "<run>/mlruns, or the server in MLFLOW_TRACKING_URI when that is set) and/or TensorBoard (event files in "
+        "<run>/tensorboard); metrics.jsonl is always written. Needs the 'tracking' extra")
+    threads: int | None = Field(None, ge=1, description="CPU threads torch computes with (torch.set_num_threads); "
+                                                        "default: torch's choice, one per core. Set it below the "
+                                                        "core count on a machine other jobs share")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        need = {"mlflow": ("mlflow",), "tensorboard": ("tensorboardX", "tensorboard")}
+        missing = [x for x in dict.fromkeys(v) if not any(importlib.util.find_spec(m) for m in need[x])]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} is not installed: pip install 'tunelab[tracking]'")
+        return list(dict.fromkeys(v))
 
 
 class GenerationSection(Strict):

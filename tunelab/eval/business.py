@@ -16,8 +16,13 @@
   frozen weights' gradients, so 6·N·D over-states it by up to a third: the figure is an upper bound.
 - Cost: device-hours × price per hour; serving cost per 1k generated tokens = price per hour /
   (3600 × tokens/s) × 1000, at the measured single-request speed (batching would lower it).
-- ROI: monthly volume × minutes saved per task / 60 × hourly rate × months, against training cost
-  + serving cost of that volume; every assumption is printed next to the figure.
+- ROI: only answers that are good enough save staff time, so the benefit is monthly volume × months ×
+  the measured share of acceptable answers × minutes saved per task / 60 × hourly rate, against
+  training cost + serving cost of that volume. The share is human A/B acceptance where it is given
+  (``business.acceptance``), else the share of held-out answers whose ``quality_metric`` (per example,
+  default ROUGE-L) reaches ``quality_threshold``. A model that fails the task earns no benefit, and
+  where no per-answer quality was measured no benefit is credited at all (ROI "—"). Every
+  assumption is printed next to the figure.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import json
 import time
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from tunelab.config import Strict
+from tunelab.scoring.metrics import mark_verdict
+from tunelab.scoring.stats import holm, mean_statistic, paired_bootstrap
 
 
 class BusinessSection(Strict):
@@ -44,6 +51,33 @@ class BusinessSection(Strict):
     months: float = Field(12, gt=0, description="horizon of the ROI estimate")
     tokens_per_task: float | None = Field(None, ge=0, description="generated tokens per request "
                                                                   "(default: the measured mean)")
+    quality_metric: str = Field("rougeL", description="per-answer score that decides whether an answer is "
+                                                      "acceptable (a mean metric of the task: rougeL, accuracy, ...)")
+    quality_threshold: float = Field(0.5, description="an answer is acceptable when its quality_metric is at "
+                                                      "least this")
+    acceptance: dict[str, float] = Field(default_factory=dict, description="measured human acceptance per model "
+                                         "name (share 0-1 of answers people accepted, e.g. from a human A/B "
+                                         "evaluation); replaces the quality_metric share for that model")
+
+    @field_validator("acceptance")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: x for k, x in v.items() if not 0 <= x <= 1}
+        if bad:
+            raise ValueError(f"acceptance shares lie between 0 and 1; got {bad}")
+        return v
+
+
+def quality_share(name: str, per_example: list[float] | None, cfg: BusinessSection) -> dict | None:
+    """The share of answers good enough to save staff time: human acceptance for ``name`` when given,
+    else the share of ``per_example`` quality scores at or above the threshold; None when neither exists."""
+    if name in cfg.acceptance:
+        return {"share": float(cfg.acceptance[name]), "what": f"human acceptance of {name} (business.acceptance)"}
+    if not per_example:
+        return None
+    met = sum(1 for v in per_example if v is not None and v >= cfg.quality_threshold)
+    return {"share": met / len(per_example), "met": met, "n": len(per_example),
+            "what": f"held-out answers with {cfg.quality_metric} ≥ {cfg.quality_threshold:g}"}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -182,8 +216,9 @@ def training_compute(run_dir: Path | None, parameters: int | None) -> dict | Non
     return out
 
 
-def costs(latency: dict, compute: dict | None, cfg: BusinessSection) -> dict:
-    """Training cost, serving cost per 1k tokens and the ROI estimate, with the assumptions used."""
+def costs(latency: dict, compute: dict | None, cfg: BusinessSection, quality: dict | None = None) -> dict:
+    """Training cost, serving cost per 1k tokens and the ROI estimate, with the assumptions used.
+    ``quality``: ``quality_share``'s answer; without it no benefit is credited (benefit and ROI None)."""
     tps = latency.get("tokens_per_s")
     per_1k = cfg.price_per_hour / (3600 * tps) * 1000 if tps else None
     train_hours = compute.get("device_hours") if compute else None
@@ -192,36 +227,42 @@ def costs(latency: dict, compute: dict | None, cfg: BusinessSection) -> dict:
         latency.get("mean_generated_tokens") or 0.0)
     volume = cfg.tasks_per_month * cfg.months
     serving = volume * tokens_per_task / 1000 * per_1k if per_1k is not None else None
-    benefit = volume * cfg.minutes_saved_per_task / 60 * cfg.hourly_rate
+    share = quality["share"] if quality else None
+    benefit = volume * share * cfg.minutes_saved_per_task / 60 * cfg.hourly_rate if share is not None else None
     spend = train_cost + (serving or 0.0)
-    roi = (benefit - spend) / spend if spend > 0 else None
+    roi = (benefit - spend) / spend if spend > 0 and benefit is not None else None
     return {
         "currency": cfg.currency,
         "training_cost": train_cost,
         "serving_cost_per_1k_tokens": per_1k,
         "serving_cost": serving,
+        "acceptable_share": share,
         "benefit": benefit,
-        "net": benefit - spend,
+        "net": benefit - spend if benefit is not None else None,
         "roi": roi,
         "assumptions": {
             "price_per_hour": cfg.price_per_hour, "tasks_per_month": cfg.tasks_per_month,
             "minutes_saved_per_task": cfg.minutes_saved_per_task, "hourly_rate": cfg.hourly_rate,
             "months": cfg.months, "tokens_per_task": tokens_per_task,
+            "acceptable_answers": quality["what"] if quality else
+            "not measured: no benefit credited (no per-answer quality score and no business.acceptance)",
             "serving_speed": "single requests at the measured tokens/s (no batching)",
             "training_cost": "device-hours of the run × price per hour" if compute else
             "no training run behind this model: 0",
-            "formula": "ROI = (volume × minutes saved / 60 × hourly rate − training − serving) / (training + serving)",
+            "formula": "ROI = (volume × acceptable share × minutes saved / 60 × hourly rate − training − serving) "
+                       "/ (training + serving)",
         },
     }
 
 
 def business_metrics(model, tokenizer, prompts: list[list[int]], cfg: BusinessSection, *,
                      adapter_dir: Path | None = None, run_dir: Path | None = None,
-                     peak_reset: list[str] | None = None) -> dict:
+                     peak_reset: list[str] | None = None, quality: dict | None = None) -> dict:
     """Everything above for one loaded model; ``prompts`` are token ids (the first few are timed).
 
     ``peak_reset``: what ``reset_peak_memory()`` reset before the model was loaded (the peak then covers
-    loading, evaluating and timing it); None resets here, so the peak covers the timed requests."""
+    loading, evaluating and timing it); None resets here, so the peak covers the timed requests.
+    ``quality``: the model's share of acceptable answers (``quality_share``), which the ROI's benefit needs."""
     dev = next(model.parameters()).device
     since = "this model was loaded"
     if peak_reset is None:
@@ -230,7 +271,40 @@ def business_metrics(model, tokenizer, prompts: list[list[int]], cfg: BusinessSe
     size = model_size(model, adapter_dir)
     compute = training_compute(run_dir, size["parameters"])
     return {"latency": lat, "memory": peak_memory(dev, peak_reset, since), "size": size, "training": compute,
-            "cost": costs(lat, compute, cfg), "device": str(dev)}
+            "cost": costs(lat, compute, cfg, quality), "device": str(dev)}
+
+
+def speed_differences(base: dict, tuned: dict, *, n_resamples: int = 1000, seed: int = 0,
+                      confidence: float = 0.95) -> dict:
+    """tuned − base of the per-request latencies (total and first token), timed on the same prompts: a paired
+    bootstrap per figure, Holm-adjusted over the two, with the verdict (lower is better; tunelab/scoring/metrics.py)."""
+    alpha = 1 - confidence
+    out = {}
+    for name, key in (("latency_total_s", "samples_total_s"), ("latency_first_token_s", "samples_first_token_s")):
+        a, b = base["latency"].get(key) or [], tuned["latency"].get(key) or []
+        if a and len(a) == len(b):
+            out[name] = paired_bootstrap(mean_statistic(a), mean_statistic(b), n_resamples=n_resamples, seed=seed,
+                                         confidence=confidence)
+    names = list(out)
+    for k, adj in zip(names, holm([out[k]["p_value"] for k in names], alpha)):
+        out[k]["p_value_adjusted"] = adj
+        out[k]["significant"] = adj is not None and adj < alpha
+        mark_verdict(k, out[k], None if adj is None else out[k]["significant"])
+    return out
+
+
+def describe_speed(diffs: dict, a: str = "base", b: str = "tuned") -> list[str]:
+    """``speed_differences`` as printable lines: 'slower'/'faster' only where the paired test says so."""
+    words = {"better": "faster", "worse": "slower", "no significant difference": "no significant difference",
+             "not tested": "not tested"}
+    out = []
+    for k, d in diffs.items():
+        ci = "" if d.get("ci_low") is None else f" [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
+        pa = "—" if d.get("p_value_adjusted") is None else f"{d['p_value_adjusted']:.3g}"
+        what = "total latency per request" if k == "latency_total_s" else "time to first token"
+        out.append(f"{b} vs {a}, {what}: {d['difference']:+.4g} s{ci} (paired bootstrap over the same requests, "
+                   f"Holm p={pa}): {words.get(d['verdict'], d['verdict'])}")
+    return out
 
 
 def describe(b: dict) -> list[str]:
@@ -257,9 +331,10 @@ def describe(b: dict) -> list[str]:
     lines += [
         f"cost at {a['price_per_hour']} {cur}/device-hour: training {f(c['training_cost'])} {cur}; serving "
         f"{f(c['serving_cost_per_1k_tokens'])} {cur} per 1k generated tokens",
-        f"ROI over {a['months']:g} months: {a['tasks_per_month']:,.0f} tasks/month × {a['minutes_saved_per_task']:g} "
-        f"min saved × {a['hourly_rate']:g} {cur}/h = {f(c['benefit'], '{:,.0f}')} {cur} benefit against "
-        f"{f(c['training_cost'] + (c['serving_cost'] or 0), '{:,.2f}')} {cur} training + serving "
-        f"({a['tokens_per_task']:.0f} tokens/task) → ROI {f(c['roi'], '{:,.1f}')}×",
+        f"ROI over {a['months']:g} months: {a['tasks_per_month']:,.0f} tasks/month × "
+        f"{f(c.get('acceptable_share'), '{:.0%}')} acceptable answers ({a.get('acceptable_answers', '—')}) × "
+        f"{a['minutes_saved_per_task']:g} min saved × {a['hourly_rate']:g} {cur}/h = {f(c['benefit'], '{:,.0f}')} "
+        f"{cur} benefit against {f(c['training_cost'] + (c['serving_cost'] or 0), '{:,.2f}')} {cur} training + "
+        f"serving ({a['tokens_per_task']:.0f} tokens/task) → ROI {f(c['roi'], '{:,.1f}')}×",
     ]
     return lines

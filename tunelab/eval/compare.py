@@ -17,9 +17,10 @@ import re
 import time
 from pathlib import Path
 
+from tunelab._console import console, show, table
 from tunelab.errors import TunelabError
 from tunelab.eval import suites as S
-from tunelab.eval.business import business_metrics, describe, reset_peak_memory
+from tunelab.eval.business import business_metrics, describe, quality_share, reset_peak_memory
 from tunelab.eval.report import write_compare_report
 from tunelab.eval.suites import (
     SuiteConfig,  # noqa: F401 (the recipes registry reads it here)
@@ -27,7 +28,7 @@ from tunelab.eval.suites import (
     forgetting_verdict,
 )
 from tunelab.models import refs
-from tunelab.scoring.metrics import LOWER_IS_BETTER
+from tunelab.scoring.metrics import direction, mark_verdict
 from tunelab.scoring.stats import bootstrap_ci, holm, paired_bootstrap, restrict, value
 from tunelab.workspace import Workspace, write_json
 
@@ -112,10 +113,12 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
             texts = [it.get("prompt") or it.get("text", "")[:400] for it in first.items[: bcfg.latency_requests]]
             chat = first.type == "generation" and bool(getattr(tok, "chat_template", None))
             prompts = [_prompt_ids(tok, t, chat) for t in texts]
+            per = next((sc.values[bcfg.quality_metric].get("per_example") for sc in scored[name].values()
+                        if bcfg.quality_metric in sc.values), None)
             meta["business"] = business_metrics(model, tok, prompts, bcfg,
                                                 adapter_dir=Path(meta["adapter"]) if meta["adapter"] else None,
                                                 run_dir=Path(meta["run_dir"]) if meta["run_dir"] else None,
-                                                peak_reset=peak_reset)
+                                                peak_reset=peak_reset, quality=quality_share(name, per, bcfg))
         if cfg.forgetting.enabled:
             meta["probe"] = S.probe(model, tok, cfg.forgetting, base_dir)
         info[name] = meta
@@ -154,8 +157,6 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
             for k in scored[m][t.name].values:
                 d = paired_bootstrap(scored[baseline][t.name].stats[k], scored[m][t.name].stats[k],
                                      n_resamples=b.n_resamples, confidence=b.confidence, seed=b.seed)
-                better = (d["difference"] < 0) if k in LOWER_IS_BETTER else (d["difference"] > 0)
-                d["better"] = better if d["difference"] != 0 else None
                 diffs[m][t.name][k] = d
     # every difference is one test of one family: Holm–Bonferroni over all of them, significance on the adjusted p
     alpha = 1 - b.confidence
@@ -164,6 +165,10 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
         d["p_value_adjusted"] = adj
         d["significant"] = adj is not None and adj < alpha
         d["significant_unadjusted"] = d["p_value"] is not None and d["p_value"] < alpha
+    for per_task in diffs.values():
+        for per_metric in per_task.values():
+            for k, d in per_metric.items():
+                mark_verdict(k, d, None if d["p_value_adjusted"] is None else d["significant"])
     categories: dict = {}
     for t in tasks:
         cats = sorted({it.get("category") for it in t.items if it.get("category") is not None})
@@ -203,21 +208,19 @@ def assemble(cfg, tasks, specs, scored, info) -> dict:
             "forgetting_thresholds": cfg.forgetting.model_dump()}
 
 
-def print_compare(res: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
+_DIRECTION_WORDS = {"higher": "higher is better", "lower": "lower is better", "neutral": "neutral"}
 
-    c = Console(width=200)
+
+def print_compare(res: dict) -> None:
+    c = console()
     names = list(res["models"])
     mc = res.get("multiple_comparisons") or {"tests": 0, "alpha": 1 - res["bootstrap"]["confidence"]}
-    c.print(f"value [{res['bootstrap']['confidence']:.0%} bootstrap interval] (difference, p from a paired bootstrap vs "
-            f"{res['baseline']}, Holm p: p adjusted by Holm-Bonferroni over all {mc['tests']} differences; * marks "
-            f"Holm p < {mc['alpha']:.2g})", soft_wrap=True)
+    c.print(f"value [{res['bootstrap']['confidence']:.0%} bootstrap interval] (difference [its interval], p from a "
+            f"paired bootstrap vs {res['baseline']}, Holm p: p adjusted by Holm-Bonferroni over all {mc['tests']} "
+            f"differences; * marks Holm p < {mc['alpha']:.2g}: verdict). 'better'/'worse' only where Holm p < "
+            f"{mc['alpha']:.2g}, in the metric's direction", soft_wrap=True, markup=False)
     for task, meta in res["tasks"].items():
-        t = Table(title=f"{task} ({meta['type']}, {meta['n']} examples)")
-        t.add_column("metric")
-        for m in names:
-            t.add_column(m, justify="right")
+        t = table("metric", *names, title=f"{task} ({meta['type']}, {meta['n']} examples)", right=tuple(names))
         for k in meta["metrics"]:
             cells = []
             for m in names:
@@ -229,10 +232,12 @@ def print_compare(res: dict) -> None:
                     d = res["differences"][m][task][k]
                     p = "—" if d["p_value"] is None else f"{d['p_value']:.3g}"
                     pa = "—" if d.get("p_value_adjusted") is None else f"{d['p_value_adjusted']:.3g}"
-                    cell += f" ({d['difference']:+.3g}, p={p}, Holm p={pa}{' *' if d.get('significant') else ''})"
+                    ci = "" if d.get("ci_low") is None else f" [{d['ci_low']:+.3g}, {d['ci_high']:+.3g}]"
+                    cell += (f" ({d['difference']:+.3g}{ci}, p={p}, Holm p={pa}{' *' if d.get('significant') else ''}"
+                             f": {d.get('verdict', '—')})")
                 cells.append(cell)
-            t.add_row(k, *cells)
-        c.print(t)
+            t.add_row(f"{k} ({_DIRECTION_WORDS[direction(k)]})", *cells)
+        show(c, t)
     wr = res.get("win_rates")
     if wr:
         for m, per in wr.items():

@@ -19,13 +19,13 @@ from typing import Any
 
 from tunelab._plot import new_figure as _new_figure
 from tunelab._plot import png_bytes as _png
-from tunelab.eval.business import describe
+from tunelab.eval.business import describe, describe_speed
+from tunelab.scoring.metrics import direction
 
 MAX_SAMPLES = 20
 DASH = "—"
 
-# Metrics where a lower value is better; every other metric is higher-is-better.
-LOWER_IS_BETTER = {"perplexity", "ppl"}
+_WAYS = {"higher": "↑ better", "lower": "↓ better", "neutral": "neutral"}
 # Display order for known metrics; unknown ones follow alphabetically.
 METRIC_ORDER = ["rougeL", "rouge1", "rouge2", "rougeLsum", "bleu", "chrf", "exact_match", "perplexity"]
 # Metrics reported on a 0-100 scale, divided by 100 for the bounded bar chart.
@@ -183,14 +183,6 @@ def _metric_order(names: set[str]) -> list[str]:
     return known + sorted(names - set(known))
 
 
-def _better(metric: str, base: float, tuned: float) -> str:
-    """``"tuned"``, ``"base"`` or ``"tie"`` for one metric."""
-    if tuned == base:
-        return "tie"
-    tuned_wins = tuned < base if metric.lower() in LOWER_IS_BETTER else tuned > base
-    return "tuned" if tuned_wins else "base"
-
-
 def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
     models: dict[str, dict] = (eval_metrics or {}).get("models") or {}
     if not models:
@@ -209,28 +201,35 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
 
     head = "".join(f"<th>{_esc(n)}</th>" for n in names)
     if compare:
-        head += "<th>tuned − base</th><th>better</th>"
+        head += "<th>tuned − base [interval]</th><th>verdict</th>"
     rows = []
     for metric in metrics:
         values = {n: (models[n] or {}).get(metric) for n in names}
         b, t = _num(values.get("base")), _num(values.get("tuned"))
         both = compare and b is not None and t is not None
-        best = _better(metric, b, t) if both else None
+        d = diffs.get(metric) or {}
+        # a verdict only from the paired test, in the metric's direction (tunelab/scoring/metrics.py)
+        word = d.get("verdict") or (("neutral" if direction(metric) == "neutral" else "not tested") if both else None)
+        best = {"better": "tuned", "worse": "base"}.get(word or "")
         cells = "".join(
             f'<td class="num{" best" if n == best else ""}">{_esc(cell_text(n, metric))}</td>' for n in names
         )
         if compare:
             delta = f"{t - b:+.4g}" if both else DASH
-            pv = (diffs.get(metric) or {}).get("p_value")
+            if both and d.get("ci_low") is not None:
+                delta += f" [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
+            pv, pa = d.get("p_value"), d.get("p_value_adjusted")
             if both and pv is not None:
-                delta += f" (p={pv:.3g})"
-            css = {"tuned": "up", "base": "down"}.get(best or "", "")
-            cells += f'<td class="num">{_esc(delta)}</td><td class="{css}">{_esc(best or DASH)}</td>'
-        rows.append(f"<tr><th scope=\"row\">{_esc(metric)}</th>{cells}</tr>")
+                delta += f" (p={pv:.3g}" + (f", Holm p={pa:.3g})" if pa is not None else ")")
+            css = {"better": "up", "worse": "down"}.get(word or "", "")
+            cells += f'<td class="num">{_esc(delta)}</td><td class="{css}">{_esc(word or DASH)}</td>'
+        rows.append(f"<tr><th scope=\"row\">{_esc(metric)}<span class=\"muted\"> ({_esc(_WAYS[direction(metric)])})</span></th>{cells}</tr>")
 
-    note = ("Lower is better for perplexity; higher is better for the rest. Brackets: 95% percentile-bootstrap "
-            "interval over examples." + (" p: paired bootstrap of the difference on the same examples." if diffs
-                                         else ""))
+    note = ("Arrows: the metric's direction (neutral: neither more nor fewer is better, e.g. tokens generated). "
+            "Brackets: 95% percentile-bootstrap interval over examples." +
+            (" tuned − base: the paired-bootstrap interval of the difference on the same examples, its p and the "
+             "Holm-adjusted p over the tested metrics; the verdict is 'better' or 'worse' only where the adjusted "
+             "p < 0.05." if diffs else ""))
     n = eval_metrics.get("n_examples") if eval_metrics else None
     parts = [
         f'<p class="muted">{_esc(f"{_fmt(n)} examples. " if n is not None else "")}{_esc(note)}</p>',
@@ -245,7 +244,9 @@ def _eval_section(eval_metrics: dict | None, metrics_png: bytes | None) -> str:
     if eval_metrics.get("business"):
         b = {"models": {m: {"business": v} for m, v in eval_metrics["business"].items()}}
         parts += ["<h3>Business metrics</h3>", _business_section(b)]
-    skip = ("models", "n_examples", "business", "forgetting", "differences")
+        if eval_metrics.get("speed_differences"):
+            parts.append(f"<pre>{_esc(chr(10).join(describe_speed(eval_metrics['speed_differences'])))}</pre>")
+    skip = ("models", "n_examples", "business", "forgetting", "differences", "speed_differences")
     details = {k: v for k, v in (eval_metrics or {}).items() if k not in skip}
     if details:
         parts.append(_pre_json(details))
@@ -406,17 +407,18 @@ def _task_table(res: dict, task: str) -> str:
                 p = DASH if d["p_value"] is None else f"{d['p_value']:.3g}"
                 pa = DASH if d.get("p_value_adjusted") is None else f"{d['p_value_adjusted']:.3g}"
                 sig = " *" if d["significant"] else ""
-                diff = f"{d['difference']:+.4g} vs {base}, p={p}, Holm p={pa}{sig}"
+                ci = "" if d.get("ci_low") is None else f" [{d['ci_low']:+.4g}, {d['ci_high']:+.4g}]"
+                diff = f"{d['difference']:+.4g}{ci} vs {base}, p={p}, Holm p={pa}{sig}: {d.get('verdict', DASH)}"
                 cell += f'<br><span class="{css}">{_esc(diff)}</span>'
             cells.append(f'<td class="num">{cell}</td>')
-        rows.append(f"<tr><th scope=\"row\">{_esc(k)}</th>{''.join(cells)}</tr>")
+        rows.append(f"<tr><th scope=\"row\">{_esc(k)}<span class=\"muted\"> ({_esc(_WAYS[direction(k)])})</span></th>{''.join(cells)}</tr>")
     conf = res["bootstrap"]["confidence"]
     note = (f"{meta['n']} examples ({meta['rejected']} rejected) from {meta['source']}. Brackets: {conf:.0%} "
             f"percentile-bootstrap interval over examples ({res['bootstrap']['n_resamples']} resamples). Under each "
             f"model: its difference from {base} with a paired-bootstrap p-value and the Holm-Bonferroni adjusted "
             f"p over all {(res.get('multiple_comparisons') or {}).get('tests', 0)} differences of this comparison "
-            f"(every model, task and metric); * marks an adjusted p < {1 - conf:.2g}. "
-            f"Lower is better for perplexity.")
+            f"(every model, task and metric); * marks an adjusted p < {1 - conf:.2g}, and only those differences "
+            f"are called better or worse, in the metric's direction (arrows).")
     return (f'<p class="muted">{_esc(note)}</p><table><thead><tr><th>metric</th>{head}</tr></thead>'
             f"<tbody>{''.join(rows)}</tbody></table>")
 
@@ -500,6 +502,7 @@ def _business_section(res: dict) -> str:
               ("adapter bytes", ("size", "adapter_bytes")), ("training device-hours", ("training", "device_hours")),
               ("training FLOPs (6·N·D)", ("training", "flops_6nd")), ("training cost", ("cost", "training_cost")),
               ("serving cost per 1k tokens", ("cost", "serving_cost_per_1k_tokens")),
+              ("acceptable answers (share)", ("cost", "acceptable_share")), ("benefit", ("cost", "benefit")),
               ("ROI", ("cost", "roi"))]
     head = "".join(f"<th>{_esc(n)}</th>" for n in names)
     rows = "".join(f"<tr><th scope=\"row\">{_esc(label)}</th>" + "".join(

@@ -12,16 +12,18 @@ from pathlib import Path
 
 from tunelab import config as cfglib
 from tunelab import recipes
+from tunelab._console import console, show, table
 from tunelab.data.loaders import load_chats
 from tunelab.errors import TunelabError
-from tunelab.eval.business import BusinessSection, business_metrics, describe
+from tunelab.eval.business import (BusinessSection, business_metrics, describe, describe_speed, quality_share,
+                                   speed_differences)
 from tunelab.eval.report import write_report
 from tunelab.eval.suites import ForgettingSection, forgetting_verdict, probe
 from tunelab.models import refs
 from tunelab.models.generation import generate
 from tunelab.scoring import metrics as M
-from tunelab.scoring.metrics import LOWER_IS_BETTER
-from tunelab.scoring.stats import paired_bootstrap
+from tunelab.scoring.metrics import direction, mark_verdict
+from tunelab.scoring.stats import holm, paired_bootstrap
 from tunelab.sections import ChatDataSection
 from tunelab.train.numerics import prompt_ids, response_nll_per_example, tokenize_all_chats
 from tunelab.workspace import Workspace, read_jsonl, write_json
@@ -76,6 +78,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     if with_base and tuned_ref.adapter is None:  # a full fine-tune: the base is a second model
         base = refs.load(refs.resolve(base_ref, ws, trust_remote_code=tuned_ref.trust_remote_code, runs=False))
 
+
     bcfg = BusinessSection(**(business_cfg or {}))
     fcfg = ForgettingSection(**(forgetting_cfg or {}))
     boot = {"n_resamples": n_resamples, "seed": seed}
@@ -95,9 +98,11 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
         m["perplexity"] = ppl.values["perplexity"]["value"]
         m["ci"] = {k: [v["ci_low"], v["ci_high"]] for k, v in {**text.values, **ppl.values}.items()}
         if business:
+            quality = quality_share(name, text.values.get(bcfg.quality_metric, {}).get("per_example"), bcfg)
             extras["business"][name] = business_metrics(model, tokenizer, prompts, bcfg,
                                                         adapter_dir=adapter if name == "tuned" and adapter.is_dir()
-                                                        else None, run_dir=run_dir if name == "tuned" else None)
+                                                        else None, run_dir=run_dir if name == "tuned" else None,
+                                                        quality=quality)
         if forgetting:
             extras["probe"][name] = probe(model, tokenizer, fcfg)
         new_tokens = sum(s["new_tokens"] for s in gstats)
@@ -131,13 +136,13 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
            "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order},
            "bootstrap": {**boot, "confidence": 0.95, "method": "percentile over examples"}}
     if "base" in scored:
-        res["differences"] = {}
-        for k in scored["tuned"]:
-            d = paired_bootstrap(scored["base"][k], scored["tuned"][k], **boot)
-            d["better"] = None if d["difference"] == 0 else (d["difference"] < 0) == (k in LOWER_IS_BETTER)
-            res["differences"][k] = d
+        res["differences"] = paired_differences(scored["base"], scored["tuned"], res["models"]["base"],
+                                                res["models"]["tuned"], boot)
     if extras["business"]:
         res["business"] = extras["business"]
+        if "base" in extras["business"]:
+            res["speed_differences"] = speed_differences(extras["business"]["base"], extras["business"]["tuned"],
+                                                         **boot)
     if "base" in extras["probe"] and "tuned" in extras["probe"]:
         res["forgetting"] = forgetting_verdict(extras["probe"]["base"], extras["probe"]["tuned"], fcfg)
         _mark_forgetting(ws, run_dir, res["forgetting"])
@@ -150,6 +155,30 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
                                      if k in ("rougeL", "bleu", "perplexity")})
     res["report"] = str(report_run(run_id, ws))
     return res
+
+
+def paired_differences(base: dict, tuned: dict, base_values: dict, tuned_values: dict, boot: dict,
+                       confidence: float = 0.95) -> dict:
+    """tuned − base for every figure: a paired bootstrap on the same examples (interval, p and Holm's p over
+    the tested metrics) where per-example scores exist (``base``/``tuned``: metric → Statistic), the plain
+    difference elsewhere (generated tokens, seconds: not tested). Each carries its direction and the verdict
+    a report may print: better/worse only where the adjusted p is below 1 − ``confidence``."""
+    alpha = 1 - confidence
+    out: dict = {}
+    for k in tuned:
+        out[k] = paired_bootstrap(base[k], tuned[k], confidence=confidence, **boot)
+    tested = list(out)
+    for k, adj in zip(tested, holm([out[k]["p_value"] for k in tested], alpha)):
+        out[k]["p_value_adjusted"] = adj
+        out[k]["significant"] = adj is not None and adj < alpha
+        mark_verdict(k, out[k], None if adj is None else out[k]["significant"])
+    for k, v in tuned_values.items():
+        b = base_values.get(k)
+        if k in out or isinstance(v, bool) or not isinstance(v, (int, float)) or not isinstance(b, (int, float)):
+            continue
+        out[k] = mark_verdict(k, {"difference": v - b, "ci_low": None, "ci_high": None, "p_value": None,
+                                  "p_value_adjusted": None, "significant": None, "n": None}, None)
+    return out
 
 
 def _mark_forgetting(ws: Workspace, run_dir: Path, verdict: dict) -> None:
@@ -199,18 +228,20 @@ def report_run(ref: str, ws: Workspace) -> Path:
 
 
 def print_eval(res: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     models = list(res["models"])
-    t = Table(title=f"held-out evaluation: {res['n_examples']} examples, greedy decoding; [95% bootstrap interval]")
-    t.add_column("metric")
-    for m in models:
-        t.add_column(m, justify="right")
-    if len(models) == 2:
-        t.add_column("tuned − base (paired-bootstrap p)", justify="right")
-    for k in ("rougeL", "rouge1", "rouge2", "bleu", "chrf", "exact_match", "perplexity", "generation_tokens_per_s"):
+    diffs = res.get("differences") or {}
+    both = len(models) == 2 and bool(diffs)
+    conf = (res.get("bootstrap") or {}).get("confidence", 0.95)
+    heads = ["metric", *models] + (["tuned − base [interval]", "Holm p", "verdict"] if both else [])
+    t = table(*heads, right=tuple(heads[1:-1]), title=f"held-out evaluation: {res['n_examples']} examples, greedy "
+                                                      f"decoding; [{conf:.0%} bootstrap interval]")
+    ways = {"higher": "↑ better", "lower": "↓ better", "neutral": "neutral"}
+    shown = ("rougeL", "rouge1", "rouge2", "bleu", "chrf", "exact_match", "perplexity", "generated_tokens",
+             "generation_s", "generation_tokens_per_s")
+    for k in shown:
         vals = [res["models"][m].get(k) for m in models]
+        if all(v is None for v in vals):
+            continue
         cells = []
         for m, v in zip(models, vals):
             cell = f"{v:.4f}" if isinstance(v, float) else str(v)
@@ -218,13 +249,22 @@ def print_eval(res: dict) -> None:
             if ci and ci[0] is not None:
                 cell += f" [{ci[0]:.4f}, {ci[1]:.4f}]"
             cells.append(cell)
-        if len(models) == 2 and all(isinstance(v, (int, float)) for v in vals):
-            d = (res.get("differences") or {}).get(k)
-            p = f" (p={d['p_value']:.3g})" if d and d.get("p_value") is not None else ""
-            cells.append(f"{vals[1] - vals[0]:+.4f}{p}")
-        t.add_row(k, *cells)
-    con = Console()
-    con.print(t)
+        if both:
+            d = diffs.get(k)
+            if d is None:
+                cells += ["—", "—", "—"]
+            else:
+                ci = "" if d.get("ci_low") is None else f" [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]"
+                pa = d.get("p_value_adjusted")
+                cells += [f"{d['difference']:+.4f}{ci}", "—" if pa is None else f"{pa:.3g}", d["verdict"]]
+        t.add_row(f"{k} ({ways[direction(k)]})", *cells)
+    con = console()
+    show(con, t)
+    if both:
+        by = {v: [k for k in shown if k in diffs and diffs[k]["verdict"] == v] for v in ("better", "worse")}
+        con.print(f"tuned vs base: better on {', '.join(by['better']) or 'nothing'}; worse on "
+                  f"{', '.join(by['worse']) or 'nothing'} (a verdict only where the paired bootstrap's "
+                  f"Holm-adjusted p < {1 - conf:.2g}; tokens and seconds generated are neutral)", soft_wrap=True)
     f = res.get("forgetting")
     if f:
         flag = "FLAGGED: " + "; ".join(f["reasons"]) if f["flagged"] else "not flagged"
@@ -236,5 +276,7 @@ def print_eval(res: dict) -> None:
             con.print(f"[bold]{m}[/bold]")
             for line in describe(b):
                 con.print("  " + line)
+        for line in describe_speed(res.get("speed_differences") or {}):
+            con.print(line)
     if res.get("report"):
         con.print(f"report: {res['report']}")

@@ -172,6 +172,7 @@ class Family:
     fn: Callable
     inputs: str
     need_refs: bool = True
+    direction: str = "higher"  # which way is better: "higher", "lower" or "neutral" (see DIRECTION)
 
 
 def _rouge_fn(preds, refs, opts):
@@ -292,7 +293,7 @@ FAMILIES = [
     Family(("roc_auc",), "corpus", _roc_auc_fn, "scores or class probabilities / gold label"),
     Family(("pairwise_accuracy",), "mean", _pairwise_fn, "reward of chosen / reward of rejected"),
     Family(("win_rate",), "mean", _win_fn, "judgments (win/tie/loss or 1/0.5/0)", need_refs=False),
-    Family(("perplexity",), "corpus", _ppl_fn, "summed NLL per example / tokens per example"),
+    Family(("perplexity",), "corpus", _ppl_fn, "summed NLL per example / tokens per example", direction="lower"),
 ]
 METRICS: dict[str, Family] = {n: f for f in FAMILIES for n in f.names}
 ALIASES = {"rouge": ROUGE_TYPES, "bertscore": BERTSCORE, "precision": tuple(f"precision_{a}" for a in AVERAGES),
@@ -396,3 +397,44 @@ def with_ci(scored: Scored, confidence: float = 0.95) -> dict:
         out[k] = v["value"]
         out[f"{k}_ci"] = [v["ci_low"], v["ci_high"]]
     return out
+
+
+# ----------------------------------------------------------------------------- directions and verdicts
+
+HIGHER, LOWER, NEUTRAL = "higher", "lower", "neutral"
+# Which way is better for every figure a report compares. Neutral figures (how many tokens a model chose
+# to generate, the seconds that took) have no better side: a report never calls them better or worse.
+# A name not listed here is neutral too, so nothing unknown is ever called an improvement.
+DIRECTION: dict[str, str] = {**{n: f.direction for f in FAMILIES for n in f.names},
+                             "generated_tokens": NEUTRAL, "generation_s": NEUTRAL,
+                             "generation_tokens_per_s": HIGHER, "latency_total_s": LOWER,
+                             "latency_first_token_s": LOWER}
+VERDICTS = ("better", "worse", "no significant difference", "neutral", "not tested")
+
+
+def direction(name: str) -> str:
+    """``higher``, ``lower`` or ``neutral`` (is better) for a metric name."""
+    return DIRECTION.get(name, NEUTRAL)
+
+
+def mark_verdict(name: str, d: dict, significant: bool | None) -> dict:
+    """Add to a paired difference ``d`` (tunelab/scoring/stats.py) its metric's direction and ``verdict``;
+    ``better`` is True/False only for a better/worse verdict."""
+    d["direction"] = direction(name)
+    d["verdict"] = verdict(name, d.get("difference"), significant)
+    d["better"] = {"better": True, "worse": False}.get(d["verdict"])
+    return d
+
+
+def verdict(name: str, difference: float | None, significant: bool | None) -> str:
+    """What a report may say about ``b − a = difference`` of metric ``name``: ``better``/``worse`` only
+    when a paired test found the difference significant (``significant``; None: no test was run) and
+    the metric has a direction."""
+    way = direction(name)
+    if way == NEUTRAL:
+        return "neutral"
+    if significant is None or difference is None:
+        return "not tested"
+    if not significant or difference == 0:
+        return "no significant difference"
+    return "better" if (difference > 0) == (way == HIGHER) else "worse"

@@ -73,6 +73,7 @@ class Run:
     lineage: dict = field(default_factory=dict)
     began: bool = False
     cancel_step: int | None = None
+    loss: dict | None = None  # final_loss() of the trained Trainer
     _stop: threading.Event | None = None
 
     @property
@@ -170,8 +171,14 @@ class Run:
             else:
                 cb.truncate_metrics(self.metrics_path, checkpoint_step(resume_from))
                 print(f"resuming from {resume_from.name}")
-        out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        try:
+            out = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        except BaseException:
+            end_tracking("FAILED")
+            raise
+        self.loss = final_loss(trainer)
         if self.cancel_step is not None:
+            end_tracking("KILLED")
             raise Cancelled(self.cancel_step)
         return out
 
@@ -181,6 +188,8 @@ class Run:
         """Write summary.json and mark the run completed; return the summary."""
         summary = {"run_id": self.id, "status": "completed", **summary,
                    "wall_time_s": round(time.time() - self.started, 2)}
+        if self.loss and "final_train_loss" in summary:  # the epoch mean, not one (maybe tiny) last step
+            summary.update(self.loss)
         summary.setdefault("world_size", world_size())
         write_json(self.dir / "summary.json", summary)
         self.catalog.update_run(self.id, status="completed",
@@ -209,6 +218,7 @@ def execute(kind: str, cfg, steps: Callable[[Run], dict], config_cls, workspace:
     elif cfg is None:
         raise TunelabError(f"{kind}: give a recipe, or resume a run")
     restore = _sigterm_as_interrupt()
+    restore_threads = _set_threads(getattr(getattr(r.cfg, "train", None), "threads", None))
     try:
         return steps(r)
     except Cancelled as c:
@@ -226,6 +236,19 @@ def execute(kind: str, cfg, steps: Callable[[Run], dict], config_cls, workspace:
     finally:
         r.stop_heartbeat()
         restore()
+        restore_threads()
+
+
+def _set_threads(n: int | None) -> Callable[[], None]:
+    """``train.threads``: torch's CPU threads for this run (restored afterwards); nothing when unset."""
+    if not n:
+        return lambda: None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    print(f"torch CPU threads: {n} (train.threads; was {before})")
+    return lambda: torch.set_num_threads(before)
 
 
 def _sigterm_as_interrupt() -> Callable[[], None]:
@@ -316,13 +339,85 @@ def training_args(t, dplan, out_dir: Path, *, has_val: bool, total_steps: int, c
         restore_callback_states_from_checkpoint=True,
         logging_strategy="steps",
         logging_steps=1,
-        report_to="none",
+        report_to=tracking(getattr(t, "report_to", None), Path(out_dir).parent) or "none",
+        run_name=Path(out_dir).parent.name,
         disable_tqdm=True,
         dataloader_num_workers=0,
         save_only_model=False,
     )
     fields.update(extra)
     return cls(**fields)
+
+
+_OWN_MLFLOW_URI: list[str] = []  # the store tunelab pointed MLflow at (a user's own MLFLOW_TRACKING_URI is kept)
+
+
+def tracking(report_to, run_dir: Path) -> list[str]:
+    """``train.report_to`` for transformers' integrations, which read their places from the environment:
+    TensorBoard event files go to ``<run>/tensorboard``; MLflow logs to the server or database in the user's
+    MLFLOW_TRACKING_URI when set, else to a local file store ``<run>/mlruns`` (MLflow 3 keeps that backend in
+    maintenance mode and asks for MLFLOW_ALLOW_FILE_STORE; ``mlflow ui --backend-store-uri <run>/mlruns``
+    shows it). Returns the integrations to report to."""
+    report = list(report_to or [])
+    if "tensorboard" in report:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    if "mlflow" in report:
+        uri = os.environ.get("MLFLOW_TRACKING_URI")
+        if uri is None or uri in _OWN_MLFLOW_URI:
+            uri = (run_dir / "mlruns").resolve().as_uri()
+            _OWN_MLFLOW_URI[:] = [uri]
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+            import sys
+
+            if "mlflow" in sys.modules:  # an earlier run in this process set MLflow's store: this run has its own
+                sys.modules["mlflow"].set_tracking_uri(uri)
+    return report
+
+
+def end_tracking(status: str) -> None:
+    """End an MLflow run a failed or cancelled training left open (transformers ends it only on success), so
+    the next run in this process does not log into it."""
+    import sys
+
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None and mlflow.active_run() is not None:
+        mlflow.end_run(status=status)
+
+
+def final_loss(trainer) -> dict | None:
+    """The training loss a summary reports: the mean over the last epoch's worth of optimizer steps, each step
+    weighted by the examples it trained on, instead of the last step's loss alone.
+
+    transformers' Trainer keeps the last, partial batch of an epoch (``dataloader_drop_last`` False), and so
+    does tunelab: every example is trained on in every epoch. That step can hold a single example, whose loss
+    printed alone is noise (3.55 after steps at 0.8-1.0); weighted by its examples it counts as one example.
+    ``last_step_loss`` keeps the last step's value."""
+    import math
+
+    rows = train_rows(trainer.state.log_history)
+    if not rows:
+        return None
+    args = trainer.args
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1)
+    try:
+        n = len(trainer.train_dataset)
+    except TypeError:  # an iterable dataset: no epoch length, every step counts alike
+        n = None
+    spe = math.ceil(math.ceil(n / (args.per_device_train_batch_size * max(args.world_size, 1)))
+                    / args.gradient_accumulation_steps) if n else len(rows)
+    last = rows[-1]["step"]
+    window = [r for r in rows if r["step"] > last - spe]
+
+    def examples(step: int) -> int:
+        return per_step if n is None else max(1, min(per_step, n - ((step - 1) % spe) * per_step))
+
+    w = [examples(r["step"]) for r in window]
+    return {"final_train_loss": sum(x * r["loss"] for x, r in zip(w, window)) / sum(w),
+            "final_train_loss_steps": len(window), "last_step_loss": rows[-1]["loss"],
+            "last_step_examples": examples(last),
+            "final_train_loss_is": "mean over the last epoch's steps (or all steps of a shorter run), each weighted "
+                                   "by its examples"}
 
 
 def steps_total(n_examples: int, t, world: int = 1) -> int:

@@ -45,6 +45,7 @@ class Tokenized:
     labels: list[int]
     truncated: bool
     n_label_tokens: int
+    prompt_tokens: int | None = None  # tokens before the first response token (before truncation)
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None) -> Tokenized:
@@ -64,10 +65,11 @@ def tokenize_chat(tokenizer, messages: list[dict], max_length: int | None) -> To
             # The template does not close the turn with EOS: add it so generation learns to stop.
             ids.insert(last + 1, eos)
             labels.insert(last + 1, eos)
+    first = next((t for t, lab in enumerate(labels) if lab != IGNORE_INDEX), None)
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         ids, labels = ids[:max_length], labels[:max_length]
-    return Tokenized(ids, labels, truncated, sum(1 for x in labels if x != IGNORE_INDEX))
+    return Tokenized(ids, labels, truncated, sum(1 for x in labels if x != IGNORE_INDEX), first)
 
 
 def prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
@@ -109,24 +111,38 @@ class TokenStats:
                 "length_max": ls[-1] if ls else 0}
 
 
-def tokenize_all_chats(tokenizer, chats: list[list[dict]], max_length: int | None):
-    """Tokenize many chats; returns features ({input_ids, labels}) and the TokenStats."""
+def tokenize_all_chats(tokenizer, chats: list[list[dict]], max_length: int | None, rejects: list | None = None,
+                       split: str = "train"):
+    """Tokenize many chats; returns features ({input_ids, labels}) and the TokenStats. ``rejects``: a list that
+    gets one row per dropped chat (its split, position and reason: e.g. the response truncated away)."""
     stats, feats = TokenStats(), []
-    for msgs in chats:
+    for i, msgs in enumerate(chats):
         t = tokenize_chat(tokenizer, msgs, max_length)
         if stats.add(t):
             feats.append({"input_ids": t.input_ids, "labels": t.labels})
+        elif rejects is not None:
+            rejects.append({"split": split, "example": i, "reason": no_labels_reason(t, max_length),
+                            "prompt": next((m["content"] for m in msgs if m["role"] == "user"), "")[:200]})
     return feats, stats
 
 
 def print_data_report(rep: dict, max_length: int) -> None:
-    """One line on what tokenization kept, cut and dropped (``rep``: train/validation TokenStats dicts, rejected)."""
+    """One line on what tokenization kept, cut and dropped, per split (``rep``: train/validation TokenStats
+    dicts, rejected)."""
     tr, va = rep["train"], rep["validation"]
     print(f"data: {tr['kept']} train / {va['kept']} validation examples, {tr['tokens']:,} train tokens "
           f"({tr['label_tokens']:,} in responses), p95 length {tr['length_p95']}; "
-          f"truncated at {max_length} tokens: {tr['truncated'] + va['truncated']}; "
-          f"dropped (no response tokens left): {tr['dropped_no_labels'] + va['dropped_no_labels']}; "
-          f"rejected records: {rep['rejected']}")
+          f"truncated at {max_length} tokens: train {tr['truncated']}, validation {va['truncated']}; "
+          f"dropped (no response tokens left): train {tr['dropped_no_labels']}, validation "
+          f"{va['dropped_no_labels']} (in rejects.jsonl); rejected records: {rep['rejected']}")
+
+
+def no_labels_reason(t: Tokenized, max_length: int | None) -> str:
+    """Why a tokenized chat has no response tokens left."""
+    if t.truncated and t.prompt_tokens is not None:
+        return (f"response truncated away: the prompt takes {t.prompt_tokens} tokens, data.max_length is "
+                f"{max_length} (raise it, or shorten the prompt)")
+    return "no response tokens (an empty assistant turn)"
 
 
 class PadCollator:

@@ -127,13 +127,14 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         # 2. data: chats → masked token ids; every reject and truncation counted
         rejects: list[dict] = []
         chats, val_chats = train_validation_chats(cfg.data, cfg.train.seed, rejects)
-        r.write_rejects(rejects)
-        train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
-        val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length)
+        n_unreadable = len(rejects)
+        train_feats, train_stats = tokenize_all_chats(tokenizer, chats, cfg.data.max_length, rejects, "train")
+        val_feats, val_stats = tokenize_all_chats(tokenizer, val_chats, cfg.data.max_length, rejects, "validation")
+        r.write_rejects(rejects)  # unreadable records and chats whose response was truncated away
         if not train_feats:
             raise TunelabError(f"no usable training examples in {cfg.data.train} "
                                f"({len(rejects)} rejected; see {r.dir / 'rejects.jsonl'})")
-        data_report = {"train": train_stats.as_dict(), "validation": val_stats.as_dict(), "rejected": len(rejects)}
+        data_report = {"train": train_stats.as_dict(), "validation": val_stats.as_dict(), "rejected": n_unreadable}
         print_data_report(data_report, cfg.data.max_length)
 
         # 3. model (+ adapter)

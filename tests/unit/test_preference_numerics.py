@@ -68,7 +68,7 @@ def test_hh_rlhf_transcripts_become_pairs(tmp_path, tok):
     assert pairs == [{"prompt": "Human: hi\n\nAssistant: hello\n\nHuman: color?\n\nAssistant:",
                       "chosen": " Red.", "rejected": " No."}]
     assert [r["line"] for r in rejects] == [2, 3, 4]
-    assert "share the prompt" in rejects[0]["reason"] and "same response" in rejects[1]["reason"]
+    assert "share the prompt" in rejects[0]["reason"] and "identical" in rejects[1]["reason"]  # data/records.py
 
 
 def test_heldout_preference_numbers():

@@ -15,6 +15,7 @@ cores / n_jobs torch threads and its own sampler seed, so workers do not propose
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 from pathlib import Path
@@ -203,7 +204,28 @@ def _worker(cfg_json: str, ws_root: str, n: int, worker: int, threads: int, seed
     cfg = TuneConfig.model_validate_json(cfg_json)
     ws = Workspace.resolve(ws_root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _study(cfg, ws, create=False, seed=seed).optimize(_objective(cfg, ws, worker), n_trials=n, catch=())
+    study = _study(cfg, ws, create=False, seed=seed)
+    objective = _objective(cfg, ws, worker)
+    lock_path = study_dir(cfg, ws) / "ask.lock"
+    for _ in range(n):
+        # Optuna takes a queued (WAITING) trial with SELECT ... FOR UPDATE, which SQLite ignores: two workers
+        # asking at once were seen to take the same queued trial and then tell it twice ("Cannot tell a PRUNED
+        # trial"). Asking under a file lock shared by the workers makes taking a trial one at a time.
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                trial = study.ask()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            continue
+        except BaseException:
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        study.tell(trial, value)
 
 
 def run(cfg: TuneConfig, workspace: Workspace | None = None, resume: bool = False) -> dict:

@@ -181,6 +181,10 @@ def test_frozen_bf16_releases_the_memory_mapped_weights_file(tiny_model, tmp_pat
 
     if not Path("/proc/self/maps").exists():
         pytest.skip("needs Linux /proc")
+    # a private copy: other tests in this process may still hold models loaded from the shared tiny model
+    import shutil
+
+    tiny_model = Path(shutil.copytree(tiny_model, tmp_path / "own-model"))
     model = _lora_model(tiny_model, 0.0)
     if not mapped():
         pytest.skip("this transformers build copies the weights at load (nothing mapped to release)")

@@ -14,20 +14,27 @@ from tunelab.data.split import content_fraction
 _BLANK_LINE = re.compile(r"\n[ \t]*\n")
 
 
-def load_chats(path: str, data, rejects: list[dict], limit: int | None = None) -> list[list[dict]]:
-    """Read a file into chat message lists (``data.format``, ``data.system_prompt``); unusable records go
-    to ``rejects`` with file, line and reason."""
-    chats = []
+def load_records(path: str, convert, rejects: list[dict], limit: int | None = None) -> list:
+    """``convert(record)`` for each record of a file, in order, at most ``limit`` results; a record the
+    reader could not parse, or that ``convert`` refuses with ``BadRecord``, goes to ``rejects`` with file,
+    line and reason. The one loop behind chats, preference pairs and prompts."""
+    out = []
     for _, line, rec in read(path):
-        if limit is not None and len(chats) >= limit:
+        if limit is not None and len(out) >= limit:
             break
         try:
             if isinstance(rec, BadRecord):
                 raise rec
-            chats.append(to_messages(rec, data.format, data.system_prompt))
+            out.append(convert(rec))
         except BadRecord as e:
             rejects.append({"file": str(path), "line": line, "reason": str(e)})
-    return chats
+    return out
+
+
+def load_chats(path: str, data, rejects: list[dict], limit: int | None = None) -> list[list[dict]]:
+    """Read a file into chat message lists (``data.format``, ``data.system_prompt``); unusable records go
+    to ``rejects`` with file, line and reason."""
+    return load_records(path, lambda rec: to_messages(rec, data.format, data.system_prompt), rejects, limit)
 
 
 def split_validation(items: list, share: float, seed: int) -> tuple[list, list]:

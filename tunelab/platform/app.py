@@ -147,6 +147,11 @@ def page(items: list[dict], after: Optional[str], limit: int) -> dict:
             **({"first_id": items[0]["id"], "last_id": items[:limit][-1]["id"]} if items else {})}
 
 
+def listing(rows: list[dict], limit: int, view) -> dict:
+    """A page read from the store with ``limit + 1`` rows: the first ``limit`` shown, the extra one says more follow."""
+    return {"object": "list", "data": [view(r) for r in rows[:limit]], "has_more": len(rows) > limit}
+
+
 # ----------------------------------------------------------------------------- the app
 
 
@@ -277,7 +282,7 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
                          after: Optional[str] = Query(None, max_length=100),
                          order: Literal["asc", "desc"] = "desc", p=need("read")):
         rows = store.list_files(p.project, purpose, limit + 1, after, order)
-        return {"object": "list", "data": [file_view(f) for f in rows[:limit]], "has_more": len(rows) > limit}
+        return listing(rows, limit, file_view)
 
     @api.get("/v1/files/{file_id}")
     async def retrieve_file(file_id: str, p=need("read")):
@@ -377,7 +382,7 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     async def list_ft_jobs(after: Optional[str] = Query(None, max_length=100), limit: int = Query(20, ge=1, le=100),
                            p=need("read")):
         rows = store.list_jobs(p.project, api="openai", limit=limit + 1, after=after)
-        return {"object": "list", "data": [ft_job(j, store, ws) for j in rows[:limit]], "has_more": len(rows) > limit}
+        return listing(rows, limit, lambda j: ft_job(j, store, ws))
 
     @api.get("/v1/fine_tuning/jobs/{job_id}")
     async def retrieve_ft_job(job_id: str, p=need("read")):
@@ -531,7 +536,7 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
                                limit: int = Query(20, ge=1, le=100), status: Optional[str] = Query(None, max_length=32),
                                p=need("read")):
         rows = store.list_jobs(p.project, limit=limit + 1, after=after, status=status)
-        return {"object": "list", "data": [native_job(j) for j in rows[:limit]], "has_more": len(rows) > limit}
+        return listing(rows, limit, native_job)
 
     @api.get("/v1/tunelab/jobs/{job_id}")
     async def retrieve_native_job(job_id: str, p=need("read")):

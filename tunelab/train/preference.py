@@ -20,8 +20,7 @@ import yaml
 
 from tunelab.data.formats import BadRecord
 from tunelab.data.lineage import absolute_paths, file_lineage
-from tunelab.data.loaders import split_validation
-from tunelab.data.readers import read
+from tunelab.data.loaders import load_records, split_validation
 from tunelab.data.records import kind, to_canonical
 from tunelab.errors import TunelabError
 from tunelab.models import refs
@@ -53,56 +52,41 @@ def load_pairs(path: str, tokenizer, rejects: list[dict], limit: int | None = No
     Accepts prompt/chosen/rejected (strings or chat messages) and hh-rlhf whole transcripts,
     which ``data.records`` splits at the last "\\n\\nAssistant:".
     """
-    pairs = []
-    for _, line, rec in read(path):
-        if limit is not None and len(pairs) >= limit:
-            break
-        try:
-            if isinstance(rec, BadRecord):
-                raise rec
-            c = to_canonical(rec)
-            if kind(c) != "preference":
-                raise BadRecord(f"not a preference pair (a {kind(c)} record); need prompt, chosen, rejected")
-            pair = {"prompt": _text(c["prompt"], tokenizer, True), "chosen": _text(c["chosen"], tokenizer, False),
-                    "rejected": _text(c["rejected"], tokenizer, False)}
-            if pair["chosen"] == pair["rejected"]:
-                raise BadRecord("chosen and rejected are the same response")
-            pairs.append(pair)
-        except BadRecord as e:
-            rejects.append({"file": str(path), "line": line, "reason": str(e)})
-    return pairs
+    def pair(rec) -> dict:
+        c = to_canonical(rec)
+        if kind(c) != "preference":
+            raise BadRecord(f"not a preference pair (a {kind(c)} record); need prompt, chosen, rejected")
+        p = {"prompt": _text(c["prompt"], tokenizer, True), "chosen": _text(c["chosen"], tokenizer, False),
+             "rejected": _text(c["rejected"], tokenizer, False)}
+        if p["chosen"] == p["rejected"]:
+            raise BadRecord("chosen and rejected are the same response")
+        return p
+
+    return load_records(path, pair, rejects, limit)
 
 
 def load_prompts(path: str, tokenizer, rejects: list[dict], limit: int | None = None) -> list[str]:
     """Prompts for RL: from preference pairs, chat/instruction records (the context before the last
     assistant turn), or records with just a ``prompt`` field."""
-    prompts = []
-    for _, line, rec in read(path):
-        if limit is not None and len(prompts) >= limit:
-            break
-        try:
-            if isinstance(rec, BadRecord):
-                raise rec
-            if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and not (
-                    {"chosen", "completion"} & set(rec)):
-                p = rec["prompt"]
+    def prompt(rec) -> str:
+        if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and not ({"chosen", "completion"} & set(rec)):
+            p = rec["prompt"]
+        else:
+            c = to_canonical(rec)
+            k = kind(c)
+            if k == "preference":
+                p = _text(c["prompt"], tokenizer, True)
+            elif k == "chat":
+                msgs = c["messages"]
+                ctx = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
+                p = _text(ctx, tokenizer, True)
             else:
-                c = to_canonical(rec)
-                k = kind(c)
-                if k == "preference":
-                    p = _text(c["prompt"], tokenizer, True)
-                elif k == "chat":
-                    msgs = c["messages"]
-                    ctx = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
-                    p = _text(ctx, tokenizer, True)
-                else:
-                    raise BadRecord(f"no prompt in a {k} record")
-            if not p.strip():
-                raise BadRecord("empty prompt")
-            prompts.append(p)
-        except BadRecord as e:
-            rejects.append({"file": str(path), "line": line, "reason": str(e)})
-    return prompts
+                raise BadRecord(f"no prompt in a {k} record")
+        if not p.strip():
+            raise BadRecord("empty prompt")
+        return p
+
+    return load_records(path, prompt, rejects, limit)
 
 
 def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, str]:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.train.distributed import world_size
 
 GB = 1024**3
 
@@ -457,6 +458,8 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
                         t.batch_size), checkpoint_every, None, budget, source, False, None, "")
     method = _ESTIMATOR_METHOD.get(cfg.method)
     targets = cfg.lora.target_modules
+    if world_size() > 1:  # each rank would measure and choose alone: a different accumulation per rank hangs DDP
+        return _replace(as_set, why="as set: under --nproc the ranks keep the recipe's micro-batch")
     if method is None:
         return _replace(as_set, why=f"as set: no memory model for method {cfg.method}")
     if method != "full" and targets != "all-linear" and not set(targets) <= set(LINEAR_NAMES):

@@ -448,10 +448,11 @@ _ESTIMATOR_METHOD = {"full": "full", "lora": "lora", "rslora": "lora", "dora": "
 
 
 def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_path: str | Path,
-                    cpu_fast: bool, runtime_gb: float) -> MemoryPlan:
+                    runtime_gb: float) -> MemoryPlan:
     """The SFT recipe's memory plan (:func:`plan_memory`) for its config ``cfg``, device plan ``dplan``, the
     per-device checkpointing default ``checkpoint_every``, and the tokenized training data's stats (the
-    longest example is the padded length of the largest batch: length-grouped batches put it first)."""
+    longest example is the padded length of the largest batch: length-grouped batches put it first). LoRA under
+    bf16 on a CPU is modelled with the recipe's CPU speed-ups (:func:`cpu_fast_path`)."""
     t = cfg.train
     budget, source = memory_budget(t.memory_budget_gb, dplan.device)
     as_set = MemoryPlan(t.micro_batch_size or t.batch_size, t.grad_accum * t.batch_size // (t.micro_batch_size or
@@ -471,7 +472,7 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
     tokens = max(train_stats["tokens"], 1)
     job = Job(method=method, seq_len=max(train_stats["length_max"], 1),
               loss_share=min(1.0, max(train_stats["label_tokens"], 1) / tokens), precision=dplan.precision,
-              cpu_speedups=cpu_fast and method == "lora", lora_r=cfg.lora.r, lora_targets=targets,
+              lora_r=cfg.lora.r, lora_targets=targets,
               lora_dropout=cfg.lora.dropout, device="cpu" if dplan.device == "cpu" else None)
     return plan_memory(job, shape, device=dplan.device, batch_size=t.batch_size, grad_accum=t.grad_accum,
                        micro_batch=t.micro_batch_size, checkpoint_every=checkpoint_every,

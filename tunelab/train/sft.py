@@ -164,7 +164,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
 
         # 4. memory: micro-batch x accumulation and checkpointing that fit train.memory_budget_gb (where not set)
         mem = sft_memory_plan(cfg, dplan, checkpoint_every(cfg.train.gradient_checkpointing, dplan),
-                              data_report["train"], model_ref.path, cpu_fast, runtime_gb)
+                              data_report["train"], model_ref.path, runtime_gb)
         print(mem.line())
         if mem.fits is False:
             print("warning: the run may not fit its memory budget: " + mem.why)

@@ -24,6 +24,7 @@ Configurations:
   tunelab-gc         ... with train.gradient_checkpointing=true (every layer)
   tunelab-ckpt3      ... checkpointing every 3rd decoder layer instead of every 2nd (the CPU bf16 default)
   tunelab-fp32       ... with train.precision=fp32
+  tunelab-mb4        ... with train.micro_batch_size=4 (two micro-batches of 4 accumulated: the same 8 per step)
   trl-defaults       TRL SFTConfig defaults (bf16 autocast, gradient checkpointing)
   trl-nogc           ... without gradient checkpointing
   trl-grouped        ... with length-grouped batches (train_sampling_strategy="group_by_length", as tunelab)
@@ -52,6 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "examples" / "sft_lora_support.yaml"
 CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt3", "tunelab-fp32",
+           "tunelab-mb4",
            "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
            "trl-packing-nogc", "trl-fp32")
 
@@ -88,6 +90,8 @@ def child_tunelab(a, variant: str, tmp: Path) -> dict:
         raw["train"]["gradient_checkpointing"] = variant == "tunelab-gc"
     elif variant == "tunelab-fp32":
         raw["train"]["precision"] = "fp32"
+    elif variant == "tunelab-mb4":
+        raw["train"]["micro_batch_size"] = 4
     elif variant == "tunelab-ckpt3":
         from tunelab.train import device
 
@@ -99,7 +103,8 @@ def child_tunelab(a, variant: str, tmp: Path) -> dict:
     return {"rows": rows, "setup": {"device": s["device"]["why"], "precision": s["device"]["precision"],
                                     "gradient_checkpointing": s["gradient_checkpointing"],
                                     "checkpoint_every_n_layers": s.get("checkpoint_every_n_layers"),
-                                    "padding_free": s.get("padding_free")}}
+                                    "padding_free": s.get("padding_free"),
+                                    "micro_batch": s["memory"]["micro_batch"]}}
 
 
 def child_trl(a, variant: str, tmp: Path) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from tunelab.config import Strict
 
@@ -51,8 +51,17 @@ class TrainSection(Strict):
     learning_rate: float = Field(2e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="stop after N optimizer steps (overrides epochs)")
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(8, ge=1, description="examples per device per optimizer step (times grad_accum)")
     grad_accum: int = Field(1, ge=1)
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="SFT: examples per forward/backward pass, a divisor of batch_size (the rest is "
+                                "accumulated: the same examples and loss per optimizer step); None: the largest "
+                                "that fits train.memory_budget_gb (tunelab/train/memory.py)")
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="SFT: peak memory the run should fit in, GB (CPU: the process's resident memory); "
+                                "micro-batch and gradient checkpointing are chosen to fit it where not set. "
+                                "None: half the machine's RAM (at most what is available at the start), or 90% of "
+                                "the GPU's memory")
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     weight_decay: float = Field(0.0, ge=0.0)
@@ -62,7 +71,8 @@ class TrainSection(Strict):
     early_stopping_patience: int | None = Field(3, ge=1, description="stop after N evals without improvement")
     save_total_limit: int = Field(2, ge=1, description="checkpoints kept (the best one is always kept)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool | None = Field(None, description="None: chosen per device (off on CPU)")
+    gradient_checkpointing: bool | None = Field(
+        None, description="None: chosen per device (off on CPU; SFT: on where train.memory_budget_gb needs it)")
     group_by_length: bool = Field(True, description="batch similar lengths together: less padding")
     padding_free: bool | Literal["auto"] = Field(
         "auto", description="SFT: one unpadded row per batch with per-example position ids (no attention across "
@@ -74,6 +84,14 @@ class TrainSection(Strict):
     threads: int | None = Field(None, ge=1, description="CPU threads torch computes with (torch.set_num_threads); "
                                                         "default: torch's choice, one per core. Set it below the "
                                                         "core count on a machine other jobs share")
+
+    @model_validator(mode="after")
+    def _micro_batch_divides(self):
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(f"train.micro_batch_size {self.micro_batch_size} must divide train.batch_size "
+                             f"{self.batch_size}: set it to one of "
+                             f"{[d for d in range(1, self.batch_size + 1) if self.batch_size % d == 0]}")
+        return self
 
     @field_validator("report_to")
     @classmethod

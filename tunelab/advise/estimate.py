@@ -4,155 +4,39 @@ compute budget buys (Chinchilla scaling).
     tunelab estimate --model smollm2-135m --method lora --batch-size 8 --seq-len 512 --tokens 2e6 --device a100-80gb
 
 Everything here is arithmetic on the model's shape (read from an HF ``config.json`` or a preset),
-so it answers in milliseconds without torch. The memory model counts, in bytes:
-
-- weights: every parameter in its load dtype (fp32 master weights by default: what tunelab's
-  recipes load), or 4-bit NF4 for QLoRA's quantized linear layers plus their quantization constants;
-- autocast copies: under bf16/fp16 mixed precision each linear op casts its fp32 weight to 16 bits
-  and autograd keeps that copy for the backward pass (torch.autocast; the copy of a trainable leaf
-  is also cached for the whole forward);
-- gradients and optimizer states of the *trainable* parameters (AdamW: two fp32 moments);
-- activations saved for backward, per decoder layer per token (Korthikanti et al. 2022,
-  "Reducing Activation Recomputation in Large Transformer Models", eq. 1, without dropout, adapted
-  to a SwiGLU MLP, grouped-query attention, fp32 RMSNorm and autocast's per-op input casts), with
-  gradient checkpointing of every k-th layer; plus the fp32 logits over the loss tokens.
-
-LoRA under bf16 on a CPU takes the SFT recipe's speed-ups (frozen base in bf16, checkpointed eager
-attention; ``cpu_speedups``), and a frozen LM head's NLL is computed in chunks; both change the terms
-(docs/advise.md has the table). The sum is the peak if every part were alive at once. Framework overhead (CUDA context ~0.5-1 GB, the Python process)
-is reported apart. The test ``tests/unit/test_estimate_measured.py`` checks the total against peak
-memory measured in real training runs of this project.
+so it answers in milliseconds without torch. The memory model (weights, autocast copies, gradients,
+optimizer states, activations, logits) lives in tunelab/train/memory.py, where training also uses it to
+fit a run into a memory budget; it is re-exported here. The test ``tests/unit/test_estimate_measured.py``
+checks the total against peak memory measured in real training runs of this project.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
-
-GB = 1024**3
-
-
-# ----------------------------------------------------------------------------- model shape
-
-@dataclass(frozen=True)
-class Shape:
-    """A decoder-only transformer of the Llama family (Llama, Mistral, Qwen2, SmolLM, Gemma-like)."""
-
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    tied: bool
-    head_dim: int | None = None
-
-    @property
-    def hd(self) -> int:
-        return self.head_dim or self.hidden // self.heads
-
-    @property
-    def q_dim(self) -> int:
-        return self.heads * self.hd
-
-    @property
-    def kv_dim(self) -> int:
-        return self.kv_heads * self.hd
-
-
-# Shapes copied from each model's published config.json (vocab_size, hidden_size,
-# intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads, tie_word_embeddings).
-PRESETS: dict[str, Shape] = {
-    "smollm2-135m": Shape(49152, 576, 1536, 30, 9, 3, True),
-    "smollm2-360m": Shape(49152, 960, 2560, 32, 15, 5, True),
-    "smollm2-1.7b": Shape(49152, 2048, 8192, 24, 32, 32, True),
-    "qwen2.5-0.5b": Shape(151936, 896, 4864, 24, 14, 2, True),
-    "llama-3.2-1b": Shape(128256, 2048, 8192, 16, 32, 8, True, 64),
-    "llama-3.2-3b": Shape(128256, 3072, 8192, 28, 24, 8, True, 128),
-    "llama-3.1-8b": Shape(128256, 4096, 14336, 32, 32, 8, False),
-    "mistral-7b": Shape(32000, 4096, 14336, 32, 32, 8, False),
-    "llama-2-7b": Shape(32000, 4096, 11008, 32, 32, 32, False),
-    "llama-2-13b": Shape(32000, 5120, 13824, 40, 40, 40, False),
-    "llama-3.1-70b": Shape(128256, 8192, 28672, 80, 64, 8, False),
-}
-PRESETS["smollm2-135m-instruct"] = PRESETS["smollm2-135m"]
-
-
-def shape_from_config(cfg: dict) -> Shape:
-    """A Shape from an HF config dict (Llama-style keys)."""
-    need = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-    missing = [k for k in need if k not in cfg]
-    if missing:
-        raise TunelabError(f"config.json lacks {', '.join(missing)}: the estimator knows Llama-style decoders "
-                           f"(model_type {cfg.get('model_type', '?')})")
-    return Shape(cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
-                 cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-                 bool(cfg.get("tie_word_embeddings", False)), cfg.get("head_dim"))
-
-
-def model_shape(model: str, workspace=None) -> Shape:
-    """A preset name, an HF folder (or its config.json), or a pulled model in the workspace cache."""
-    p = Path(model)
-    if p.is_dir():
-        p = p / "config.json"
-    if p.is_file():
-        return shape_from_config(json.loads(p.read_text(encoding="utf-8")))
-    if model.lower() in PRESETS:
-        return PRESETS[model.lower()]
-    if workspace is not None:
-        cached = workspace.models_dir / model / "config.json"
-        if cached.is_file():
-            return shape_from_config(json.loads(cached.read_text(encoding="utf-8")))
-    raise TunelabError(f"unknown model '{model}': give an HF folder with config.json or one of "
-                       f"{', '.join(sorted(PRESETS))}")
-
-
-def param_counts(s: Shape) -> dict[str, int]:
-    """Parameters by kind (no biases: Llama-family linears have none)."""
-    attn = s.hidden * s.q_dim * 2 + s.hidden * s.kv_dim * 2  # q, o; k, v
-    mlp = 3 * s.hidden * s.intermediate  # gate, up, down (SwiGLU)
-    per_layer_linear = attn + mlp
-    embed = s.vocab * s.hidden
-    head = 0 if s.tied else s.vocab * s.hidden
-    norms = s.layers * 2 * s.hidden + s.hidden
-    total = embed + head + s.layers * per_layer_linear + norms
-    return {"total": total, "embedding": embed, "lm_head": head, "decoder_linear": s.layers * per_layer_linear,
-            "norms": norms, "per_layer_linear": per_layer_linear}
-
-
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _linears(s: Shape) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear in a decoder layer."""
-    h, i = s.hidden, s.intermediate
-    return {"q_proj": (h, s.q_dim), "k_proj": (h, s.kv_dim), "v_proj": (h, s.kv_dim), "o_proj": (s.q_dim, h),
-            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
-
-
-def _targets(targets: list[str] | str) -> list[str]:
-    if targets == "all-linear":
-        return list(LINEAR_NAMES)
-    names = [targets] if isinstance(targets, str) else list(targets)
-    bad = [t for t in names if t not in LINEAR_NAMES]
-    if bad:
-        raise TunelabError(f"lora_targets: {', '.join(bad)} unknown; use all-linear or of {', '.join(LINEAR_NAMES)}")
-    return names
-
-
-def lora_params(s: Shape, r: int, targets: list[str] | str = "all-linear") -> int:
-    """LoRA adds A (r x in) and B (out x r) to each targeted linear of each layer (Hu et al. 2021)."""
-    lin = _linears(s)
-    return s.layers * sum(r * (lin[t][0] + lin[t][1]) for t in _targets(targets))
-
+from tunelab.train.memory import (  # noqa: F401 (the memory model: re-exported for the estimator's users)
+    GB,
+    HEAD_CHUNK,
+    LINEAR_NAMES,
+    PRESETS,
+    Shape,
+    _layers_plain,
+    _linears,
+    _targets,
+    cpu_fast_path,
+    layer_activation_bytes,
+    lora_params,
+    memory,
+    model_shape,
+    param_counts,
+    shape_from_config,
+)
 
 # ----------------------------------------------------------------------------- devices
 
@@ -224,133 +108,6 @@ class EstimateConfig(Strict):
     mfu: float = Field(0.4, gt=0, le=1, description="model FLOP utilization assumed (PaLM reports 46%)")
     device_flops: float | None = Field(None, gt=0, description="peak FLOP/s, overriding the device table")
     price_per_hour: float | None = Field(None, ge=0, description="price of one device-hour")
-
-
-def _bytes(dtype: str) -> int:
-    return 4 if dtype == "fp32" else 2
-
-
-def cpu_fast_path(cfg: EstimateConfig) -> bool:
-    """Whether the estimate models the SFT recipe's CPU speed-ups (tunelab/train/_cpu_speed.py)."""
-    if cfg.cpu_speedups is None:
-        return cfg.device == "cpu" and cfg.precision == "bf16" and cfg.method == "lora"
-    if cfg.cpu_speedups and (cfg.method != "lora" or cfg.precision != "bf16"):
-        raise TunelabError("cpu_speedups apply to LoRA under bf16 only (the sft recipe's CPU path)")
-    return cfg.cpu_speedups
-
-
-# The frozen LM head's NLL is computed this many tokens at a time (tunelab/train/numerics.py)
-HEAD_CHUNK = 512
-
-
-def memory(cfg: EstimateConfig, s: Shape) -> dict:
-    """Peak training memory per device by component, in bytes (see the module docstring)."""
-    pc = param_counts(s)
-    N = pc["total"]
-    wb = _bytes(cfg.weights_dtype)
-    half = cfg.precision != "fp32"
-    a = 2 if half else 4  # bytes of an activation in the matmuls
-    tokens = cfg.batch_size * cfg.seq_len
-    targets = _targets(cfg.lora_targets) if cfg.method != "full" else []
-    fast = cpu_fast_path(cfg)
-
-    # weights
-    if cfg.method == "qlora":
-        # NF4: 4 bits per quantized weight; constants: one absmax per 64 weights, themselves 8-bit with an
-        # fp32 constant per 256 blocks under double quantization (Dettmers et al. 2023, sec. 3: 0.127 bits/param)
-        quant = pc["decoder_linear"]
-        weights = quant * (0.5 + 0.127 / 8) + (N - quant) * wb
-    elif fast:  # FrozenBf16: the frozen decoder linears are held in bf16 while training
-        weights = pc["decoder_linear"] * 2 + (N - pc["decoder_linear"]) * wb
-    else:
-        weights = N * wb
-    lora = lora_params(s, cfg.lora_r, targets) if targets else 0
-    trainable = N if cfg.method == "full" else lora
-    weights += lora * 4  # adapters are kept in fp32 (peft's autocast_adapter_dtype)
-
-    # 16-bit copies of the fp32 matmul weights that autograd keeps for the backward pass
-    copies = 0
-    head = pc["lm_head"] or pc["embedding"]  # a tied head multiplies by the embedding matrix
-    if half and cfg.weights_dtype == "fp32":
-        if cfg.method == "full":  # trainable leaves: autocast caches their copies for the whole forward
-            copies = (pc["decoder_linear"] + head) * 2
-        elif cfg.method == "lora" and not fast:  # frozen: one copy per op, saved unless the layer is checkpointed
-            kept = _layers_plain(s.layers, cfg.checkpoint_every)
-            copies = pc["per_layer_linear"] * (kept + (1 if kept < s.layers else 0)) * 2
-        # qlora dequantizes per op, and the frozen head's 16-bit copy lives only inside its NLL (below)
-
-    grads = trainable * (wb if cfg.method == "full" else 4)
-    optim = trainable * {"adamw": 8, "adamw_8bit": 2, "sgd": 0}[cfg.optimizer]
-
-    per_layer = layer_activation_bytes(s, cfg, targets)
-    kept = _layers_plain(s.layers, cfg.checkpoint_every)
-    # a checkpointed layer keeps only its fp32 input; in backward one layer is recomputed at a time
-    acts_layers = tokens * (kept * per_layer + (s.layers - kept) * 4 * s.hidden
-                            + (per_layer if kept < s.layers else 0))
-    if fast:
-        # checkpointed eager attention recomputes one layer's heads x seq scores in backward: 16-bit scores,
-        # fp32 softmax and the 16-bit copy the value matmul takes, then fp32 and 16-bit score gradients
-        acts_layers += tokens * s.heads * cfg.seq_len * (2 + 4 + 2 + 4 + 2)
-    loss_tokens = math.ceil(tokens * cfg.loss_share)
-    if cfg.method == "full":
-        # embedding output and final norm (fp32 residual stream), and the logits over loss tokens:
-        # the fp32 log-softmax output and its gradient, both alive when backward starts
-        acts_edges = tokens * 3 * 4 * s.hidden
-        logits = loss_tokens * s.vocab * (4 + 4 + (a if half else 0))
-    else:
-        # frozen norms and head: the final norm keeps its fp32 input; the head's NLL is computed chunk by
-        # chunk (frozen_head_nll) and keeps only the fp32 gradient of its input; in passing one chunk of
-        # logits (16-bit matmul output, fp32 copy, 16-bit probabilities) and the head's 16-bit copy
-        acts_edges = tokens * 4 * s.hidden + loss_tokens * 4 * s.hidden
-        logits = min(HEAD_CHUNK, loss_tokens) * s.vocab * ((2 + 4 + 2) if half else 4) + (head * 2 if half else 0)
-    total = weights + copies + grads + optim + acts_layers + acts_edges + logits
-    return {"params": N, "trainable_params": trainable, "weights": weights, "autocast_weight_copies": copies,
-            "gradients": grads, "optimizer_states": optim, "activations": acts_layers + acts_edges,
-            "logits": logits, "activation_bytes_per_token_per_layer": per_layer, "total": total}
-
-
-def _layers_plain(layers: int, every: int) -> int:
-    """Layers whose activations are all kept (transformers checkpoints layers idx % every == 0)."""
-    if every <= 0:
-        return layers
-    return layers - len(range(0, layers, every))
-
-
-def layer_activation_bytes(s: Shape, cfg: EstimateConfig, targets: list[str]) -> int:
-    """Bytes one decoder layer saves for backward per token.
-
-    Korthikanti et al. (2022) count 34·h bytes per token for a GPT layer in 16-bit with dropout;
-    without dropout and with a SwiGLU MLP and GQA that becomes, in elements: the two norms'
-    inputs (2h), the attention inputs of q/k/v and o (2h), q, k, v (q + 2 kv), the MLP input
-    (h) and gate, up, act(gate), act·up (4i). RMSNorm computes in fp32, so its input and
-    normalized output are fp32 (4 bytes) under autocast too; and autocast casts the input of
-    each linear op separately, so q/k/v keep three 16-bit copies and gate/up two.
-    """
-    h, i, kv, q = s.hidden, s.intermediate, s.kv_dim, s.q_dim
-    half = cfg.precision != "fp32"
-    a = 2 if half else 4
-    # two RMSNorms: fp32 input, and the normalized output when the norm's weight trains (full)
-    norms = 2 * h * 4 * (2 if cfg.method == "full" else 1)
-    # inputs of q,k,v,o,gate,up,down: under autocast q/k/v and gate/up each keep their own 16-bit cast
-    # (with LoRA the frozen base op needs no input for its weight gradient, but lora_A's op casts its own)
-    lin_in = (3 * h + q + 2 * h + i) if half else (h + q + h + i)
-    if cpu_fast_path(cfg):
-        # checkpointed eager attention keeps its inputs for the recomputation: q and k after the fp32
-        # rotary embedding, v in bf16; the heads x seq probabilities are recomputed, not kept
-        attn = 4 * q + 4 * kv + 2 * kv
-    elif cfg.attention == "eager":
-        attn = (q + 2 * kv) * a + s.heads * cfg.seq_len * a
-    else:  # sdpa keeps q, k, v and its output; o_proj's input is that output, except under autocast
-        # with a LoRA o_proj, whose peft forward casts it to the adapter's fp32 and autocast back to 16 bits
-        attn = (q + 2 * kv) * a + (q * a if half and "o_proj" in targets else 0)
-    # gate, up, act(gate) outputs (act·up is down_proj's input, counted in lin_in); bitsandbytes' 4-bit
-    # linear returns its output in its input's dtype, the fp32 of the residual stream, so QLoRA keeps them in fp32
-    mlp = 3 * i * (4 if cfg.method == "qlora" else a)
-    extra = 0
-    if targets:  # LoRA: dropout output (an input-sized copy) and the r-wide intermediate per adapted linear
-        lin = _linears(s)
-        extra = sum((lin[t][0] if cfg.lora_dropout > 0 else 0) * 4 + cfg.lora_r * a for t in targets)
-    return norms + lin_in * a + attn + mlp + extra
 
 
 def compute(cfg: EstimateConfig, s: Shape) -> dict | None:

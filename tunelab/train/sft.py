@@ -25,6 +25,7 @@ from tunelab.sections import ChatDataSection, GenerationSection, LoraSection, Mo
 from tunelab.train import _run
 from tunelab.train.device import checkpoint_every, padding_free, plan
 from tunelab.train.distributed import world_size
+from tunelab.train.memory import resident_gb, sft_memory_plan
 from tunelab.train.numerics import (
     PadCollator,
     PaddingFreeCollator,
@@ -139,7 +140,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
 
         # 3. model (+ adapter)
         dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
-        ckpt_every = checkpoint_every(cfg.train.gradient_checkpointing, dplan)
+        runtime_gb = resident_gb()  # the process before the model: the base of the memory plan's CPU prediction
         transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
         for s in ignored_sections(cfg):
             print(f"note: method {cfg.method} does not read the '{s}:' section")
@@ -161,11 +162,20 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         pf, pf_why = (False, f"off for {cfg.method}") if cfg.method in PROMPT_FAMILY else \
             padding_free(cfg.train.padding_free, dplan, getattr(model.config, "_attn_implementation", None))
 
-        # 4. trainer
+        # 4. memory: micro-batch x accumulation and checkpointing that fit train.memory_budget_gb (where not set)
+        mem = sft_memory_plan(cfg, dplan, checkpoint_every(cfg.train.gradient_checkpointing, dplan),
+                              data_report["train"], model_ref.path, runtime_gb)
+        print(mem.line())
+        if mem.fits is False:
+            print("warning: the run may not fit its memory budget: " + mem.why)
+        ckpt_every = mem.checkpoint_every
+
+        # 5. trainer
         total_steps = _run.steps_total(len(train_feats), cfg.train)
         has_val = bool(val_feats)
         args = _run.training_args(
             cfg.train, dplan, r.checkpoints, has_val=has_val, total_steps=total_steps, checkpoint_every=ckpt_every,
+            per_device_train_batch_size=mem.micro_batch, gradient_accumulation_steps=mem.grad_accum,
             include_num_input_tokens_seen="all" if pf else "non_padding",  # a padding-free row has no padding
             train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
             remove_unused_columns=False, prediction_loss_only=True)
@@ -191,7 +201,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
     if not r.main:  # the model, probe and summary are rank 0's to write
         return r.worker_summary()
 
-    # 5. save the best weights (load_best_model_at_end restored them) with the tokenizer
+    # 6. save the best weights (load_best_model_at_end restored them) with the tokenizer
     out_dir = _run.save_output(trainer.model, tokenizer, r.dir, adapter=cfg.method != "full")
     # Under bf16/fp16 mixed precision accelerate wraps forward in autocast; the probe must be the
     # saved weights' own (fp32) logits, which is what a reload computes: drop the wrapper first.
@@ -227,4 +237,6 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
         "data": data_report,
         "global_batch_size": cfg.train.batch_size * cfg.train.grad_accum * world_size(),
+        # the micro-batch, accumulation and checkpointing chosen, the estimate and budget
+        "memory": {**mem.as_dict(), "runtime_gb": round(runtime_gb, 3)},
     }, catalog_metrics=("final_train_loss", "best_eval_loss", "best_step", "steps", "tokens_per_s"))

@@ -254,9 +254,32 @@ def advise(
                                                         "without it the questions are asked"),
     set_: list[str] = typer.Option([], "--set", help="override an answer: --set labeled_examples=2000"),
     json_: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    measure: Optional[Path] = typer.Option(None, "--measure", help="a task YAML (recipe: ladder): measure "
+                                                                   "zero-shot, few-shot, RAG and a LoRA pilot on "
+                                                                   "your data and say which rung meets the target"),
+    workspace: Optional[Path] = WorkspaceOpt,
 ):
-    """Recommend prompting, RAG, fine-tuning (PEFT or full), continued pre-training, distillation and/or RLHF."""
+    """Recommend prompting, RAG, fine-tuning (PEFT or full), continued pre-training, distillation and/or RLHF.
+
+    With --measure TASK.yaml the ladder is measured on your own data instead (docs/methods/ladder.md)."""
     from tunelab import config as cfglib
+
+    if measure is not None:
+        from tunelab import recipes
+        from tunelab.advise.ladder import LadderConfig, print_report
+
+        if answers is not None:
+            raise TunelabError("give either an answers file or --measure TASK.yaml, not both")
+        cfg, fn = recipes.load_recipe(measure, set_, check_files=True)
+        if not isinstance(cfg, LadderConfig):
+            raise TunelabError(f"{measure} is a '{cfg.recipe}' recipe; --measure takes a task with recipe: ladder "
+                               f"(examples/ladder_support.yaml)")
+        res = fn(cfg, _ws(workspace))
+        if json_:
+            typer.echo(_json(res))
+        else:
+            print_report(res)
+        return
     from tunelab.advise.advisor import Answers, ask, format_advice
     from tunelab.advise.advisor import advise as run_advise
 

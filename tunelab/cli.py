@@ -386,6 +386,9 @@ def serve(
     max_tokens: int = typer.Option(512, help="most completion tokens a request may ask for"),
     max_prompt_tokens: int = typer.Option(2048, help="longest prompt accepted, in tokens"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    rag: Optional[Path] = typer.Option(None, "--rag", help="a retrieval index folder ('tunelab advise --measure' "
+                                                           "writes <run>/rag-index): passages retrieved per chat "
+                                                           "request, returned in the response's 'sources'"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
     """Serve a base model and LoRA adapters behind an OpenAI-compatible API (/v1/chat/completions, ...)."""
@@ -395,7 +398,7 @@ def serve(
     cfg = ServeConfig(model=model, demo=demo, name=name, adapters=adapter, host=host, port=port, api_keys=api_key,
                       max_batch_size=max_batch_size, prefill_batch=prefill_batch, max_queue=max_queue,
                       max_tokens=max_tokens,
-                      max_prompt_tokens=max_prompt_tokens, threads=threads)
+                      max_prompt_tokens=max_prompt_tokens, threads=threads, rag=str(rag) if rag else None)
     run_server(cfg, _ws(workspace))
 
 

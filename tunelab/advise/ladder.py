@@ -219,8 +219,8 @@ def _measure(label: str, rung: str, model, tokenizer, chats: list[list[dict]], e
     boot = {"n_resamples": cfg.n_resamples, "seed": cfg.seed}
     scored = M.evaluate(cfg.metrics, preds, refs, **boot)
     per_query_ret = retrieval_s / max(n, 1)
-    lat = np.asarray([s["batch_time_s"] + per_query_ret for s in gstats])
     per_request_s = gen_s / max(n, 1) + per_query_ret
+    lat = np.asarray([s.get("batch_time_s", gen_s / max(n, 1)) + per_query_ret for s in gstats])
     price = cfg.budget.price_per_hour
     # the proxy: entities of the answer found nowhere in its prompt (input, examples, retrieved passages)
     miss_tot = [V.unsupported(p, [m["content"] for m in c]) for p, c in zip(preds, chats)]
@@ -239,7 +239,7 @@ def _measure(label: str, rung: str, model, tokenizer, chats: list[list[dict]], e
         "hallucination_proxy": hal,
         "latency_p50_s": float(np.percentile(lat, 50)), "latency_p95_s": float(np.percentile(lat, 95)),
         "prompt_tokens_per_request": float(np.mean([len(p) for p in prompts])),
-        "generated_tokens_per_request": float(np.mean([s["new_tokens"] for s in gstats])),
+        "generated_tokens_per_request": float(np.mean([s.get("new_tokens", 0) for s in gstats])),
         "generation_s": round(gen_s, 3), "retrieval_s": round(retrieval_s, 4),
         "compute_s_per_request": per_request_s,
         "one_time_s": round(one_time_s, 3), "one_time_cost": one_time_s / 3600 * price,
@@ -500,7 +500,11 @@ def _pilot(cfg, ws, run_id, out, train, held, deadline, rows, stats, record, not
         f = _subset_file(pdir / f"train-{n}.jsonl", [train[i] for i in order[:n]], cfg)
         console().print(f"  LoRA pilot on {n} examples ...")
         t0 = time.perf_counter()
-        summary = sft.run(_sft_config(cfg, f, f"pilot{n}"), ws, parent_id=run_id)
+        try:
+            summary = sft.run(_sft_config(cfg, f, f"pilot{n}"), ws, parent_id=run_id)
+        except TunelabError as e:  # the prompting rungs stand; the report says why the pilot did not
+            notes.append(f"pilot n={n} failed: {e}")
+            break
         train_s = time.perf_counter() - t0
         per_example_s = train_s / (n * cfg.pilot.train.epochs)
         r = refs.resolve(str(ws.run_dir(summary["run_id"])), ws)

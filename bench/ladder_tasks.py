@@ -4,8 +4,9 @@
    needs (sizes, order numbers, e-mail addresses) are in the customer's message;
 2. catalog: a knowledge-heavy task this script generates (seeded, fictional, so no model has seen it): a
    catalog of products, one document each (price, weight, warranty, maker's city, model number); the
-   questions ask for one fact. Training questions ask about prices and warranties, held-out questions
-   about weights, cities and model numbers of the same products: the answer is in the documents only.
+   questions ask for one fact, answered with the value alone ("520 grams", "Oslo", "C989"; scored by exact
+   match). Training questions ask about prices and warranties, held-out questions about weights, cities
+   and model numbers of the same products: the answer is in the documents only.
 
     .venv/bin/python bench/ladder_tasks.py --workspace WS [--task support|catalog|both] [--heldout 40]
 
@@ -45,17 +46,14 @@ def catalog(out: Path, n_products: int = 120, seed: int = 0) -> dict:
         docs.append({"id": pid, "text": f"The {name} {kind} is made in {f['city']}. It weighs {f['weight']} grams "
                                         f"and costs {f['price']} dollars. It carries a {f['warranty']}-year warranty. "
                                         f"Its model number is {f['code']}."})
-        train += [{"instruction": f"How much does the {name} {kind} cost?",
-                   "output": f"The {name} {kind} costs {f['price']} dollars."},
+        train += [{"instruction": f"How much does the {name} {kind} cost?", "output": f"{f['price']} dollars"},
                   {"instruction": f"How long is the warranty of the {name} {kind}?",
-                   "output": f"The {name} {kind} has a {f['warranty']}-year warranty."}]
+                   "output": f"{f['warranty']} years"}]
         q = rng.choice(["weight", "city", "code"])
         held.append({"instruction": {"weight": f"How much does the {name} {kind} weigh?",
                                      "city": f"Where is the {name} {kind} made?",
                                      "code": f"What is the model number of the {name} {kind}?"}[q],
-                     "output": {"weight": f"The {name} {kind} weighs {f['weight']} grams.",
-                                "city": f"The {name} {kind} is made in {f['city']}.",
-                                "code": f"The model number of the {name} {kind} is {f['code']}."}[q],
+                     "output": {"weight": f"{f['weight']} grams", "city": f['city'], "code": f['code']}[q],
                      "gold": pid})
     out.mkdir(parents=True, exist_ok=True)
     for fname, rows in (("documents.jsonl", docs), ("train.jsonl", train), ("heldout.jsonl", held)):
@@ -66,28 +64,29 @@ def catalog(out: Path, n_products: int = 120, seed: int = 0) -> dict:
 
 def task(name: str, model: str, files: dict, heldout: int, threads: int) -> dict:
     common = {"recipe": "ladder", "name": name, "models": [model],
-              "metrics": ["rougeL"], "generation": {"max_new_tokens": 48, "batch_size": 8},
-              "budget": {"minutes": 20, "price_per_hour": 0.5, "requests": 100_000},
+              "budget": {"minutes": 25, "price_per_hour": 0.5, "requests": 100_000},
               "few_shot": {"k": 3}, "rag": {"k": 3}, "n_resamples": 1000,
-              "pilot": {"sizes": [32, 64], "lora": {"r": 16, "alpha": 32},
+              "pilot": {"sizes": [16, 32], "lora": {"r": 16, "alpha": 32},
                         "train": {"learning_rate": 4.0e-4, "epochs": 2, "batch_size": 8,
                                   "early_stopping_patience": None, "threads": threads}}}
     if name == "support":
         return {**common, "data": {"train": files["train"], "heldout": files["heldout"], "format": "alpaca",
                                    "system_prompt": "You are the customer support assistant of Northwind Outfitters.",
                                    "heldout_limit": heldout, "max_length": 256},
+                "metrics": ["rougeL"], "generation": {"max_new_tokens": 48, "batch_size": 8},
                 "target": {"metric": "rougeL", "value": 0.35}}
     return {**common, "data": {"train": files["train"], "heldout": files["heldout"], "format": "alpaca",
-                               "instruction": "Answer in one sentence.", "documents": files["documents"],
+                               "instruction": "Answer with the value only.", "documents": files["documents"],
                                "gold_field": "gold", "heldout_limit": heldout, "max_length": 128},
-            "target": {"metric": "rougeL", "value": 0.6}}
+            "metrics": ["exact_match", "rougeL"], "generation": {"max_new_tokens": 12, "batch_size": 8},
+            "target": {"metric": "exact_match", "value": 0.5}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workspace", required=True)
     ap.add_argument("--task", default="both", choices=["support", "catalog", "both"])
-    ap.add_argument("--heldout", type=int, default=40)
+    ap.add_argument("--heldout", type=int, default=24)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     import torch
@@ -114,7 +113,7 @@ def main() -> None:
               f"{os.environ.get('OMP_NUM_THREADS')})")
         print(json.dumps({"task": name, "minutes": round(wall / 60, 2), "verdict": rep["verdict"]["sentence"],
                           "next": rep["next"]["command"],
-                          "rungs": [{"label": r["label"], **r["scores"]["rougeL"], "p95_s": r["latency_p95_s"],
+                          "rungs": [{"label": r["label"], **r["scores"][cfg.target.metric], "p95_s": r["latency_p95_s"],
                                      "one_time_cost": r["one_time_cost"], "cost_per_1k": r["cost_per_1k"],
                                      "prompt_tokens": r["prompt_tokens_per_request"],
                                      "unsupported": (r.get("hallucination_proxy") or {}).get(

@@ -113,6 +113,8 @@ def train(
         if recipe is None:
             raise TunelabError("give a recipe file, or --resume RUN_ID")
         cfg, fn = recipes.load_recipe(recipe, set_)
+        if getattr(cfg, "recipe", None) == "ladder":
+            raise TunelabError(f"{recipe} is a ladder task: run it with 'tunelab advise --measure {recipe}'")
         summary = fn(cfg, ws)
     if summary.get("status") != "worker":  # rank 0 (or a single process) reports and prints
         _report_evaluated(ws, summary)

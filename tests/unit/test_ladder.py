@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ANIMALS, COLORS, run_cli, write_color_data  # noqa: E402
+from conftest import ANIMALS, COLORS, write_color_data  # noqa: E402
 
 pytest.importorskip("faiss")
 
@@ -254,21 +254,23 @@ def test_a_reachable_target_picks_a_prompting_rung_and_writes_its_serve_command(
     assert nxt["command"] == f"tunelab serve {tiny_model} --rag {Path(rep['dir']) / 'rag-index'}"
 
 
-def test_cli_validate_and_measure_errors(tmp_path, tiny_model, tiny_bert):
+def test_cli_validate_and_measure_errors(tmp_path, tiny_model, tiny_bert, monkeypatch):
     import yaml
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
 
     task = _task(tmp_path, tiny_model, tiny_bert)
     p = tmp_path / "task.yaml"
     p.write_text(yaml.safe_dump(task))
-    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    r = run_cli("validate", str(p), env=env)
-    assert r.returncode == 0 and "ok:" in r.stdout
-    task["target"]["metric"] = "bleu"
+    root = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(root)  # the example names its files relative to the repository root
+    r = CliRunner().invoke(app, ["validate", str(p), str(root / "examples" / "ladder_support.yaml")])
+    assert r.exit_code == 0 and r.output.count("ok:") == 2, r.output
+    r = CliRunner().invoke(app, ["train", str(p)])
+    assert r.exit_code == 2 and "tunelab advise --measure" in r.output
     task["few_shot"]["kk"] = 1
     p.write_text(yaml.safe_dump(task))
-    r = run_cli("advise", "--measure", str(p), env=env)
-    assert r.returncode == 2 and "few_shot.kk: unknown key; did you mean 'k'?" in r.stderr
-    assert "Traceback" not in r.stderr
-    root = Path(__file__).resolve().parents[2]
-    r = run_cli("validate", str(root / "examples" / "ladder_support.yaml"), cwd=root, env=env)
-    assert r.returncode == 0, r.stderr
+    r = CliRunner().invoke(app, ["advise", "--measure", str(p), "-w", str(tmp_path / "ws")])
+    assert r.exit_code == 2 and "few_shot.kk: unknown key; did you mean 'k'?" in r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)  # a one-line error, no traceback

@@ -153,6 +153,15 @@ def test_unsupported_entities():
     assert total >= 4 and miss == 2  # only "12" and "May" are found nowhere
 
 
+def test_contains_reference_matches_whole_words():
+    from tunelab.scoring import metrics as M
+
+    r = M.evaluate(["contains_reference"], ["The drill is made in Ghent.", "It weighs 120 grams", "C989", "no"],
+                   ["Ghent", "12 grams", "c989", ""], n_resamples=20)
+    assert r.values["contains_reference"]["per_example"] == [1.0, 0.0, 1.0, 0.0]
+    assert M.direction("contains_reference") == "higher"
+
+
 # ----------------------------------------------------------------------------- the rungs, end to end
 
 

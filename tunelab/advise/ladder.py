@@ -155,7 +155,8 @@ class LadderConfig(Strict):
             names = M.resolve_names(v)
         except TunelabError as e:
             raise ValueError(str(e)) from None
-        bad = [n for n in names if n not in M.GENERATION_METRICS and n not in M.BERTSCORE]
+        bad = [n for n in names if n not in M.GENERATION_METRICS and n not in M.BERTSCORE
+               and n != "contains_reference"]
         if bad:
             raise ValueError(f"{', '.join(bad)}: the ladder scores generated text; use "
                              f"{', '.join(M.GENERATION_METRICS)} or bertscore")
@@ -194,6 +195,12 @@ def _examples(path: str, cfg: LadderConfig, limit: int | None, rejects: list, go
                 "gold": [str(x) for x in g] if isinstance(g, list) else ([str(g)] if g is not None else None)}
 
     return load_records(path, convert, rejects, limit)
+
+
+def _short(model: str) -> str:
+    """A model's name for the report: a folder's last part, else the name as given."""
+    p = Path(model)
+    return p.name if len(p.parts) > 1 and p.name else model
 
 
 def _chat(ex: dict, cfg: LadderConfig, mode: str = "none", hits=()) -> list[dict]:
@@ -401,18 +408,18 @@ def _climb(cfg: LadderConfig, ws: Workspace, run_id: str, out: Path, train: list
         tok, _ = refs.load_tokenizer(ref)
         model = refs.load(ref, device=refs.eval_device())
         if cfg.zero_shot.enabled:
-            record(*_measure(f"{mname} zero-shot", "zero_shot", model, tok, [_chat(e, cfg) for e in held], held, cfg,
+            record(*_measure(f"{_short(mname)} zero-shot", "zero_shot", model, tok, [_chat(e, cfg) for e in held], held, cfg,
                              extra={"model": mname}))
         if cfg.few_shot.enabled:
             fs = retrieval_info["few_shot"]
-            record(*_measure(f"{mname} few-shot k={cfg.few_shot.k}", "few_shot", model, tok,
+            record(*_measure(f"{_short(mname)} few-shot k={cfg.few_shot.k}", "few_shot", model, tok,
                              [_chat(e, cfg, "few_shot", h) for e, h in zip(held, fewshot_hits)], held, cfg,
                              retrieval_s=fs["search_s_per_query"] * len(held), one_time_s=fs["build_s"],
                              extra={"model": mname, "index": str(out / "fewshot-index")}))
         if cfg.rag.enabled:
             ri = retrieval_info["rag"]
             chats = [_chat(e, cfg, "rag", h) for e, h in zip(held, rag_hits)]
-            row, st, per_rows = _measure(f"{mname} RAG k={cfg.rag.k}", "rag", model, tok, chats, held, cfg,
+            row, st, per_rows = _measure(f"{_short(mname)} RAG k={cfg.rag.k}", "rag", model, tok, chats, held, cfg,
                                          retrieval_s=ri["search_s_per_query"] * len(held), one_time_s=ri["build_s"],
                                          extra={"model": mname, "index": str(out / "rag-index"),
                                                 **({"retrieval_recall": ri[f"recall@{cfg.rag.k}"]}
@@ -511,7 +518,7 @@ def _pilot(cfg, ws, run_id, out, train, held, deadline, rows, stats, record, not
         tok, _ = refs.load_tokenizer(r)
         model = refs.load(r, device=refs.eval_device())
         t0 = time.perf_counter()
-        row, st, per_rows = _measure(f"{cfg.models[0]} LoRA pilot n={n}", "lora_pilot", model, tok,
+        row, st, per_rows = _measure(f"{_short(cfg.models[0])} LoRA pilot n={n}", "lora_pilot", model, tok,
                                      [_chat(e, cfg) for e in held], held, cfg, one_time_s=train_s,
                                      extra={"model": cfg.models[0], "pilot_run": summary["run_id"],
                                             "train_examples": n, "train_s": round(train_s, 2)})
@@ -528,7 +535,7 @@ def _pilot(cfg, ws, run_id, out, train, held, deadline, rows, stats, record, not
     curve["seconds_per_example_epoch"] = per_example_s
     if curve.get("fitted") and n_full > done_sizes[-1]:
         full_s = per_example_s * n_full * cfg.pilot.train.epochs
-        proj = {"label": f"{cfg.models[0]} LoRA full set n={n_full} (projected)", "rung": "lora_full",
+        proj = {"label": f"{_short(cfg.models[0])} LoRA full set n={n_full} (projected)", "rung": "lora_full",
                 "projected": True, "n": len(held), "model": cfg.models[0], "train_examples": n_full,
                 "scores": {cfg.target.metric: {"value": curve["projection"], "ci_low": curve.get("ci_low"),
                                                "ci_high": curve.get("ci_high")}},

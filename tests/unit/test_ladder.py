@@ -110,6 +110,7 @@ def test_verdict_when_no_rung_meets_the_target_says_so_with_the_shortfall():
     assert d["choice"] is None and not d["met"] and d["best"] == 1
     assert d["shortfall"]["point"] == pytest.approx(0.2) and d["shortfall"]["interval"] == pytest.approx(0.25)
     assert d["sentence"].startswith("no rung meets rougeL ≥ 0.8") and "short by 0.2" in d["sentence"]
+    assert not d["interval_too_wide"]
 
 
 def test_verdict_for_a_lower_is_better_metric():
@@ -261,6 +262,14 @@ def test_a_reachable_target_picks_a_prompting_rung_and_writes_its_serve_command(
     assert d["choice"] == 1
     nxt = ladder._next_step(cfg, Path(rep["dir"]), [], rows, d)
     assert nxt["command"] == f"tunelab serve {tiny_model} --rag {Path(rep['dir']) / 'rag-index'}"
+    # no rung meets, but the best one's point value does (its interval is too wide): measure more examples
+    rows[1]["scores"]["rougeL"] = {"value": 0.6, "ci_low": 0.4, "ci_high": 0.8}
+    d = ladder.V.decide(rows, "rougeL", 0.5, requests=1000)
+    assert d["choice"] is None and d["interval_too_wide"] and "more held-out examples" in d["sentence"]
+    nxt = ladder._next_step(cfg, Path(rep["dir"]), [], rows, d)
+    assert nxt["command"] == f"tunelab advise --measure {Path(rep['dir']) / 'next' / 'ladder.yaml'}"
+    again = cfglib.validate(ladder.LadderConfig, __import__("yaml").safe_load(Path(nxt["file"]).read_text()))
+    assert again.data.heldout_limit == 4 * 6
 
 
 def test_cli_validate_and_measure_errors(tmp_path, tiny_model, tiny_bert, monkeypatch):

@@ -573,6 +573,15 @@ def _next_step(cfg: LadderConfig, out: Path, train: list[dict], rows: list[dict]
         return {"command": cmd, "file": str(nd / "serve.yaml"), "why": decision["sentence"]}
     if rung == "existing":
         return {"command": f"tunelab serve {chosen['model']}", "file": None, "why": decision["sentence"]}
+    if chosen is None and decision.get("interval_too_wide"):
+        # an interval's width falls with the square root of the examples: four times as many halve it
+        n = rows[decision["best"]]["n"]
+        more = cfg.model_copy(deep=True)
+        more.data.heldout_limit = 4 * n
+        (nd / "ladder.yaml").write_text(cfglib.dump(more), encoding="utf-8")
+        return {"command": f"tunelab advise --measure {nd / 'ladder.yaml'}", "file": str(nd / "ladder.yaml"),
+                "why": decision["sentence"],
+                "note": f"the same ladder on up to {4 * n} held-out examples (the held-out file may hold fewer)"}
     # a LoRA rung won, or nothing met the target: the next step up is training on the full set
     data_file = _subset_file(nd / "train.jsonl", train, cfg)
     sft_cfg = _sft_config(cfg, data_file, cfg.name or "ladder")

@@ -73,14 +73,18 @@ def decide(rows: list[dict], metric: str, target: float, *, requests: int, max_c
     bound = s.get("ci_low") if way == "higher" else s.get("ci_high")
     short = {"point": sign * (target - s["value"]), "interval": None if bound is None else sign * (target - bound)}
     lim = f"; {len(limited)} rung(s) met it but broke a limit" if limited else ""
-    out.update(choice=None, met=False, best=best, shortfall=short,
-               sentence=f"no rung meets {metric} {'≥' if way == 'higher' else '≤'} {target:g}{lim}; the best is "
-                        f"{rows[best]['label']} at {s['value']:.4g}"
-                        + (f" (interval [{s['ci_low']:.4g}, {s['ci_high']:.4g}])" if s.get("ci_low") is not None
-                           else "")
-                        + f": short by {max(short['point'], 0):.4g}"
-                        + (f" ({short['interval']:.4g} for the interval's bound)" if short["interval"] is not None
-                           else ""))
+    interval = f" (interval [{s['ci_low']:.4g}, {s['ci_high']:.4g}])" if s.get("ci_low") is not None else ""
+    head = f"no rung meets {metric} {'≥' if way == 'higher' else '≤'} {target:g}{lim}; the best is " \
+           f"{rows[best]['label']} at {s['value']:.4g}{interval}"
+    # the point reaches the target, the interval does not: more held-out examples decide, not another rung
+    out["interval_too_wide"] = short["point"] <= 0
+    if out["interval_too_wide"]:
+        tail = (f": its value reaches the target but its interval's bound falls short by {short['interval']:.4g}; "
+                f"more held-out examples would narrow the interval")
+    else:
+        tail = f": short by {short['point']:.4g}" + (f" ({short['interval']:.4g} for the interval's bound)"
+                                                     if short["interval"] is not None else "")
+    out.update(choice=None, met=False, best=best, shortfall=short, sentence=head + tail)
     return out
 
 

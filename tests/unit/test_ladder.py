@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import ANIMALS, COLORS, write_color_data  # noqa: E402
+from conftest import ANIMALS, COLORS, write_color_data
 
 pytest.importorskip("faiss")
 

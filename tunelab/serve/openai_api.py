@@ -23,6 +23,7 @@ from typing import Annotated, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from tunelab.data import retrieval
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import Registry, UnknownModel
 from tunelab.serve.batching import AdapterGone, Engine, GenRequest, Overloaded
@@ -188,8 +189,10 @@ def _text(content, i: int) -> str:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(registry: Registry, engine: Engine, limits: Limits):
-    """The FastAPI app over a model registry and a running batching engine."""
+def create_app(registry: Registry, engine: Engine, limits: Limits, rag: "retrieval.Index | None" = None):
+    """The FastAPI app over a model registry and a running batching engine. ``rag``: a retrieval index
+    (tunelab/data/retrieval.py) whose passages are put into every chat request's prompt the way the measured
+    ladder put them, and returned in the response's ``sources`` field."""
     from fastapi import Depends, FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import Response, StreamingResponse
@@ -271,6 +274,9 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
         served = _served(body.model)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content, i)}
                     for i, m in enumerate(body.messages)]
+        sources = None
+        if rag is not None:
+            messages, sources = await _retrieve(messages)
         try:
             prompt = served.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         except Exception as e:  # a template that rejects the roles or their order
@@ -278,7 +284,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
                            param="messages") from None
         ids = _tokenize(served, prompt, "messages", add_special_tokens=False)
         max_tokens = body.max_completion_tokens or body.max_tokens or limits.default_max_tokens
-        return await _respond("chat", body, served, ids, max_tokens, request)
+        return await _respond("chat", body, served, ids, max_tokens, request, sources)
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionBody, request: Request):
@@ -331,7 +337,20 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
 
-    async def _respond(kind: str, body: _Body, served, ids: list[int], max_tokens: int, request: Request):
+    async def _retrieve(messages: list[dict]) -> tuple[list[dict], list[dict] | None]:
+        """The last user turn's nearest passages (k, mode and prompt settings from the index's meta.json)."""
+        query = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+        if query is None:
+            return messages, None
+        meta = rag.meta
+        # the encoder is CPU work of a few milliseconds: off the event loop, so other requests keep flowing
+        hits = (await asyncio.to_thread(rag.search, [query], int(meta.get("k", 3))))[0]
+        msgs = retrieval.augment(messages, hits, meta.get("mode", "rag"), meta.get("instruction"),
+                                 meta.get("system_prompt"))
+        return msgs, [h.as_dict(text_chars=1000) for h in hits]
+
+    async def _respond(kind: str, body: _Body, served, ids: list[int], max_tokens: int, request: Request,
+                       sources: list[dict] | None = None):
         _check(body, ids, max_tokens)
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > 4:
@@ -354,7 +373,7 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
         created = int(time.time())
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_stream(kind, rid, created, body.model, req, events, usage),
+            return StreamingResponse(_stream(kind, rid, created, body.model, req, events, usage, sources),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             checked = time.monotonic()
@@ -377,12 +396,16 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
         finally:  # also when this task is cancelled
             _cancel(req, body.model)
         _log(req, body.model, stream=False)
-        return _final(kind, rid, created, body.model, req)
+        out = _final(kind, rid, created, body.model, req)
+        if sources is not None:
+            out["sources"] = sources  # an extra field: OpenAI clients keep it (model_extra) and ignore it otherwise
+        return out
 
-    async def _stream(kind, rid, created, model, req: GenRequest, events: asyncio.Queue, include_usage: bool):
+    async def _stream(kind, rid, created, model, req: GenRequest, events: asyncio.Queue, include_usage: bool,
+                      sources: list[dict] | None = None):
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
 
-        def chunk(delta: dict | str | None, finish=None, usage=None):
+        def chunk(delta: dict | str | None, finish=None, usage=None, extra=None):
             if kind == "chat":
                 choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
                                                      "finish_reason": finish}]
@@ -392,11 +415,14 @@ def create_app(registry: Registry, engine: Engine, limits: Limits):
             c = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
             if usage is not None:
                 c["usage"] = usage
+            if extra:
+                c.update(extra)
             return f"data: {json.dumps(c)}\n\n"
 
         try:
             if kind == "chat":
-                yield chunk({"role": "assistant", "content": ""})
+                yield chunk({"role": "assistant", "content": ""},
+                            extra=None if sources is None else {"sources": sources})
             while True:
                 what, data = await events.get()
                 if what == "delta":

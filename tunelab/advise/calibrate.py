@@ -4,7 +4,7 @@ rests on this machine's measured training rate instead of a default from another
 The steps train a randomly initialised Llama of the estimated model's layer shape (hidden size,
 MLP width, heads; nothing is downloaded) with the estimate's method (LoRA through peft, or full;
 QLoRA is timed as LoRA, since its 4-bit kernels are not what a CPU trains with) and the precision
-training would pick here (``train.device.cpu_precision``), AdamW, one warm-up step and then the timed
+training would pick here (``train.device.cpu_precision``), AdamW, one warm-up step and then up to 3 timed
 ones. A large model is cut to fit a calibration budget (fewer decoder layers, at most 32k vocabulary):
 what is measured is a rate, FLOP/s counted the estimator's way (4·N per token for PEFT, 6·N for full,
 N of the model that ran), which the estimate then applies to the full model's FLOPs.
@@ -41,8 +41,12 @@ def calibration_shape(s: Shape) -> Shape:
     return Shape(vocab, s.hidden, s.intermediate, layers, s.heads, s.kv_heads, s.tied, s.head_dim)
 
 
-def calibrate_cpu(cfg: EstimateConfig, shape: Shape, steps: int = 3, seed: int = 0) -> dict:
-    """Tokens/s and achieved training FLOP/s of ``steps`` timed optimizer steps on this CPU."""
+def calibrate_cpu(cfg: EstimateConfig, shape: Shape, steps: int = 3, budget_s: float = 30.0, seed: int = 0) -> dict:
+    """Tokens/s and achieved training FLOP/s of up to ``steps`` timed optimizer steps on this CPU.
+
+    Timing stops early once ``budget_s`` seconds of timed steps have passed (at least one step is timed), so a
+    busy or slow machine answers in bounded time; ``steps`` in the result says how many were timed.
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -79,13 +83,15 @@ def calibrate_cpu(cfg: EstimateConfig, shape: Shape, steps: int = 3, seed: int =
 
     step()  # warm-up: first-call allocations and kernel selection
     t = time.perf_counter()
-    for _ in range(steps):
+    done = 0
+    while done < steps and (done == 0 or time.perf_counter() - t < budget_s):
         step()
+        done += 1
     seconds = time.perf_counter() - t
-    tokens = steps * batch * seq
+    tokens = done * batch * seq
     n = param_counts(s)["total"]
     per_token = 6 if timed_method == "full" else 4
     return {"tokens_per_s": tokens / seconds, "achieved_flops": per_token * n * tokens / seconds,
-            "seconds": seconds, "steps": steps, "batch": batch, "seq_len": seq, "layers": s.layers,
+            "seconds": seconds, "steps": done, "batch": batch, "seq_len": seq, "layers": s.layers,
             "of_layers": shape.layers, "vocab": s.vocab, "params": n, "method": timed_method,
             "precision": precision, "precision_why": why, "threads": torch.get_num_threads()}

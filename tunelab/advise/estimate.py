@@ -467,6 +467,15 @@ def estimate(cfg: EstimateConfig, workspace=None) -> dict:
     return out
 
 
+def _duration(hours: float) -> str:
+    """Hours in the unit a person reads best: seconds, minutes or hours."""
+    if hours < 1 / 60:
+        return f"{hours * 3600:.3g} s"
+    if hours < 1:
+        return f"{hours * 60:.3g} min"
+    return f"{hours:,.3g} h"
+
+
 def _gb(b: float) -> str:
     return f"{b / GB:,.2f} GB"
 
@@ -490,11 +499,11 @@ def format_estimate(r: dict) -> str:
         lines.append(f"compute: {comp['tokens']:.3g} tokens, {comp['flops']:.3g} FLOPs = {comp['formula']} "
                      f"(6·N·D = {comp['flops_6ND']:.3g})")
         if "achieved_flops_per_device" in comp:
-            lines.append(f"time: {comp['hours']:.3g} h on {comp['num_devices']} x {c['device'] or 'device'} at "
+            lines.append(f"time: {_duration(comp['hours'])} on {comp['num_devices']} x {c['device'] or 'device'} at "
                          f"{comp['achieved_flops_per_device']:.3g} FLOP/s achieved in training "
                          f"({comp['tokens_per_s']:,.0f} tokens/s); rate: {comp['rate_source']}")
         elif "hours" in comp:
-            lines.append(f"time: {comp['hours']:.3g} h on {comp['num_devices']} x {c['device'] or 'device'} at "
+            lines.append(f"time: {_duration(comp['hours'])} on {comp['num_devices']} x {c['device'] or 'device'} at "
                          f"{comp['peak_flops_per_device']:.3g} FLOP/s peak x MFU {comp['mfu']:g}")
         else:
             lines.append("time: give --device (and for cpu, --calibrate) for a time estimate")

@@ -250,8 +250,9 @@ def demo(
 @app.command()
 @guarded
 def advise(
-    answers: Optional[Path] = typer.Argument(None, help="answers YAML (fields: tunelab/advise/advisor.py Answers); "
-                                                        "without it the questions are asked"),
+    answers: Optional[Path] = typer.Argument(None, help="answers YAML (e.g. examples/advise_support_bot.yaml) with any "
+                                                        "of the fields below; without it and without --set the "
+                                                        "questions are asked"),
     set_: list[str] = typer.Option([], "--set", help="override an answer: --set labeled_examples=2000; "
                                                      "--set task=NAME cites that task's measured ladder"),
     json_: bool = typer.Option(False, "--json", help="print the result as JSON"),
@@ -262,22 +263,35 @@ def advise(
     Each recommendation cites the measured ladder of the task named by 'task' where the workspace holds one
     (docs/advise.md), and otherwise says it rests on a rule of thumb. Recommended models are ones
     'tunelab models pull' can get, or the one you named.
+
+    Answers (each optional): goal (text); knowledge_changes, needs_citations (true/false); labeled_examples,
+    preference_pairs (counts); behaviour_change (none/format/style/task); unlabeled_domain_tokens (e.g. 5e7);
+    domain_shift (low/medium/high); deploy (cloud/on_prem/edge/offline); latency_ms; gpu_memory_gb; model
+    (packaged name, HF folder, hub id or estimator preset); model_params_b; task (a measured ladder task).
     """
     from tunelab import config as cfglib
     from tunelab.advise.advisor import Answers, ask, format_advice
     from tunelab.advise.advisor import advise as run_advise
     from tunelab.workspace import DEFAULT_DIRNAME, Workspace
 
-    a = cfglib.load(Answers, answers, set_) if answers or set_ else ask(typer.prompt)
+    from tunelab.advise.evidence import read_ladder_reports
+
     # read-only: asking for advice must not create a workspace folder
-    res = run_advise(a, Workspace(Path(workspace or DEFAULT_DIRNAME).expanduser().resolve()))
+    ws = Workspace(Path(workspace or DEFAULT_DIRNAME).expanduser().resolve())
+    if answers or set_:
+        a = cfglib.load(Answers, answers, set_)
+    else:
+        tasks = sorted({d["task"]["name"] for d in read_ladder_reports(ws.root)[0]})
+        a = ask(typer.prompt, tasks, say=lambda m: typer.secho(m, fg="yellow", err=True))
+    res = run_advise(a, ws)
     typer.echo(_json(res) if json_ else format_advice(res))
 
 
 @app.command()
 @guarded
 def estimate(
-    model: str = typer.Option(..., "--model", help="preset name (e.g. llama-3.1-8b), HF folder, or pulled model"),
+    model: str = typer.Option(..., "--model", help="preset name (e.g. llama-3.1-8b, smollm2-135m-instruct), HF "
+                                                   "folder, or pulled model"),
     method: str = typer.Option("lora", help="full | lora | qlora"),
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per device per micro-batch"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per training sequence (the recipe's "
@@ -285,7 +299,8 @@ def estimate(
     loss_share: float = typer.Option(1.0, "--loss-share", help="share of tokens with a loss (SFT: responses)"),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 compute; auto: what training picks on "
                                                "--device (cpu: this machine's choice, printed with the reason)"),
-    weights_dtype: str = typer.Option("fp32", "--weights-dtype", help="load dtype of the weights"),
+    weights_dtype: str = typer.Option("fp32", "--weights-dtype", help="fp32 | bf16 | fp16: dtype the weights are "
+                                                                      "loaded in (tunelab's recipes load fp32)"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="gradient checkpointing: 0 off, k every k-th"),
     optimizer: str = typer.Option("adamw", help="adamw | adamw_8bit | sgd"),
     attention: str = typer.Option("sdpa", help="sdpa | eager"),
@@ -293,9 +308,10 @@ def estimate(
                                                    "optimizer state grow with it"),
     lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout: above 0 it keeps a mask per "
                                                                     "adapted layer in memory"),
-    tokens: Optional[float] = typer.Option(None, help="training tokens (dataset tokens x epochs)"),
+    tokens: Optional[float] = typer.Option(None, help="training tokens (dataset tokens x epochs), e.g. 2e6: "
+                                                      "needed for FLOPs, time and cost"),
     device: Optional[str] = typer.Option(None, help="t4 | a10 | l4 | a100-40gb | a100-80gb | h100-pcie | h100-sxm | "
-                                                    "h200 | cpu"),
+                                                    "h200 | cpu: memory fit, precision and time on it"),
     num_devices: int = typer.Option(1, "--num-devices", help="devices training together (data parallel)"),
     mfu: float = typer.Option(0.4, help="model FLOP utilization assumed on a GPU from the device table (not "
                                          "used for cpu, whose rate is a measured training rate)"),

@@ -189,3 +189,37 @@ def test_the_example_answers_name_a_pullable_model():
 
     ex = Path(__file__).resolve().parents[2] / "examples" / "advise_support_bot.yaml"
     assert yaml.safe_load(ex.read_text())["model"].lower() in PACKAGED
+
+
+def test_interactive_answers_are_checked_as_typed():
+    from tunelab.advise.advisor import QUESTIONS, ask
+
+    typed = {"knowledge_changes": ["maybe", "yes"], "labeled_examples": ["lots", "3000"], "deploy": ["laptop", "edge"],
+             "unlabeled_domain_tokens": ["5e7"], "behaviour_change": ["style"], "task": ["support"]}
+    said, asked = [], []
+    by_text = {Answers.model_fields[n].description: n for n in [*QUESTIONS, "task"]}
+
+    def prompt(text, default):
+        name = next(n for d, n in by_text.items() if text.startswith(d))
+        asked.append(name)
+        return typed[name].pop(0) if typed.get(name) else ""
+
+    a = ask(prompt, ["support"], say=said.append)
+    assert (a.knowledge_changes, a.labeled_examples, a.deploy, a.unlabeled_domain_tokens, a.task) == (
+        True, 3000, "edge", 5e7, "support")
+    assert len(said) == 3 and "knowledge_changes" in said[0] and "'laptop'" in said[2]
+    # without measured tasks, the task is not asked
+    asked.clear()
+    ask(prompt, [], say=said.append)
+    assert "task" not in asked and set(asked) == set(QUESTIONS)
+
+
+def test_advise_help_lists_every_answer():
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+
+    r = CliRunner().invoke(app, ["advise", "--help"], env={"COLUMNS": "400"})
+    assert r.exit_code == 0
+    missing = [f for f in Answers.model_fields if f != "recipe" and f not in r.output]
+    assert not missing, missing

@@ -48,19 +48,19 @@ class Answers(Strict):
     knowledge_changes: bool = Field(False, description="does the model need facts that change or are added often "
                                                        "(documents, prices, tickets)?")
     needs_citations: bool = Field(False, description="must answers cite their sources?")
-    labeled_examples: int = Field(0, ge=0, description="input → desired output examples available")
+    labeled_examples: int = Field(0, ge=0, description="how many input → desired output examples you have")
     behaviour_change: Literal["none", "format", "style", "task"] = Field(
         "none", description="what the examples teach: none, an output format, a tone/style, or a new task")
-    unlabeled_domain_tokens: float = Field(0, ge=0, description="tokens of raw in-domain text (no labels)")
+    unlabeled_domain_tokens: float = Field(0, ge=0, description="tokens of raw in-domain text without labels (e.g. 5e7)")
     domain_shift: Literal["low", "medium", "high"] = Field(
         "low", description="how far the domain's language is from general web text (law, medicine, code: high)")
-    preference_pairs: int = Field(0, ge=0, description="(prompt, better answer, worse answer) comparisons")
-    deploy: Literal["cloud", "on_prem", "edge", "offline"] = "cloud"
-    latency_ms: float | None = Field(None, gt=0, description="latency budget per answer, if tight")
-    gpu_memory_gb: float | None = Field(None, gt=0, description="largest GPU memory available for training")
+    preference_pairs: int = Field(0, ge=0, description="how many (prompt, better answer, worse answer) comparisons you have")
+    deploy: Literal["cloud", "on_prem", "edge", "offline"] = Field("cloud", description="where the model will run")
+    latency_ms: float | None = Field(None, gt=0, description="latency budget per answer in milliseconds, if tight (empty: none)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="largest GPU memory available for training, in GB (empty: unknown)")
     model: str = Field("", description="base model you mean to use: a packaged name, an HF folder, a hub id or an "
                                        "estimator preset; empty: one that tunelab models pull can get")
-    model_params_b: float | None = Field(None, gt=0, description="base model size in billions, if not a preset")
+    model_params_b: float | None = Field(None, gt=0, description="base model size in billions of parameters, when the estimator does not know the model")
     task: str = Field("", description="a task measured with tunelab advise --measure in this workspace: its "
                                       "results are cited next to the rules")
 
@@ -243,17 +243,47 @@ QUESTIONS = ["goal", "knowledge_changes", "needs_citations", "labeled_examples",
              "model"]
 
 
-def ask(prompt: Callable[[str, object], object]) -> Answers:
-    """Ask each question through ``prompt(text, default)`` (the CLI passes typer.prompt)."""
+def _shown(v: object) -> str:
+    """A default as the prompt shows it: yes/no for booleans, empty for none."""
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return "" if v is None else str(v)
+
+
+def ask(prompt: Callable[[str, object], object], measured_tasks: list[str] | tuple = (),
+        say: Callable[[str], object] = print, tries: int = 5) -> Answers:
+    """Ask each question through ``prompt(text, default)`` (the CLI passes typer.prompt), checking each answer as it
+    is typed: a wrong one is explained and asked again (at most ``tries`` times). ``measured_tasks``: tasks with a
+    ladder report in the workspace, offered for citation."""
+    from tunelab.errors import ConfigError
+
+    names = QUESTIONS + (["task"] if measured_tasks else [])
     raw: dict = {}
-    for name in QUESTIONS:
+    for name in names:
         f = Answers.model_fields[name]
-        default = f.default if f.default is not None else ""
         choices = get_args(f.annotation) if get_origin(f.annotation) is Literal else ()
-        hint = f" ({'/'.join(choices)})" if choices else ""
-        value = prompt(f"{f.description or name}{hint}", default)
-        if value != "" and value is not None:
+        if name == "task":
+            hint = f" ({'/'.join(measured_tasks)}; empty: none)"
+        elif choices:
+            hint = f" ({'/'.join(choices)})"
+        elif f.annotation is bool:
+            hint = " (yes/no)"
+        else:
+            hint = ""
+        for attempt in range(tries):
+            # the prompt returns text; pydantic parses it as the field's type ("5e7", "no", "24")
+            value = str(prompt(f"{f.description or name}{hint}", _shown(f.default))).strip()
+            if value == "":
+                break
+            try:
+                cfglib.validate(Answers, {name: value})
+            except ConfigError as e:
+                say(f"  {'; '.join(e.problems)}")
+                if attempt == tries - 1:
+                    raise
+                continue
             raw[name] = value
+            break
     return cfglib.validate(Answers, raw, "answers")
 
 

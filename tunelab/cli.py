@@ -282,7 +282,8 @@ def advise(
         a = cfglib.load(Answers, answers, set_)
     else:
         tasks = sorted({d["task"]["name"] for d in read_ladder_reports(ws.root)[0]})
-        a = ask(typer.prompt, tasks, say=lambda m: typer.secho(m, fg="yellow", err=True))
+        # questions on stderr, so --json leaves stdout to the JSON
+        a = ask(functools.partial(typer.prompt, err=True), tasks, say=lambda m: typer.secho(m, fg="yellow", err=True))
     res = run_advise(a, ws)
     typer.echo(_json(res) if json_ else format_advice(res))
 

@@ -223,3 +223,23 @@ def test_advise_help_lists_every_answer():
     assert r.exit_code == 0
     missing = [f for f in Answers.model_fields if f != "recipe" and f not in r.output]
     assert not missing, missing
+
+
+def test_new_user_mistakes_get_one_line_each(tmp_path):
+    import subprocess
+    import sys
+
+    # a training recipe handed to the advisor: one problem that says what to do, not one per section
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text("recipe: sft\nmodel: {name: x}\ndata: {train: t.jsonl}\ntrain: {max_steps: 1}\n")
+    r = run_cli("advise", str(recipe))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "1 problem(s)" in r.stderr and "tunelab train FILE" in r.stderr
+    # interactive with --json: the questions go to stderr, stdout is the JSON alone
+    p = subprocess.run([sys.executable, "-m", "tunelab", "advise", "--json", "-w", str(tmp_path / "ws")],
+                       input="\n" * 20, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["model"]["name"] == DEFAULT_MODEL and "base model you mean to use" in p.stderr
+    # no GPU named: the advice says which device its estimate assumed
+    res = advise(Answers(labeled_examples=500, behaviour_change="style"))
+    assert "no gpu_memory_gb given" in res["estimate_note"] and "no gpu_memory_gb given" in format_advice(res)

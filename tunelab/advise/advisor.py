@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, get_args, get_origin
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tunelab import config as cfglib
 from tunelab.advise.estimate import (
@@ -63,6 +63,16 @@ class Answers(Strict):
     model_params_b: float | None = Field(None, gt=0, description="base model size in billions of parameters, when the estimator does not know the model")
     task: str = Field("", description="a task measured with tunelab advise --measure in this workspace: its "
                                       "results are cited next to the rules")
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _answers_not_a_recipe(cls, data: object) -> object:
+        # a training recipe given to the advisor by mistake: one line that says so, not one per unknown section
+        if isinstance(data, dict) and data.get("recipe", "advise") != "advise":
+            raise ValueError(f"this is a '{data['recipe']}' training recipe, not a mapping of advisor answers: run it "
+                             f"with 'tunelab train FILE' (answers have recipe: advise, or no recipe key)")
+        return data
 
 
 @dataclass(frozen=True)
@@ -216,6 +226,9 @@ def advise(a: Answers, workspace=None) -> dict:
                + (f" --tokens {tokens:.3g}" if tokens else "") + f" --device {device}")
         out["estimate_command"] = cmd
         out["estimate_method"] = method
+        if a.gpu_memory_gb is None:
+            out["estimate_note"] = (f"no gpu_memory_gb given: estimated for one {device}; --set gpu_memory_gb=N sizes "
+                                    f"it for your GPU, and --device cpu in the command estimates this machine")
         if size_b is not None or _is_known(model):
             try:
                 out["estimate"] = estimate(EstimateConfig(
@@ -303,6 +316,8 @@ def format_advice(res: dict) -> str:
         lines.append("no rule fired: start with prompt engineering and collect examples")
     if res.get("estimate_command"):
         lines.append(f"estimate the training: {res['estimate_command']}")
+        if res.get("estimate_note"):
+            lines.append(f"  ({res['estimate_note']})")
     if res.get("estimate"):
         lines.append(format_estimate(res["estimate"]))
     return "\n".join(lines)

@@ -6,8 +6,11 @@ continued pre-training, distillation, RLHF/DPO — from a few answers about the 
 
 A rule table (RULES) maps answers to recommendations, each with its reason and trade-off
 (docs/advise.md prints the table). Rules are independent: a scenario may get several
-recommendations (e.g. RAG for fresh facts *and* LoRA for the answer style). The result ends
-with a ``tunelab estimate`` command for the training it recommends.
+recommendations (e.g. RAG for fresh facts *and* LoRA for the answer style). Each recommendation
+names the models it uses — packaged ones ``tunelab models pull`` gets offline, or the one the user
+named — and its evidence: the measured ladder of the task named by ``task`` where the workspace
+holds a report of it (advise/evidence.py), else "rule of thumb" and why. The result ends with a
+``tunelab estimate`` command for the training it recommends.
 """
 
 from __future__ import annotations

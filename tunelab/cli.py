@@ -274,14 +274,14 @@ def advise(
     from tunelab.advise.advisor import advise as run_advise
     from tunelab.workspace import DEFAULT_DIRNAME, Workspace
 
-    from tunelab.advise.evidence import read_ladder_reports
+    from tunelab.advise.evidence import read_ladder_reports, task_name
 
     # read-only: asking for advice must not create a workspace folder
     ws = Workspace(Path(workspace or DEFAULT_DIRNAME).expanduser().resolve())
     if answers or set_:
         a = cfglib.load(Answers, answers, set_)
     else:
-        tasks = sorted({d["task"]["name"] for d in read_ladder_reports(ws.root)[0]})
+        tasks = sorted({task_name(d) for d in read_ladder_reports(ws.root)[0]})
         # questions on stderr, so --json leaves stdout to the JSON
         a = ask(functools.partial(typer.prompt, err=True), tasks, say=lambda m: typer.secho(m, fg="yellow", err=True))
     res = run_advise(a, ws)

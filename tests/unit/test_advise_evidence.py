@@ -243,3 +243,20 @@ def test_new_user_mistakes_get_one_line_each(tmp_path):
     # no GPU named: the advice says which device its estimate assumed
     res = advise(Answers(labeled_examples=500, behaviour_change="style"))
     assert "no gpu_memory_gb given" in res["estimate_note"] and "no gpu_memory_gb given" in format_advice(res)
+
+
+@pytest.mark.parametrize("rung,rule", [
+    ({"name": "zero-shot"}, "prompt_engineering"), ({"name": "Few-shot (k=3)"}, "prompt_engineering"),
+    ({"name": "RAG top-4"}, "rag"), ({"name": "pilot", "kind": "lora"}, "fine_tuning"),
+    ({"name": "lora pilot"}, "fine_tuning"), ({"name": "endpoint"}, None), ({"name": "ragged"}, None),
+    ({"name": "mine", "rule": "distillation"}, "distillation"),
+])
+def test_rung_names_map_to_rules(rung, rule):
+    from tunelab.advise.evidence import rule_of
+
+    assert rule_of(rung) == rule
+
+
+def test_task_may_be_a_plain_name(tmp_path):
+    write_report(tmp_path, {**ladder_report(), "task": "support"})
+    assert by_name(advise(Answers(task="support", knowledge_changes=True), tmp_path))["rag"]["evidence"]["kind"] == "measured"

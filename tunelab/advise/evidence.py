@@ -7,8 +7,8 @@ says it is a rule of thumb. The contract between the two is docs/advise.md ("Lad
 
 - where: ``<workspace>/runs/ladder-*/report.json``, and the ``dir`` of any catalog row of kind
   ``ladder`` (its ``report.json``);
-- what: ``{"kind": "ladder", "task": {"name"}, "created_at", "target": {"metric", "op", "value"},
-  "rungs": [{"name", "metric", "value", "interval": [lo, hi], "meets_target", "rule"?}],
+- what: ``{"kind": "ladder", "task": {"name"} (or the name alone), "created_at", "target": {"metric", "op",
+  "value"}, "rungs": [{"name", "kind"?, "rule"?, "metric", "value", "interval": [lo, hi], "meets_target"}],
   "verdict": {"rung", "meets_target", "shortfall"?}}``; fields beyond these are ignored.
 
 Only :func:`read_ladder_reports` knows the file layout; a report that does not follow the contract
@@ -18,20 +18,29 @@ is skipped with its reason (a broken file never stops the advice).
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
-# The rung names the ladder writes → the advisor rule each one measures. A rung may name its rule
-# itself ("rule": "fine_tuning"), which wins over this table.
+# Rung kinds → the advisor rule each one measures, matched on the start of the rung's "kind" (else its
+# "name"), lower-cased with runs of other characters as "_" ("Few-shot (k=3)" → "few_shot_k_3").
+# A rung may name its rule itself ("rule": "fine_tuning"), which wins over this table.
 RUNG_RULES = {
     "zero_shot": "prompt_engineering",
     "few_shot": "prompt_engineering",
     "rag": "rag",
     "lora": "fine_tuning",
-    "lora_pilot": "fine_tuning",
+    "fine_tuning": "fine_tuning",
 }
 # Recommendations the advisor derives from a rule, measured by that rule's rungs.
 DERIVED = {"peft_lora": "fine_tuning"}
+
+
+def task_name(d: dict) -> str:
+    """The report's task name: ``task.name``, or ``task`` itself when it is a string."""
+    t = d.get("task")
+    name = t.get("name") if isinstance(t, dict) else t
+    return name if isinstance(name, str) else ""
 
 
 def _check(d: object) -> str | None:
@@ -40,8 +49,7 @@ def _check(d: object) -> str | None:
         return "not a JSON object"
     if d.get("kind") != "ladder":
         return "kind is not 'ladder'"
-    task = d.get("task")
-    if not isinstance(task, dict) or not isinstance(task.get("name"), str) or not task["name"]:
+    if not task_name(d):
         return "task.name missing"
     if not isinstance(d.get("created_at"), str):
         return "created_at missing"
@@ -101,8 +109,11 @@ def read_ladder_reports(root: Path) -> tuple[list[dict], list[dict]]:
 
 
 def rule_of(rung: dict) -> str | None:
-    """The advisor rule a rung measures."""
-    return rung.get("rule") or RUNG_RULES.get(rung["name"])
+    """The advisor rule a rung measures (None: no rule, e.g. an existing endpoint as a rung)."""
+    if isinstance(rung.get("rule"), str):
+        return rung["rule"]
+    key = re.sub(r"[^a-z0-9]+", "_", str(rung.get("kind") or rung["name"]).lower()).strip("_")
+    return next((rule for prefix, rule in RUNG_RULES.items() if key == prefix or key.startswith(prefix + "_")), None)
 
 
 def _num(x: float) -> str:
@@ -126,14 +137,14 @@ def cite(recommendation: str, task: str, reports: list[dict]) -> dict:
     """The evidence line for one recommendation: the measured rungs of the newest report of ``task``, or why the
     recommendation stands on a rule of thumb."""
     rule = DERIVED.get(recommendation, recommendation)
-    mine = [d for d in reports if d["task"]["name"] == task] if task else []
+    mine = [d for d in reports if task_name(d) == task] if task else []
     if not mine:
         if task:
-            others = sorted({d["task"]["name"] for d in reports})
+            others = sorted({task_name(d) for d in reports})
             where = f" (measured tasks here: {', '.join(others)})" if others else ""
             why = f"no measured ladder for task '{task}' in this workspace{where}"
         elif reports:
-            names = ", ".join(sorted({d["task"]["name"] for d in reports}))
+            names = ", ".join(sorted({task_name(d) for d in reports}))
             why = f"no task named; to cite a measured ladder add --set task=NAME ({names})"
         else:
             why = "no measured ladder; measure it on your data with tunelab advise --measure TASK.yaml"

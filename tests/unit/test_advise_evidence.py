@@ -55,23 +55,23 @@ def test_measured_rungs_are_cited_next_their_rules(tmp_path):
     recs = by_name(advise(Answers(task="support", **ASKS), tmp_path))
     rag = recs["rag"]["evidence"]
     assert rag["kind"] == "measured"
-    assert rag["text"].startswith("measured on support 2026-12-06: rag rougeL 0.43 [0.41, 0.46] met the target "
-                                  "(rougeL >= 0.4)") and "verdict: rag" in rag["text"]
+    assert rag["text"] == ("measured on support 2026-12-06, target rougeL >= 0.4: rag 0.43 [0.41, 0.46] met the target; "
+                           "verdict: rag")
     ft = recs["fine_tuning"]["evidence"]
-    assert ft["kind"] == "measured" and "lora_pilot rougeL 0.38 [0.35, 0.41] missed the target" in ft["text"]
+    assert ft["kind"] == "measured" and "lora_pilot 0.38 [0.35, 0.41] missed it" in ft["text"]
     # a rule no rung measures says so, and still points at the verdict
     cpt = recs["continued_pretraining"]["evidence"]
     assert cpt["kind"] == "rule_of_thumb" and "has no rung for this" in cpt["text"] and "verdict: rag" in cpt["text"]
     # the printed advice carries the same lines
     text = format_advice(advise(Answers(task="support", **ASKS), tmp_path))
-    assert "evidence: measured on support 2026-12-06: rag rougeL 0.43" in text
+    assert "evidence: measured on support 2026-12-06, target rougeL >= 0.4: rag 0.43" in text
 
 
 def test_prompting_cites_zero_and_few_shot_and_newest_report_wins(tmp_path):
     write_report(tmp_path, ladder_report(created="2026-11-01T09:00:00+00:00", verdict="few_shot"), "ladder-support-a")
     write_report(tmp_path, ladder_report(created="2026-12-06T11:00:00+00:00", verdict="rag"), "ladder-support-b")
     ev = by_name(advise(Answers(task="support"), tmp_path))["prompt_engineering"]["evidence"]
-    assert "zero_shot rougeL 0.21" in ev["text"] and "few_shot rougeL 0.29" in ev["text"]
+    assert "zero_shot 0.21" in ev["text"] and "few_shot 0.29" in ev["text"]
     assert "2026-12-06" in ev["text"] and ev["report"].endswith("ladder-support-b/report.json")
 
 
@@ -126,7 +126,7 @@ def test_cli_cites_and_creates_no_workspace(tmp_path):
     write_report(ws, ladder_report())
     r = run_cli("advise", "--set", "task=support", "--set", "knowledge_changes=true", "--workspace", str(ws))
     assert r.returncode == 0, r.stderr
-    assert "evidence: measured on support 2026-12-06: rag rougeL 0.43" in r.stdout
+    assert "evidence: measured on support 2026-12-06, target rougeL >= 0.4: rag 0.43" in r.stdout
     r = run_cli("advise", "--set", "knowledge_changes=true", "--json", cwd=tmp_path, env={"TUNELAB_WORKSPACE": ""})
     assert r.returncode == 0, r.stderr
     assert not (tmp_path / "tunelab-workspace").exists()
@@ -260,3 +260,12 @@ def test_rung_names_map_to_rules(rung, rule):
 def test_task_may_be_a_plain_name(tmp_path):
     write_report(tmp_path, {**ladder_report(), "task": "support"})
     assert by_name(advise(Answers(task="support", knowledge_changes=True), tmp_path))["rag"]["evidence"]["kind"] == "measured"
+
+
+def test_a_rung_on_another_metric_names_it_and_no_target_is_fine(tmp_path):
+    d = ladder_report()
+    d["rungs"][2] = {"name": "rag", "metric": "exact_match", "value": 0.5}
+    del d["target"]
+    write_report(tmp_path, d)
+    ev = by_name(advise(Answers(task="support", knowledge_changes=True), tmp_path))["rag"]["evidence"]
+    assert ev["text"] == "measured on support 2026-12-06: rag exact_match 0.5; verdict: rag"

@@ -120,16 +120,19 @@ def _num(x: float) -> str:
     return f"{x:.3g}"
 
 
-def _rung_text(r: dict, target: dict | None) -> str:
+def _target_text(target: object) -> str:
+    if isinstance(target, dict) and isinstance(target.get("value"), (int, float)):
+        return f"{target.get('metric', '')} {target.get('op', '>=')} {_num(target['value'])}".strip()
+    return ""
+
+
+def _rung_text(r: dict, target_metric: str | None) -> str:
     iv = r.get("interval")
-    s = f"{r['name']} {r['metric']} {_num(r['value'])}" + (f" [{_num(iv[0])}, {_num(iv[1])}]" if iv else "")
+    metric = "" if r["metric"] == target_metric else f" {r['metric']}"
+    s = f"{r['name']}{metric} {_num(r['value'])}" + (f" [{_num(iv[0])}, {_num(iv[1])}]" if iv else "")
     met = r.get("meets_target")
-    if met is not None and target:
-        goal = f"{target.get('metric', r['metric'])} {target.get('op', '>=')} {_num(target['value'])}" \
-            if isinstance(target.get("value"), (int, float)) else "the target"
-        s += f" {'met' if met else 'missed'} the target ({goal})"
-    elif met is not None:
-        s += f" {'met' if met else 'missed'} the target"
+    if isinstance(met, bool):
+        s += " met the target" if met else " missed it"
     return s
 
 
@@ -157,6 +160,8 @@ def cite(recommendation: str, task: str, reports: list[dict]) -> dict:
     if not rungs:
         return {"kind": "rule_of_thumb", "report": d["path"],
                 "text": f"rule of thumb (the ladder measured on {task} {date} has no rung for this; {vtext})"}
+    target = _target_text(d.get("target"))
+    metric = d["target"].get("metric") if target else None
     return {"kind": "measured", "report": d["path"],
-            "text": f"measured on {task} {date}: " + "; ".join(_rung_text(r, d.get("target")) for r in rungs)
-                    + f"; {vtext}"}
+            "text": f"measured on {task} {date}" + (f", target {target}" if target else "") + ": "
+                    + "; ".join(_rung_text(r, metric) for r in rungs) + f"; {vtext}"}

@@ -33,7 +33,7 @@ from tunelab.advise.estimate import (
 )
 from tunelab.advise.evidence import cite, read_ladder_reports
 from tunelab.config import Strict
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.models.resolve import HUB_ID, PACKAGED
 from tunelab.workspace import Workspace
 
@@ -57,16 +57,19 @@ class Answers(Strict):
     unlabeled_domain_tokens: float = Field(0, ge=0, description="tokens of raw in-domain text without labels (e.g. 5e7)")
     domain_shift: Literal["low", "medium", "high"] = Field(
         "low", description="how far the domain's language is from general web text (law, medicine, code: high)")
-    preference_pairs: int = Field(0, ge=0, description="how many (prompt, better answer, worse answer) comparisons you have")
+    preference_pairs: int = Field(0, ge=0, description="how many (prompt, better answer, worse answer) comparisons "
+                                                       "you have")
     deploy: Literal["cloud", "on_prem", "edge", "offline"] = Field("cloud", description="where the model will run")
-    latency_ms: float | None = Field(None, gt=0, description="latency budget per answer in milliseconds, if tight (empty: none)")
-    gpu_memory_gb: float | None = Field(None, gt=0, description="largest GPU memory available for training, in GB (empty: unknown)")
+    latency_ms: float | None = Field(None, gt=0, description="latency budget per answer in milliseconds, if tight "
+                                                             "(empty: none)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="largest GPU memory available for training, in GB "
+                                                                "(empty: unknown)")
     model: str = Field("", description="base model you mean to use: a packaged name, an HF folder, a hub id or an "
                                        "estimator preset; empty: one that tunelab models pull can get")
-    model_params_b: float | None = Field(None, gt=0, description="base model size in billions of parameters, when the estimator does not know the model")
+    model_params_b: float | None = Field(None, gt=0, description="base model size in billions of parameters, when the "
+                                                                 "estimator does not know the model")
     task: str = Field("", description="a task measured with tunelab advise --measure in this workspace: its "
                                       "results are cited next to the rules")
-
 
     @model_validator(mode="before")
     @classmethod
@@ -271,8 +274,6 @@ def ask(prompt: Callable[[str, object], object], measured_tasks: list[str] | tup
     """Ask each question through ``prompt(text, default)`` (the CLI passes typer.prompt), checking each answer as it
     is typed: a wrong one is explained and asked again (at most ``tries`` times). ``measured_tasks``: tasks with a
     ladder report in the workspace, offered for citation."""
-    from tunelab.errors import ConfigError
-
     names = QUESTIONS + (["task"] if measured_tasks else [])
     raw: dict = {}
     for name in names:

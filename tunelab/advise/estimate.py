@@ -168,7 +168,7 @@ class Device:
 # Peak dense BF16 (T4: FP16; it has no BF16) tensor throughput from the vendors' datasheets; the
 # "with sparsity" figures there are twice these.
 DEVICES: dict[str, Device] = {d.name: d for d in [
-    Device("cpu", None, None, "training rate: --calibrate times training steps here, else CPU_DEFAULT below"),
+    Device("cpu", None, None, "training rate: --calibrate times training steps here, else CPU_DEFAULT_FLOPS below"),
     Device("t4", 65e12, 16, "NVIDIA T4 datasheet: 65 TFLOPS FP16 tensor"),
     Device("a10", 125e12, 24, "NVIDIA A10 datasheet: 125 TFLOPS BF16 tensor (250 with sparsity)"),
     Device("l4", 121e12, 24, "NVIDIA L4 datasheet: 242 TFLOPS BF16 with sparsity, 121 dense"),

@@ -252,9 +252,11 @@ def demo(
 @app.command()
 @guarded
 def advise(
-    answers: Optional[Path] = typer.Argument(None, help="answers YAML (fields: tunelab/advise/advisor.py Answers); "
-                                                        "without it the questions are asked"),
-    set_: list[str] = typer.Option([], "--set", help="override an answer: --set labeled_examples=2000"),
+    answers: Optional[Path] = typer.Argument(None, help="answers YAML (e.g. examples/advise_support_bot.yaml) with any "
+                                                        "of the fields below; without it and without --set the "
+                                                        "questions are asked"),
+    set_: list[str] = typer.Option([], "--set", help="override an answer: --set labeled_examples=2000; "
+                                                     "--set task=NAME cites that task's measured ladder"),
     json_: bool = typer.Option(False, "--json", help="print the result as JSON"),
     measure: Optional[Path] = typer.Option(None, "--measure", help="a task YAML (recipe: ladder): measure "
                                                                    "zero-shot, few-shot, RAG and a LoRA pilot on "
@@ -263,7 +265,17 @@ def advise(
 ):
     """Recommend prompting, RAG, fine-tuning (PEFT or full), continued pre-training, distillation and/or RLHF.
 
-    With --measure TASK.yaml the ladder is measured on your own data instead (docs/methods/ladder.md)."""
+    Each recommendation cites the measured ladder of the task named by 'task' where the workspace holds one
+    (docs/advise.md), and otherwise says it rests on a rule of thumb. Recommended models are ones
+    'tunelab models pull' can get, or the one you named.
+
+    Answers (each optional): goal (text); knowledge_changes, needs_citations (true/false); labeled_examples,
+    preference_pairs (counts); behaviour_change (none/format/style/task); unlabeled_domain_tokens (e.g. 5e7);
+    domain_shift (low/medium/high); deploy (cloud/on_prem/edge/offline); latency_ms; gpu_memory_gb; model
+    (packaged name, HF folder, hub id or estimator preset); model_params_b; task (a measured ladder task).
+
+    With --measure TASK.yaml the ladder is measured on your own data instead (docs/methods/ladder.md).
+    """
     from tunelab import config as cfglib
 
     if measure is not None:
@@ -284,23 +296,36 @@ def advise(
         return
     from tunelab.advise.advisor import Answers, ask, format_advice
     from tunelab.advise.advisor import advise as run_advise
+    from tunelab.workspace import DEFAULT_DIRNAME, Workspace
 
-    a = cfglib.load(Answers, answers, set_) if answers or set_ else ask(typer.prompt)
-    res = run_advise(a)
+    from tunelab.advise.evidence import read_ladder_reports, task_name
+
+    # read-only: asking for advice must not create a workspace folder
+    ws = Workspace(Path(workspace or DEFAULT_DIRNAME).expanduser().resolve())
+    if answers or set_:
+        a = cfglib.load(Answers, answers, set_)
+    else:
+        tasks = sorted({task_name(d) for d in read_ladder_reports(ws.root)[0]})
+        # questions on stderr, so --json leaves stdout to the JSON
+        a = ask(functools.partial(typer.prompt, err=True), tasks, say=lambda m: typer.secho(m, fg="yellow", err=True))
+    res = run_advise(a, ws)
     typer.echo(_json(res) if json_ else format_advice(res))
 
 
 @app.command()
 @guarded
 def estimate(
-    model: str = typer.Option(..., "--model", help="preset name (e.g. llama-3.1-8b), HF folder, or pulled model"),
+    model: str = typer.Option(..., "--model", help="preset name (e.g. llama-3.1-8b, smollm2-135m-instruct), HF "
+                                                   "folder, or pulled model"),
     method: str = typer.Option("lora", help="full | lora | qlora"),
     batch_size: int = typer.Option(8, "--batch-size", help="sequences per device per micro-batch"),
     seq_len: int = typer.Option(512, "--seq-len", help="tokens per training sequence (the recipe's "
                                                         "data.max_length)"),
     loss_share: float = typer.Option(1.0, "--loss-share", help="share of tokens with a loss (SFT: responses)"),
-    precision: str = typer.Option("bf16", help="fp32 | bf16 | fp16 compute"),
-    weights_dtype: str = typer.Option("fp32", "--weights-dtype", help="load dtype of the weights"),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16 | fp16 compute; auto: what training picks on "
+                                               "--device (cpu: this machine's choice, printed with the reason)"),
+    weights_dtype: str = typer.Option("fp32", "--weights-dtype", help="fp32 | bf16 | fp16: dtype the weights are "
+                                                                      "loaded in (tunelab's recipes load fp32)"),
     checkpoint_every: int = typer.Option(0, "--checkpoint-every", help="gradient checkpointing: 0 off, k every k-th"),
     optimizer: str = typer.Option("adamw", help="adamw | adamw_8bit | sgd"),
     attention: str = typer.Option("sdpa", help="sdpa | eager"),
@@ -308,28 +333,42 @@ def estimate(
                                                    "optimizer state grow with it"),
     lora_dropout: float = typer.Option(0.05, "--lora-dropout", help="LoRA dropout: above 0 it keeps a mask per "
                                                                     "adapted layer in memory"),
-    tokens: Optional[float] = typer.Option(None, help="training tokens (dataset tokens x epochs)"),
+    tokens: Optional[float] = typer.Option(None, help="training tokens (dataset tokens x epochs), e.g. 2e6: "
+                                                      "needed for FLOPs, time and cost"),
     device: Optional[str] = typer.Option(None, help="t4 | a10 | l4 | a100-40gb | a100-80gb | h100-pcie | h100-sxm | "
-                                                    "h200 | cpu"),
+                                                    "h200 | cpu: memory fit, precision and time on it"),
     num_devices: int = typer.Option(1, "--num-devices", help="devices training together (data parallel)"),
-    mfu: float = typer.Option(0.4, help="model FLOP utilization assumed"),
+    mfu: float = typer.Option(0.4, help="model FLOP utilization assumed on a GPU from the device table (not "
+                                         "used for cpu, whose rate is a measured training rate)"),
     price: Optional[float] = typer.Option(None, "--price", help="price per device-hour"),
-    calibrate: bool = typer.Option(False, "--calibrate", help="device cpu: time a matmul here for the peak FLOP/s"),
+    calibrate: bool = typer.Option(False, "--calibrate", help="with --device cpu: time a few training steps of this "
+                                                              "model's shape here (seconds) and estimate the time from "
+                                                              "that rate; without it cpu uses a stated default rate"),
     json_: bool = typer.Option(False, "--json", help="print the estimate as JSON (every figure and assumption)"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
     """Memory (weights, gradients, optimizer, activations), FLOPs, time and cost of a training job."""
     from tunelab import config as cfglib
-    from tunelab.advise.estimate import EstimateConfig, format_estimate, measure_cpu_flops
+    from tunelab.advise.estimate import EstimateConfig, format_estimate, model_shape
     from tunelab.advise.estimate import estimate as run_estimate
 
-    flops = measure_cpu_flops(precision) if calibrate else None
+    if calibrate and device != "cpu":
+        raise TunelabError("--calibrate times training on this machine's CPU: add --device cpu")
     cfg = cfglib.load(EstimateConfig, data=dict(
         model=model, method=method, batch_size=batch_size, seq_len=seq_len, loss_share=loss_share,
         precision=precision, weights_dtype=weights_dtype, checkpoint_every=checkpoint_every, optimizer=optimizer,
         attention=attention, lora_r=lora_r, lora_dropout=lora_dropout, tokens=tokens, device=device,
-        num_devices=num_devices, mfu=mfu, device_flops=flops, price_per_hour=price))
-    res = run_estimate(cfg, _ws(workspace) if workspace else None)
+        num_devices=num_devices, mfu=mfu, price_per_hour=price))
+    ws = _ws(workspace) if workspace else None
+    cal = None
+    if calibrate:
+        from tunelab.advise.calibrate import calibrate_cpu
+
+        cal = calibrate_cpu(cfg, model_shape(model, ws))
+        cfg = cfg.model_copy(update={"achieved_flops": cal["achieved_flops"]})
+    res = run_estimate(cfg, ws)
+    if cal:
+        res["calibration"] = cal
     typer.echo(_json(res) if json_ else format_estimate(res))
 
 

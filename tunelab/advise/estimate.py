@@ -20,6 +20,7 @@ from pydantic import Field
 
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
+from tunelab.train.device import cpu_precision
 from tunelab.train.memory import (  # noqa: F401 (the memory model: re-exported for the estimator's users)
     GB,
     HEAD_CHUNK,
@@ -32,7 +33,7 @@ from tunelab.train.memory import (  # noqa: F401 (the memory model: re-exported 
     cpu_fast_path,
     layer_activation_bytes,
     lora_params,
-    memory,
+    memory as _memory,
     model_shape,
     param_counts,
     shape_from_config,
@@ -51,7 +52,7 @@ class Device:
 # Peak dense BF16 (T4: FP16; it has no BF16) tensor throughput from the vendors' datasheets; the
 # "with sparsity" figures there are twice these.
 DEVICES: dict[str, Device] = {d.name: d for d in [
-    Device("cpu", None, None, "measured: tunelab estimate --calibrate times a bf16/fp32 matmul here"),
+    Device("cpu", None, None, "training rate: --calibrate times training steps here, else CPU_DEFAULT_FLOPS below"),
     Device("t4", 65e12, 16, "NVIDIA T4 datasheet: 65 TFLOPS FP16 tensor"),
     Device("a10", 125e12, 24, "NVIDIA A10 datasheet: 125 TFLOPS BF16 tensor (250 with sparsity)"),
     Device("l4", 121e12, 24, "NVIDIA L4 datasheet: 242 TFLOPS BF16 with sparsity, 121 dense"),
@@ -63,21 +64,17 @@ DEVICES: dict[str, Device] = {d.name: d for d in [
 ]}
 
 
-def measure_cpu_flops(dtype: str = "bf16", n: int = 1024, repeats: int = 5) -> float:
-    """FLOP/s of an n x n matmul on this CPU (the best of ``repeats``): the 'peak' for cpu estimates."""
-    import time
-
-    import torch
-
-    dt = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
-    a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-    a @ b  # warm up
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+# The CPU time estimate without --calibrate: a training rate measured on another machine, stated with its
+# source. bench/sft_vs_trl.py (BENCHMARKS.md, 2026-12-06): tunelab's SFT of SmolLM2-135M-Instruct with
+# LoRA r=16, fp32 (the no-AMX default), no checkpointing, on 2 cores of an Intel Xeon with AVX-512-bf16 and
+# no AMX: 215.5 tokens/s (median of 2 rounds). Counted the estimator's way (4·N FLOPs a token for PEFT,
+# N = 134,515,008) that is 1.16e11 FLOP/s achieved, MFU included.
+CPU_DEFAULT_TOKENS_PER_S = 215.5
+CPU_DEFAULT_PARAMS = 134_515_008
+CPU_DEFAULT_FLOPS = CPU_DEFAULT_TOKENS_PER_S * 4 * CPU_DEFAULT_PARAMS
+CPU_DEFAULT_SOURCE = ("default, not this machine: tunelab SFT of SmolLM2-135M LoRA in fp32 ran 215.5 tokens/s on "
+                      "2 Xeon cores with AVX-512-bf16 and no AMX (bench/sft_vs_trl.py, BENCHMARKS.md 2026-12-06); "
+                      "--calibrate measures this machine")
 
 
 # ----------------------------------------------------------------------------- the question
@@ -90,7 +87,9 @@ class EstimateConfig(Strict):
     batch_size: int = Field(8, ge=1, description="sequences per device per micro-batch")
     seq_len: int = Field(512, ge=1, description="tokens per sequence (padded length)")
     loss_share: float = Field(1.0, gt=0, le=1, description="share of tokens with a loss (SFT: the responses)")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="compute: fp32, or 16-bit autocast")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="compute: fp32, or 16-bit autocast; auto: what training picks on the device "
+                            "(cpu: train.device.cpu_precision on this machine; a GPU: bf16, fp16 on a T4)")
     weights_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="dtype the (non-quantized) weights are loaded in; tunelab recipes load fp32")
     checkpoint_every: int = Field(0, ge=0, description="gradient checkpointing: 0 off, 1 every layer, k every k-th")
@@ -110,6 +109,31 @@ class EstimateConfig(Strict):
     price_per_hour: float | None = Field(None, ge=0, description="price of one device-hour")
 
 
+def resolve_precision(cfg: EstimateConfig) -> tuple[str, str]:
+    """The compute precision the estimate assumes, and why: as set, or what training would pick on the device.
+
+    For ``cpu`` this calls the trainer's own choice (``train.device.cpu_precision``, which ``train.device.plan``
+    uses), so on this machine the estimate and a training run agree.
+    """
+    if cfg.precision != "auto":
+        return cfg.precision, f"set: {cfg.precision}"
+    if cfg.device == "cpu":
+        p, why = cpu_precision()
+        return p, f"what training picks on this machine: {why}"
+    if cfg.device == "t4":
+        return "fp16", "what training picks on a T4 (no bf16): fp16 mixed precision"
+    return "bf16", "what training picks on a GPU with bf16: bf16 mixed precision"
+
+
+def _resolved(cfg: EstimateConfig) -> EstimateConfig:
+    return cfg if cfg.precision != "auto" else cfg.model_copy(update={"precision": resolve_precision(cfg)[0]})
+
+
+def memory(cfg: EstimateConfig, s: Shape) -> dict:
+    """Peak training memory per device by component, in bytes (train.memory.memory at the resolved precision)."""
+    return _memory(_resolved(cfg), s)
+
+
 def compute(cfg: EstimateConfig, s: Shape) -> dict | None:
     """Training FLOPs, time and cost for ``cfg.tokens`` tokens."""
     if cfg.tokens is None:
@@ -126,12 +150,22 @@ def compute(cfg: EstimateConfig, s: Shape) -> dict | None:
     dev = DEVICES.get(cfg.device) if cfg.device else None
     if cfg.device and dev is None:
         raise TunelabError(f"unknown device '{cfg.device}'; known: {', '.join(DEVICES)}")
-    peak = cfg.device_flops or (dev.peak_flops if dev else None)
-    if peak is None:
-        return out
-    seconds = flops / (peak * cfg.mfu * cfg.num_devices)
-    out.update({"peak_flops_per_device": peak, "mfu": cfg.mfu, "num_devices": cfg.num_devices,
-                "hours": seconds / 3600, "device_hours": seconds / 3600 * cfg.num_devices})
+    if cfg.achieved_flops:
+        rate, source = cfg.achieved_flops, "measured here: tunelab estimate --calibrate"
+        out.update({"achieved_flops_per_device": rate, "rate_source": source})
+    elif cfg.device == "cpu" and not cfg.device_flops:
+        rate, source = CPU_DEFAULT_FLOPS, CPU_DEFAULT_SOURCE
+        out.update({"achieved_flops_per_device": rate, "rate_source": source})
+    else:
+        peak = cfg.device_flops or (dev.peak_flops if dev else None)
+        if peak is None:
+            return out
+        rate = peak * cfg.mfu
+        out.update({"peak_flops_per_device": peak, "mfu": cfg.mfu,
+                    "rate_source": "--device-flops" if cfg.device_flops else dev.source})
+    seconds = flops / (rate * cfg.num_devices)
+    out.update({"num_devices": cfg.num_devices, "hours": seconds / 3600, "device_hours": seconds / 3600 * cfg.num_devices,
+                "tokens_per_s": D / seconds})
     if cfg.price_per_hour is not None:
         out["cost"] = out["device_hours"] * cfg.price_per_hour
     return out
@@ -178,15 +212,26 @@ def chinchilla(flops: float | None = None, params: float | None = None, tokens: 
 def estimate(cfg: EstimateConfig, workspace=None) -> dict:
     """Memory, compute, time, cost and fit for one configuration."""
     s = model_shape(cfg.model, workspace)
+    precision, why = resolve_precision(cfg)
+    cfg = cfg.model_copy(update={"precision": precision})
     mem = memory(cfg, s)
-    out = {"config": cfg.model_dump(mode="json"), "shape": asdict(s), "memory": mem, "compute": compute(cfg, s),
-           "params_by_kind": param_counts(s)}
+    out = {"config": cfg.model_dump(mode="json"), "precision": {"precision": precision, "why": why},
+           "shape": asdict(s), "memory": mem, "compute": compute(cfg, s), "params_by_kind": param_counts(s)}
     dev = DEVICES.get(cfg.device) if cfg.device else None
     if dev and dev.memory_gb:
         out["fits"] = {"device_memory_gb": dev.memory_gb, "needed_gb": mem["total"] / GB,
                        "fits": mem["total"] / GB < dev.memory_gb * 0.9,
                        "note": "needs < 90% of device memory: the CUDA context and allocator fragmentation take the rest"}
     return out
+
+
+def _duration(hours: float) -> str:
+    """Hours in the unit a person reads best: seconds, minutes or hours."""
+    if hours < 1 / 60:
+        return f"{hours * 3600:.3g} s"
+    if hours < 1:
+        return f"{hours * 60:.3g} min"
+    return f"{hours:,.3g} h"
 
 
 def _gb(b: float) -> str:
@@ -199,6 +244,7 @@ def format_estimate(r: dict) -> str:
     lines = [f"{c['model']}: {m['params'] / 1e6:,.1f}M parameters, {m['trainable_params'] / 1e6:,.3f}M trainable "
              f"({c['method']}, {c['precision']} compute, batch {c['batch_size']} x {c['seq_len']} tokens, "
              f"checkpointing {'off' if not c['checkpoint_every'] else 'every ' + str(c['checkpoint_every'])})",
+             f"precision: {r['precision']['precision']} — {r['precision']['why']}",
              "memory per device:"]
     for k in ("weights", "autocast_weight_copies", "gradients", "optimizer_states", "activations", "logits", "total"):
         lines.append(f"  {k.replace('_', ' '):24s} {_gb(m[k]):>12s}")
@@ -210,9 +256,21 @@ def format_estimate(r: dict) -> str:
     if comp:
         lines.append(f"compute: {comp['tokens']:.3g} tokens, {comp['flops']:.3g} FLOPs = {comp['formula']} "
                      f"(6·N·D = {comp['flops_6ND']:.3g})")
-        if "hours" in comp:
-            lines.append(f"time: {comp['hours']:.3g} h on {comp['num_devices']} x {c['device'] or 'device'} at "
+        if "achieved_flops_per_device" in comp:
+            lines.append(f"time: {_duration(comp['hours'])} on {comp['num_devices']} x {c['device'] or 'device'} at "
+                         f"{comp['achieved_flops_per_device']:.3g} FLOP/s achieved in training "
+                         f"({comp['tokens_per_s']:,.0f} tokens/s); rate: {comp['rate_source']}")
+        elif "hours" in comp:
+            lines.append(f"time: {_duration(comp['hours'])} on {comp['num_devices']} x {c['device'] or 'device'} at "
                          f"{comp['peak_flops_per_device']:.3g} FLOP/s peak x MFU {comp['mfu']:g}")
+        else:
+            lines.append("time: give --device (and for cpu, --calibrate) for a time estimate")
+        if r.get("calibration"):
+            k = r["calibration"]
+            lines.append(f"calibration: {k['steps']} {k['method']} steps of {k['batch']} x {k['seq_len']} tokens in "
+                         f"{k['precision']} on {k['layers']} of {k['of_layers']} decoder layers (vocab {k['vocab']:,}), "
+                         f"{k['threads']} threads: {k['tokens_per_s']:,.1f} tokens/s, {k['achieved_flops']:.3g} FLOP/s "
+                         f"({k['seconds']:.1f} s)")
         if "cost" in comp:
             lines.append(f"cost: {comp['cost']:,.2f} at {c['price_per_hour']:g} per device-hour "
                          f"({comp['device_hours']:.3g} device-hours)")

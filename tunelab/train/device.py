@@ -21,6 +21,15 @@ class DevicePlan:
     why: str
 
 
+def cpu_precision() -> tuple[str, str]:
+    """The precision training picks on this machine's CPU, and why (also what ``tunelab estimate --device cpu``
+    reports, so the estimate and the trainer cannot disagree)."""
+    amx = "amx_bf16" in cpu_flags()
+    if amx:
+        return "bf16", "CPU with AMX-bf16: bf16 autocast"
+    return "fp32", "CPU without AMX: fp32 (bf16 autocast is slower here)"
+
+
 def plan(precision: str = "auto", gradient_checkpointing: bool | None = None) -> DevicePlan:
     import torch
 
@@ -32,9 +41,7 @@ def plan(precision: str = "auto", gradient_checkpointing: bool | None = None) ->
         dev, auto, why = "mps", "fp32", "Apple GPU: fp32"
     else:
         dev = "cpu"
-        amx = "amx_bf16" in cpu_flags()
-        auto = "bf16" if amx else "fp32"
-        why = "CPU with AMX-bf16: bf16 autocast" if amx else "CPU without AMX: fp32 (bf16 autocast is slower here)"
+        auto, why = cpu_precision()
     chosen = auto if precision == "auto" else precision
     if precision != "auto":
         why = f"{why}; precision set to {precision} by the recipe"

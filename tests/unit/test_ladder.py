@@ -255,6 +255,15 @@ def test_a_reachable_target_picks_a_prompting_rung_and_writes_its_serve_command(
     v = rep["verdict"]
     assert v["met"] and v["meets"] == [0, 1] and v["choice"] == 0  # both meet 0.0; zero-shot has no one-time cost
     assert rep["next"]["command"] == f"tunelab serve {tiny_model}"
+    # the rule-table advisor reads this report as the evidence for the task (tunelab.advise.evidence's contract)
+    from tunelab.advise import evidence
+
+    reports, skipped = evidence.read_ladder_reports(tmp_path / "ws")
+    assert skipped == [] and len(reports) == 1
+    got = reports[0]
+    assert evidence.task_name(got) == cfg.name and got["verdict"] == {
+        "rung": rep["rungs"][0]["label"], "meets_target": True, "sentence": v["sentence"]}
+    assert [evidence.rule_of(r) for r in got["rungs"]] == ["prompt_engineering", "rag"]
     # the same ladder with zero-shot's cost per request made to dominate: RAG wins and is served with its index
     rows = rep["rungs"]
     rows[0]["cost_per_1k"] = 1e6

@@ -106,6 +106,9 @@ class EstimateConfig(Strict):
     num_devices: int = Field(1, ge=1)
     mfu: float = Field(0.4, gt=0, le=1, description="model FLOP utilization assumed (PaLM reports 46%)")
     device_flops: float | None = Field(None, gt=0, description="peak FLOP/s, overriding the device table")
+    achieved_flops: float | None = Field(
+        None, gt=0, description="training FLOP/s measured per device (tunelab estimate --calibrate): time = FLOPs / "
+                                "this, no MFU applied")
     price_per_hour: float | None = Field(None, ge=0, description="price of one device-hour")
 
 

@@ -43,6 +43,30 @@ def task_name(d: dict) -> str:
     return name if isinstance(name, str) else ""
 
 
+def from_ladder(d: object) -> object:
+    """The measured ladder's own ``report.json`` (tunelab.advise.ladder: rows with ``label``, ``rung`` and
+    ``scores[metric]``, a verdict with the chosen row's index) in the contract's shape; anything else as it is."""
+    if not isinstance(d, dict) or not isinstance(d.get("rungs"), list) or not isinstance(d.get("verdict"), dict) \
+            or "choice" not in d["verdict"] or not isinstance(d.get("target"), dict):
+        return d
+    metric, v = d["target"].get("metric"), d["verdict"]
+    rungs, names = [], {}
+    for i, r in enumerate(d["rungs"]):
+        s = ((r.get("scores") or {}).get(metric) or {}) if isinstance(r, dict) else {}
+        if not isinstance(s.get("value"), (int, float)):
+            continue
+        names[i] = str(r.get("label"))
+        iv = [s["ci_low"], s["ci_high"]] if s.get("ci_low") is not None and s.get("ci_high") is not None else None
+        rungs.append({"name": names[i], "kind": str(r.get("rung") or r.get("label")), "metric": metric,
+                      "value": s["value"], "interval": iv, "meets_target": i in (v.get("meets") or [])})
+    idx = v.get("choice") if v.get("met") else v.get("best")
+    out = {**d, "rungs": rungs,
+           "verdict": {"rung": names.get(idx, "none"), "meets_target": bool(v.get("met")),
+                       "sentence": v.get("sentence")}}
+    out.setdefault("kind", "ladder")
+    return out
+
+
 def _check(d: object) -> str | None:
     """Why ``d`` is not a ladder report of the contract, or None when it is."""
     if not isinstance(d, dict):
@@ -99,6 +123,7 @@ def read_ladder_reports(root: Path) -> tuple[list[dict], list[dict]]:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             skipped.append({"path": str(p), "reason": f"unreadable: {type(e).__name__}"})
             continue
+        d = from_ladder(d)
         why = _check(d)
         if why:
             skipped.append({"path": str(p), "reason": why})

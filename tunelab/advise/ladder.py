@@ -22,6 +22,7 @@ of the next step. The verdict logic is tunelab/advise/verdict.py.
 
 from __future__ import annotations
 
+import datetime
 import html
 import json
 import random
@@ -446,7 +447,8 @@ def _climb(cfg: LadderConfig, ws: Workspace, run_id: str, out: Path, train: list
     minutes = (time.perf_counter() - t_start) / 60
     if minutes > cfg.budget.minutes:
         notes.append(f"the ladder took {minutes:.1f} min, over the budget of {cfg.budget.minutes:g} min")
-    report = {"run_id": run_id, "task": cfg.name, "dir": str(out), "n_heldout": len(held), "n_train": len(train),
+    report = {"kind": "ladder", "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "run_id": run_id, "task": cfg.name, "dir": str(out), "n_heldout": len(held), "n_train": len(train),
               "rejected": len(rejects), "decoding": {"strategy": "greedy", **cfg.generation.model_dump()},
               "target": cfg.target.model_dump(), "budget": cfg.budget.model_dump(), "metrics": cfg.metrics,
               "retrieval": retrieval_info, "rungs": rows, "learning_curve": curve, "verdict": decision,

@@ -107,6 +107,12 @@ def test_roles_blindness_and_several_labelers(make_server):
     (pair,) = view["agreement"]["pairs"]
     assert pair["n"] == 12 and pair["kappa"] is None and pair["raw_agreement"] == 1.0  # one category: undefined
 
+    # the campaign's owners browse items with their answers, unblinded; labelers cannot
+    page = _call(srv, k["viewer"], "GET", f"{C}/{cid}/items", params={"limit": 5}).json()
+    assert page["total"] == 12 and len(page["data"]) == 5 and page["has_more"]
+    assert all(x["votes"] == {"b": 2} and len(x["answers"]) == 2 for x in page["data"])
+    assert _call(srv, k["l1"], "GET", f"{C}/{cid}/items").status_code == 403
+
     # a second answer replaces the first; an unknown item is a 400 naming the param
     item = next(iter(orders["l1"]))
     r = _call(srv, k["l1"], "POST", f"{C}/{cid}/judgments", json={"item_id": item, "choice": "tie"})

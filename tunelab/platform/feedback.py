@@ -233,7 +233,7 @@ async def asgi_post(app, path: str, body: dict) -> tuple[int, dict]:
 
 
 def routes(api, P, need, APIError) -> None:
-    from fastapi import Depends, Request
+    from fastapi import Depends, Query, Request
 
     ws, store = P.ws, P.store
     tasks: set = set()  # generation tasks in flight (a reference keeps each alive)
@@ -422,6 +422,22 @@ def routes(api, P, need, APIError) -> None:
     async def retrieve_campaign(campaign_id: str, p=need_any("read", "feedback")):
         return view(get_campaign(campaign_id, p), p, detail=True)
 
+    @api.get("/v1/tunelab/feedback/campaigns/{campaign_id}/items")
+    async def campaign_items(campaign_id: str, offset: int = Query(0, ge=0, le=2 ** 31),
+                             limit: int = Query(50, ge=1, le=500), p=need("read")):
+        """Items with their answers (a/b unblinded: for the campaign's owners, not for labelers)."""
+        c = get_campaign(campaign_id, p)
+        items, answers = store.items(campaign_id), store.answers(campaign_id)
+        by: dict[str, list] = defaultdict(list)
+        for a in answers:
+            by[a["item_id"]].append({"labeler": a["labeler"], "answer": a["answer"], "reason": a["reason"],
+                                     "at": int(a["updated_at"])})
+        page = [{"item_id": it["id"], **it["data"], "answers": by.get(it["id"], []),
+                 "votes": dict(Counter(x["answer"] for x in by.get(it["id"], [])))}
+                for it in items[offset:offset + limit]]
+        return {"object": "list", "campaign_id": c["id"], "data": page, "offset": offset, "limit": limit,
+                "total": len(items), "has_more": offset + limit < len(items)}
+
     # ------------------------------------------------------------------ labelling
 
     def open_campaign(cid: str, p, kind: str) -> dict:
@@ -519,7 +535,10 @@ def routes(api, P, need, APIError) -> None:
                                 workers=0, lineage=lineage,
                                 intended_use=("preference pairs for reward models and DPO" if c["kind"] == "ab"
                                               else "labelled records for classification"))
-            manifest = await asyncio.to_thread(prepare, cfg, ws)
+            try:
+                manifest = await asyncio.to_thread(prepare, cfg, ws)
+            except OSError:  # an identical export finished first and renamed its version into place: reuse it
+                manifest = await asyncio.to_thread(prepare, cfg, ws)
         except (ConfigError, TunelabError) as e:
             raise APIError(400, f"the export could not be prepared as a dataset: {e}", code="export_failed") from None
         row = await asyncio.to_thread(register, ws, store, p.project, manifest["dataset_id"], "feedback", campaign_id)

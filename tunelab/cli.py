@@ -618,10 +618,12 @@ def server(
     no_worker: bool = typer.Option(False, "--no-worker", help="serve the API only; another server runs the jobs"),
     executor: Optional[str] = typer.Option(None, help="local | ray"),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray dashboard, e.g. http://HEAD:8265"),
+    no_console: bool = typer.Option(False, "--no-console", help="serve the API only, without the web console"),
     set_: list[str] = typer.Option([], "--set", help="override a setting: --set lease_s=10"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
-    """The platform: OpenAI-compatible fine-tuning jobs and chat, Bedrock customization jobs, native recipes."""
+    """The platform: OpenAI-compatible fine-tuning jobs and chat, Bedrock customization jobs, native recipes, and
+    the web console at /console."""
     from tunelab import config as cfglib
     from tunelab.platform.server import serve as run_platform
     from tunelab.platform.settings import PlatformSettings
@@ -630,7 +632,12 @@ def server(
     flags += [f"concurrency={concurrency}"] * (concurrency is not None) + ["worker=false"] * no_worker
     flags += [f"executor={executor}"] * (executor is not None) + [f"ray_address={ray_address}"] * bool(ray_address)
     settings = cfglib.load(PlatformSettings, config, [*flags, *set_])
-    run_platform(settings, _ws(workspace))
+    if no_console:
+        run_platform(settings, _ws(workspace))
+    else:
+        from tunelab.console import create_app as console_app
+
+        run_platform(settings, _ws(workspace), console_app)
 
 
 @keys_app.command("create")

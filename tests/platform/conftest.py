@@ -47,7 +47,8 @@ def recipe_defaults() -> dict:
 
 
 class Server:
-    def __init__(self, ws_root: Path, worker: bool = True, tls: tuple[str, str] | None = None, **settings):
+    def __init__(self, ws_root: Path, worker: bool = True, tls: tuple[str, str] | None = None, app_factory=None,
+                 **settings):
         import uvicorn
 
         from tunelab.platform.app import create_app
@@ -59,7 +60,7 @@ class Server:
         s = {"lease_s": 6.0, "poll_s": 0.2, "cancel_grace_s": 60.0, "recipe_defaults": recipe_defaults(),
              "max_tokens": 64, **settings}
         self.settings = PlatformSettings(**s)
-        self.app = create_app(self.ws, self.settings)
+        self.app = (app_factory or create_app)(self.ws, self.settings)
         self.platform = self.app.platform
         self.store = self.platform.store
         self.worker = Worker(self.ws, self.store, concurrency=self.settings.concurrency, lease_s=self.settings.lease_s,

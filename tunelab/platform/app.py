@@ -33,6 +33,7 @@ from tunelab.platform.store import TERMINAL, Store, new_id
 from tunelab.workspace import Workspace, read_jsonl, sha256_file
 
 PUBLIC = ("/health", "/docs", "/openapi.json", "/docs/oauth2-redirect", "/redoc")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 class APIError(Exception):
@@ -90,6 +91,7 @@ class NativeJob(_Body):
     run: Optional[str] = Field(None, max_length=200, description="eval/export: the run id")
     options: dict[str, Union[bool, int, str]] = Field(default_factory=dict, max_length=10)
     metadata: Optional[dict[str, str]] = Field(None, max_length=16)
+    dry_run: bool = Field(False, description="validate the recipe and answer; queue nothing")
 
 
 class KeyBody(_Body):
@@ -165,6 +167,10 @@ class Platform:
         self.models = Models(ws, self.store, max_batch_size=settings.max_batch_size, max_tokens=settings.max_tokens,
                              threads=settings.threads)
         self.files_dir = ws.root / "platform" / "files"
+        # a front end served by the same app (tunelab.console) adds its public paths and its login page here
+        self.public_prefixes: tuple[str, ...] = ()
+        self.public_paths: tuple[str, ...] = ()
+        self.login_redirects: dict[str, str] = {}
 
 
 def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
@@ -520,6 +526,8 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
                                extra={"problems": [{"loc": pr.split(":", 1)[0], "msg": pr.split(":", 1)[-1].strip()}
                                                    for pr in e.problems]}) from None
             recipe = raw
+            if body.dry_run:
+                return {"object": "tunelab.job.validation", "valid": True, "command": command, "recipe": name}
             if command == "train":
                 run_id = f"{name}-{jid}"
             spec = {"recipe": name, "metadata": body.metadata, "set": body.set, "options": body.options}
@@ -546,6 +554,30 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     @api.post("/v1/tunelab/jobs/{job_id}/cancel")
     async def cancel_native_job(job_id: str, p=need("write")):
         return native_job(stop(get_job(job_id, p), "cancel"))
+
+    @api.post("/v1/tunelab/jobs/{job_id}/pause")
+    async def pause_native_job(job_id: str, p=need("write")):
+        job = get_job(job_id, p)
+        if job["command"] != "train":
+            raise APIError(400, f"only a training job can be paused; {job_id} runs {job['command']}",
+                           code="invalid_state")
+        return native_job(stop(job, "pause"))
+
+    @api.post("/v1/tunelab/jobs/{job_id}/resume")
+    async def resume_native_job(job_id: str, p=need("write")):
+        """A paused job, or a cancelled or failed training job that saved a checkpoint: queued again to continue
+        from its newest complete checkpoint (``tunelab train --resume``)."""
+        job = get_job(job_id, p)
+        ckdir = J.run_dir(ws, job["run_id"]) / "checkpoints" if job["run_id"] else None
+        has_ckpt = bool(ckdir and ckdir.is_dir() and any((c / "trainer_state.json").is_file()
+                                                          for c in ckdir.glob("checkpoint-*")))
+        if not (job["status"] == "paused" or (job["command"] == "train" and job["status"] in ("cancelled", "failed")
+                                              and has_ckpt)):
+            raise APIError(400, f"{job_id} is {job['status']}: only a paused job, or a cancelled or failed training "
+                                "job with a checkpoint, can be resumed", code="invalid_state")
+        store.set_job(job_id, status="queued", resume=1, requested=None, finished_at=None, error=None)
+        store.event(job_id, "Job resumed; queued to continue from its last checkpoint")
+        return native_job(store.get_job(job_id))
 
     @api.get("/v1/tunelab/jobs/{job_id}/log")
     async def job_log(job_id: str, tail: int = Query(65536, ge=1, le=2 ** 24), p=need("read")):
@@ -634,12 +666,39 @@ class Gate:
 
                 logging.getLogger("tunelab.platform").exception("audit write failed")
 
-        if path in PUBLIC:
+        if path in PUBLIC or path in P.public_paths or path.startswith(P.public_prefixes or ("\0",)):
             return await self.app(scope, receive, send)
         key = A.key_from_headers(headers)
+        by_cookie = False
+        if key is None and headers.get("cookie"):  # a browser session (tunelab.console): the key in a cookie
+            from http.cookies import SimpleCookie
+
+            try:
+                jar = SimpleCookie(headers.get("cookie"))
+            except Exception:
+                jar = {}
+            if A.SESSION_COOKIE in jar:
+                key, by_cookie = jar[A.SESSION_COOKIE].value, True
         principal = await asyncio.to_thread(P.auth.authenticate, key)
+        browser_cross_site = (headers.get("sec-fetch-site") or headers.get("origin")) and not A.same_origin(headers)
+        if principal is not None and method not in SAFE_METHODS and (
+                (by_cookie and not A.same_origin(headers)) or (principal.key_id is None and browser_cross_site)):
+            # a cookie rides along with any request the browser sends, and the open server needs no key at all:
+            # a change made from a browser must come from this server's own pages
+            await asyncio.to_thread(audit, principal, 403, "refused: cross-site request")
+            return await answer(403, "cross-site request refused: send the key in the Authorization header",
+                                "csrf", "permission_error")
         if principal is None:
             await asyncio.to_thread(audit, None, 401, "refused: missing or wrong API key")
+            login = next((url for prefix, url in P.login_redirects.items() if path.startswith(prefix)), None)
+            if login and method in SAFE_METHODS:
+                from urllib.parse import quote
+
+                from starlette.responses import RedirectResponse
+
+                nxt = path + ("?" + scope["query_string"].decode("latin-1") if scope.get("query_string") else "")
+                return await RedirectResponse(f"{login}?next={quote(nxt, safe='')}", status_code=303)(
+                    scope, receive, send)
             return await answer(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "invalid_api_key",
                                 "authentication_error")
         scope.setdefault("state", {})["principal"] = principal

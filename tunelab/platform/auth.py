@@ -115,6 +115,23 @@ class Authenticator:
         return Principal(row["id"], row["role"], row["project"])
 
 
+SESSION_COOKIE = "tunelab_key"  # the console keeps the signed-in key here (HttpOnly, SameSite=Strict)
+
+
+def same_origin(headers) -> bool:
+    """A browser request sent by a page of this server: Origin (or, without one, Referer) names this host, or the
+    browser says so in Sec-Fetch-Site. Requests authenticated by the session cookie must pass this to change
+    anything (a second line behind SameSite=Strict against cross-site request forgery)."""
+    from urllib.parse import urlsplit
+
+    site = headers.get("sec-fetch-site")
+    if site is not None:
+        return site in ("same-origin", "none")
+    origin = headers.get("origin") or headers.get("referer")
+    host = headers.get("host")
+    return bool(origin and host and urlsplit(origin).netloc == host)
+
+
 def key_from_headers(headers) -> str | None:
     auth = headers.get("authorization") or ""
     if auth.lower().startswith("bearer "):

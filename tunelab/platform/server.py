@@ -35,14 +35,15 @@ def make_executor(settings: PlatformSettings):
     return LocalExecutor()
 
 
-def serve(settings: PlatformSettings, ws: Workspace) -> None:
-    """Run the API (and the worker) in the foreground until interrupted."""
+def serve(settings: PlatformSettings, ws: Workspace, app_factory=create_app) -> None:
+    """Run the API (and the worker) in the foreground until interrupted. ``app_factory``: the platform app, or
+    one that adds a front end to it (tunelab.console.create_app)."""
     uvicorn = require("uvicorn", "platform")
     require("fastapi", "platform")
     require("python_multipart", "platform")
     check_bind(settings, ws)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    app = create_app(ws, settings)
+    app = app_factory(ws, settings)
     worker = None
     if settings.worker:
         worker = Worker(ws, app.platform.store, make_executor(settings), concurrency=settings.concurrency,

@@ -77,15 +77,20 @@ def test_dataset_and_feedback_screens_render_without_errors(console_server, tab_
     rows = page.locator("#rejects tr.reject")
     assert rows.count() == 3 and re.search(r"colors\.jsonl:6$", rows.nth(0).locator("td").nth(0).inner_text())
     # the reason filter (as you type) and a kind chip narrow the list
-    page.fill("#r-reason", "short")
-    page.wait_for_function("() => document.querySelectorAll('#rejects tr.reject').length === 1")
+    page.locator("#r-reason").press_sequentially("short", delay=50)
+    page.wait_for_function("() => document.querySelectorAll('#rejects tr.reject').length === 1", timeout=90_000)
     assert ":15" in page.inner_text("#rejects tr.reject")
-    page.fill("#r-reason", "")
-    page.wait_for_function("() => document.querySelectorAll('#rejects tr.reject').length === 3")
+    assert page.evaluate("() => document.activeElement.id") == "r-reason"  # typing goes on: the field keeps focus
+    page.click("#rejects a:has-text('clear filter')")
+    page.wait_for_function("() => document.querySelectorAll('#rejects tr.reject').length === 3", timeout=90_000)
+    kind = page.locator("#rejects a.chip").first
+    n = int(kind.locator("b").inner_text())
+    kind.click()
+    page.wait_for_function(f"() => document.querySelectorAll('#rejects tr.reject').length === {n}", timeout=90_000)
     # the record preview pages through the splits
     assert page.locator("#records pre.record").count() == 10
     page.click("#records a[role=tab]:has-text('validation')")
-    page.wait_for_selector("#records a[aria-selected=true]:has-text('validation')")
+    page.wait_for_selector("#records a[aria-selected=true]:has-text('validation')", timeout=90_000)
     assert 1 <= page.locator("#records pre.record").count() <= 10
     # a narrow window: the dataset page does not overflow
     narrow = tab_factory(width=390, height=800)

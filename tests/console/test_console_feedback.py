@@ -136,6 +136,7 @@ def test_a_labeler_judges_ten_pairs_by_keyboard_and_the_trainer_exports_them(con
     page.click(f"a[href='/console/feedback/{cid}/work']")
     page.wait_for_url(re.compile(f".*/console/feedback/{cid}/work$"))
     assert "base-model" not in page.content() and "tuned-model" not in page.content()  # blind
+    assert page.locator("main form button:visible").count() == 4  # left, right, tie, skip (the Enter guard is hidden)
     _ten_judgments_by_keyboard(ann, srv, cid, by_prompt)
     ann.shot("judge")
     answers = srv.store.answers(cid)

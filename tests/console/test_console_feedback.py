@@ -92,6 +92,19 @@ def test_dataset_and_feedback_screens_render_without_errors(console_server, tab_
     page.click("#records a[role=tab]:has-text('validation')")
     page.wait_for_selector("#records a[aria-selected=true]:has-text('validation')", timeout=90_000)
     assert 1 <= page.locator("#records pre.record").count() <= 10
+    # upload a raw file and prepare it from the datasets page: a data job starts
+    good = write_color_data(tmp_path / "more.jsonl", 12, seed=9)
+    t.goto(srv.url + "/console/datasets")
+    page.set_input_files("#u-file", str(good))
+    with page.expect_navigation():
+        page.click("#upload")
+    assert "Uploaded more.jsonl" in page.inner_text("main")
+    page.fill("#p-name", "more-colors")
+    with page.expect_navigation():
+        page.click("#prepare")
+    assert re.search(r"/console/jobs/job-[0-9a-f]+$", page.url)
+    job = srv.store.get_job(page.url.rsplit("/", 1)[1])
+    assert job["command"] == "data_prepare" and "name: more-colors" in job["recipe_yaml"]
     # a narrow window: the dataset page does not overflow
     narrow = tab_factory(width=390, height=800)
     _sign_in(narrow, srv, srv.keys["admin"], f"/console/datasets/{ds}")

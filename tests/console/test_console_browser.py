@@ -29,6 +29,13 @@ def test_every_screen_renders_without_errors(console_server, tab_factory):
         assert resp.status == 200, (path, resp.status)
         assert t.page.locator("main h1").count() == 1, path
         t.shot(name)
+    # the recipe selector rebuilds the form for that recipe and keeps what was typed
+    t.goto(srv.url + "/console/jobs/new")
+    t.page.fill("#f-model", "my-model")
+    t.page.select_option("#f-recipe", "classify")
+    t.page.wait_for_selector("#f-text_field")
+    assert t.page.input_value("#f-model") == "my-model"
+    assert "linear_probe" in t.page.inner_text("#f-method")
     # empty states say what to do next
     t.goto(srv.url + "/console/jobs")
     assert "No jobs yet" in t.page.inner_text("main") and t.page.locator("main a[href='/console/jobs/new']").count()

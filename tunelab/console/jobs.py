@@ -26,6 +26,8 @@ FORM_RECIPES = {  # recipe → (what it trains on, the data it reads)
 }
 METHODS = {"sft": ("lora", "full"), "dpo": ("lora", "full"), "reward": ("lora", "full"),
            "classify": ("full", "lora", "linear_probe"), "cpt": ("lora", "full")}
+FORM_FIELDS = ("recipe", "name", "model", "train_file", "validation_file", "text_field", "label_field", "method",
+               "lora_r", "learning_rate", "epochs", "batch_size", "max_steps", "max_length")
 # a recipe problem's location → the form field that shows it
 FIELD_OF = {"model.name": "model", "data.train": "train_file", "data.files": "train_file",
             "data.validation": "validation_file", "data.max_length": "max_length", "data.block_size": "max_length",
@@ -139,10 +141,14 @@ def routes(router: APIRouter, c: Console) -> None:
 
     @router.get("/jobs/new")
     async def new_job(request: Request, tab: str = "form", recipe: str = "sft"):
+        """The form; its fields may come in the query (the recipe selector reloads the form keeping what was typed)."""
         if not c.can(request, "write"):
             return c.refused(request, "write")
         form = {"recipe": recipe if recipe in FORM_RECIPES else "sft", "model": "smollm2-135m-instruct",
                 "learning_rate": "2e-4", "epochs": "1", "batch_size": "8", "max_length": "256", "lora_r": "8"}
+        form.update({k: v for k, v in request.query_params.items() if k in FORM_FIELDS and k != "recipe"})
+        if form.get("method") not in METHODS[form["recipe"]]:
+            form["method"] = METHODS[form["recipe"]][0]
         text = yaml.safe_dump(recipe_from_form(form), sort_keys=False)
         return await new_page(request, form, "yaml" if tab == "yaml" else "form", text, [])
 

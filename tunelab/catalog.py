@@ -127,6 +127,55 @@ MIGRATIONS: list[str] = [
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
     """,
+    # 4: the platform's datasets and human feedback (tunelab/platform/datasets.py, feedback.py): which dataset
+    # versions belong to a project and where each came from (a data job or a feedback export), with the file ids
+    # its splits are registered under; feedback campaigns, their items, and one answer per (item, labeler)
+    """
+    CREATE TABLE datasets (
+        id TEXT NOT NULL,
+        project TEXT NOT NULL,
+        source_kind TEXT NOT NULL,
+        source_id TEXT NOT NULL,
+        files_json TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (project, id)
+    );
+    CREATE INDEX datasets_project ON datasets(project, created_at);
+    CREATE TABLE feedback_campaigns (
+        id TEXT PRIMARY KEY,
+        project TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        name TEXT,
+        instructions TEXT,
+        labelers_per_item INTEGER NOT NULL,
+        status TEXT NOT NULL,
+        error TEXT,
+        spec_json TEXT NOT NULL,
+        created_by TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX feedback_campaigns_project ON feedback_campaigns(project, created_at);
+    CREATE TABLE feedback_items (
+        id TEXT PRIMARY KEY,
+        campaign_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        data_json TEXT NOT NULL
+    );
+    CREATE INDEX feedback_items_campaign ON feedback_items(campaign_id, seq);
+    CREATE TABLE feedback_answers (
+        campaign_id TEXT NOT NULL,
+        item_id TEXT NOT NULL,
+        labeler TEXT NOT NULL,
+        answer TEXT NOT NULL,
+        left_side TEXT,
+        reason TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL,
+        PRIMARY KEY (item_id, labeler)
+    );
+    CREATE INDEX feedback_answers_campaign ON feedback_answers(campaign_id, labeler);
+    """,
 ]
 
 

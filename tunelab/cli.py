@@ -449,6 +449,8 @@ def data_prepare(
     recipe: Path = typer.Argument(..., help="data recipe YAML (recipe: data, name:, inputs:, steps:, split:)"),
     set_: list[str] = typer.Option([], "--set", help="override a field"),
     strict: bool = typer.Option(False, "--strict", help="fail when any record is rejected"),
+    result_json: Optional[Path] = typer.Option(None, "--result-json", help="also write the manifest (with the "
+                                               "version's path) to this JSON file, for programs that run this command"),
     workspace: Optional[Path] = WorkspaceOpt,
 ):
     """Read, validate, clean, dedup, redact and split raw files into a dataset version."""
@@ -459,6 +461,10 @@ def data_prepare(
     if not isinstance(cfg, PrepareConfig):
         raise TunelabError(f"{recipe} is a '{cfg.recipe}' recipe; data prepare needs 'recipe: data'")
     m = run(cfg, _ws(workspace), strict=strict or None)
+    if result_json is not None:
+        from tunelab.workspace import write_json
+
+        write_json(result_json, m)
     _print_manifest(m)
 
 

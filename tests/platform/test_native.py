@@ -118,7 +118,8 @@ def test_command_lines_for_each_job_kind(tmp_path):
     (ws.runs_dir / "sft-job-1").mkdir(parents=True)
     (ws.runs_dir / "sft-job-1" / "config.yaml").write_text("recipe: sft\n")
     assert argv_for(job("train", resume=1), ws) == ["train", "--resume", "sft-job-1", *w]
-    assert argv_for(job("data_prepare"), ws) == ["data", "prepare", str(d / "recipe.yaml"), *w]
+    assert argv_for(job("data_prepare"), ws) == ["data", "prepare", str(d / "recipe.yaml"), "--result-json",
+                                                 str(d / "result.json"), *w]
     assert argv_for(job("compare"), ws) == ["compare", str(d / "recipe.yaml"), "--out", str(d / "compare"), *w]
     assert argv_for(job("eval", {"run": "r", "options": {"limit": 5, "no_base": True}}), ws) == [
         "eval", "r", *w, "--limit", "5", "--no-base"]

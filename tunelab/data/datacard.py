@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 
 def _table(rows: list[tuple], head: tuple) -> str:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -27,6 +29,10 @@ def render_datacard(m: dict, profile: dict | None = None) -> str:
                    ", ".join(f"{r}: {n:,}" for r, n in s["dropped"].items()) or "0")
                   for i, s in enumerate(m["steps"])], ("#", "step", "settings", "dropped")),
     ]
+    if m.get("lineage"):  # upstream of the input files (e.g. a human-feedback campaign)
+        parts.append("## Upstream lineage\n\n" + _table([(k, json.dumps(v, ensure_ascii=False, default=str)[:500]
+                                                            .replace("|", "\\|"))
+                                                           for k, v in m["lineage"].items()], ("field", "value")))
     sel = m.get("selection")
     if sel:
         lines = []

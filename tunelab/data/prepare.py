@@ -104,6 +104,9 @@ class PrepareConfig(Strict):
     export: list[str] = Field(default_factory=list, description="extra formats to write, e.g. [bedrock_conversation]")
     license: str | None = None
     intended_use: str | None = None
+    lineage: dict[str, Any] | None = Field(None, description="where the input files came from, when another tunelab "
+                                           "step wrote them (e.g. a human-feedback campaign: its models and prompts); "
+                                           "kept in the manifest and data card, and part of the version's id")
     strict: bool = Field(False, description="fail when any record is rejected")
     workers: int | None = Field(None, ge=0, description="worker processes for the record-wise steps; "
                                 "None: one per CPU core for inputs over 1 MB; 0: all in this process. "
@@ -333,12 +336,14 @@ def _path_problem(where: str, path: str, folder_ok: bool = False) -> list[str]:
 
 def content_id(cfg: PrepareConfig, file_hashes: dict[str, str], steps: list) -> str:
     """The version's hash (data/lineage.py): raw files' content, readers, steps, split, selection, version."""
-    return content_hash({"files": sorted(file_hashes.values()), "inputs": [i.model_dump(exclude={"path"}) for i in cfg.inputs],
-                         "steps": [[type(s).__name__, s.config()] for s in steps], "split": cfg.split.model_dump(),
-                         "select": cfg.select.model_dump() if cfg.select else None,
-                         "select_targets": [sha256_file(t) for t in (cfg.select.target if cfg.select else [])
-                                            if Path(t).is_file()],
-                         "tunelab": __version__})
+    blob = {"files": sorted(file_hashes.values()), "inputs": [i.model_dump(exclude={"path"}) for i in cfg.inputs],
+            "steps": [[type(s).__name__, s.config()] for s in steps], "split": cfg.split.model_dump(),
+            "select": cfg.select.model_dump() if cfg.select else None,
+            "select_targets": [sha256_file(t) for t in (cfg.select.target if cfg.select else []) if Path(t).is_file()],
+            "tunelab": __version__}
+    if cfg.lineage:  # only when set, so the ids of versions without it stay as they were
+        blob["lineage"] = cfg.lineage
+    return content_hash(blob)
 
 
 def _catalog_config(cfg: PrepareConfig) -> dict:
@@ -535,6 +540,7 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
             "content_hash": cid,
             "license": cfg.license or ", ".join(sorted({i.license for i in cfg.inputs if i.license})) or None,
             "intended_use": cfg.intended_use,
+            "lineage": cfg.lineage,
             "sources": [{"path": p, "sha256": h, "bytes": os.path.getsize(p)} for p, h in files.items()],
             "inputs": [i.model_dump() for i in cfg.inputs],
             "steps": [{"kind": spec.kind, "class": type(st).__name__, "config": st.config(),

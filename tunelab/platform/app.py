@@ -24,7 +24,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab import config as cfglib
 from tunelab.models.resolve import HUB_ID, PACKAGED
 from tunelab.platform import auth as A
-from tunelab.platform import bedrock
+from tunelab.platform import bedrock, datasets, feedback
 from tunelab.platform import files as F
 from tunelab.platform import jobs as J
 from tunelab.platform.inference import PATHS as INFERENCE_PATHS, Models, dispatch
@@ -305,7 +305,8 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     async def delete_file(file_id: str, p=need("write")):
         f = get_file(file_id, p)
         store.delete_file(file_id, p.project)
-        Path(f["path"]).unlink(missing_ok=True)
+        if Path(f["path"]).is_relative_to(P.files_dir):  # a dataset split's id (datasets.py) forgets the id only
+            Path(f["path"]).unlink(missing_ok=True)
         return {"id": file_id, "object": "file", "deleted": True}
 
     # ------------------------------------------------------------------ OpenAI fine-tuning jobs
@@ -620,6 +621,8 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
         return {"object": "list", "data": store.audit_log(limit, before)}
 
     bedrock.routes(api, P, need, APIError)
+    datasets.routes(api, P, need, APIError)
+    feedback.routes(api, P, need, APIError)
     return Gate(api, P)
 
 

@@ -162,7 +162,8 @@ def argv_for(job: dict, ws: Workspace) -> list[str]:
         nproc = int((spec.get("options") or {}).get("nproc") or 1)  # data-parallel processes via torchrun
         return ["train", str(d / "recipe.yaml"), "--workspace", str(ws.root), *(["--nproc", str(nproc)] * (nproc > 1))]
     if cmd == "data_prepare":
-        return ["data", "prepare", str(d / "recipe.yaml"), "--workspace", str(ws.root)]
+        return ["data", "prepare", str(d / "recipe.yaml"), "--result-json", str(d / "result.json"),
+                "--workspace", str(ws.root)]
     if cmd == "compare":
         return ["compare", str(d / "recipe.yaml"), "--out", str(d / "compare"), "--workspace", str(ws.root)]
     opts = spec.get("options") or {}

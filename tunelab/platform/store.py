@@ -1,4 +1,4 @@
-"""The platform's state in the workspace catalog (tunelab.db; tables from catalog migration 3).
+"""The platform's state in the workspace catalog (tunelab.db; tables from catalog migrations 3 and 4).
 
 The catalog stays the one source of truth: a job row says what was asked, who holds it (a lease
 that the worker's heartbeat renews) and how it ended; the run it started is the ``runs`` row and
@@ -227,6 +227,104 @@ class Store:
     def events(self, job_id: str) -> list[dict]:
         return self._all("SELECT * FROM job_events WHERE job_id = ? ORDER BY seq", (job_id,))
 
+    # ------------------------------------------------------------------ datasets (migration 4)
+
+    def link_dataset(self, *, project: str, id: str, source_kind: str, source_id: str, files: dict) -> bool:
+        """Record that dataset version ``id`` belongs to ``project``; False when it already did (the first source
+        is kept: an identical version prepared again is the same dataset)."""
+        return self._write("INSERT OR IGNORE INTO datasets (id, project, source_kind, source_id, files_json, "
+                           "created_at) VALUES (?,?,?,?,?,?)",
+                           (id, project, source_kind, source_id, json.dumps(files), time.time())) > 0
+
+    def get_dataset(self, id: str, project: str) -> dict | None:
+        return _json_cols(self._one("SELECT * FROM datasets WHERE id = ? AND project = ?", (id, project)), "files")
+
+    def list_datasets(self, project: str, source_id: str | None = None) -> list[dict]:
+        """Newest first."""
+        q, args = "SELECT * FROM datasets WHERE project = ?", [project]
+        if source_id:
+            q += " AND source_id = ?"
+            args.append(source_id)
+        return [_json_cols(r, "files") for r in self._all(q + " ORDER BY created_at DESC, id DESC", tuple(args))]
+
+    # ------------------------------------------------------------------ feedback campaigns (migration 4)
+
+    def add_campaign(self, *, id: str, project: str, kind: str, name: str | None, instructions: str | None,
+                     labelers_per_item: int, status: str, spec: dict, created_by: str | None) -> None:
+        now = time.time()
+        self._write("INSERT INTO feedback_campaigns (id, project, kind, name, instructions, labelers_per_item, status, "
+                    "spec_json, created_by, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    (id, project, kind, name, instructions, labelers_per_item, status, json.dumps(spec), created_by,
+                     now, now))
+
+    def get_campaign(self, id: str, project: str) -> dict | None:
+        return _json_cols(self._one("SELECT * FROM feedback_campaigns WHERE id = ? AND project = ?", (id, project)),
+                          "spec")
+
+    def list_campaigns(self, project: str) -> list[dict]:
+        return [_json_cols(r, "spec") for r in self._all(
+            "SELECT * FROM feedback_campaigns WHERE project = ? ORDER BY created_at DESC, id DESC", (project,))]
+
+    def set_campaign(self, id: str, **fields: Any) -> None:
+        if "spec" in fields:
+            fields["spec_json"] = json.dumps(fields.pop("spec"))
+        fields["updated_at"] = time.time()
+        self._write(f"UPDATE feedback_campaigns SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?",
+                    (*fields.values(), id))
+
+    def fail_generating(self, message: str) -> int:
+        """Campaigns left 'generating' by a server that stopped: failed, with the reason."""
+        return self._write("UPDATE feedback_campaigns SET status = 'failed', error = ?, updated_at = ? "
+                           "WHERE status = 'generating'", (message, time.time()))
+
+    def add_items(self, campaign_id: str, items: list[tuple[str, dict]]) -> None:
+        """``items``: (item id, data) in order."""
+        con = self._connect()
+        try:
+            with con:
+                con.executemany("INSERT INTO feedback_items (id, campaign_id, seq, data_json) VALUES (?,?,?,?)",
+                                [(iid, campaign_id, i, json.dumps(d)) for i, (iid, d) in enumerate(items)])
+        finally:
+            con.close()
+
+    def items(self, campaign_id: str) -> list[dict]:
+        return [_json_cols(r, "data") for r in self._all(
+            "SELECT * FROM feedback_items WHERE campaign_id = ? ORDER BY seq", (campaign_id,))]
+
+    def get_item(self, campaign_id: str, item_id: str) -> dict | None:
+        return _json_cols(self._one("SELECT * FROM feedback_items WHERE id = ? AND campaign_id = ?",
+                                    (item_id, campaign_id)), "data")
+
+    def next_item(self, campaign_id: str, labeler: str, per_item: int) -> dict | None:
+        """The item this labeler has not answered that still needs answers (skips do not count), fewest first."""
+        return _json_cols(self._one(
+            "SELECT i.*, (SELECT COUNT(*) FROM feedback_answers a WHERE a.item_id = i.id AND a.answer != 'skip') AS n "
+            "FROM feedback_items i WHERE i.campaign_id = ? AND NOT EXISTS "
+            "(SELECT 1 FROM feedback_answers a WHERE a.item_id = i.id AND a.labeler = ?) AND n < ? "
+            "ORDER BY n, i.seq LIMIT 1", (campaign_id, labeler, per_item)), "data")
+
+    def answer(self, *, campaign_id: str, item_id: str, labeler: str, answer: str, left_side: str | None,
+               reason: str | None) -> bool:
+        """Record a labeler's answer to an item; a second answer replaces the first. True when it replaced one."""
+        now = time.time()
+        con = self._connect()
+        try:
+            with con:
+                old = con.execute("SELECT 1 FROM feedback_answers WHERE item_id = ? AND labeler = ?",
+                                  (item_id, labeler)).fetchone()
+                con.execute("INSERT INTO feedback_answers (campaign_id, item_id, labeler, answer, left_side, reason, "
+                            "created_at, updated_at) VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (item_id, labeler) DO UPDATE "
+                            "SET answer = excluded.answer, left_side = excluded.left_side, reason = excluded.reason, "
+                            "updated_at = excluded.updated_at", (campaign_id, item_id, labeler, answer, left_side,
+                                                                 reason, now, now))
+        finally:
+            con.close()
+        return old is not None
+
+    def answers(self, campaign_id: str) -> list[dict]:
+        return self._all("SELECT * FROM feedback_answers WHERE campaign_id = ? ORDER BY created_at", (campaign_id,))
+
+
 
 def _job(row: dict | None) -> dict | None:
     if row is None:
@@ -234,4 +332,12 @@ def _job(row: dict | None) -> dict | None:
     row["spec"] = json.loads(row.pop("spec_json"))
     row["error"] = json.loads(row.pop("error_json") or "null")
     row["result"] = json.loads(row.pop("result_json") or "null")
+    return row
+
+
+def _json_cols(row: dict | None, *names: str) -> dict | None:
+    if row is None:
+        return None
+    for n in names:
+        row[n] = json.loads(row.pop(f"{n}_json") or "null")
     return row

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tunelab.platform import jobs as J
+from tunelab.platform.datasets import register
 from tunelab.platform.executors import Executor, Handle, LocalExecutor
 from tunelab.platform.store import Store
 from tunelab.workspace import CANCEL_FILE, Workspace  # CANCEL_FILE: the run lifecycle's cooperative stop
@@ -169,6 +170,11 @@ class Worker:
         fields["status"] = status
         if self.store.set_job(job["id"], owner=self.owner, **fields):
             self.store.event(job["id"], msg, "error" if status == "failed" else "info")
+        if status == "succeeded" and job["command"] == "data_prepare" and (fields.get("result") or {}).get("dataset_id"):
+            try:  # the version becomes one of the project's datasets (GET /v1/tunelab/datasets)
+                register(self.ws, self.store, job["project"], fields["result"]["dataset_id"], "job", job["id"])
+            except Exception as e:  # noqa: BLE001 - the job did succeed; say why its dataset is not listed
+                self.store.event(job["id"], f"the dataset could not be registered in the project: {e}", "warning")
         if status == "succeeded" and job["spec"].get("output_dir"):
             self._copy_output(job, fields.get("result") or {})
         if status in ("cancelled", "succeeded") and job["run_id"]:
@@ -190,6 +196,9 @@ class Worker:
             self.store.event(job["id"], f"could not write the output to {out}: {e}", "warning")
 
     def _result(self, job: dict) -> dict | None:
+        if job["command"] == "data_prepare":  # the manifest `data prepare --result-json` wrote
+            p = J.job_dir(self.ws, job["id"]) / "result.json"
+            return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
         if job["run_id"]:
             p = J.run_dir(self.ws, job["run_id"]) / "summary.json"
             if p.is_file():

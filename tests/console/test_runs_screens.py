@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
 import pytest
 
@@ -152,6 +151,63 @@ def test_evaluation_table_and_examples(made):
     assert _get(m, url, filter="bogus").status_code == 400
 
 
+@pytest.fixture(scope="module")
+def compared(made, tmp_path_factory):
+    """A comparison job of three models (the base, the run, and the run again under another name: greedy decoding
+    must repeat itself) on two tasks. The job's process
+    is the CLI's ``tunelab compare``; here its function runs in this process (no second start-up), writing where
+    the job writes, under a job row of the project."""
+    from tunelab.eval.compare import run_compare
+    from tunelab.eval.suites import SuiteConfig
+    from tunelab.platform import jobs as J
+    from tunelab.platform.store import new_id
+
+    srv, tmp = made["srv"], tmp_path_factory.mktemp("suite")
+    rows = [json.loads(x) for x in write_color_data(tmp / "q.jsonl", 12, seed=9).read_text().splitlines()]
+    (tmp / "gen.jsonl").write_text("".join(json.dumps({"prompt": r["instruction"], "reference": r["output"]}) + "\n"
+                                           for r in rows))
+    (tmp / "text.txt").write_text(" ".join(r["output"] for r in rows))
+    cfg = SuiteConfig(name="colors", tasks=[
+        {"name": "colors", "type": "generation", "data": str(tmp / "gen.jsonl"), "metrics": ["rougeL", "exact_match"]},
+        {"name": "text", "type": "perplexity", "data": str(tmp / "text.txt"), "block_size": 16}],
+        decoding={"max_new_tokens": 6}, bootstrap={"n_resamples": 200}, forgetting={"enabled": False})
+    base = json.loads((srv.ws.runs_dir / made["run"] / "lineage.json").read_text())["base_model_path"]
+    jid = new_id("job")
+    srv.store.add_job(id=jid, project="default", api="native", command="compare", spec={"recipe": "suite"},
+                      recipe_yaml="recipe: suite\n", run_id=None, created_by=None, status="succeeded")
+    run_compare(cfg, srv.ws, models=[f"base={base}", f"tuned={made['run']}", f"again={made['run']}"],
+                out=J.job_dir(srv.ws, jid) / "compare", business=False)
+    return jid
+
+
+def test_a_comparison_of_three_models(made, compared):
+    m = made
+    listed = {e["id"]: e for e in _get(m, "/v1/tunelab/evaluations").json()["data"]}
+    assert listed[compared]["kind"] == "compare" and listed[compared]["models"] == ["base", "tuned", "again"]
+    assert listed[m["run"]]["kind"] == "eval"
+    ev = _get(m, f"/v1/tunelab/evaluations/{compared}").json()
+    assert ev["baseline"] == "base" and list(ev["tasks"]) == ["colors", "text"]
+    res = json.loads((m["srv"].ws.root / "platform" / "jobs" / compared / "compare" / "results.json").read_text())
+    for task in ("colors", "text"):
+        for row in ev["tasks"][task]["rows"]:
+            k = row["metric"]
+            for model in ("base", "tuned", "again"):
+                assert row["values"][model]["value"] == res["scores"][model][task][k]["value"]
+            assert set(row["differences"]) == {"tuned", "again"}
+            d = res["differences"]["again"][task][k]
+            assert row["differences"]["again"]["p_value_adjusted"] == d["p_value_adjusted"]
+    ex = _get(m, f"/v1/tunelab/evaluations/{compared}/examples", task="colors", limit=100).json()
+    assert ex["total"] == 12 and set(ex["data"][0]["outputs"]) == {"base", "tuned", "again"}
+    # the same run twice, greedy: the same answers; the filters see it
+    assert all(x["outputs"]["tuned"]["text"] == x["outputs"]["again"]["text"] for x in ex["data"])
+    wins = _get(m, f"/v1/tunelab/evaluations/{compared}/examples", task="colors", filter="wins", model="again").json()
+    assert wins["matched"] == 0  # never strictly above "tuned", its twin
+    text = _get(m, f"/v1/tunelab/evaluations/{compared}/examples", task="text").json()
+    assert text["data"] and "perplexity" in text["data"][0]["outputs"]["base"]["text"]
+    assert _get(m, f"/v1/tunelab/evaluations/{compared}/examples", task="nope").status_code == 404
+    assert _get(m, f"/v1/tunelab/evaluations/{compared}", "other").status_code == 404
+
+
 # ------------------------------------------------------------------ the screens
 
 
@@ -179,7 +235,7 @@ def test_runs_screens_and_the_lineage_graph(made, tab_factory):
     # each node links to its page
     assert svg.locator(f"a[data-type='export'][href='/console/jobs/{m['export_job']}']").count() == 1
     assert svg.locator(f"a[data-type='file'][href='/v1/files/{m['file']['id']}/content']").count() == 1
-    assert svg.locator(f"a[data-type='endpoint'][href*='playground']").count() == 1
+    assert svg.locator("a[data-type='endpoint'][href*='playground']").count() == 1
     assert int(page.inner_text("[data-points]")) == 6  # every training step drawn
     page.wait_for_selector(".chart .u-over")
     t.shot("run")
@@ -279,3 +335,17 @@ def test_roles_narrow_window_and_empty_states(made, tab_factory, console_server)
     assert "No evaluations yet" in e.page.inner_text("main")
     e.goto(srv.url + "/console/playground")
     assert e.page.locator("#no-tuned").count() == 1
+
+
+def test_comparison_page_has_every_model_and_switches_tasks(made, compared, tab_factory):
+    t = _tab(tab_factory, made)
+    page = t.page
+    assert t.goto(made["srv"].url + f"/console/evaluations/{compared}").status == 200
+    heads = page.locator("table.metrics[data-task='colors'] thead th").all_inner_texts()
+    assert heads[:4] == ["Metric", "base", "tuned", "again"] and "again − base" in heads
+    assert page.locator("table.examples thead th").all_inner_texts()[-3:] == ["base", "tuned", "again"]
+    assert page.locator("table.examples tbody tr").count() == 10 and "12 of 12" in page.inner_text("#ex-count")
+    page.select_option("#ex-task", "text")
+    page.wait_for_function("() => document.querySelector('table.examples tbody td.text:nth-child(4)')"
+                           " && document.querySelector('table.examples tbody').innerText.includes('perplexity')")
+    t.shot("evaluation-compare")

@@ -46,7 +46,8 @@ def served_name(job: dict, ws: Workspace) -> Optional[str]:
     if job.get("fine_tuned_model"):
         return job["fine_tuned_model"]
     d = J.run_dir(ws, job["run_id"])
-    return job["run_id"] if (d / "adapter" / "adapter_config.json").is_file() or (d / "model").is_dir() else None
+    weights = (d / "adapter" / "adapter_config.json").is_file() or (d / "model" / "config.json").is_file()
+    return job["run_id"] if weights else None
 
 
 def routes(api, P, need, APIError) -> None:
@@ -319,7 +320,10 @@ def routes(api, P, need, APIError) -> None:
                 others = [s for m, s in scores.items() if m != model]
                 if scores[model] is None or any(s is None or s >= scores[model] for s in others):
                     continue
-            text = first.get("prompt") or first.get("document") or ""
+            text = first.get("prompt")
+            if text is None and "document" in first:  # a perplexity task's block: which document it came from
+                text = f"document {first['document']}, block {first.get('index', i)}"
+            text = text or ""
             if needle and needle not in " ".join([str(text), str(first.get("reference") or ""),
                                                   *map(str, outs.values())]).lower():
                 continue
@@ -406,7 +410,7 @@ def _score_name(per: dict, models: list) -> str:
     if isinstance(first.get("rougeL"), (int, float)):
         return "rougeL"
     if isinstance(first.get("correct"), bool):
-        return "correct"
+        return "correctness"
     if "prediction" in first:
         return "exact match"
-    return "perplexity (lower wins)"
+    return "perplexity (lower)"

@@ -26,10 +26,10 @@ from tunelab.workspace import Workspace
 
 def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     """The platform's app (tunelab.platform.app.create_app) with the console's pages added."""
-    from tunelab.console import admin, datasets, feedback, home, jobs
+    from tunelab.console import admin, datasets, evaluations, feedback, home, jobs, playground, runs
     from tunelab.console.web import mount
 
     gate = platform_app(ws, settings)
     # the screens in menu order: each is a module of this package with NAV and routes(router, console)
-    mount(gate, [home, datasets, jobs, feedback, admin])
+    mount(gate, [home, datasets, jobs, runs, evaluations, playground, feedback, admin])
     return gate

@@ -24,7 +24,7 @@ from tunelab.errors import ConfigError, TunelabError
 from tunelab import config as cfglib
 from tunelab.models.resolve import HUB_ID, PACKAGED
 from tunelab.platform import auth as A
-from tunelab.platform import bedrock, datasets, feedback
+from tunelab.platform import bedrock, datasets, feedback, runs
 from tunelab.platform import files as F
 from tunelab.platform import jobs as J
 from tunelab.platform.inference import PATHS as INFERENCE_PATHS, Models, dispatch
@@ -623,6 +623,7 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     bedrock.routes(api, P, need, APIError)
     datasets.routes(api, P, need, APIError)
     feedback.routes(api, P, need, APIError)
+    runs.routes(api, P, need, APIError)
     return Gate(api, P)
 
 

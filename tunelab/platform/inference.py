@@ -5,6 +5,8 @@ streaming and errors), one per base model, loaded on the first request that name
 whose ``model`` is a succeeded job's ``fine_tuned_model`` (in the caller's project) has that run's
 adapter loaded onto its base under that name (serve's run-time ``Registry.add``), so the model is
 usable the moment the job succeeds, without a restart. A full-model run is served as its own base.
+Any other succeeded training job of the project (a native recipe, a Bedrock job) is served the same way
+under its run id, on the base recorded in the run's lineage.
 """
 
 from __future__ import annotations
@@ -55,8 +57,37 @@ class Models:
         for j in self.store.list_jobs(project, status="succeeded", limit=1000):
             if j["fine_tuned_model"]:
                 cards.append({"id": j["fine_tuned_model"], "object": "model", "created": int(j["finished_at"] or 0),
-                              "owned_by": project, "kind": "fine-tuned", "job_id": j["id"]})
+                              "owned_by": project, "kind": "fine-tuned", "job_id": j["id"], "run_id": j["run_id"],
+                              "base": j["spec"].get("model")})
+            elif j["command"] == "train" and j["run_id"] and self._weights(j["run_id"]) is not None:
+                cards.append({"id": j["run_id"], "object": "model", "created": int(j["finished_at"] or 0),
+                              "owned_by": project, "kind": "fine-tuned", "job_id": j["id"], "run_id": j["run_id"],
+                              "base": self._run_base(j["run_id"])})
         return cards
+
+    def _weights(self, run_id: str) -> Path | None:
+        """A run's trained weights: its adapter folder or its full model folder (None before it has any)."""
+        d = run_dir(self.ws, run_id)
+        if (d / "adapter" / "adapter_config.json").is_file():
+            return d / "adapter"
+        if (d / "model" / "config.json").is_file():
+            return d / "model"
+        return None
+
+    def _run_base(self, run_id: str) -> str | None:
+        """The base model name the run's recipe named (what a client calls the base), from its lineage."""
+        try:
+            lin = json.loads((run_dir(self.ws, run_id) / "lineage.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return lin.get("base_model") or lin.get("base_model_path")
+
+    def _run_job(self, model: str, project: str) -> dict | None:
+        """The project's succeeded training job whose run is ``model`` (a run served under its id)."""
+        for j in self.store.list_jobs(project, limit=100000):
+            if j["run_id"] == model and j["command"] == "train" and not j["fine_tuned_model"]:
+                return j
+        return None
 
     def app_for(self, principal: Principal, model: str):
         """The serve app answering ``model`` for this caller (loading it if needed), or NotServed."""
@@ -72,10 +103,27 @@ class Models:
                         base.registry.add(model, out, job["run_id"])
                 return base.app
             return self._base(str(out), name=model).app  # a full model: its own base
+        job = self._run_job(model, principal.project)
+        if job is not None:
+            if job["status"] != "succeeded":
+                raise NotServed(f"model '{model}' is not ready: its job is {job['status']}")
+            out = self._weights(model)
+            if out is None:
+                raise NotServed(f"run '{model}' has no trained weights to serve")
+            if out.name == "model":
+                return self._base(str(out), name=model).app
+            lin = json.loads((run_dir(self.ws, model) / "lineage.json").read_text(encoding="utf-8"))
+            base = self._base(lin.get("base_model_path") or lin["base_model"])
+            with self._lock:
+                if model not in base.registry.models:
+                    base.registry.add(model, out, model)
+            return base.app
         # a base model: a packaged one, one in the server's model cache, or the base of one of this project's
         # jobs; never any folder or hub id a caller names (that would load arbitrary models into memory)
+        jobs = self.store.list_jobs(principal.project, limit=100000)
         known = model.lower() in PACKAGED or (self.ws.models_dir / model / "config.json").is_file() or any(
-            j["spec"].get("model") == model for j in self.store.list_jobs(principal.project, limit=100000))
+            j["spec"].get("model") == model for j in jobs) or any(
+            j["command"] == "train" and j["run_id"] and self._run_base(j["run_id"]) == model for j in jobs)
         if not known:
             raise NotServed(f"model '{model}' is not served here; see GET /v1/models")
         return self._base(model).app

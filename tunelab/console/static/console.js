@@ -110,6 +110,16 @@
     if (hit) { e.preventDefault(); hit.click(); }
   });
 
+  // Ctrl+Enter (or Cmd+Enter) in a textarea with data-submit-on-ctrl-enter sends its form
+  document.addEventListener("keydown", function (e) {
+    var t = e.target;
+    if (e.key === "Enter" && (e.ctrlKey || e.metaKey) && t && t.matches && t.matches("textarea[data-submit-on-ctrl-enter]")
+        && t.form) {
+      e.preventDefault();
+      t.form.requestSubmit();
+    }
+  });
+
   function init(root) {
     localizeTimes(root);
     root.querySelectorAll(".chart[data-chart]").forEach(makeChart);

@@ -118,8 +118,10 @@ class PreferenceDataSection(Strict):
     validation: str | None = Field(None, description="validation pairs; or use validation_split")
     validation_split: float = Field(0.1, ge=0.0, lt=0.5, description="share of train held out by content hash")
     test: str | None = Field(None, description="held-out pairs for the before/after report (default: validation)")
+    test_split: float = Field(0.0, ge=0.0, lt=0.5, description="share of train held out by content hash for the "
+                              "before/after report: never trained on, nor used for validation or early stopping")
     max_length: int = Field(512, ge=8, description="tokens of prompt + response; the prompt is cut from the left")
-    limit: int | None = Field(None, ge=1, description="use only the first N training pairs")
+    limit: int | None = Field(None, ge=1, description="use only the first N training pairs (after test_split)")
     test_limit: int | None = Field(None, ge=1, description="report on the first N held-out pairs")
 
 

@@ -81,6 +81,10 @@ def test_reward_model_learns_the_preference(reward_run, pref):
     assert 0.3 <= s["pairwise_accuracy_before"] <= 0.7
     assert s["pairwise_accuracy_after"] >= 0.8
     assert s["mean_margin_after"] > s["mean_margin_before"] + 1.0
+    lo, hi = s["pairwise_accuracy_ci95"]
+    assert lo <= s["pairwise_accuracy_after"] <= hi and lo > 0.6  # the interval is printed and stored
+    gain = s["heldout"]["accuracy_gain"]  # paired over the untrained head, on the same held-out pairs
+    assert gain["n"] == 64 and gain["ci_low"] > 0 and "wins" not in s["heldout"]["after"]
     rows = _rows(reward_run)
     losses = [r["loss"] for r in rows if "loss" in r]
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
@@ -125,6 +129,8 @@ def test_dpo_raises_heldout_preference(dpo_run, reward_run):
     assert after["logp_accuracy"] >= before["logp_accuracy"] + 0.2 and after["logp_accuracy"] >= 0.75
     # implicit reward: chosen log-ratio up relative to rejected, on held-out pairs
     assert after["implicit_reward_accuracy"] >= 0.8 and after["implicit_reward_margin"] > 0.2
+    # over the start (the reference: a tie on every pair), with intervals that exclude no change
+    assert after["implicit_reward_accuracy_gain_ci95"][0] > 0 and after["implicit_reward_margin_ci95"][0] > 0
     assert after["chosen_logratio"] > after["rejected_logratio"]
     rows = _rows(dpo_run)
     margins = [r["rewards/margins"] for r in rows if "rewards/margins" in r]

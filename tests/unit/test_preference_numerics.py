@@ -79,6 +79,38 @@ def test_heldout_preference_numbers():
     # log-ratios: chosen (0.5, 0, 0), rejected (-0.5, 0.5, 0) -> margins (1, -0.5, 0)
     assert out["implicit_reward_accuracy"] == pytest.approx((1 + 0 + 0.5) / 3, abs=1e-4)
     assert out["implicit_reward_margin"] == pytest.approx(0.5 * 0.5 / 3, abs=1e-4)
+    lo, hi = out["implicit_reward_accuracy_ci95"]
+    assert 0.0 <= lo <= out["implicit_reward_accuracy"] <= hi <= 1.0
+    # the start is the reference (a tie on every pair): the gain is accuracy − 0.5, its interval shifted alike
+    assert out["implicit_reward_accuracy_gain"] == pytest.approx(out["implicit_reward_accuracy"] - 0.5, abs=1e-4)
+    assert out["implicit_reward_accuracy_gain_ci95"] == pytest.approx([lo - 0.5, hi - 0.5], abs=1e-4)
+    mlo, mhi = out["implicit_reward_margin_ci95"]
+    assert mlo <= out["implicit_reward_margin"] <= mhi
+
+
+def test_interval_of_a_policy_that_prefers_chosen_excludes_the_start():
+    """200 held-out pairs where the policy raised chosen over rejected on 80%: the accuracy interval lies
+    above 0.5 (the start) and the margin interval above 0; a policy equal to its reference stays at the start."""
+    from tunelab.train.dpo import heldout_preferences
+
+    n = 200
+    lc = [-1.0 if i % 5 else -3.0 for i in range(n)]
+    zeros = [-2.0] * n
+    out = heldout_preferences(lc, zeros, zeros, zeros, beta=0.1)
+    assert out["implicit_reward_accuracy"] == pytest.approx(0.8)
+    assert out["implicit_reward_accuracy_gain_ci95"][0] > 0 and out["implicit_reward_margin_ci95"][0] > 0
+    same = heldout_preferences(zeros, zeros, zeros, zeros, beta=0.1)
+    assert same["implicit_reward_accuracy"] == 0.5 and same["implicit_reward_accuracy_gain_ci95"] == [0.0, 0.0]
+
+
+def test_pairwise_eval_reports_accuracy_interval_and_paired_gain():
+    from tunelab.train.preference import mean_ci, paired_gain
+
+    wins = [1.0] * 70 + [0.0] * 30
+    lo, hi = mean_ci(wins)
+    assert lo < 0.7 < hi and lo > 0.6 and hi < 0.8
+    g = paired_gain([0.5] * 100, wins)  # an untrained head that ties every pair, then 70% right
+    assert g["difference"] == pytest.approx(0.2) and g["ci_low"] > 0 and g["n"] == 100
 
 
 def test_rlhf_config_needs_one_reward_and_whole_groups():
@@ -141,3 +173,29 @@ def test_a_stored_config_loads_again_for_resume(recipe, tmp_path):
                                 **PREFERENCE_RECIPES[recipe]})
     (tmp_path / "config.yaml").write_text(cfglib.dump(cfg))
     assert cfglib.load(cls, tmp_path / "config.yaml") == cfg
+
+
+def test_test_split_is_held_out_before_limit_and_never_trained_on():
+    """data.test_split: a content-hash share of the pairs is the held-out report set; no held-out pair is in
+    train or validation, the held-out set does not depend on the seed or data.limit, and test + test_split
+    together are refused."""
+    from tunelab.errors import TunelabError
+    from tunelab.sections import PreferenceDataSection
+    from tunelab.train.preference import split_sets
+
+    pairs = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(400)]
+    key = (lambda x: json.dumps(x, sort_keys=True))
+    d = PreferenceDataSection(train="x.jsonl", validation_split=0.1, test_split=0.2)
+    train, val, held, name = split_sets(pairs, d, seed=0, load=None)
+    assert name == "test_split" and 50 < len(held) < 110 and val
+    assert not ({key(x) for x in held} & {key(x) for x in train + val})
+    assert len(train) + len(val) + len(held) == len(pairs)
+    for seed, limit in ((1, None), (7, 50)):
+        d2 = PreferenceDataSection(train="x.jsonl", validation_split=0.1, test_split=0.2, limit=limit)
+        tr2, va2, held2, _ = split_sets(pairs, d2, seed=seed, load=None)
+        assert [key(x) for x in held2] == [key(x) for x in held]  # same held-out pairs
+        assert not ({key(x) for x in held2} & {key(x) for x in tr2 + va2})
+    assert len(tr2) + len(va2) == 50  # limit counts training pairs only
+    with pytest.raises(TunelabError, match="test_split"):
+        split_sets(pairs, PreferenceDataSection(train="x.jsonl", test="t.jsonl", test_split=0.2), seed=0,
+                   load=lambda p: [])

@@ -66,8 +66,15 @@ def heldout_preferences(lc: list[float], lr: list[float], ref_c: list[float] | N
         dc = [a - b for a, b in zip(lc, ref_c)]
         dr = [a - b for a, b in zip(lr, ref_r)]
         m = [c - r for c, r in zip(dc, dr)]
-        out.update({"implicit_reward_accuracy": mean([1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in m]),
+        wins = [1.0 if x > 0 else 0.5 if x == 0 else 0.0 for x in m]
+        # the start is the reference: every implicit reward is 0, every pair a tie (accuracy 0.5, margin 0), so
+        # the gain over the start is the accuracy − 0.5 and the margin itself, with intervals over held-out pairs
+        acc_ci = P.mean_ci(wins)
+        out.update({"implicit_reward_accuracy": mean(wins), "implicit_reward_accuracy_ci95": acc_ci,
+                    "implicit_reward_accuracy_gain": round(sum(wins) / n - 0.5, 4),
+                    "implicit_reward_accuracy_gain_ci95": [None if v is None else round(v - 0.5, 4) for v in acc_ci],
                     "implicit_reward_margin": round(beta * sum(m) / n, 4),
+                    "implicit_reward_margin_ci95": P.mean_ci([beta * x for x in m]),
                     "chosen_logratio": mean(dc), "rejected_logratio": mean(dr)})
     return out
 
@@ -130,8 +137,10 @@ def _steps(r: _run.Run) -> dict:
     policy = P.load_trained(start, out_dir, adapter)  # exactly the saved artifact, in fp32
     pc, pr = P.pair_logps(policy, tokenizer, held_pairs, L)
     after = heldout_preferences(pc, pr, ref_c, ref_r, cfg.beta)
-    print(f"held-out after: log-prob preference accuracy {after.get('logp_accuracy')}, implicit reward "
-          f"accuracy {after.get('implicit_reward_accuracy')}, margin {after.get('implicit_reward_margin')}")
+    print(f"held-out after (n={after.get('pairs')}): log-prob preference accuracy {after.get('logp_accuracy')}, "
+          f"implicit reward accuracy {after.get('implicit_reward_accuracy')} (95% CI "
+          f"{after.get('implicit_reward_accuracy_ci95')}; the start ties every pair: 0.5), margin "
+          f"{after.get('implicit_reward_margin')} (95% CI {after.get('implicit_reward_margin_ci95')}; start 0)")
     judged = None
     if cfg.eval.reward_model:
         scorer, info = P.load_reward_model(cfg.eval.reward_model, r.ws)

@@ -20,7 +20,7 @@ import yaml
 
 from tunelab.data.formats import BadRecord
 from tunelab.data.lineage import absolute_paths, file_lineage
-from tunelab.data.loaders import load_records, split_validation
+from tunelab.data.loaders import load_records, split_by_content, split_validation
 from tunelab.data.records import kind, to_canonical
 from tunelab.errors import TunelabError
 from tunelab.models import refs
@@ -91,7 +91,17 @@ def load_prompts(path: str, tokenizer, rejects: list[dict], limit: int | None = 
 
 def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, str]:
     """(train, validation, held-out, name of the held-out set). Validation comes from ``data.validation``
-    or a content-hash split; the held-out report set is ``data.test`` when given, else the validation set."""
+    or a content-hash split; the held-out report set is ``data.test`` when given, else a ``data.test_split``
+    share of train split off by content hash first (the same pairs whatever the seed, the order or
+    ``data.limit``; never trained on nor used for early stopping), else the validation set."""
+    test_split = getattr(data, "test_split", 0.0)
+    if data.test and test_split:
+        raise TunelabError("data: set data.test or data.test_split, not both")
+    split_held = None
+    if test_split:
+        items, split_held = split_by_content(items, test_split, salt="test")
+    if getattr(data, "limit", None):
+        items = items[: data.limit]
     if data.validation:
         train, val = items, load(data.validation)
     elif data.validation_split > 0:
@@ -100,6 +110,8 @@ def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, st
         train, val = items, []
     if data.test:
         held, name = load(data.test), "test"
+    elif split_held is not None:
+        held, name = split_held, "test_split"
     else:
         held, name = val, "validation"
     if data.test_limit:
@@ -156,7 +168,7 @@ def pair_sets(r: Run, cfg, tokenizer, fit, cut_key: str) -> tuple[list, list, li
     """The preference pairs of a reward or DPO run: (train, validation, held-out, data report). Train and
     validation go through ``fit(tokenizer, pairs, max_length) -> (items, n_cut)``; rejects are written."""
     rejects: list[dict] = []
-    pairs = load_pairs(cfg.data.train, tokenizer, rejects, cfg.data.limit)
+    pairs = load_pairs(cfg.data.train, tokenizer, rejects)  # data.limit applies after data.test_split
     train, val, held, held_name = split_sets(pairs, cfg.data, cfg.train.seed,
                                              lambda path: load_pairs(path, tokenizer, rejects))
     r.write_rejects(rejects)
@@ -232,9 +244,28 @@ def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_si
     rr = score_ids(model, rejected, tokenizer.pad_token_id, batch_size)
     margins = [c - r for c, r in zip(rc, rr)]
     # a tie is half right: a constant reward model scores 0.5, not 0
-    acc = sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / len(margins)
-    return {"pairs": len(pairs), "accuracy": round(acc, 4), "mean_margin": round(sum(margins) / len(margins), 4),
-            "mean_reward_chosen": round(sum(rc) / len(rc), 4), "mean_reward_rejected": round(sum(rr) / len(rr), 4)}
+    wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
+    acc = sum(wins) / len(wins)
+    return {"pairs": len(pairs), "accuracy": round(acc, 4), "accuracy_ci95": mean_ci(wins),
+            "mean_margin": round(sum(margins) / len(margins), 4),
+            "mean_reward_chosen": round(sum(rc) / len(rc), 4), "mean_reward_rejected": round(sum(rr) / len(rr), 4),
+            "wins": wins}
+
+
+def mean_ci(values: list[float], confidence: float = 0.95) -> list[float | None]:
+    """Percentile bootstrap interval of a mean over held-out pairs (tunelab/scoring/stats.py), rounded."""
+    from tunelab.scoring.stats import bootstrap_ci, mean_statistic
+
+    lo, hi = bootstrap_ci(mean_statistic(values), confidence=confidence)
+    return [None if lo is None else round(lo, 4), None if hi is None else round(hi, 4)]
+
+
+def paired_gain(before: list[float], after: list[float]) -> dict:
+    """after − before on the same held-out pairs: the difference, its paired-bootstrap 95% interval, p."""
+    from tunelab.scoring.stats import mean_statistic, paired_bootstrap
+
+    d = paired_bootstrap(mean_statistic(before), mean_statistic(after))
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
 
 class RewardScorer:

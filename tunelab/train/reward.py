@@ -87,7 +87,8 @@ def _steps(r: _run.Run) -> dict:
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     if r.main:  # the held-out evaluation is rank 0's (no RNG drawn: the ranks stay in step)
         before = P.pairwise_eval(model, tokenizer, held_pairs, L, cfg.eval_batch_size)
-        print(f"held-out before: accuracy {before['accuracy']}, mean margin {before['mean_margin']}")
+        print(f"held-out before: accuracy {before['accuracy']} (95% CI {before['accuracy_ci95']}, "
+              f"n={before['pairs']}), mean margin {before['mean_margin']}")
 
     # 3. trainer
     total_steps = _run.steps_total(len(train_feats), cfg.train)
@@ -114,7 +115,10 @@ def _steps(r: _run.Run) -> dict:
                                selected_adapters=["default"])
     scorer, _ = P.load_reward_model(str(r.dir), r.ws)  # exactly the saved artifact, in fp32
     after = P.pairwise_eval(scorer.model, scorer.tokenizer, held_pairs, L, cfg.eval_batch_size)
-    print(f"held-out after: accuracy {after['accuracy']}, mean margin {after['mean_margin']}")
+    gain = P.paired_gain(before.pop("wins"), after.pop("wins")) if before["pairs"] else None
+    print(f"held-out after: accuracy {after['accuracy']} (95% CI {after['accuracy_ci95']}, n={after['pairs']}), "
+          f"mean margin {after['mean_margin']}; gain over the untrained head {gain and gain['difference']} "
+          f"(paired 95% CI [{gain and gain['ci_low']}, {gain and gain['ci_high']}])")
 
     st = trainer.state
     rows = _run.train_rows(st.log_history)
@@ -124,7 +128,8 @@ def _steps(r: _run.Run) -> dict:
         "best_step": _run.best_step(st),
         "best_eval_loss": st.best_metric,
         "final_train_loss": rows[-1]["loss"] if rows else None,
-        "heldout": {"set": held_name, "before": before, "after": after},
+        "heldout": {"set": held_name, "before": before, "after": after, "accuracy_gain": gain},
+        "pairwise_accuracy_ci95": after["accuracy_ci95"],
         "pairwise_accuracy_before": before["accuracy"], "pairwise_accuracy_after": after["accuracy"],
         "mean_margin_before": before["mean_margin"], "mean_margin_after": after["mean_margin"],
         "train_runtime_s": round(out.metrics.get("train_runtime", 0.0), 2),

@@ -16,7 +16,7 @@ from tunelab._optional import require
 from tunelab.config import Strict
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import Registry, newest_demo_run, resolve_target
-from tunelab.serve.batching import Engine
+from tunelab.models.engine import Engine
 from tunelab.serve.openai_api import Limits, create_app
 from tunelab.workspace import Workspace
 

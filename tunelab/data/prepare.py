@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
+from tunelab._console import progress
 from tunelab import __version__
 from tunelab.config import Strict
 from tunelab.data.datacard import render_datacard
@@ -387,8 +388,6 @@ def _keep_rejects(tmp: Path, ws: Workspace, dataset_id: str) -> Path:
 
 
 def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | None = None) -> dict:
-    from tqdm.auto import tqdm
-
     ws = workspace or Workspace.resolve()
     strict = cfg.strict if strict is None else strict
     raw = cfg.model_dump(mode="json")
@@ -423,7 +422,7 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
         staged = tmp / ".staged.jsonl"
         n_workers = _workers(cfg, files)
         with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rej, open(staged, "w", encoding="utf-8") as out, \
-                tqdm(desc=f"prepare {cfg.name}", unit="rec", dynamic_ncols=True) as bar:
+                progress(None, f"prepare {cfg.name}: records read", unit="rec") as bar:
             for res in _stream(cfg, steps, n_workers):
                 counts["read"] += 1
                 bar.update(1)

@@ -1,5 +1,10 @@
 """Dynamic batching: one worker thread decodes every running request together, one token per step.
 
+Shared by serving (``Engine.start()``: a worker thread fed by ``submit``; tunelab/serve/) and evaluation
+(``Engine.run(requests)`` in the calling thread; tunelab/models/generation.py), so an answer is decoded by the
+same code wherever it is served or scored. A request with ``adapter=None`` runs the model as it stands (its
+active adapter, or the base inside peft's ``disable_adapter()``), as evaluation does.
+
 Continuous batching (Yu et al., "Orca", OSDI 2022): a request that arrives while others are
 decoding is prefilled (alone, or with up to ``prefill_batch`` others in one forward, left-padded
 to the longest prompt) and joins the running batch before the next step; a request that

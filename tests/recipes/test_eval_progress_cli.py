@@ -40,5 +40,5 @@ def test_eval_announces_every_phase_and_bars_count_examples(tmp_path, tiny_model
     assert not missing, f"phases that did not announce themselves: {missing}\n{err[-4000:]}"
     for name in ("tuned", "base"):
         for phase in ("generate", "reference perplexity"):
-            seen = {int(m) for m in re.findall(rf"^{name}: {phase}:.*?\b(\d+)/10\b", err, re.M)}
+            seen = {int(m) for m in re.findall(rf"^{name}: {phase}:.*?\b(\d+)/10\b", err, re.MULTILINE)}
             assert seen == set(range(11)), f"{name} {phase}: the bar showed {sorted(seen)}, not every example"

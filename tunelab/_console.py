@@ -68,3 +68,47 @@ def _fits(con, t) -> bool:
         t.title = t_title
     first = probe.export_text().splitlines()[0].rstrip()
     return first.endswith(t.box.top_right) or first.endswith(t.box.head_row_right)
+
+
+def progress(items, desc: str, unit: str = "ex", **kw):
+    """A tqdm bar on stderr over ``items`` (an iterable to wrap, or the count of a bar updated by hand). At a terminal it redraws in place; in a pipe or a log file (a platform job's log)
+    each update it shows is a line of its own (no carriage returns), at most one every
+    ``TUNELAB_PROGRESS_INTERVAL`` seconds (default 5; 0: every update, as the tests read it)."""
+    from tqdm.auto import tqdm
+
+    if items is None or isinstance(items, int):
+        kw["total"] = items
+    else:
+        kw["iterable"] = items
+        kw.setdefault("total", len(items) if hasattr(items, "__len__") else None)
+    if sys.stderr.isatty():
+        return tqdm(desc=desc, unit=unit, dynamic_ncols=True, **kw)
+    try:
+        every = float(os.environ.get("TUNELAB_PROGRESS_INTERVAL", "5"))
+    except ValueError:
+        every = 5.0
+    return tqdm(desc=desc, unit=unit, file=_Lines(sys.stderr), ncols=100, mininterval=every,
+                maxinterval=max(every, 10.0), miniters=1 if every <= 0 else None, **kw)
+
+
+def status(message: str) -> None:
+    """One line on stderr saying what a phase does (and how many items), before work that has no bar."""
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Lines:
+    """A file for tqdm that writes each redraw as its own line, for output that is not a terminal."""
+
+    def __init__(self, f):
+        self.f = f
+        self.last = ""
+
+    def write(self, s: str) -> None:
+        for part in s.replace("\n", "\r").split("\r"):
+            part = part.rstrip()
+            if part and part != self.last:
+                self.f.write(part + "\n")
+                self.last = part
+
+    def flush(self) -> None:
+        self.f.flush()

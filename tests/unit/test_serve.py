@@ -128,7 +128,7 @@ JOBS = [(p, name, budget) for p, budget in zip(PROMPTS, [12, 5, 20, 9]) for name
 
 
 def _submit_all(engine, registry, tok, jobs, hold_lock: bool):
-    from tunelab.serve.batching import GenRequest
+    from tunelab.models.engine import GenRequest
 
     done = threading.Semaphore(0)
     reqs = []
@@ -179,7 +179,7 @@ def test_overload_and_stop_strings(tiny_model, adapters):
     """A full queue answers 429 with Retry-After; a stop string cuts the text before it."""
     from fastapi.testclient import TestClient
 
-    from tunelab.serve.batching import Engine, GenRequest
+    from tunelab.models.engine import Engine, GenRequest
 
     app, registry, engine = _build(tiny_model, {}, max_queue=1)
     engine.close()  # nothing decodes from here on: the queue stays as we fill it

@@ -23,7 +23,7 @@ from tests.unit.test_serve import JOBS, PROMPTS, _build, _generate_alone, adapte
 def _run(engine, registry, tok, jobs, extra=(), hold_lock=False, before_release=None):
     """Submit ``jobs`` (greedy) plus ``extra`` requests ((prompt_ids, name, budget, kwargs)); wait for all.
     Returns (the jobs' requests, the extra requests, {id(req): error message})."""
-    from tunelab.serve.batching import GenRequest
+    from tunelab.models.engine import GenRequest
 
     pending = threading.Semaphore(0)
     errors: dict[int, str] = {}
@@ -144,7 +144,7 @@ def test_a_row_that_fails_in_a_batched_forward_fails_alone(tiny_model, adapters,
 def test_a_failing_delivery_fails_that_request_alone(tiny_model, adapters, tok, monkeypatch):
     """A request whose text cannot be delivered a few tokens in (its callback raises, as when its client's
     event loop is closed) fails alone; the requests decoding beside it finish."""
-    from tunelab.serve.batching import GenRequest
+    from tunelab.models.engine import GenRequest
 
     app, registry, engine = _build(tiny_model, adapters)
     monkeypatch.setattr(engine, "eos_ids", set())  # nobody stops early: all decode side by side
@@ -188,7 +188,7 @@ def test_unload_with_requests_taken_off_the_queue_is_refused_and_fails_nobody(ti
     the colors-b requests too ("Adapter adapter_1 not found"). Once they finish it unloads, and a request
     for it is refused at submit (the API answers 404)."""
     from tunelab.errors import TunelabError
-    from tunelab.serve.batching import AdapterGone, GenRequest
+    from tunelab.models.engine import AdapterGone, GenRequest
 
     app, registry, engine = _build(tiny_model, adapters)
     a = registry.get("colors-a").adapter
@@ -319,7 +319,7 @@ def test_valid_surrogate_pairs_and_small_temperatures_still_work(api):
 
 
 def test_health_counts_cancelled_requests_as_cancelled(api, tiny_model, tok):
-    from tunelab.serve.batching import GenRequest
+    from tunelab.models.engine import GenRequest
 
     c, engine = api
     before = c.get("/health").json()["stats"]

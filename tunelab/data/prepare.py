@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, create_model, field_validator
 
+from tunelab._console import progress, status
 from tunelab import __version__
 from tunelab.config import Strict
 from tunelab.data.datacard import render_datacard
@@ -392,8 +393,6 @@ def _keep_rejects(tmp: Path, ws: Workspace, dataset_id: str) -> Path:
 
 
 def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | None = None) -> dict:
-    from tqdm.auto import tqdm
-
     ws = workspace or Workspace.resolve()
     strict = cfg.strict if strict is None else strict
     raw = cfg.model_dump(mode="json")
@@ -428,7 +427,7 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
         staged = tmp / ".staged.jsonl"
         n_workers = _workers(cfg, files)
         with open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rej, open(staged, "w", encoding="utf-8") as out, \
-                tqdm(desc=f"prepare {cfg.name}", unit="rec", dynamic_ncols=True) as bar:
+                progress(None, f"prepare {cfg.name}: records read", unit="rec") as bar:
             for res in _stream(cfg, steps, n_workers):
                 counts["read"] += 1
                 bar.update(1)
@@ -500,10 +499,13 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
         label_counts: dict[str, Counter] = defaultdict(Counter)
         export_errors: dict[str, Counter] = defaultdict(Counter)
         exported = Counter()
-        with open(staged, encoding="utf-8") as f:
+        n_out = int((assign >= 0).sum())
+        with open(staged, encoding="utf-8") as f, progress(n_out, f"prepare {cfg.name}: writing the splits",
+                                                         unit="rec") as wbar:
             for pos, line in enumerate(f):
                 if assign[pos] < 0:  # not selected
                     continue
+                wbar.update(1)
                 s = split_names[assign[pos]]
                 handles[s].write(line)
                 rec = json.loads(line)
@@ -562,6 +564,8 @@ def run(cfg: PrepareConfig, workspace: Workspace | None = None, strict: bool | N
         if cfg.profile is not None:
             manifest["files"].append("profile.json")
         write_json(tmp / "manifest.json", manifest)
+        if cfg.profile is not None:
+            status(f"prepare {cfg.name}: profiling the {n_out:,} records kept (data card)")
         prof = _profile(cfg.profile, tmp, ws) if cfg.profile is not None else None
         (tmp / "datacard.md").write_text(render_datacard(manifest, prof), encoding="utf-8")
         os.replace(tmp, final)  # atomic: the version appears whole or not at all

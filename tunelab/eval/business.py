@@ -33,6 +33,7 @@ from pathlib import Path
 
 from pydantic import Field, field_validator
 
+from tunelab._console import progress
 from tunelab.config import Strict
 from tunelab.scoring.metrics import mark_verdict
 from tunelab.scoring.stats import holm, mean_statistic, paired_bootstrap
@@ -86,8 +87,10 @@ def percentile(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def measure_latency(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> dict:
-    """Time to first token and total latency of single greedy requests, and their tokens/s."""
+def measure_latency(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                    desc: str = "latency timing") -> dict:
+    """Time to first token and total latency of single greedy requests, and their tokens/s (one request at a
+    time, as a user waits for one answer: not the batched evaluation path)."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -108,7 +111,7 @@ def measure_latency(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     dev = next(model.parameters()).device
     ttft, total, tokens = [], [], []
     model.eval()
-    for p in prompts:
+    for p in progress(prompts, f"{desc} ({len(prompts)} single requests)", unit="req"):
         ids = torch.tensor([p], device=dev)
         clock = _Clock()
         if dev.type == "cuda":
@@ -257,7 +260,7 @@ def costs(latency: dict, compute: dict | None, cfg: BusinessSection, quality: di
 
 def business_metrics(model, tokenizer, prompts: list[list[int]], cfg: BusinessSection, *,
                      adapter_dir: Path | None = None, run_dir: Path | None = None,
-                     peak_reset: list[str] | None = None, quality: dict | None = None) -> dict:
+                     peak_reset: list[str] | None = None, quality: dict | None = None, name: str = "") -> dict:
     """Everything above for one loaded model; ``prompts`` are token ids (the first few are timed).
 
     ``peak_reset``: what ``reset_peak_memory()`` reset before the model was loaded (the peak then covers
@@ -267,7 +270,8 @@ def business_metrics(model, tokenizer, prompts: list[list[int]], cfg: BusinessSe
     since = "this model was loaded"
     if peak_reset is None:
         peak_reset, since = reset_peak_memory(), "the latency measurement began"
-    lat = measure_latency(model, tokenizer, prompts[: cfg.latency_requests], cfg.max_new_tokens)
+    lat = measure_latency(model, tokenizer, prompts[: cfg.latency_requests], cfg.max_new_tokens,
+                          desc=f"latency timing{' ' + name if name else ''}")
     size = model_size(model, adapter_dir)
     compute = training_compute(run_dir, size["parameters"])
     return {"latency": lat, "memory": peak_memory(dev, peak_reset, since), "size": size, "training": compute,

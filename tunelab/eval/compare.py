@@ -17,7 +17,7 @@ import re
 import time
 from pathlib import Path
 
-from tunelab._console import console, show, table
+from tunelab._console import console, show, status, table
 from tunelab.errors import TunelabError
 from tunelab.eval import suites as S
 from tunelab.eval.business import business_metrics, describe, quality_share, reset_peak_memory
@@ -98,11 +98,13 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
         name = spec["name"]
         gc.collect()
         peak_reset = reset_peak_memory() if business else []  # this model's peak, not the ones before it
+        status(f"compare: model {len(info) + 1} of {len(specs)}, {name} ({spec['ref']}): loading")
         model, tok, meta = load_model(spec["ref"], ws)
         scored[name], rows[name] = {}, {}
         t0 = time.perf_counter()
-        for task in tasks:
-            s, r, g = S.run_task(task, model, tok, cfg.decoding, cfg.bootstrap)
+        for k, task in enumerate(tasks, 1):
+            status(f"{name}: task {k} of {len(tasks)}, {task.name} ({task.type}, {len(task.items)} items)")
+            s, r, g = S.run_task(task, model, tok, cfg.decoding, cfg.bootstrap, model_name=name)
             scored[name][task.name], rows[name][task.name] = s, r
             (out_dir / name).mkdir(exist_ok=True)
             (out_dir / name / f"{task.name}.jsonl").write_text("".join(S.dumps(x) + "\n" for x in r),
@@ -118,19 +120,22 @@ def run_compare(suite, ws: Workspace, *, models: list[str] | None = None,
             meta["business"] = business_metrics(model, tok, prompts, bcfg,
                                                 adapter_dir=Path(meta["adapter"]) if meta["adapter"] else None,
                                                 run_dir=Path(meta["run_dir"]) if meta["run_dir"] else None,
-                                                peak_reset=peak_reset, quality=quality_share(name, per, bcfg))
+                                                peak_reset=peak_reset, quality=quality_share(name, per, bcfg),
+                                                name=name)
         if cfg.forgetting.enabled:
-            meta["probe"] = S.probe(model, tok, cfg.forgetting, base_dir)
+            meta["probe"] = S.probe(model, tok, cfg.forgetting, base_dir, model_name=name)
         info[name] = meta
         del model
         gc.collect()
 
+    status(f"paired bootstrap differences against {names[0]} ({cfg.bootstrap.n_resamples} resamples)")
     res = assemble(cfg, tasks, specs, scored, info)
     if cfg.judge is not None:
         res["win_rates"] = S.judge_win_rates(cfg, ws, names[0], rows, tasks)
     res.update({"id": cid, "suite": str(suite_path) if suite_path else None, "out": str(out_dir)})
     write_json(out_dir / "results.json", S.json_safe(res))
 
+    status(f"writing the report in {out_dir}")
     res["report"] = str(write_compare_report(out_dir, res, rows, cfg.max_examples_in_report))
     cat = ws.catalog()
     cat.add_run(id=cid, kind="compare", dir=out_dir, name=cfg.name, status="completed",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tunelab import config as cfglib
 from tunelab import recipes
-from tunelab._console import console, show, table
+from tunelab._console import console, show, status, table
 from tunelab.data.loaders import load_chats
 from tunelab.errors import TunelabError
 from tunelab.eval.business import (BusinessSection, business_metrics, describe, describe_speed, quality_share,
@@ -73,9 +73,12 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     feats, _ = tokenize_all_chats(tokenizer, chats, cfg.data.max_length)
     gen_cfg = {"strategy": "greedy", "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.eval.batch_size}
 
+    status(f"eval {run_id}: {len(chats)} held-out examples from {data_path}"
+           + (f" ({len(rejects)} rejected)" if rejects else "") + f"; loading the tuned model")
     tuned = refs.load(tuned_ref)  # with an adapter: a PeftModel, so the base is the same weights, adapter off
     base = None
     if with_base and tuned_ref.adapter is None:  # a full fine-tune: the base is a second model
+        status(f"loading the base model {base_ref}")
         base = refs.load(refs.resolve(base_ref, ws, trust_remote_code=tuned_ref.trust_remote_code, runs=False))
 
 
@@ -88,9 +91,11 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     def score(model, name: str) -> tuple[dict, list[dict]]:
         t0 = time.perf_counter()
         preds, gstats = generate(model, tokenizer, prompts, cfg.eval.max_new_tokens, cfg.eval.batch_size,
-                                 desc=f"eval {name}")
+                                 desc=f"{name}: generate")
         gen_s = time.perf_counter() - t0
-        nlls, counts = response_nll_per_example(model, feats, cfg.eval.batch_size, tokenizer.pad_token_id)
+        nlls, counts = response_nll_per_example(model, feats, cfg.eval.batch_size, tokenizer.pad_token_id,
+                                                desc=f"{name}: reference perplexity")
+        status(f"{name}: metrics with {n_resamples}-resample bootstrap intervals over {len(chats)} examples")
         text = M.evaluate(M.GENERATION_METRICS, preds, references, **boot)
         ppl = M.evaluate(["perplexity"], nlls, counts, **boot)
         scored[name] = {**text.stats, **ppl.stats}
@@ -102,9 +107,9 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
             extras["business"][name] = business_metrics(model, tokenizer, prompts, bcfg,
                                                         adapter_dir=adapter if name == "tuned" and adapter.is_dir()
                                                         else None, run_dir=run_dir if name == "tuned" else None,
-                                                        quality=quality)
+                                                        quality=quality, name=name)
         if forgetting:
-            extras["probe"][name] = probe(model, tokenizer, fcfg)
+            extras["probe"][name] = probe(model, tokenizer, fcfg, model_name=name)
         new_tokens = sum(s["new_tokens"] for s in gstats)
         m["generated_tokens"] = new_tokens
         m["generation_s"] = round(gen_s, 3)
@@ -136,6 +141,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
            "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order},
            "bootstrap": {**boot, "confidence": 0.95, "method": "percentile over examples"}}
     if "base" in scored:
+        status(f"tuned − base: paired bootstrap ({n_resamples} resamples) over {len(chats)} examples")
         res["differences"] = paired_differences(scored["base"], scored["tuned"], res["models"]["base"],
                                                 res["models"]["tuned"], boot)
     if extras["business"]:
@@ -153,6 +159,7 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
                 config={"data": data_path, "limit": limit, "decoding": gen_cfg})
     cat.update_run(eval_id, metrics={f"{m}_{k}": v for m, r in res["models"].items() for k, v in r.items()
                                      if k in ("rougeL", "bleu", "perplexity")})
+    status(f"writing {run_dir / 'report.html'}")
     res["report"] = str(report_run(run_id, ws))
     return res
 

@@ -33,6 +33,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from tunelab import config as cfglib
+from tunelab._console import progress, status
 from tunelab.config import Strict
 from tunelab.data.formats import BadRecord
 from tunelab.data.readers import read
@@ -366,7 +367,7 @@ def _encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int],
 
 
 def choice_logliks(model, tokenizer, contexts: list[str], choices: list[list[str]], delimiter: str = " ",
-                   batch_size: int = 16) -> list[list[float]]:
+                   batch_size: int = 16, desc: str | None = None) -> list[list[float]]:
     """log p(delimiter + choice | context) for every choice of every item, tokenized as lm-eval does."""
     ctx_ids, cont_ids, owner = [], [], []
     for i, (c, chs) in enumerate(zip(contexts, choices)):
@@ -375,7 +376,8 @@ def choice_logliks(model, tokenizer, contexts: list[str], choices: list[list[str
             ctx_ids.append(a)
             cont_ids.append(b)
             owner.append(i)
-    lps = completion_logprobs(model, ctx_ids, cont_ids, tokenizer.pad_token_id, batch_size)
+    lps = completion_logprobs(model, ctx_ids, cont_ids, tokenizer.pad_token_id, batch_size,
+                              desc=f"{desc}: {len(contexts)} items, {len(ctx_ids)} choices" if desc else None)
     out: list[list[float]] = [[] for _ in contexts]
     for i, lp in zip(owner, lps):
         out[i].append(lp)
@@ -388,9 +390,13 @@ def _prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
-def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: BootstrapSection, opts: dict | None = None):
-    """Score one model on one task → (Scored, per-example rows, generation stats)."""
+def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: BootstrapSection, opts: dict | None = None,
+             model_name: str = ""):
+    """Score one model on one task → (Scored, per-example rows, generation stats). ``model_name`` labels the
+    progress bars."""
     import numpy as np
+
+    label = f"{model_name} " if model_name else ""
 
     kw = {"n_resamples": boot.n_resamples, "confidence": boot.confidence, "seed": boot.seed, **(opts or {})}
     items = task.items
@@ -400,7 +406,7 @@ def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: Boot
         chat = task.spec.chat if task.spec.chat is not None else bool(getattr(tokenizer, "chat_template", None))
         prompts = [_prompt_ids(tokenizer, it["prompt"], chat) for it in items]
         preds, stats = generate(model, tokenizer, prompts, dec.max_new_tokens, dec.batch_size,
-                                desc=f"{task.name}", sampling=dec)
+                                desc=f"{label}{task.name}: generate", sampling=dec)
         preds = [_cut(p, dec.stop) for p in preds]
         refs = [it["target"] for it in items]
         scored = M.evaluate(task.metrics, preds, refs, **kw)
@@ -410,7 +416,7 @@ def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: Boot
         gen_stats = {"generated_tokens": sum(s["new_tokens"] for s in stats)}
     elif task.type in ("classification", "multiple_choice"):
         ll = choice_logliks(model, tokenizer, [it["prompt"] for it in items], [it["choices"] for it in items],
-                            task.spec.target_delimiter, dec.batch_size)
+                            task.spec.target_delimiter, dec.batch_size, desc=f"{label}{task.name}")
         pred = [int(np.argmax(x)) for x in ll]
         gold = [it["gold"] for it in items]
         rows = []
@@ -458,7 +464,7 @@ def run_task(task: Task, model, tokenizer, decoding: DecodingSection, boot: Boot
         if not blocks:
             raise TunelabError(f"task '{task.name}': the text is shorter than two tokens")
 
-        for i, (doc, b) in enumerate(blocks):
+        for i, (doc, b) in enumerate(progress(blocks, f"{label}{task.name}: perplexity", unit="block")):
             total, n = blocks_nll(model, [b], 1)
             nll.append(total)
             counts.append(n)
@@ -509,7 +515,7 @@ def probe_files(cfg: ForgettingSection, base: Path | None = None) -> tuple[Path,
     return text, mc
 
 
-def probe(model, tokenizer, cfg: ForgettingSection, base: Path | None = None) -> dict:
+def probe(model, tokenizer, cfg: ForgettingSection, base: Path | None = None, model_name: str = "") -> dict:
     """General-capability probe: perplexity on general text and multiple-choice accuracy."""
     text, mc = probe_files(cfg, base)
     boot = BootstrapSection(n_resamples=200)
@@ -517,8 +523,10 @@ def probe(model, tokenizer, cfg: ForgettingSection, base: Path | None = None) ->
                          Path("."))
     mc_task = load_task(TaskSpec(name="probe_mc", type="multiple_choice", data=str(mc), prompt="{{ question }}",
                                  choices="{{ choices }}", target="{{ answer }}", metrics=["accuracy"]), Path("."))
-    p, _, _ = run_task(ppl_task, model, tokenizer, DecodingSection(), boot)
-    a, _, _ = run_task(mc_task, model, tokenizer, DecodingSection(), boot)
+    status(f"forgetting probe{' of ' + model_name if model_name else ''}: perplexity on {len(ppl_task.items)} "
+           f"general text(s), accuracy on {len(mc_task.items)} multiple-choice items")
+    p, _, _ = run_task(ppl_task, model, tokenizer, DecodingSection(), boot, model_name=model_name)
+    a, _, _ = run_task(mc_task, model, tokenizer, DecodingSection(), boot, model_name=model_name)
     return {"general_perplexity": p.values["perplexity"]["value"], "probe_accuracy": a.values["accuracy"]["value"],
             "text": str(text), "multiple_choice": str(mc), "mc_items": len(mc_task.items)}
 

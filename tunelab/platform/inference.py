@@ -20,7 +20,7 @@ from tunelab.errors import TunelabError
 from tunelab.models.resolve import PACKAGED, resolve
 from tunelab.platform.jobs import run_dir
 from tunelab.serve.adapters import Registry
-from tunelab.serve.batching import Engine
+from tunelab.models.engine import Engine
 from tunelab.serve.openai_api import Limits, create_app
 from tunelab.platform.auth import Principal
 from tunelab.platform.store import Store

@@ -19,7 +19,7 @@ from typing import Any
 
 from tunelab.errors import TunelabError
 from tunelab.models import refs
-from tunelab.serve.batching import BASE, AdapterBusy
+from tunelab.models.engine import BASE, AdapterBusy
 from tunelab.workspace import Workspace
 
 DEMO_RUN_PREFIX = "sft-support-demo-"  # `tunelab demo` trains recipe name "support-demo" (resources/demo_sft_support.yaml)

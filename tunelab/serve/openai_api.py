@@ -26,7 +26,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from tunelab.data import retrieval
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import Registry, UnknownModel
-from tunelab.serve.batching import AdapterGone, Engine, GenRequest, Overloaded
+from tunelab.models.engine import AdapterGone, Engine, GenRequest, Overloaded
 
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 log = logging.getLogger("tunelab.serve")

@@ -18,7 +18,7 @@ from tunelab.config import Strict
 from tunelab.data import retrieval
 from tunelab.errors import TunelabError
 from tunelab.serve.adapters import Registry, newest_demo_run, resolve_target
-from tunelab.serve.batching import Engine
+from tunelab.models.engine import Engine
 from tunelab.serve.openai_api import Limits, create_app
 from tunelab.workspace import Workspace
 

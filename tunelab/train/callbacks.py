@@ -9,6 +9,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from tunelab._console import progress
+
 
 class MetricsJsonl(TrainerCallback):
     """Append one JSON row per logged step to ``metrics.jsonl`` with tokens/s over that step."""
@@ -53,18 +55,31 @@ class MetricsJsonl(TrainerCallback):
 
 
 class Progress(TrainerCallback):
-    """One tqdm bar for the run with the latest loss and validation loss."""
+    """One bar for the run with the latest loss and validation loss, and one for each validation pass (the
+    Trainer's own bars are off), so no phase of training is silent; plain lines where stderr is not a terminal."""
 
     def __init__(self, desc: str = "train"):
         self.desc = desc
         self.bar = None
+        self.val_bar = None
         self.post: dict[str, str] = {}
 
     def on_train_begin(self, args, state, control, **kw):
-        from tqdm.auto import tqdm
+        self.bar = progress(state.max_steps, self.desc, unit="step", initial=state.global_step)
 
-        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step",
-                        dynamic_ncols=True)
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kw):
+        if self.val_bar is None:
+            n = len(eval_dataloader.dataset) if eval_dataloader is not None and hasattr(eval_dataloader, "dataset") \
+                else None
+            self.val_bar = progress(n, f"validation at step {state.global_step}", unit="ex")
+        size = getattr(eval_dataloader, "batch_size", None) or args.per_device_eval_batch_size
+        total = self.val_bar.total
+        self.val_bar.update(min(size, total - self.val_bar.n) if total else size)
+
+    def on_evaluate(self, args, state, control, **kw):
+        if self.val_bar is not None:
+            self.val_bar.close()
+            self.val_bar = None
 
     def on_step_end(self, args, state, control, **kw):
         if self.bar:

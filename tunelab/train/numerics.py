@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab._console import progress
 from tunelab.errors import TunelabError
 from tunelab.models.chat import ensure_chat_template, fallback_chat_template, render  # noqa: F401 (re-exported)
 from tunelab.train.peft import virtual_tokens
@@ -343,16 +344,24 @@ def frozen_head_nll(hidden, weight, targets, chunk: int = 512):
 
 # ----------------------------------------------------------------------------- held-out scoring (teacher forcing)
 
-def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[list[float], list[int]]:
+def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: int,
+                              desc: str | None = None) -> tuple[list[float], list[int]]:
     """Per-example summed NLL of reference responses (teacher forcing) and scored tokens: the units a
-    perplexity bootstrap resamples."""
+    perplexity bootstrap resamples. ``desc``: show a progress bar over the examples under that name."""
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
     collate = PadCollator(pad_id)
     nll: list[float] = []
     count: list[int] = []
-    with torch.no_grad():
+    # a set no larger than two batches is scored in batches of ~1/10 of it, so its bar moves by about one
+    # example at a time rather than jumping 0 -> 100 % (each row is scored alone under its own mask either way)
+    if desc and len(feats) <= 2 * batch_size:
+        batch_size = max(1, -(-len(feats) // 10))
+    bar = progress(len(feats), desc) if desc else contextlib.nullcontext()
+    with torch.no_grad(), bar:
         for b in range(0, len(feats), batch_size):
             batch = collate(feats[b: b + batch_size])
             logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()
@@ -361,6 +370,8 @@ def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: 
                                   reduction="none").view(labels.shape)
             nll.extend(tok.sum(1).double().cpu().tolist())
             count.extend((labels != IGNORE_INDEX).sum(1).cpu().tolist())
+            if desc:
+                bar.update(len(labels))
     return nll, count
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from tunelab._console import progress
 from tunelab.data.formats import BadRecord
 from tunelab.data.lineage import absolute_paths, file_lineage
 from tunelab.data.loaders import load_records, split_by_content, split_validation
@@ -372,13 +373,17 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, b
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int,
-                        batch_size: int = 16) -> list[float]:
-    """Sum of log p(completion | prompt) under ``model``, one number per pair."""
+                        batch_size: int = 16, desc: str | None = None) -> list[float]:
+    """Sum of log p(completion | prompt) under ``model``, one number per pair. ``desc``: a progress bar over the
+    pairs under that name."""
+    import contextlib
+
     import torch
 
     out: list[float] = []
     model.eval()
-    with torch.no_grad():
+    bar = progress(len(prompt_ids), desc, unit="pair") if desc else contextlib.nullcontext()
+    with torch.no_grad(), bar:
         for b in range(0, len(prompt_ids), batch_size):
             ps, cs = prompt_ids[b: b + batch_size], completions[b: b + batch_size]
             ids, mask = _padded([p + c for p, c in zip(ps, cs)], pad_id, next(model.parameters()).device)
@@ -390,6 +395,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[li
                     continue
                 pos = torch.arange(len(p) - 1, len(p) + len(c) - 1)
                 out.append(float(logp[i, pos, torch.tensor(c)].sum()))
+            if desc:
+                bar.update(len(ps))
     return out
 
 

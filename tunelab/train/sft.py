@@ -148,6 +148,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         # measured; tunelab/train/_cpu_speed.py). Off elsewhere and for the methods not measured.
         cpu_fast = cpu_bf16_training(dplan) and cfg.method in ("lora", "rslora", "dora")
         attn = {"attn_implementation": checkpointed_eager_attention()} if cpu_fast else {}
+        print(f"loading the model {cfg.model.name} ({cfg.method})", flush=True)
         if cfg.method == "full":
             model = refs.load(model_ref)
         else:

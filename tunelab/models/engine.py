@@ -1,5 +1,10 @@
 """Dynamic batching: one worker thread decodes every running request together, one token per step.
 
+Shared by serving (``Engine.start()``: a worker thread fed by ``submit``; tunelab/serve/) and evaluation
+(``Engine.run(requests)`` in the calling thread; tunelab/models/generation.py), so an answer is decoded by the
+same code wherever it is served or scored. A request with ``adapter=None`` runs the model as it stands (its
+active adapter, or the base inside peft's ``disable_adapter()``), as evaluation does.
+
 Continuous batching (Yu et al., "Orca", OSDI 2022): a request that arrives while others are
 decoding is prefilled (alone, or with up to ``prefill_batch`` others in one forward, left-padded
 to the longest prompt) and joins the running batch before the next step; a request that
@@ -63,7 +68,7 @@ class GenRequest:
     prompt_ids: list[int]
     tokenizer: Any
     on_event: Callable[[str, Any], None]
-    adapter: str = BASE
+    adapter: str | None = BASE  # None: the model as it stands (its active adapter, or the base under disable_adapter())
     max_tokens: int = 16
     temperature: float = 0.0
     top_p: float = 1.0
@@ -140,6 +145,7 @@ class Engine:
         self.max_positions = max_positions
         self.lock = lock or threading.RLock()
         self.device = next(model.parameters()).device
+        self.logits_to_keep = _takes_logits_to_keep(model)
         self.stats = Stats()
         self._torch = torch
         self._waiting: collections.deque[GenRequest] = collections.deque()
@@ -208,9 +214,24 @@ class Engine:
 
     # ------------------------------------------------------------------ worker
 
+    def run(self, reqs: list[GenRequest]) -> None:
+        """Decode ``reqs`` to the end in the calling thread, with no worker thread: in-process batch work such as
+        evaluation, where every request is known up front. Continuous batching still applies: at most
+        ``max_batch_size`` rows decode together and a row that finishes is replaced at once by the next request."""
+        if self._thread is not None:
+            raise RuntimeError("Engine.run is for an engine without a worker thread (do not call start())")
+        for req in reqs:
+            self.stats.requests += 1
+            self._waiting.append(req)
+        with self._torch.inference_mode():
+            while self._waiting or self._rows:
+                new = []
+                while self._waiting and len(self._rows) + len(new) < self.max_batch_size:
+                    new.append(self._waiting.popleft())
+                self._tick(new)
+
     def _loop(self) -> None:
-        torch = self._torch
-        with torch.inference_mode():
+        with self._torch.inference_mode():
             while True:
                 with self._cv:
                     while not self._stop and not self._waiting and not self._rows:
@@ -221,28 +242,32 @@ class Engine:
                     while self._waiting and len(self._rows) + len(new) < self.max_batch_size:
                         new.append(self._waiting.popleft())
                     self._admitting = new
-                try:
-                    with self.lock:
-                        step = max(1, self.max_prefill_batch)
-                        for i in range(0, len(new), step):
-                            self._admit(new[i:i + step])
-                        with self._cv:
-                            self._admitting = []
-                        if self._rows:
-                            self._step()
-                except Exception as e:  # a bug outside any one row's work: the last resort, fail what is in hand
-                    log.exception("generation step failed")
-                    for r in self._rows:
-                        self._fail(r.req, f"generation failed: {type(e).__name__}: {e}")
-                    for req in new:
-                        if req.finished is None:
-                            self._fail(req, f"generation failed: {type(e).__name__}: {e}")
-                    self._rows, self._cache, self._mask = [], None, None
-                finally:
-                    with self._cv:
-                        self._admitting = []
+                self._tick(new)
         for req in list(self._waiting) + [r.req for r in self._rows]:
             self._fail(req, "server shutting down")
+
+    def _tick(self, new: list[GenRequest]) -> None:
+        """Admit ``new`` (prefill, ``max_prefill_batch`` at a time), then one decoding step for every row."""
+        try:
+            with self.lock:
+                step = max(1, self.max_prefill_batch)
+                for i in range(0, len(new), step):
+                    self._admit(new[i:i + step])
+                with self._cv:
+                    self._admitting = []
+                if self._rows:
+                    self._step()
+        except Exception as e:  # a bug outside any one row's work: the last resort, fail what is in hand
+            log.exception("generation step failed")
+            for r in self._rows:
+                self._fail(r.req, f"generation failed: {type(e).__name__}: {e}")
+            for req in new:
+                if req.finished is None:
+                    self._fail(req, f"generation failed: {type(e).__name__}: {e}")
+            self._rows, self._cache, self._mask = [], None, None
+        finally:
+            with self._cv:
+                self._admitting = []
 
     def _forward(self, ids, positions, mask, cache, adapters: list[str]):
         """One forward pass; each row through its own adapter.
@@ -254,8 +279,10 @@ class Engine:
         batches take the mixed path (``__base__`` rows), which is cheaper than entering peft's
         ``disable_adapter()`` (~75 ms a step on the same model)."""
         kw = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        if self.logits_to_keep:  # only the last position's logits are sampled: skip the LM head on the prompt
+            kw["logits_to_keep"] = 1
         model = self.model
-        if not hasattr(model, "peft_config"):
+        if not hasattr(model, "peft_config") or all(a is None for a in adapters):
             return model(**kw)
         names = set(adapters)
         if len(names) > 1:  # rows for different adapters (or some for the base) in one step
@@ -542,6 +569,17 @@ def _held_back(text: str, stops: list[str]) -> int:
     if text.endswith("\ufffd"):
         n = max(n, 1)
     return n
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' models do; a custom one may not)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _urandom(n: int) -> bytes:

@@ -253,8 +253,12 @@ def test_a_reachable_target_picks_a_prompting_rung_and_writes_its_serve_command(
     rep = ladder.run(cfg, Workspace.resolve(tmp_path / "ws"))
     assert [r["rung"] for r in rep["rungs"]] == ["zero_shot", "rag"]
     v = rep["verdict"]
-    assert v["met"] and v["meets"] == [0, 1] and v["choice"] == 0  # both meet 0.0; zero-shot has no one-time cost
-    assert rep["next"]["command"] == f"tunelab serve {tiny_model}"
+    # both meet 0.0; the choice is the lower total cost (one-time + per-request), which rests on measured times,
+    # so on a busy machine either rung may be cheaper: check the rule, and the command for the chosen rung
+    assert v["met"] and v["meets"] == [0, 1]
+    assert v["choice"] == min(v["meets"], key=lambda i: (ladder.V.total_cost(rep["rungs"][i], cfg.budget.requests), i))
+    assert rep["next"]["command"] == (f"tunelab serve {tiny_model}" if v["choice"] == 0 else
+                                      f"tunelab serve {tiny_model} --rag {Path(rep['dir']) / 'rag-index'}")
     # the rule-table advisor reads this report as the evidence for the task (tunelab.advise.evidence's contract)
     from tunelab.advise import evidence
 
@@ -262,7 +266,7 @@ def test_a_reachable_target_picks_a_prompting_rung_and_writes_its_serve_command(
     assert skipped == [] and len(reports) == 1
     got = reports[0]
     assert evidence.task_name(got) == cfg.name and got["verdict"] == {
-        "rung": rep["rungs"][0]["label"], "meets_target": True, "sentence": v["sentence"]}
+        "rung": rep["rungs"][v["choice"]]["label"], "meets_target": True, "sentence": v["sentence"]}
     assert [evidence.rule_of(r) for r in got["rungs"]] == ["prompt_engineering", "rag"]
     # the same ladder with zero-shot's cost per request made to dominate: RAG wins and is served with its index
     rows = rep["rungs"]

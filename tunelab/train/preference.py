@@ -25,6 +25,7 @@ from tunelab.data.loaders import load_records, split_by_content, split_validatio
 from tunelab.data.records import kind, to_canonical
 from tunelab.errors import TunelabError
 from tunelab.models import refs
+from tunelab.scoring.stats import bootstrap_ci, mean_statistic, paired_bootstrap
 from tunelab.train._run import Run, write_rows
 from tunelab.train.numerics import encode_prompt_response, fit_prompt, n_special_tokens, prompt_budget, render
 from tunelab.train.peft import peft_config, peft_section
@@ -255,16 +256,12 @@ def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_si
 
 def mean_ci(values: list[float], confidence: float = 0.95) -> list[float | None]:
     """Percentile bootstrap interval of a mean over held-out pairs (tunelab/scoring/stats.py), rounded."""
-    from tunelab.scoring.stats import bootstrap_ci, mean_statistic
-
     lo, hi = bootstrap_ci(mean_statistic(values), confidence=confidence)
     return [None if lo is None else round(lo, 4), None if hi is None else round(hi, 4)]
 
 
 def paired_gain(before: list[float], after: list[float]) -> dict:
     """after − before on the same held-out pairs: the difference, its paired-bootstrap 95% interval, p."""
-    from tunelab.scoring.stats import mean_statistic, paired_bootstrap
-
     d = paired_bootstrap(mean_statistic(before), mean_statistic(after))
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 

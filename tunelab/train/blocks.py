@@ -59,7 +59,7 @@ def train_blocks(r: _run.Run, model, tokenizer, train: list[list[int]], evals: l
     speed = Speedups(dplan, getattr(r.cfg, "method", "full"), tc.speedups, attention=attention).apply(model, r.dir)
     # every position of a packed block is a target: "response-only" is all of them, but the frozen head of a
     # LoRA model still computes its NLL in chunks, without the [tokens x vocab] logits and their gradient
-    fused = speed.note("fused response-only loss", speed.on and fused_loss_applies(model),
+    speed.note("fused response-only loss", speed.on and fused_loss_applies(model),
                        "every block position is a target; a frozen LM head's NLL in chunks, no full logits"
                        if speed.on and fused_loss_applies(model) else "off (train.speedups: off)" if not speed.on
                        else "the model's own forward computes the logits")
@@ -73,7 +73,7 @@ def train_blocks(r: _run.Run, model, tokenizer, train: list[list[int]], evals: l
                               train_sampling_strategy="random",  # blocks all have one length: nothing to group
                               remove_unused_columns=False, prediction_loss_only=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = (fused_loss_trainer() if fused else Trainer)(model=model, args=args, train_dataset=feats, eval_dataset=eval_feats or None,
+    trainer = (fused_loss_trainer() if speed.on else Trainer)(model=model, args=args, train_dataset=feats, eval_dataset=eval_feats or None,
                       data_collator=PadCollator(pad), processing_class=tokenizer,
                       callbacks=r.callbacks(patience=tc.early_stopping_patience if has_val else None))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -117,7 +117,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         for s in ignored_sections(cfg):
             print(f"note: method {cfg.method} does not read the '{s}:' section")
         # the shared speed-ups (tunelab/train/_cpu_speed.py): under CPU bf16 autocast eager attention and a bf16
-        # frozen base, fast LoRA dropout masks on CPU; the loss is always the fused response-only one
+        # frozen base, fast LoRA dropout masks on CPU; the fused response-only loss
         attn = attention_kwargs(dplan, cfg.method, cfg.train.speedups)
         if cfg.method == "full":
             model = refs.load(model_ref)
@@ -126,7 +126,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
             model = refs.load(model_ref, **attn, **load_kwargs(adapter_cfg))
             model = apply_peft(model, adapter_cfg, "CAUSAL_LM", tokenizer_path=str(model_ref.path))
         speed = Speedups(dplan, cfg.method, cfg.train.speedups, attention=bool(attn)).apply(model, r.dir)
-        fused = speed.note("fused response-only loss", speed.on and fused_loss_applies(model),
+        speed.note("fused response-only loss", speed.on and fused_loss_applies(model),
                            "logits only at response tokens, a frozen head's NLL in chunks" if speed.on and
                            fused_loss_applies(model) else "off (train.speedups: off)" if not speed.on else
                            f"{cfg.method} changes the inputs: the model's own forward computes the logits")
@@ -144,7 +144,8 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
             include_num_input_tokens_seen="all" if pf else "non_padding",  # a padding-free row has no padding
             train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
             remove_unused_columns=False, prediction_loss_only=True)
-        trainer = (fused_loss_trainer() if fused else transformers.Trainer)(
+        # speed-ups on: tunelab's loss (response_only_loss falls back to the model's logits where it cannot fuse)
+        trainer = (fused_loss_trainer() if speed.on else transformers.Trainer)(
             model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
             data_collator=PaddingFreeCollator() if pf else PadCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,

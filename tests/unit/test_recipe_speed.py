@@ -190,3 +190,13 @@ def test_classify_records_grouping_and_no_fused_loss(tmp_path, tiny_bert):
     fast, lf, plain, lp = _both(cfg, tmp_path)
     _check(fast, lf, plain, lp, 1e-4, {"length-grouped batches"})
     assert "pooled vector" in fast["speedups"]["not_applied"]["fused response-only loss"]
+
+
+def test_rlhf_refuses_the_speedups_option_it_does_not_read():
+    from tunelab.config import ConfigError, validate
+    from tunelab.train.rlhf import RLHFConfig
+
+    cfg = {"recipe": "rlhf", "model": {"name": "m"}, "data": {"train": "p.jsonl"}, "reward_function": "m:f"}
+    validate(RLHFConfig, cfg)
+    with pytest.raises(ConfigError, match="train.speedups: the rlhf recipe does not read this option"):
+        validate(RLHFConfig, {**cfg, "train": {"speedups": "off"}})

@@ -81,6 +81,10 @@ class TrainSection(Strict):
         default_factory=list, description="also log the training metrics to MLflow (a local file store in "
         "<run>/mlruns, or the server in MLFLOW_TRACKING_URI when that is set) and/or TensorBoard (event files in "
         "<run>/tensorboard); metrics.jsonl is always written. Needs the 'tracking' extra")
+    speedups: Literal["auto", "off"] = Field(
+        "auto", description="auto: the measured CPU speed-ups where they apply (fused response-only loss, fast "
+                            "LoRA dropout, and under CPU bf16 a bf16 frozen base; docs/methods/speed.md); off: the "
+                            "plain Trainer/TRL computation, e.g. to compare. The choice is recorded in summary.json")
     threads: int | None = Field(None, ge=1, description="CPU threads torch computes with (torch.set_num_threads); "
                                                         "default: torch's choice, one per core. Set it below the "
                                                         "core count on a machine other jobs share")

@@ -109,11 +109,19 @@ class FrozenBf16:
     are cast: trainable parameters, embeddings, norms and the LM head keep their dtype.
     """
 
-    def __init__(self, model, workdir: str | Path):
+    def __init__(self, model, workdir: str | Path, all_linear: bool = False):
         from safetensors.torch import save_file
 
         self._params: dict[str, torch.nn.Parameter] = {}
-        for name, module in model.named_modules():
+        if all_linear:  # a model used only under no-grad (a distillation teacher): every frozen Linear weight,
+            # except one shared with an embedding (a tied LM head: the embedding lookup must stay fp32)
+            emb = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+            for name, module in model.named_modules():
+                w = getattr(module, "weight", None)
+                if isinstance(module, torch.nn.Linear) and not w.requires_grad and w.dtype == torch.float32 \
+                        and id(w) not in emb:
+                    self._params[f"{name}.weight"] = w
+        for name, module in ([] if all_linear else model.named_modules()):
             base = getattr(module, "base_layer", None)
             if isinstance(base, torch.nn.Linear) and not base.weight.requires_grad and base.weight.dtype == torch.float32:
                 self._params[f"{name}.base_layer.weight"] = base.weight
@@ -178,3 +186,131 @@ def checkpointed_eager_attention() -> str:
     AttentionInterface.register(CHECKPOINTED_EAGER, attention)
     AttentionMaskInterface.register(CHECKPOINTED_EAGER, eager_mask)
     return CHECKPOINTED_EAGER
+
+
+# ----------------------------------------------------------------------------- the shared layer every recipe uses
+
+LORA_FAMILY = ("lora", "rslora", "dora")
+FROZEN_BF16_METHODS = ("lora", "rslora")  # DoRA reads its base weight for the magnitude norm: not measured
+
+
+def enabled(choice: str | None) -> bool:
+    """``train.speedups``: "auto" (the default) applies what the device plan allows; "off" is the plain path."""
+    return choice != "off"
+
+
+def attention_kwargs(dplan, method: str, choice: str | None = "auto") -> dict:
+    """Model-loading kwargs: checkpointed eager attention for a LoRA-family adapter under CPU bf16 autocast."""
+    if enabled(choice) and cpu_bf16_training(dplan) and method in LORA_FAMILY:
+        return {"attn_implementation": checkpointed_eager_attention()}
+    return {}
+
+
+class Speedups:
+    """What a run's speed-ups are, applied to one model, and why the others are not; ``restore()`` after training.
+
+        sp = Speedups(dplan, method, "auto", attention=bool(attn))
+        sp.apply(model, run_dir)                       # fast LoRA dropout, frozen base in bf16 (where they apply)
+        sp.note("fused response-only loss", True, "logits only where labels are set")
+        try: trainer.train()
+        finally: sp.restore()                          # the exact fp32 base weights back
+        summary.update(sp.record())                    # cpu_speedups: [...], speedups: {name: why}
+
+    One place decides for every recipe (docs/methods/speed.md): a recipe only says which of its own
+    losses are fused and which frozen models it has (a DPO reference, a distillation teacher).
+    """
+
+    def __init__(self, dplan, method: str, choice: str | None = "auto", *, attention: bool = False):
+        self.dplan, self.method, self.on = dplan, method, enabled(choice)
+        self.applied: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self._frozen: list[FrozenBf16] = []
+        bf16 = cpu_bf16_training(dplan)
+        self.note("checkpointed eager attention", attention,
+                  "eager attention under activation checkpointing (CPU bf16: SDPA's bf16 backward is slow)"
+                  if attention else self._why_not(bf16 and method in LORA_FAMILY, "a LoRA-family adapter"))
+
+    def _why_not(self, applies: bool, needs: str) -> str:
+        if not self.on:
+            return "off (train.speedups: off)"
+        if not cpu_bf16_training(self.dplan):
+            return f"needs CPU bf16 autocast; this run: {self.dplan.precision} on {self.dplan.device}"
+        return f"needs {needs} (method {self.method})" if not applies else "not used by this recipe"
+
+    def note(self, name: str, applied: bool, why: str) -> bool:
+        (self.applied if applied else self.skipped)[name] = why
+        return applied
+
+    def apply(self, model, workdir, *, frozen_base: bool = True) -> "Speedups":
+        """Fast LoRA dropout masks (CPU) and the frozen LoRA base weights in bf16 (CPU bf16) on ``model``."""
+        lora = self.method in LORA_FAMILY
+        n = use_fast_lora_dropout(model) if self.on and self.dplan.device == "cpu" and lora else 0
+        self.note("fast LoRA dropout", n > 0, f"{n} LoRA dropout masks drawn by numpy's PCG64" if n else
+                  ("off (train.speedups: off)" if not self.on else
+                   "no LoRA dropout (p = 0 or no adapter)" if self.dplan.device == "cpu" else "CPU only"))
+        ok = self.on and frozen_base and cpu_bf16_training(self.dplan) and self.method in FROZEN_BF16_METHODS
+        if ok:
+            self._frozen.append(FrozenBf16(model, workdir))
+        self.note("frozen base in bf16", ok, f"{self._frozen[-1].count} frozen LoRA base weights stored in bf16"
+                  if ok else self._why_not(self.method in FROZEN_BF16_METHODS, "lora or rslora"))
+        return self
+
+    def freeze_model_bf16(self, name: str, model, workdir) -> bool:
+        """A frozen model used only under no-grad (a distillation teacher): its Linear weights in bf16 while
+        training (CPU bf16), restored to the exact fp32 weights by :meth:`restore`."""
+        ok = self.on and cpu_bf16_training(self.dplan)
+        if ok:
+            self._frozen.append(FrozenBf16(model, workdir, all_linear=True))
+        self.note(f"{name} in bf16", ok, f"{self._frozen[-1].count} {name} Linear weights stored in bf16"
+                  if ok else self._why_not(True, ""))
+        return ok
+
+    def restore(self) -> None:
+        for f in self._frozen:
+            f.restore()
+
+    def names(self) -> list[str]:
+        return list(self.applied)
+
+    def record(self) -> dict:
+        """For summary.json: ``cpu_speedups`` (the names applied) and ``speedups`` (each one, applied or not, why)."""
+        return {"cpu_speedups": self.names(),
+                "speedups": {"setting": "auto" if self.on else "off",
+                             "applied": dict(self.applied), "not_applied": dict(self.skipped)}}
+
+    def line(self) -> str:
+        return (f"speed-ups: {', '.join(self.applied) or 'none'}" +
+                ("" if self.on else " (train.speedups: off)"))
+
+
+def fused_loss_trainer(base=None):
+    """``base`` (transformers' Trainer by default) with one override: the causal-LM loss computed from the
+    decoder's hidden states with logits only where labels are set, a frozen head's in chunks
+    (``numerics.response_only_loss``). The value is the model's own loss (mean over label tokens, or sum /
+    num_items_in_batch under gradient accumulation)."""
+    from tunelab.train.numerics import response_only_loss
+
+    if base is None:
+        from transformers import Trainer as base
+
+    class FusedLossTrainer(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # response_only_loss calls the decoder and the LM head directly, past the autocast wrapper that
+            # accelerate puts on model.forward: enter mixed precision here (a no-op under fp32)
+            with self.accelerator.autocast():
+                loss = response_only_loss(model, inputs, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices \
+                    and self.accelerator.num_processes > 1:
+                # num_items_in_batch counts the label tokens of all ranks and DDP averages gradients
+                # over ranks: scale back by the rank count, as Trainer.compute_loss does
+                loss = loss * self.accelerator.num_processes
+            return (loss, {"loss": loss}) if return_outputs else loss
+
+    return FusedLossTrainer
+
+
+def fused_loss_applies(model) -> bool:
+    """Whether :func:`fused_loss_trainer` can compute this model's loss (a plain causal LM, seen through LoRA)."""
+    from tunelab.train.numerics import _causal_parts
+
+    return _causal_parts(model) is not None

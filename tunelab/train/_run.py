@@ -74,6 +74,7 @@ class Run:
     began: bool = False
     cancel_step: int | None = None
     loss: dict | None = None  # final_loss() of the trained Trainer
+    speedups: Any = None  # the run's _cpu_speed.Speedups: its record goes into summary.json
     _stop: threading.Event | None = None
 
     @property
@@ -191,6 +192,8 @@ class Run:
         if self.loss and "final_train_loss" in summary:  # the epoch mean, not one (maybe tiny) last step
             summary.update(self.loss)
         summary.setdefault("world_size", world_size())
+        if self.speedups is not None:
+            summary.update({k: v for k, v in self.speedups.record().items() if k not in summary})
         write_json(self.dir / "summary.json", summary)
         self.catalog.update_run(self.id, status="completed",
                                 metrics={k: summary.get(k) for k in catalog_metrics})

@@ -52,7 +52,18 @@ def train_blocks(r: _run.Run, model, tokenizer, train: list[list[int]], evals: l
     forward, trainer, train output)."""
     from transformers import Trainer
 
+    from tunelab.train._cpu_speed import Speedups, fused_loss_applies, fused_loss_trainer
+
     tc = r.cfg.train
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None) == "tunelab_eager_checkpointed"
+    speed = Speedups(dplan, getattr(r.cfg, "method", "full"), tc.speedups, attention=attention).apply(model, r.dir)
+    # every position of a packed block is a target: "response-only" is all of them, but the frozen head of a
+    # LoRA model still computes its NLL in chunks, without the [tokens x vocab] logits and their gradient
+    speed.note("fused response-only loss", speed.on and fused_loss_applies(model),
+                       "every block position is a target; a frozen LM head's NLL in chunks, no full logits"
+                       if speed.on and fused_loss_applies(model) else "off (train.speedups: off)" if not speed.on
+                       else "the model's own forward computes the logits")
+    r.speedups = speed
     feats = [{"input_ids": b, "labels": b} for b in train]  # every position is a target in pretraining
     eval_feats = [{"input_ids": b, "labels": b} for b in evals]
     total_steps = _run.steps_total(len(feats), tc)
@@ -62,14 +73,18 @@ def train_blocks(r: _run.Run, model, tokenizer, train: list[list[int]], evals: l
                               train_sampling_strategy="random",  # blocks all have one length: nothing to group
                               remove_unused_columns=False, prediction_loss_only=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = Trainer(model=model, args=args, train_dataset=feats, eval_dataset=eval_feats or None,
+    trainer = (fused_loss_trainer() if speed.on else Trainer)(model=model, args=args, train_dataset=feats, eval_dataset=eval_feats or None,
                       data_collator=PadCollator(pad), processing_class=tokenizer,
                       callbacks=r.callbacks(patience=tc.early_stopping_patience if has_val else None))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     print(f"device: {dplan.why}; {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.2f}%); {total_steps} steps of {tc.batch_size * tc.grad_accum} blocks")
-    out = r.train(trainer)
+    print(speed.line())
+    try:
+        out = r.train(trainer)
+    finally:
+        speed.restore()  # the exact fp32 base again (perplexity after, probe, merges)
     # accelerate wraps forward in autocast for mixed precision (bf16 on AMX CPUs); unwrap it so the
     # perplexity after training is measured in fp32 like the one before, and the probe matches a reload.
     model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)

@@ -28,6 +28,7 @@ from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.sections import LoraSection, ModelSection, TrainSection, refuse_unread
 from tunelab.train import _run
+from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
 from tunelab.train.distributed import world_size
 from tunelab.train.peft import PeftSection, apply_peft, count_parameters
@@ -328,7 +329,18 @@ def _steps(r: _run.Run) -> dict:
     trainer.model_accepts_loss_kwargs = False
     print(f"device: {dplan.why}; method {cfg.method}: {trainable:,} trainable of {total:,} parameters "
           f"({100 * trainable / total:.2f}%; head: {', '.join(head)}); {total_steps} steps")
-    out = r.train(trainer)
+    speed = Speedups(dplan, cfg.method, cfg.train.speedups).apply(trainer.model, r.dir)
+    speed.note("fused response-only loss", False, "does not apply: the head reads one pooled vector per text, "
+                                                  "there are no per-token logits to skip")
+    speed.note("length-grouped batches", cfg.train.group_by_length,
+               "texts of similar length batched together: less padding (train.group_by_length)"
+               if cfg.train.group_by_length else "train.group_by_length: false")
+    r.speedups = speed
+    print(speed.line())
+    try:
+        out = r.train(trainer)
+    finally:
+        speed.restore()
 
     # 5. save the best weights (load_best_model_at_end restored them) with the tokenizer and labels
     if r.main:

@@ -113,7 +113,10 @@ def _steps(r: _run.Run) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
     transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
-    model = refs.load(model_ref, device=local_device(dplan.device))
+    from tunelab.train._cpu_speed import attention_kwargs
+
+    model = refs.load(model_ref, device=local_device(dplan.device), **attention_kwargs(dplan, cfg.method,
+                                                                                        cfg.train.speedups))
     context = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
     block = cfg.data.block_size or min(int(context), 1024)
     if block > context:

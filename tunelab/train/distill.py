@@ -42,6 +42,7 @@ from tunelab.scoring import metrics as M
 from tunelab.sections import ChatDataSection, LoraSection, ModelSection, TrainSection, refuse_unread
 from tunelab.train import _run
 from tunelab.train import peft as tpeft
+from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
 from tunelab.train.distributed import main_first, world_size
 from tunelab.train.numerics import (IGNORE_INDEX, PadCollator, distill_loss, print_data_report, prompt_ids,
@@ -136,10 +137,11 @@ def _trainer_class():
         """transformers' Trainer with one override: the distillation loss (teacher logits, or CE on
         teacher responses). ``distill_loss`` (and ``ce_loss``) are logged per response token."""
 
-        def __init__(self, *args, teacher=None, kd: dict | None = None, **kw):
+        def __init__(self, *args, teacher=None, kd: dict | None = None, fused: bool = True, **kw):
             super().__init__(*args, **kw)
             self.teacher = teacher.to(self.args.device).eval() if teacher is not None else None
             self.kd = kd or {}
+            self.fused = fused  # logits only at response tokens (False: the plain full-logits computation)
             self._acc = {"train": [0.0, 0.0, 0], "eval": [0.0, 0.0, 0]}
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -158,10 +160,10 @@ def _trainer_class():
             acc = self._acc["train" if model.training else "eval"]
             if self.teacher is not None:
                 loss, kd, ce, n = distill_loss(model, self.teacher, inputs, num_items_in_batch=num_items_in_batch,
-                                               **self.kd)
+                                               fused=self.fused, **self.kd)
             else:  # sequence level: the responses are the teacher's; the loss is SFT's
                 n = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
-                mean = response_only_loss(model, inputs)
+                mean = response_only_loss(model, inputs) if self.fused else model(**inputs).loss
                 kd = ce = float(mean.detach()) * n
                 loss = mean * n / (num_items_in_batch.to(mean.device) if hasattr(num_items_in_batch, "to")
                                    else num_items_in_batch) if num_items_in_batch is not None else mean
@@ -344,6 +346,16 @@ def _steps(r: _run.Run) -> dict:
               f"(its own rank and targets; this recipe's lora/ia3 sections are not used)")
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     total = sum(p.numel() for p in student.parameters())
+    # the shared speed-ups: fast LoRA dropout / a bf16 frozen base for an adapter student; the teacher, used only
+    # under no-grad, in bf16 under CPU bf16 autocast; student and teacher logits only at response tokens
+    speed = Speedups(dplan, cfg.method, cfg.train.speedups).apply(student, r.dir)
+    if cfg.mode == "logits":
+        speed.freeze_model_bf16("teacher", teacher, r.dir)
+    speed.note("fused response-only loss", speed.on,
+               ("student and teacher logits only at response tokens; the teacher forward under no-grad"
+                if cfg.mode == "logits" else "the student's logits only at response tokens, a frozen head's NLL "
+                "in chunks") if speed.on else "off (train.speedups: off)")
+    r.speedups = speed
 
     # 5. trainer
     total_steps = _run.steps_total(len(train_feats), cfg.train)
@@ -360,12 +372,16 @@ def _steps(r: _run.Run) -> dict:
         data_collator=PadCollator(s_tok.pad_token_id), processing_class=s_tok,
         callbacks=r.callbacks(extra=("distill_loss", "ce_loss"),
                               patience=cfg.train.early_stopping_patience if has_val else None),
-        teacher=teacher if cfg.mode == "logits" else None, kd=kd)
+        teacher=teacher if cfg.mode == "logits" else None, kd=kd, fused=speed.on)
     what = (f"{cfg.loss}{f' (beta {cfg.jsd_beta})' if cfg.loss == 'jsd' else ''}, T={cfg.temperature}, "
             f"alpha={cfg.alpha}" if cfg.mode == "logits" else "cross-entropy on the teacher's responses")
     print(f"distill ({cfg.mode}: {what}); device: {dplan.why}; student {trainable:,} trainable of {total:,} "
           f"parameters; {total_steps} steps")
-    out = r.train(trainer)
+    print(speed.line())
+    try:
+        out = r.train(trainer)
+    finally:
+        speed.restore()  # the exact fp32 weights of teacher and student base again (comparison, probe)
     if not r.main:  # the model, probe, comparison and summary are rank 0's to write
         return r.worker_summary()
 

@@ -13,6 +13,7 @@ save → summary.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -23,6 +24,7 @@ from tunelab.sections import (LoraSection, ModelSection, PolicyEvalSection, Pref
                               refuse_unread)
 from tunelab.train import _run
 from tunelab.train import preference as P
+from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
 from tunelab.train.distributed import world_size
 from tunelab.workspace import Workspace
@@ -79,6 +81,26 @@ def heldout_preferences(lc: list[float], lr: list[float], ref_c: list[float] | N
     return out
 
 
+@contextlib.contextmanager
+def compact_fused_head(on: bool = True):
+    """TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``, which DPOTrainer puts on the policy and the
+    reference) projects only the positions with a label (the completion tokens) on CUDA/XPU, and every position
+    elsewhere, so that compiled tile shapes stay fixed on devices like Neuron. On a CPU nothing is compiled:
+    this lets it take the compact path there too. Same per-token log-probabilities (tests/unit/test_recipe_speed.py);
+    the prompt tokens, most of an hh-rlhf pair, no longer go through the vocabulary-wide head."""
+    if not on:
+        yield
+        return
+    import trl.trainer.utils as tu
+
+    before = tu._use_triton
+    tu._use_triton = lambda device: True  # "compact" in _fused_forward; the kernels pick torch tiles on CPU
+    try:
+        yield
+    finally:
+        tu._use_triton = before
+
+
 def run(cfg: DPOConfig | None, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None) -> dict:
     """Train; return the summary (also written to ``summary.json``)."""
@@ -127,7 +149,20 @@ def _steps(r: _run.Run) -> dict:
     total = sum(p.numel() for p in trainer.model.parameters())
     print(f"device: {dplan.why}; loss {cfg.loss}, beta {cfg.beta}; {trainable:,} trainable of {total:,} "
           f"parameters; {total_steps} steps")
-    out = r.train(trainer)
+    # the shared speed-ups on the policy (its LoRA base is also the reference: a bf16 base serves both forwards)
+    speed = Speedups(dplan, cfg.method, cfg.train.speedups).apply(trainer.model, r.dir)
+    compact = speed.note("fused response-only loss", speed.on and dplan.device == "cpu",
+                         "TRL's fused LM head projects only the completion positions of chosen and rejected, in "
+                         "the policy and the reference forward (TRL does so on CUDA only)" if speed.on and
+                         dplan.device == "cpu" else "off (train.speedups: off)" if not speed.on else
+                         "TRL's fused LM head already projects only the completion positions on this device")
+    r.speedups = speed
+    print(speed.line())
+    try:
+        with compact_fused_head(compact):
+            out = r.train(trainer)
+    finally:
+        speed.restore()
     if not r.main:  # saving and the held-out evaluation are rank 0's
         return r.worker_summary()
 

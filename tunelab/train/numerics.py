@@ -494,9 +494,10 @@ def distill_divergence(student_logits, teacher_logits, loss: str = "forward_kl",
     return d * temperature ** 2
 
 
-def _response_logits(model, inputs: dict, sel):
-    """LM-head logits at the positions ``sel`` (over shifted positions: position t predicts token t+1)."""
-    parts = _causal_parts(model)
+def _response_logits(model, inputs: dict, sel, fused: bool = True):
+    """LM-head logits at the positions ``sel`` (over shifted positions: position t predicts token t+1).
+    ``fused``: the head runs on those positions only; else on every position (the plain computation)."""
+    parts = _causal_parts(model) if fused else None
     if parts is None:
         return causal_logits(model, inputs["input_ids"], inputs.get("attention_mask"))[:, :-1][sel]
     dec, head = parts
@@ -505,7 +506,7 @@ def _response_logits(model, inputs: dict, sel):
 
 
 def distill_loss(student, teacher, inputs: dict, loss: str = "forward_kl", temperature: float = 1.0,
-                 beta: float = 0.5, alpha: float = 0.0, num_items_in_batch=None):
+                 beta: float = 0.5, alpha: float = 0.0, num_items_in_batch=None, fused: bool = True):
     """Logit distillation on response tokens only (the same label mask as SFT).
 
     Returns ``(total, kd_sum, ce_sum, n)``: total = alpha·CE(references) + (1-alpha)·divergence, each a
@@ -520,9 +521,9 @@ def distill_loss(student, teacher, inputs: dict, loss: str = "forward_kl", tempe
     labels = inputs["labels"]
     shift = labels[:, 1:]
     sel = shift != IGNORE_INDEX
-    s_logits = _response_logits(student, inputs, sel).float()
+    s_logits = _response_logits(student, inputs, sel, fused).float()
     with torch.no_grad():
-        t_logits = _response_logits(teacher, inputs, sel).float()
+        t_logits = _response_logits(teacher, inputs, sel, fused).float()
     v = min(s_logits.size(-1), t_logits.size(-1))
     kd = distill_divergence(s_logits[:, :v], t_logits[:, :v], loss, temperature, beta).sum()
     ce = F.cross_entropy(s_logits, shift[sel], reduction="sum") if alpha > 0 else kd.new_zeros(())

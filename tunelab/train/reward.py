@@ -21,6 +21,7 @@ from tunelab.models import refs
 from tunelab.sections import LoraSection, ModelSection, PreferenceDataSection, TrainSection, refuse_unread
 from tunelab.train import _run
 from tunelab.train import preference as P
+from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
 from tunelab.train.distributed import world_size
 from tunelab.train.numerics import encode_prompt_response
@@ -106,7 +107,15 @@ def _steps(r: _run.Run) -> dict:
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     print(f"device: {dplan.why}; {trainable:,} trainable of {total:,} parameters; {total_steps} steps")
-    out = r.train(trainer)
+    speed = Speedups(dplan, cfg.method, cfg.train.speedups).apply(trainer.model, r.dir)
+    speed.note("fused response-only loss", False, "does not apply: the reward is a scalar head read at the last "
+                                                  "token, there are no vocabulary-wide logits to skip")
+    r.speedups = speed
+    print(speed.line())
+    try:
+        out = r.train(trainer)
+    finally:
+        speed.restore()
     if not r.main:  # saving and the held-out evaluation are rank 0's
         return r.worker_summary()
 

@@ -57,7 +57,8 @@ class RLHFConfig(Strict):
     @model_validator(mode="after")
     def _one_reward_and_groups(self):
         # no validation pass in RL here (held-out prompts are judged after training): nothing to stop early on
-        refuse_unread(self.train, "train", "rlhf", P.UNREAD_TRAIN + ("early_stopping_patience",))
+        # train.speedups: GRPO/RLOO generate and score with TRL's own fused head; the speed-up layer is not wired in
+        refuse_unread(self.train, "train", "rlhf", P.UNREAD_TRAIN + ("early_stopping_patience", "speedups"))
         problems = []
         if bool(self.reward_model) == bool(self.reward_function):
             problems.append("give exactly one of reward_model (a reward run id or folder) or reward_function "

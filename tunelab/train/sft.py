@@ -30,7 +30,6 @@ from tunelab.train.numerics import (
     PadCollator,
     PaddingFreeCollator,
     print_data_report,
-    response_only_loss,
     tokenize_all_chats,
 )
 from tunelab.train.peft import (
@@ -72,27 +71,6 @@ class SFTConfig(Strict):
         return self
 
 
-def _trainer_class():
-    from transformers import Trainer
-
-    class SFTTrainer(Trainer):
-        """transformers' Trainer with one override: the loss computes logits on response tokens only."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # response_only_loss calls the decoder and the LM head directly, past the autocast wrapper that
-            # accelerate puts on model.forward: enter mixed precision here (a no-op under fp32)
-            with self.accelerator.autocast():
-                loss = response_only_loss(model, inputs, num_items_in_batch)
-            if num_items_in_batch is not None and self.args.average_tokens_across_devices \
-                    and self.accelerator.num_processes > 1:
-                # num_items_in_batch counts the label tokens of all ranks and DDP averages gradients
-                # over ranks: scale back by the rank count, as Trainer.compute_loss does
-                loss = loss * self.accelerator.num_processes
-            return (loss, {"loss": loss}) if return_outputs else loss
-
-    return SFTTrainer
-
-
 def run(cfg: SFTConfig | None, workspace: Workspace | None = None, resume: str | None = None,
         parent_id: str | None = None, callbacks: list | None = None) -> dict:
     """Train; return the summary (also written to ``summary.json``).
@@ -105,12 +83,7 @@ def run(cfg: SFTConfig | None, workspace: Workspace | None = None, resume: str |
 def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
     import transformers
 
-    from tunelab.train._cpu_speed import (
-        FrozenBf16,
-        checkpointed_eager_attention,
-        cpu_bf16_training,
-        use_fast_lora_dropout,
-    )
+    from tunelab.train._cpu_speed import Speedups, attention_kwargs, fused_loss_applies, fused_loss_trainer
 
     cfg = r.cfg.model_copy(update={"data": absolute_paths(r.cfg.data)})
     if cfg.method != "full":
@@ -120,7 +93,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
     model_ref = refs.resolve(cfg.model.name, r.ws, trust_remote_code=cfg.model.trust_remote_code, runs=False)
     r.begin(cfg, base_model=cfg.model.name, lineage={"base_model_path": str(model_ref.path), **data_lineage})
 
-    frozen = None
+    speed = None
     try:
         # 1. tokenizer, with a chat template (the model's own, or tunelab's plain one)
         tokenizer, template_added = refs.load_tokenizer(model_ref)
@@ -144,10 +117,9 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         transformers.set_seed(cfg.train.seed)  # adapter init draws from the global RNG
         for s in ignored_sections(cfg):
             print(f"note: method {cfg.method} does not read the '{s}:' section")
-        # CPU under bf16 autocast: eager attention, fast LoRA dropout masks, frozen base in bf16 (each
-        # measured; tunelab/train/_cpu_speed.py). Off elsewhere and for the methods not measured.
-        cpu_fast = cpu_bf16_training(dplan) and cfg.method in ("lora", "rslora", "dora")
-        attn = {"attn_implementation": checkpointed_eager_attention()} if cpu_fast else {}
+        # the shared speed-ups (tunelab/train/_cpu_speed.py): under CPU bf16 autocast eager attention and a bf16
+        # frozen base, fast LoRA dropout masks on CPU; the fused response-only loss
+        attn = attention_kwargs(dplan, cfg.method, cfg.train.speedups)
         print(f"loading the model {cfg.model.name} ({cfg.method})", flush=True)
         if cfg.method == "full":
             model = refs.load(model_ref)
@@ -155,8 +127,11 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
             adapter_cfg = peft_section(cfg)
             model = refs.load(model_ref, **attn, **load_kwargs(adapter_cfg))
             model = apply_peft(model, adapter_cfg, "CAUSAL_LM", tokenizer_path=str(model_ref.path))
-        n_fast_dropout = use_fast_lora_dropout(model) if dplan.device == "cpu" and cfg.method != "full" else 0
-        frozen = FrozenBf16(model, r.dir) if cpu_fast and cfg.method in ("lora", "rslora") else None
+        speed = Speedups(dplan, cfg.method, cfg.train.speedups, attention=bool(attn)).apply(model, r.dir)
+        speed.note("fused response-only loss", speed.on and fused_loss_applies(model),
+                           "logits only at response tokens, a frozen head's NLL in chunks" if speed.on and
+                           fused_loss_applies(model) else "off (train.speedups: off)" if not speed.on else
+                           f"{cfg.method} changes the inputs: the model's own forward computes the logits")
         params = adapter_report(model)
         trainable, total = params["trainable_params"], params["total_params"]
         # prompt-family methods prepend virtual tokens per row: only padded batches (checked in SFTConfig)
@@ -180,25 +155,22 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
             include_num_input_tokens_seen="all" if pf else "non_padding",  # a padding-free row has no padding
             train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
             remove_unused_columns=False, prediction_loss_only=True)
-        trainer = _trainer_class()(
+        # speed-ups on: tunelab's loss (response_only_loss falls back to the model's logits where it cannot fuse)
+        trainer = (fused_loss_trainer() if speed.on else transformers.Trainer)(
             model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
             data_collator=PaddingFreeCollator() if pf else PadCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
             callbacks=r.callbacks(patience=cfg.train.early_stopping_patience if has_val else None,
                                   more=extra_callbacks))
         ckpt = {0: "off", 1: "every layer"}.get(ckpt_every, f"every {ckpt_every} layers")
-        speedups = [name for name, on in (("checkpointed eager attention", cpu_fast),
-                                          ("fast LoRA dropout", n_fast_dropout > 0),
-                                          ("frozen base in bf16", frozen is not None)) if on]
-        if speedups:
-            print(f"cpu speed-ups: {', '.join(speedups)}")
+        print(speed.line())
         print(f"device: {dplan.why}; gradient checkpointing {ckpt}; padding-free batches {'on' if pf else 'off'} "
               f"({pf_why}); {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.2f}%); {total_steps} steps")
         out = r.train(trainer)
     finally:
-        if frozen is not None:
-            frozen.restore()  # the exact fp32 base again (probe, evaluation, merges); removes the temp file
+        if speed is not None:
+            speed.restore()  # the exact fp32 base again (probe, evaluation, merges); removes the temp file
     if not r.main:  # the model, probe and summary are rank 0's to write
         return r.worker_summary()
 
@@ -233,7 +205,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
         "gradient_checkpointing": checkpointed,
         "checkpoint_every_n_layers": ckpt_every if checkpointed else 0,
         "padding_free": pf,
-        "cpu_speedups": speedups,
+        **speed.record(),
         "device": dplan.__dict__,
         "chat_template": "tunelab fallback (model had none)" if template_added else "model's own",
         "data": data_report,

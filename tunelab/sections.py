@@ -139,6 +139,11 @@ class PolicyEvalSection(Strict):
     batch_size: int = Field(16, ge=1)
 
 
+# train options only the SFT recipe reads: padding-free batches, and the memory plan (micro-batch × accumulation
+# chosen to fit a budget, tunelab/train/memory.py); every other recipe refuses them when set
+SFT_ONLY_TRAIN = ("padding_free", "micro_batch_size", "memory_budget_gb")
+
+
 def refuse_unread(section, path: str, recipe: str, fields: tuple[str, ...]) -> None:
     """Raise (inside a pydantic validator) when a recipe's section sets options that recipe does not read,
     instead of ignoring them silently: ``train.padding_free`` in a DPO recipe, say.

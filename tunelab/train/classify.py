@@ -26,7 +26,7 @@ from tunelab.data.loaders import split_validation
 from tunelab.data.readers import read
 from tunelab.errors import TunelabError
 from tunelab.models import refs
-from tunelab.sections import LoraSection, ModelSection, TrainSection, refuse_unread
+from tunelab.sections import SFT_ONLY_TRAIN, LoraSection, ModelSection, TrainSection, refuse_unread
 from tunelab.train import _run
 from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
@@ -63,7 +63,7 @@ class ClassifyConfig(Strict):
 
     @model_validator(mode="after")
     def _unread(self):
-        refuse_unread(self.train, "train", "classify", ("padding_free",))  # padding-free batches are SFT's
+        refuse_unread(self.train, "train", "classify", SFT_ONLY_TRAIN)  # padding-free batches are SFT's
         return self
 
 

@@ -39,7 +39,7 @@ from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.models.generation import generate
 from tunelab.scoring import metrics as M
-from tunelab.sections import ChatDataSection, LoraSection, ModelSection, TrainSection, refuse_unread
+from tunelab.sections import SFT_ONLY_TRAIN, ChatDataSection, LoraSection, ModelSection, TrainSection, refuse_unread
 from tunelab.train import _run
 from tunelab.train import peft as tpeft
 from tunelab.train._cpu_speed import Speedups
@@ -93,7 +93,7 @@ class DistillConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self):
-        refuse_unread(self.train, "train", "distill", ("padding_free",))  # padded batches only (SFT-only option)
+        refuse_unread(self.train, "train", "distill", SFT_ONLY_TRAIN)  # padded batches only (SFT-only option)
         problems = []
         if self.mode == "sequence":
             changed = [k for k, v in _LOGIT_DEFAULTS.items() if getattr(self, k) != v]

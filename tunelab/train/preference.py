@@ -26,6 +26,7 @@ from tunelab.data.records import kind, to_canonical
 from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.scoring.stats import bootstrap_ci, mean_statistic, paired_bootstrap
+from tunelab.sections import SFT_ONLY_TRAIN
 from tunelab.train._run import Run, write_rows
 from tunelab.train.numerics import encode_prompt_response, fit_prompt, n_special_tokens, prompt_budget, render
 from tunelab.train.peft import peft_config, peft_section
@@ -34,7 +35,7 @@ from tunelab.workspace import Workspace
 # train: options the TRL-engined recipes do not read, refused in their configs (sections.refuse_unread):
 # padding-free batches are SFT's; group_by_length has no input_ids column to sort TRL's reward/DPO pairs by
 # (prompt_ids/chosen_ids/rejected_ids), and GRPO/RLOO draw prompts with their own repeat sampler
-UNREAD_TRAIN = ("padding_free", "group_by_length")
+UNREAD_TRAIN = SFT_ONLY_TRAIN + ("group_by_length",)
 
 # ----------------------------------------------------------------------------- data
 

@@ -25,7 +25,7 @@ from tunelab.config import Strict
 from tunelab.data.lineage import absolute_paths, text_lineage
 from tunelab.errors import TunelabError
 from tunelab.models import refs
-from tunelab.sections import TextDataSection, TrainSection, refuse_unread
+from tunelab.sections import SFT_ONLY_TRAIN, TextDataSection, TrainSection, refuse_unread
 from tunelab.train import _run
 from tunelab.train.blocks import documents, spread, tokenize_and_pack, train_blocks, training_summary
 from tunelab.train.device import plan
@@ -89,7 +89,7 @@ class PretrainConfig(Strict):
     def _unread(self):
         # padding-free batches are SFT's; train.group_by_length is accepted and changes nothing here:
         # every packed block has one length (the Trainer samples them at random)
-        refuse_unread(self.train, "train", "pretrain", ("padding_free",))
+        refuse_unread(self.train, "train", "pretrain", SFT_ONLY_TRAIN)
         return self
 
     @model_validator(mode="after")

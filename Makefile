@@ -20,7 +20,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tunelab demo
 
-# The suite in under 15 minutes on 2 CPU cores; the slow end-to-end tests (marked `slow`: SmolLM2 through
+# The suite in under 15 minutes on 2 CPU cores; the slow tests (marked `slow`: SmolLM2 through
 # the job API, SIGKILL of a job server mid-training, Ray, the packaged-model pull) run in `make test-slow`.
 # CI (.ci/run) runs both.
 test: $(STAMP)

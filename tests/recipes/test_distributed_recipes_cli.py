@@ -47,6 +47,7 @@ def _run_both(tmp_path: Path, cfg: dict) -> tuple[Path, Path, list[dict], list[d
     return run1, run2, train1, train2
 
 
+@pytest.mark.slow  # torchrun with 2 processes: make test-slow (CI runs it)
 def test_cpt_two_processes_match_one(tmp_path, tiny_model):
     stories = write_stories(tmp_path / "stories.txt", 120, seed=4)
     cfg = {"recipe": "cpt", "name": "ddp", "model": {"name": str(tiny_model)},
@@ -63,6 +64,7 @@ def test_cpt_two_processes_match_one(tmp_path, tiny_model):
     assert (run2 / "adapter" / "adapter_model.safetensors").is_file() and (run2 / "probe.safetensors").is_file()
 
 
+@pytest.mark.slow  # torchrun with 2 processes: make test-slow (CI runs it)
 def test_classify_two_processes_match_one(tmp_path, tiny_bert):
     train = write_topic_data(tmp_path / "train.jsonl", 96, seed=1, topics=None)
     test = write_topic_data(tmp_path / "test.jsonl", 21, seed=2)  # odd: the last batch is padded across ranks
@@ -80,6 +82,7 @@ def test_classify_two_processes_match_one(tmp_path, tiny_bert):
     assert m2["test"]["n"] == 21 and m2["test"]["accuracy"] == m1["test"]["accuracy"]
 
 
+@pytest.mark.slow  # torchrun with 2 processes: make test-slow (CI runs it)
 @pytest.mark.parametrize("mode", ["logits", "sequence"])
 def test_distill_two_processes_match_one(tmp_path, tiny_model, mode):
     from tests.recipes.test_distill_cli import _small_student

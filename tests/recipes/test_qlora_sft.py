@@ -17,6 +17,7 @@ pytest.importorskip("bitsandbytes")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.slow  # a 4-bit base on CPU kernels: ~22 s; make test-slow (CI runs it)
 def test_qlora_sft_trains_on_a_4bit_base(tmp_path, tiny_model):
     recipe = _recipe(tmp_path, tiny_model, "qlora",
                      qlora={"quant_type": "nf4", "double_quant": True, "compute_dtype": "bf16"})

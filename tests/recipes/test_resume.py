@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -37,6 +39,7 @@ def _final(run_dir: Path) -> tuple[list[float], float]:
     return losses, evals[-1]
 
 
+@pytest.mark.slow  # two full runs and a SIGKILL: ~45 s; make test-slow (CI runs it)
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tiny_model):
     recipe = _recipe(tmp_path, tiny_model)
 

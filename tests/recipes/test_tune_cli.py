@@ -68,6 +68,7 @@ def test_tune_study_resume_report(tmp_path, tiny_model):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # parallel trial processes: ~30 s; make test-slow (CI runs it)
 def test_parallel_trials_share_study_catalog_and_pruner(tmp_path, tiny_model):
     """n_jobs 2: two spawned workers share the SQLite study and the workspace catalog; each trial is its
     own run; workers use cores / 2 threads; pruning compares against the other worker's trials; a resumed

@@ -99,6 +99,7 @@ def _recipe(path: Path, model: Path, data: Path, method: str, precision: str, ck
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to measure peak memory")
+@pytest.mark.slow  # ~100 s of real training runs; make test-slow (CI runs it)
 def test_memory_estimate_within_25_percent_of_measured(medium, tiny_model, tmp_path):
     from tunelab.advise.estimate import EstimateConfig, estimate
 

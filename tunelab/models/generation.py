@@ -31,6 +31,8 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     answer's end). The progress bar advances as each answer ends."""
     if not prompts:
         return [], []
+    if _prompt_learning(model):  # virtual tokens before every prompt: peft's own generate places them
+        return generate_padded(model, tokenizer, prompts, max_new_tokens, batch_size, desc, sampling)
     eos = tokenizer.eos_token_id
     # Prompts that are admitted together are prefilled in one left-padded forward (``prefill_batch``, default the
     # whole batch), and they go in shortest first so that those admitted together are of similar lengths: one
@@ -67,6 +69,13 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, ba
     texts = [r.text.strip() for r in reqs]
     stats = [{"new_tokens": len(r.out_ids), "latency_s": round(r.finished - t0, 4)} for r in reqs]
     return texts, stats
+
+
+def _prompt_learning(model) -> bool:
+    """A peft prompt-learning model (prompt, prefix or p-tuning): it adds virtual tokens (or past key values) to
+    every forward, which the engine's own KV cache does not know about."""
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(getattr(cfg, "is_prompt_learning", False))
 
 
 def generate_padded(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int,

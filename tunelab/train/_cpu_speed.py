@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tunelab.train.numerics import _causal_parts, response_only_loss
+
 
 class _MaskedScale(torch.autograd.Function):
     """y = (x * keep / (1 - p)) in ``out_dtype``; saves only the bool mask (1 byte an element) for backward.
@@ -288,8 +290,6 @@ def fused_loss_trainer(base=None):
     decoder's hidden states with logits only where labels are set, a frozen head's in chunks
     (``numerics.response_only_loss``). The value is the model's own loss (mean over label tokens, or sum /
     num_items_in_batch under gradient accumulation)."""
-    from tunelab.train.numerics import response_only_loss
-
     if base is None:
         from transformers import Trainer as base
 
@@ -311,6 +311,4 @@ def fused_loss_trainer(base=None):
 
 def fused_loss_applies(model) -> bool:
     """Whether :func:`fused_loss_trainer` can compute this model's loss (a plain causal LM, seen through LoRA)."""
-    from tunelab.train.numerics import _causal_parts
-
     return _causal_parts(model) is not None

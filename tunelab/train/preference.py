@@ -240,7 +240,7 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -
 def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16) -> dict:
     """Bradley–Terry view of a reward model on pairs: accuracy (chosen scored above rejected) and mean margin."""
     if not pairs:
-        return {"pairs": 0, "accuracy": None, "mean_margin": None}
+        return {"pairs": 0, "accuracy": None, "accuracy_ci95": [None, None], "mean_margin": None, "wins": []}
     chosen = [encode_prompt_response(tokenizer, p["prompt"], p["chosen"], max_length)[0] for p in pairs]
     rejected = [encode_prompt_response(tokenizer, p["prompt"], p["rejected"], max_length)[0] for p in pairs]
     rc = score_ids(model, chosen, tokenizer.pad_token_id, batch_size)

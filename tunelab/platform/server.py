@@ -43,6 +43,7 @@ def serve(settings: PlatformSettings, ws: Workspace, app_factory=create_app) -> 
     require("python_multipart", "platform")
     check_bind(settings, ws)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # the console's in-process API calls: one line each
     app = app_factory(ws, settings)
     worker = None
     if settings.worker:
@@ -53,6 +54,8 @@ def serve(settings: PlatformSettings, ws: Workspace, app_factory=create_app) -> 
     scheme = "https" if settings.tls_certfile else "http"
     log.info("tunelab platform on %s://%s:%d (workspace %s; %s; worker: %s)", scheme, settings.host, settings.port,
              ws.root, mode, f"{settings.executor} x{settings.concurrency}" if worker else "off")
+    if app_factory is not create_app:
+        log.info("web console: %s://%s:%d/console", scheme, settings.host, settings.port)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
                     ssl_certfile=settings.tls_certfile, ssl_keyfile=settings.tls_keyfile)

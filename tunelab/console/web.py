@@ -7,7 +7,6 @@ the permission that shows it) and ``routes(router, console)``; ``SCREENS`` lists
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional

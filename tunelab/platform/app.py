@@ -13,7 +13,6 @@ requests through tunelab.serve, and appends each change and each refusal to the 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at definition time.
 import asyncio
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -176,7 +175,7 @@ class Platform:
 def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
+    from fastapi.responses import JSONResponse, PlainTextResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     settings = settings or PlatformSettings()

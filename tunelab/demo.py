@@ -28,6 +28,51 @@ def demo_config(ws: Workspace, overrides: list[str] | None = None):
     return cfglib.load(SFTConfig, data=raw, overrides=overrides)
 
 
+METRICS = [("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("bleu", "BLEU"),
+           ("chrf", "chrF"), ("exact_match", "exact match"), ("perplexity", "perplexity")]
+
+
+def _with_ci(m: dict, k: str) -> str:
+    lo, hi = (m.get("ci") or {}).get(k, [None, None])
+    return f"{m[k]:.4f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+
+
+def results_table(ev: dict, title: str):
+    """Base vs tuned with 95% bootstrap intervals, and tuned − base with its paired interval."""
+    from rich.table import Table
+
+    base, tuned = ev["models"]["base"], ev["models"]["tuned"]
+    diffs = ev.get("differences") or {}
+    t = Table(title=title, caption="[95% bootstrap intervals over the held-out examples; change: paired]")
+    t.add_column("")
+    t.add_column("base", justify="right")
+    t.add_column("tuned", justify="right")
+    t.add_column("change (tuned − base)", justify="right")
+    for k, label in METRICS:
+        d = diffs.get(k) or {}
+        change = f"{tuned[k] - base[k]:+.4f}"
+        if d.get("ci_low") is not None and d.get("ci_high") is not None:
+            change += f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        t.add_row(label, _with_ci(base, k), _with_ci(tuned, k), change)
+    return t
+
+
+def verdict_line(ev: dict) -> str:
+    """One sentence on ROUGE-L that claims "beats" only where the paired interval lies above 0."""
+    base, tuned = ev["models"]["base"]["rougeL"], ev["models"]["tuned"]["rougeL"]
+    d = (ev.get("differences") or {}).get("rougeL") or {}
+    lo, hi = d.get("ci_low"), d.get("ci_high")
+    both = f"({tuned:.3f} vs {base:.3f}"
+    if lo is not None and hi is not None:
+        both += f"; difference 95% CI [{lo:+.3f}, {hi:+.3f}])"
+        if lo > 0:
+            return f"The tuned model beats the base on held-out ROUGE-L {both}."
+        if hi < 0:
+            return f"The tuned model is WORSE than the base on held-out ROUGE-L {both}."
+        return f"The tuned model does NOT beat the base on held-out ROUGE-L: no difference shown {both}."
+    return f"The tuned model {'beats' if tuned > base else 'does NOT beat'} the base on held-out ROUGE-L {both})."
+
+
 def run_demo(ws: Workspace, overrides: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
@@ -51,16 +96,7 @@ def run_demo(ws: Workspace, overrides: list[str] | None = None) -> dict:
     ev = evaluate_run(summary["run_id"], ws)
     t_end = time.time()
 
-    base, tuned = ev["models"]["base"], ev["models"]["tuned"]
-    t = Table(title=f"demo run {summary['run_id']}")
-    t.add_column("")
-    t.add_column("base", justify="right")
-    t.add_column("tuned", justify="right")
-    t.add_column("change", justify="right")
-    for k, label in [("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("bleu", "BLEU"),
-                     ("chrf", "chrF"), ("exact_match", "exact match"), ("perplexity", "perplexity")]:
-        t.add_row(label, f"{base[k]:.4f}", f"{tuned[k]:.4f}", f"{tuned[k] - base[k]:+.4f}")
-    con.print(t)
+    con.print(results_table(ev, f"demo run {summary['run_id']}"))
     info = Table(show_header=False)
     info.add_row("held-out examples", str(ev["n_examples"]))
     info.add_row("training", f"{summary['steps']} steps, best at {summary['best_step']}"
@@ -72,8 +108,6 @@ def run_demo(ws: Workspace, overrides: list[str] | None = None) -> dict:
     info.add_row("adapter", summary["output"])
     info.add_row("report", ev["report"])
     con.print(info)
-    verdict = "beats" if tuned["rougeL"] > base["rougeL"] else "does NOT beat"
-    con.print(f"The tuned model {verdict} the base on held-out ROUGE-L "
-              f"({tuned['rougeL']:.3f} vs {base['rougeL']:.3f}).")
+    con.print(verdict_line(ev))
     return {"summary": summary, "eval": ev, "seconds": {"model": t_model - t0, "train": t_train - t_model,
                                                          "eval": t_end - t_train, "total": t_end - t0}}

@@ -579,19 +579,22 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
         return native_job(store.get_job(job_id))
 
     @api.get("/v1/tunelab/jobs/{job_id}/log")
-    async def job_log(job_id: str, tail: int = Query(65536, ge=1, le=2 ** 24), p=need("read")):
+    async def job_log(job_id: str, tail: int = Query(65536, ge=1, le=2 ** 24),
+                      offset: Optional[int] = Query(None, ge=0), p=need("read")):
+        """The log's last ``tail`` bytes; with ``offset`` (an earlier answer's ``X-Tunelab-Next-Offset``) nothing
+        before that byte, so a client following the log reads only what is new. The headers say where the text
+        starts (``X-Tunelab-Offset``: later than ``offset`` when more than ``tail`` bytes came since) and where
+        the next read starts; an offset past the end answers no text."""
         get_job(job_id, p)
-        path = J.job_dir(ws, job_id) / "log.txt"
-        if not path.is_file():
-            return PlainTextResponse("")
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - tail))
-            return PlainTextResponse(f.read().decode("utf-8", "replace"))
+        text, start, end = J.read_log(J.job_dir(ws, job_id) / "log.txt", tail, offset)
+        return PlainTextResponse(text, headers={"x-tunelab-offset": str(start), "x-tunelab-next-offset": str(end)})
 
     @api.get("/v1/tunelab/jobs/{job_id}/metrics")
-    async def job_metrics(job_id: str, p=need("read")):
+    async def job_metrics(job_id: str, offset: Optional[int] = Query(None, ge=0), p=need("read")):
+        """Every row of the run's metrics.jsonl and ``next_offset``; with ``offset``, only the rows after it."""
         job = get_job(job_id, p)
-        return {"object": "list", "data": metrics_rows(ws, job["run_id"])}
+        path = J.run_dir(ws, job["run_id"]) / "metrics.jsonl" if job["run_id"] else None
+        return runs.metrics_answer(path, offset, APIError)
 
     # ------------------------------------------------------------------ admin
 

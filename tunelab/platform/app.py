@@ -12,6 +12,7 @@ requests through tunelab.serve, and appends each change and each refusal to the 
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at definition time.
 import asyncio
+import contextvars
 import json
 import time
 from pathlib import Path
@@ -629,6 +630,14 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     return Gate(api, P)
 
 
+# The request being served in this task, seen by the calls made in-process while serving it (the console calls /v1
+# through an ASGI transport): its client address, and how many audit rows those calls wrote. A context variable,
+# not a header such as X-Forwarded-For: only code in this process can set it, so no HTTP client can claim an
+# address in the audit log, and a console action is audited once (by the API call it makes) with the browser's
+# address.
+_OUTER: "contextvars.ContextVar[Optional[dict]]" = contextvars.ContextVar("tunelab_gate_request", default=None)
+
+
 class Gate:
     """ASGI layer before the FastAPI app: authentication, upload size and type, inference, audit."""
 
@@ -639,12 +648,22 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        outer = _OUTER.get()
+        # a call made in-process while serving a request (the console's calls to /v1) acts for that request's client
+        this = {"client": outer["client"] if outer else (scope.get("client") or ("", 0))[0], "audited": 0}
+        token = _OUTER.set(this)
+        try:
+            await self._http(scope, receive, send, this, outer)
+        finally:
+            _OUTER.reset(token)
+
+    async def _http(self, scope, receive, send, this: dict, outer: Optional[dict]):
         from starlette.datastructures import Headers
 
         P = self.platform
         path, method = scope["path"], scope["method"]
         headers = Headers(scope=scope)
-        client = (scope.get("client") or ("", 0))[0]
+        client = this["client"]
         is_bedrock = path.startswith(bedrock.PREFIX)
 
         async def answer(status: int, message: str, code: Optional[str] = None, type_: str = "invalid_request_error",
@@ -664,6 +683,8 @@ class Gate:
                               role=principal.role if principal else None,
                               project=principal.project if principal else None, action=f"{method} {path}",
                               target=path, status=status, outcome=outcome, client=client)
+                if outer is not None:
+                    outer["audited"] += 1
             except Exception:
                 import logging
 
@@ -742,6 +763,8 @@ class Gate:
 
         await self.app(scope, receive, send_wrapper)
         status = status_box["status"]
+        if this["audited"]:
+            return  # the in-process API calls this request made (a console action) are its audit rows: one each
         if method not in ("GET", "HEAD", "OPTIONS") or status in (401, 403):
             outcome = "ok" if status < 400 else ("refused" if status in (401, 403) else "error")
             await asyncio.to_thread(audit, principal, status, outcome)

@@ -1,6 +1,6 @@
 """The console in a real browser (Debian's chromium through Playwright): every screen renders without a console
 error, a job created from the form runs to completion while its curve gains points (and survives a reload),
-a viewer cannot start a job, the pages work on a narrow window, by keyboard, and in the reader's locale."""
+a live page grows by only what is new, a viewer cannot start a job, the pages work on a narrow window, by keyboard, and in the reader's locale."""
 
 from __future__ import annotations
 
@@ -96,6 +96,46 @@ def _metrics(srv, job_id):
     run = srv.store.get_job(job_id)["run_id"]
     p = srv.ws.runs_dir / run / "metrics.jsonl"
     return [json.loads(x) for x in p.read_text().splitlines() if x.strip()]
+
+
+def test_live_page_appends_new_rows_and_log_lines(console_server, tab_factory):
+    """The stream sends only what is new: the page's curve and log grow by what was appended (the log keeps what it
+    showed), and the page reloads to the whole result when the job ends."""
+    import json
+
+    srv = console_server(worker=False)
+    srv.store.add_job(id="job-live", project="default", api="native", command="train", spec={},
+                      recipe_yaml="recipe: sft\n", run_id="sft-live", created_by=None)
+    srv.store.set_job("job-live", status="running")
+    metrics = srv.ws.runs_dir / "sft-live" / "metrics.jsonl"
+    log = srv.ws.root / "platform" / "jobs" / "job-live" / "log.txt"
+    metrics.parent.mkdir(parents=True)
+    log.parent.mkdir(parents=True)
+
+    def append(path, text):
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+
+    def rows(steps):
+        return "".join(json.dumps({"step": s, "loss": 2.0 - s / 100}) + "\n" for s in steps)
+
+    append(metrics, rows(range(1, 51)))
+    t = tab_factory()
+    page = t.page
+    t.goto(srv.url + "/console/jobs/job-live")
+    assert page.inner_text("[data-points]") == "50" and page.text_content("#job-log") == "(nothing logged yet)"
+    append(log, "first line\n")
+    page.wait_for_function("() => document.getElementById('job-log').textContent === 'first line\\n'", timeout=15000)
+    append(metrics, rows([51, 52, 53]))
+    append(log, "second line\n")
+    page.wait_for_function("() => document.querySelector('[data-points]').textContent === '53'", timeout=15000)
+    page.wait_for_function("() => document.getElementById('job-log').textContent.includes('second line')",
+                           timeout=15000)
+    assert page.text_content("#job-log") == "first line\nsecond line\n"
+    srv.store.set_job("job-live", status="succeeded")
+    page.wait_for_selector("#job-live", state="detached", timeout=15000)  # reloaded: no longer live
+    page.wait_for_load_state("load")
+    assert "succeeded" in page.inner_text("#job-state") and page.inner_text("[data-points]") == "53"
 
 
 def test_viewer_cannot_start_a_job(console_server, tab_factory):

@@ -31,5 +31,5 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
 
     gate = platform_app(ws, settings)
     # the screens in menu order: each is a module of this package with NAV and routes(router, console)
-    mount(gate, [home, datasets, jobs, runs, evaluations, playground, feedback, admin])
+    gate.console = mount(gate, [home, datasets, jobs, runs, evaluations, playground, feedback, admin])
     return gate

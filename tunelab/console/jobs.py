@@ -17,6 +17,7 @@ from tunelab.models.resolve import PACKAGED
 NAV = [("Jobs", "/console/jobs", "read")]
 STATES = ("queued", "validating_files", "running", "paused", "succeeded", "failed", "cancelled")
 LIVE = ("queued", "validating_files", "running")
+LOG_TAIL = 16384  # bytes of the log a job's page shows
 FORM_RECIPES = {  # recipe → (what it trains on, the data it reads)
     "sft": "instruction tuning: chat / Alpaca / prompt-completion records",
     "dpo": "preference tuning (DPO): prompt, chosen, rejected pairs",
@@ -189,12 +190,15 @@ def routes(router: APIRouter, c: Console) -> None:
     async def job_page(request: Request, job_id: str):
         try:
             job = await api.get(request, f"/v1/tunelab/jobs/{job_id}")
-            rows = (await api.get(request, f"/v1/tunelab/jobs/{job_id}/metrics"))["data"]
-            log = (await api.call(request, "GET", f"/v1/tunelab/jobs/{job_id}/log", params={"tail": 16384})).text
+            metrics = await api.get(request, f"/v1/tunelab/jobs/{job_id}/metrics")
+            log = await api.call(request, "GET", f"/v1/tunelab/jobs/{job_id}/log", params={"tail": LOG_TAIL})
         except ApiProblem as e:
             return c.problem(request, e)
-        return c.page(request, "job.html", title=f"Job {job_id}", job=job, log=log, chart=chart_spec(rows),
-                      live=job["status"] in LIVE)
+        # the page holds every row so far; its stream starts where these answers ended
+        log_from = _int(log.headers.get("x-tunelab-next-offset"))
+        return c.page(request, "job.html", title=f"Job {job_id}", job=job, log=log.text,
+                      chart=chart_spec(metrics["data"]), live=job["status"] in LIVE,
+                      metrics_from=metrics.get("next_offset", 0), log_from=log_from)
 
     @router.post("/jobs/{job_id}/{action}")
     async def act(request: Request, job_id: str, action: str):
@@ -209,39 +213,59 @@ def routes(router: APIRouter, c: Console) -> None:
         return RedirectResponse(f"/console/jobs/{job_id}", status_code=303)
 
     @router.get("/jobs/{job_id}/stream")
-    async def stream(request: Request, job_id: str, start: int = 0):
-        """Server-sent events: new metric rows, the job's state and its log tail, until the job ends."""
-        start = int(request.query_params.get("from", start) or 0)
-        last_id = request.headers.get("last-event-id")
-        if last_id and last_id.isdigit():
-            start = int(last_id)
+    async def stream(request: Request, job_id: str):
+        """Server-sent events until the job ends: "metrics" (the chart rows logged since), "state" (when it
+        changes), "log" (the text appended since) and "end". ``from`` and ``log_from`` are where the page's own
+        metrics and log end (the API's next offsets); a reconnecting browser sends the last event's id, which
+        carries both. Each second costs what is new, not the whole run: the API reads from those offsets."""
+        q = request.query_params
+        metrics_at, log_at = _int(q.get("from")), _int(q.get("log_from"))
+        last_id = (request.headers.get("last-event-id") or "").split(":")
+        if len(last_id) == 2 and all(x.isdigit() for x in last_id):
+            metrics_at, log_at = int(last_id[0]), int(last_id[1])
         try:
             await api.get(request, f"/v1/tunelab/jobs/{job_id}")
         except ApiProblem as e:
             return c.problem(request, e)
 
         async def events():
-            sent, last_state, last_log = start, None, None
+            m_at, l_at, attempts, last_state = metrics_at, log_at, None, None
             while True:
                 if await request.is_disconnected():
                     return
                 try:
                     job = await api.get(request, f"/v1/tunelab/jobs/{job_id}")
-                    rows = chart_spec((await api.get(request, f"/v1/tunelab/jobs/{job_id}/metrics"))["data"])["rows"]
-                    log = (await api.call(request, "GET", f"/v1/tunelab/jobs/{job_id}/log",
-                                          params={"tail": 16384})).text
+                    if attempts is not None and job["attempts"] != attempts:
+                        m_at = 0  # a retried run rewrites its metrics from its checkpoint: read them again
+                    attempts = job["attempts"]
+                    try:
+                        metrics = await api.get(request, f"/v1/tunelab/jobs/{job_id}/metrics", offset=m_at)
+                    except ApiProblem as e:
+                        if e.status != 400:
+                            raise
+                        # the offset is no longer a row start (the file was rewritten): every row again; the chart
+                        # merges rows of the same step, so nothing is drawn twice
+                        metrics = await api.get(request, f"/v1/tunelab/jobs/{job_id}/metrics", offset=0)
+                    log = await api.call(request, "GET", f"/v1/tunelab/jobs/{job_id}/log",
+                                         params={"offset": l_at, "tail": LOG_TAIL})
                 except ApiProblem:
                     return
-                if len(rows) > sent:
-                    yield f"id: {len(rows)}\nevent: metrics\ndata: {json.dumps(rows[sent:])}\n\n"
-                    sent = len(rows)
+                rows = chart_spec(metrics["data"])["rows"]
+                m_at = metrics["next_offset"]
+                if rows:
+                    yield f"id: {m_at}:{l_at}\nevent: metrics\ndata: {json.dumps(rows)}\n\n"
                 state = {"status": job["status"], "error": job["error"]}
                 if state != last_state:
                     yield f"event: state\ndata: {json.dumps(state)}\n\n"
                     last_state = state
-                if log != last_log:
-                    yield f"event: log\ndata: {json.dumps(log)}\n\n"
-                    last_log = log
+                if log.status_code == 200:
+                    start = _int(log.headers.get("x-tunelab-offset"))
+                    l_next = _int(log.headers.get("x-tunelab-next-offset"))
+                    if log.text or start > l_at:
+                        # reset: more than LOG_TAIL bytes came since, so the text does not continue the page's
+                        data = {"text": log.text, "reset": start > l_at}
+                        yield f"id: {m_at}:{l_next}\nevent: log\ndata: {json.dumps(data)}\n\n"
+                    l_at = l_next
                 if job["status"] not in LIVE:
                     yield "event: end\ndata: {}\n\n"
                     return
@@ -249,3 +273,9 @@ def routes(router: APIRouter, c: Console) -> None:
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+def _int(v: Any) -> int:
+    """A non-negative offset from a query or header; anything else is 0 (from the start)."""
+    v = str(v or "").strip()
+    return int(v) if v.isdigit() else 0

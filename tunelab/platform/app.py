@@ -12,6 +12,7 @@ requests through tunelab.serve, and appends each change and each refusal to the 
 
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at definition time.
 import asyncio
+import contextvars
 import json
 import time
 from pathlib import Path
@@ -579,19 +580,22 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
         return native_job(store.get_job(job_id))
 
     @api.get("/v1/tunelab/jobs/{job_id}/log")
-    async def job_log(job_id: str, tail: int = Query(65536, ge=1, le=2 ** 24), p=need("read")):
+    async def job_log(job_id: str, tail: int = Query(65536, ge=1, le=2 ** 24),
+                      offset: Optional[int] = Query(None, ge=0), p=need("read")):
+        """The log's last ``tail`` bytes; with ``offset`` (an earlier answer's ``X-Tunelab-Next-Offset``) nothing
+        before that byte, so a client following the log reads only what is new. The headers say where the text
+        starts (``X-Tunelab-Offset``: later than ``offset`` when more than ``tail`` bytes came since) and where
+        the next read starts; an offset past the end answers no text."""
         get_job(job_id, p)
-        path = J.job_dir(ws, job_id) / "log.txt"
-        if not path.is_file():
-            return PlainTextResponse("")
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - tail))
-            return PlainTextResponse(f.read().decode("utf-8", "replace"))
+        text, start, end = J.read_log(J.job_dir(ws, job_id) / "log.txt", tail, offset)
+        return PlainTextResponse(text, headers={"x-tunelab-offset": str(start), "x-tunelab-next-offset": str(end)})
 
     @api.get("/v1/tunelab/jobs/{job_id}/metrics")
-    async def job_metrics(job_id: str, p=need("read")):
+    async def job_metrics(job_id: str, offset: Optional[int] = Query(None, ge=0), p=need("read")):
+        """Every row of the run's metrics.jsonl and ``next_offset``; with ``offset``, only the rows after it."""
         job = get_job(job_id, p)
-        return {"object": "list", "data": metrics_rows(ws, job["run_id"])}
+        path = J.run_dir(ws, job["run_id"]) / "metrics.jsonl" if job["run_id"] else None
+        return runs.metrics_answer(path, offset, APIError)
 
     # ------------------------------------------------------------------ admin
 
@@ -626,6 +630,14 @@ def create_app(ws: Workspace, settings: Optional[PlatformSettings] = None):
     return Gate(api, P)
 
 
+# The request being served in this task, seen by the calls made in-process while serving it (the console calls /v1
+# through an ASGI transport): its client address, and how many audit rows those calls wrote. A context variable,
+# not a header such as X-Forwarded-For: only code in this process can set it, so no HTTP client can claim an
+# address in the audit log, and a console action is audited once (by the API call it makes) with the browser's
+# address.
+_OUTER: "contextvars.ContextVar[Optional[dict]]" = contextvars.ContextVar("tunelab_gate_request", default=None)
+
+
 class Gate:
     """ASGI layer before the FastAPI app: authentication, upload size and type, inference, audit."""
 
@@ -636,12 +648,22 @@ class Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        outer = _OUTER.get()
+        # a call made in-process while serving a request (the console's calls to /v1) acts for that request's client
+        this = {"client": outer["client"] if outer else (scope.get("client") or ("", 0))[0], "audited": 0}
+        token = _OUTER.set(this)
+        try:
+            await self._http(scope, receive, send, this, outer)
+        finally:
+            _OUTER.reset(token)
+
+    async def _http(self, scope, receive, send, this: dict, outer: Optional[dict]):
         from starlette.datastructures import Headers
 
         P = self.platform
         path, method = scope["path"], scope["method"]
         headers = Headers(scope=scope)
-        client = (scope.get("client") or ("", 0))[0]
+        client = this["client"]
         is_bedrock = path.startswith(bedrock.PREFIX)
 
         async def answer(status: int, message: str, code: Optional[str] = None, type_: str = "invalid_request_error",
@@ -661,6 +683,8 @@ class Gate:
                               role=principal.role if principal else None,
                               project=principal.project if principal else None, action=f"{method} {path}",
                               target=path, status=status, outcome=outcome, client=client)
+                if outer is not None:
+                    outer["audited"] += 1
             except Exception:
                 import logging
 
@@ -739,6 +763,8 @@ class Gate:
 
         await self.app(scope, receive, send_wrapper)
         status = status_box["status"]
+        if this["audited"]:
+            return  # the in-process API calls this request made (a console action) are its audit rows: one each
         if method not in ("GET", "HEAD", "OPTIONS") or status in (401, 403):
             outcome = "ok" if status < 400 else ("refused" if status in (401, 403) else "error")
             await asyncio.to_thread(audit, principal, status, outcome)

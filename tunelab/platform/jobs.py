@@ -37,6 +37,26 @@ def run_dir(ws: Workspace, run_id: str) -> Path:
     return ws.runs_dir / run_id
 
 
+def read_log(path: Path, tail: int, offset: int | None = None) -> tuple[str, int, int]:
+    """A job's log from byte ``max(offset, size - tail)`` to the end: the text, where it starts and where the next
+    read starts. An incomplete UTF-8 character at the end (being written) is left for the next read; other bytes
+    that are not UTF-8 are shown as U+FFFD. An offset past the end reads nothing."""
+    import codecs
+
+    if not path.is_file():
+        return "", offset or 0, offset or 0
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        start = max(offset or 0, size - tail)
+        if start >= size:
+            return "", start, start
+        f.seek(start)
+        data = f.read(size - start)
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    text = dec.decode(data, final=False)
+    return text, start, start + len(data) - len(dec.getstate()[0])
+
+
 def deep_merge(base: dict, top: dict) -> dict:
     """``top`` over ``base``, mappings merged key by key."""
     out = dict(base)

@@ -8,7 +8,8 @@ eval``, ``tunelab export`` and ``tunelab compare`` already write (the catalog, `
 
     GET /v1/tunelab/runs                              newest first: kind, state, base model, metrics, model name
     GET /v1/tunelab/runs/{id}                         + summary, config, exports, evaluations
-    GET /v1/tunelab/runs/{id}/metrics                 every row of metrics.jsonl
+    GET /v1/tunelab/runs/{id}/metrics                 every row of metrics.jsonl; ?offset=B: only the rows after
+                                                      byte B (``next_offset`` of an earlier answer)
     GET /v1/tunelab/runs/{id}/lineage                 nodes (file, dataset, base_model, run, export, evaluation,
                                                       endpoint) in columns, and edges
     GET /v1/tunelab/evaluations                       the project's evaluations: each run's ``tunelab eval`` and
@@ -48,6 +49,50 @@ def served_name(job: dict, ws: Workspace) -> Optional[str]:
     d = J.run_dir(ws, job["run_id"])
     weights = (d / "adapter" / "adapter_config.json").is_file() or (d / "model" / "config.json").is_file()
     return job["run_id"] if weights else None
+
+
+def metrics_answer(path: Optional[Path], offset: Optional[int], APIError) -> dict:
+    """``GET …/metrics``: the rows of a run's metrics.jsonl, and ``next_offset``, the byte where the rows that end in
+    a newline end. With ``offset`` (a ``next_offset`` of an earlier answer) only the rows written after it are read
+    (a live curve costs what is new, not the whole run); an offset past the end answers no rows. Without it: every
+    row, as ``read_jsonl`` reads them (a last row still being written included when it parses)."""
+    if offset is None:
+        if path is None or not path.is_file():
+            return {"object": "list", "data": [], "next_offset": 0}
+        rows, next_offset = jsonl_from(path, 0, unfinished=True)
+        return {"object": "list", "data": rows, "next_offset": next_offset}
+    if path is None or not path.is_file():
+        return {"object": "list", "data": [], "next_offset": offset}
+    with open(path, "rb") as f:
+        size = f.seek(0, 2)
+        if 0 < offset <= size:
+            f.seek(offset - 1)
+            if f.read(1) != b"\n":
+                raise APIError(400, f"offset {offset} is not the start of a row of metrics.jsonl: pass the "
+                                    "next_offset of an earlier answer, or no offset for every row",
+                               param="offset", code="invalid_offset")
+    rows, next_offset = jsonl_from(path, offset)
+    return {"object": "list", "data": rows, "next_offset": next_offset}
+
+
+def jsonl_from(path: Path, offset: int, unfinished: bool = False) -> tuple[list, int]:
+    """The rows of a JSON-lines file that is being appended to, read from byte ``offset`` (a line start) to the end,
+    and the offset just after the last newline (where the next read starts). A line that is not JSON (cut by a
+    kill mid-write) is skipped, as ``read_jsonl`` does; a last line without its newline is left for a later read
+    unless ``unfinished`` (then it is returned when it parses, and read again by a later read from the offset)."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    rows = []
+    for line in (data if unfinished else data[:end]).split(b"\n"):
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+    return rows, offset + end
 
 
 def routes(api, P, need, APIError) -> None:
@@ -134,9 +179,9 @@ def routes(api, P, need, APIError) -> None:
         return out
 
     @api.get("/v1/tunelab/runs/{run_id}/metrics")
-    async def run_metrics(run_id: str, p=need("read")):
+    async def run_metrics(run_id: str, offset: Optional[int] = Query(None, ge=0), p=need("read")):
         run_id, _ = get_run(run_id, p)
-        return {"object": "list", "data": read_jsonl(J.run_dir(ws, run_id) / "metrics.jsonl")}
+        return metrics_answer(J.run_dir(ws, run_id) / "metrics.jsonl", offset, APIError)
 
     @api.get("/v1/tunelab/runs/{run_id}/lineage")
     async def run_lineage(run_id: str, p=need("read")):

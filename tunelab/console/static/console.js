@@ -61,14 +61,18 @@
     window.addEventListener("resize", function () { plot.setSize({ width: Math.max(280, el.clientWidth), height: opts.height }); });
   }
 
-  // A live stream (server-sent events) on <div data-stream="URL" data-from="N" data-chart-target="ID">: "metrics"
-  // rows join the chart; "state" and "log" replace their panes; "end" closes it. The page already holds every
-  // point so far (N of them), so a reload loses nothing and the stream sends only what is new.
+  // A live stream (server-sent events) on <div data-stream="URL" data-from="M" data-log-from="L"
+  // data-chart-target="ID">: "metrics" rows join the chart; "state" replaces its pane; "log" text is appended to
+  // the log pane (or replaces it when the server skipped ahead), which keeps its last 16 KB; "end" closes it. The
+  // page already holds every point and the log so far (up to byte M of the metrics and L of the log, as the API
+  // answered), so a reload loses nothing and the stream sends only what is new.
+  var LOG_KEEP = 16384;
   function follow(el) {
     if (el.dataset.following || !window.EventSource) return;
     el.dataset.following = "1";
     var url = el.dataset.stream;
-    var es = new EventSource(url + (url.indexOf("?") < 0 ? "?" : "&") + "from=" + (el.dataset.from || 0));
+    var es = new EventSource(url + (url.indexOf("?") < 0 ? "?" : "&") + "from=" + (el.dataset.from || 0) +
+                             "&log_from=" + (el.dataset.logFrom || 0));
     es.addEventListener("metrics", function (e) {
       var c = charts[el.dataset.chartTarget];
       if (c) c.add(JSON.parse(e.data));
@@ -87,7 +91,11 @@
       var lg = document.getElementById("job-log");
       if (!lg) return;
       var atEnd = lg.scrollTop + lg.clientHeight >= lg.scrollHeight - 4;
-      lg.textContent = JSON.parse(e.data) || "(nothing logged yet)";
+      var d = JSON.parse(e.data);
+      var text = (d.reset || lg.dataset.empty ? "" : lg.textContent) + d.text;
+      if (text.length > LOG_KEEP) text = text.slice(text.length - LOG_KEEP);
+      if (text) delete lg.dataset.empty;
+      lg.textContent = text || "(nothing logged yet)";
       if (atEnd) lg.scrollTop = lg.scrollHeight;
     });
     es.addEventListener("end", function () {

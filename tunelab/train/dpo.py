@@ -117,8 +117,10 @@ def _steps(r: _run.Run) -> dict:
                                                if cfg.eval.reward_model else {})})
 
     # 1. tokenizer and pairs (prompts cut from the left to fit)
-    tokenizer, _ = refs.load_tokenizer(start)
-    train_pairs, val_pairs, held_pairs, data_report = P.pair_sets(r, cfg, tokenizer, P.fit_pairs, "prompts_cut")
+    tokenizer, template_added = refs.load_tokenizer(start)
+    chat = P.chat_choice(cfg.data.chat_template, template_added)  # hh-rlhf transcripts: chat turns or raw text
+    train_pairs, val_pairs, held_pairs, data_report = P.pair_sets(r, cfg, tokenizer, P.fit_pairs, "prompts_cut",
+                                                                  chat)
     L, held_name = cfg.data.max_length, data_report["heldout_set"]
 
     # 2. the starting policy, and its held-out log-probabilities (it is also the reference)

@@ -283,7 +283,7 @@ def test_fuzz_fit_keeps_the_final_turn(tok, n, budget):
         assert isinstance(text, Rendered) and text.source == prompt.source
     elif text.startswith(OPENING):  # the final turn alone is too long: the end of its text, in a valid prompt
         tail = re.fullmatch(re.escape(OPENING + "<|im_start|>user\n") + "(.+)" + re.escape("<|im_end|>\n" + GEN),
-                            text, re.S)
+                            text, re.DOTALL)
         assert tail and "the last question?".endswith(tail.group(1))
     else:  # not even the template's opening and a token of the final turn fit: the end of the text, as for any text
         assert prompt.endswith(text) and text.endswith("<|im_end|>\n" + GEN)

@@ -331,6 +331,7 @@ def test_every_preference_recipe_takes_the_option(recipe, extra, tmp_path):
 def test_reward_run_renders_hh_with_the_template_and_records_it(tmp_path, chat_model, tiny_model, capsys):
     """A reward run on the tiny chat model (auto → its template) trains, prints and records the choice; the
     same data on the base model (auto → raw text) records that instead."""
+    from tunelab.train import preference as P
     from tunelab.train import reward
     from tunelab.workspace import Workspace
 
@@ -340,7 +341,7 @@ def test_reward_run_renders_hh_with_the_template_and_records_it(tmp_path, chat_m
         rows.append({"chosen": hh_text(t) + " The cat is red.", "rejected": hh_text(t) + " The cat is blue."})
     f = str(_write(tmp_path / "hh.jsonl", rows))
     ws = Workspace.resolve(tmp_path / "ws")
-    labels = {}
+    labels, ids = {}, {}
     for name, model in (("chat", chat_model), ("base", tiny_model)):
         cfg = reward.RewardConfig.model_validate({
             "recipe": "reward", "name": name, "model": {"name": str(model)},
@@ -350,9 +351,18 @@ def test_reward_run_renders_hh_with_the_template_and_records_it(tmp_path, chat_m
         s = reward.run(cfg, ws)
         assert s["status"] == "completed" and s["steps"] == 2
         assert s["data"]["hh_transcripts"] == 24 and s["heldout"]["before"]["pairs"] > 0
-        labels[name] = s["data"]["chat_template"]
+        labels[name], ids[name] = s["data"]["chat_template"], s["run_id"]
         assert json.loads((ws.run_dir(s["run_id"]) / "summary.json").read_text())["data"] == s["data"]
     assert labels == {"chat": "chat template (model's own)", "base": "raw text (auto: the model has no chat template)"}
     out = capsys.readouterr().out
     assert "hh-rlhf transcripts: 24, as chat template (model's own)" in out
     assert "hh-rlhf transcripts: 24, as raw text (auto: the model has no chat template)" in out
+    # a reward run used to score prompts fed the other way (RLHF, a DPO judge) says so
+    _, info = P.load_reward_model(ids["chat"], ws)
+    assert info["reward_chat_template"] == "chat template (model's own)"
+    P.warn_if_reward_reads_otherwise(info, P.chat_choice("auto", True))
+    P.warn_if_reward_reads_otherwise(info, P.chat_choice("auto", False))  # the same way: nothing to say
+    warned = capsys.readouterr().out.splitlines()
+    assert warned == [f"warning: reward model {ids['chat']} was trained on hh-rlhf transcripts as chat template "
+                      "(model's own); this run feeds them as raw text (auto: the model has no chat template) "
+                      "(set data.chat_template to match)"]

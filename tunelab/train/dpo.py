@@ -181,6 +181,7 @@ def _steps(r: _run.Run) -> dict:
     judged = None
     if cfg.eval.reward_model:
         scorer, info = P.load_reward_model(cfg.eval.reward_model, r.ws)
+        P.warn_if_reward_reads_otherwise(info, chat)
         judged = P.judge_policy(r.dir, policy, ref_model, tokenizer, P.judge_prompts(held_pairs, cfg.eval.prompts),
                                 scorer, cfg.eval, max_length=L, seed=cfg.train.seed)
         judged.update(info)

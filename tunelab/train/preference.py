@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -375,6 +376,11 @@ def load_reward_model(ref: str, ws: Workspace):
         max_length = int((rcfg.get("data") or {}).get("max_length", 512))
         m = refs.resolve(str(run_dir), ws)
         info.update({"reward_run_id": run_dir.name, "reward_model_path": str(m.tokenizer_path)})
+        summary = run_dir / "summary.json"
+        trained_on = (json.loads(summary.read_text(encoding="utf-8")).get("data") or {}).get("chat_template") \
+            if summary.is_file() else None
+        if trained_on:  # how its hh-rlhf transcripts were fed: compare with the prompts it will score
+            info["reward_chat_template"] = trained_on
     elif Path(ref).is_dir():
         m, max_length = refs.resolve(ref, ws, runs=False), 512
         info["reward_model_path"] = str(m.path)
@@ -387,6 +393,15 @@ def load_reward_model(ref: str, ws: Workspace):
     for prm in model.parameters():
         prm.requires_grad_(False)
     return RewardScorer(model, tok, max_length), info
+
+
+def warn_if_reward_reads_otherwise(info: dict, chat: ChatChoice) -> None:
+    """Say so when a reward run was trained on hh-rlhf transcripts fed one way (chat template or raw text) and is
+    about to score prompts fed the other way: its scores are then off its training distribution."""
+    theirs = info.get("reward_chat_template")
+    if theirs and theirs.startswith("chat template") != chat.use:
+        print(f"warning: reward model {info.get('reward_run_id')} was trained on hh-rlhf transcripts as {theirs}; "
+              f"this run feeds them as {chat.label} (set data.chat_template to match)")
 
 
 def load_reward_function(spec: str):

@@ -99,6 +99,7 @@ def _steps(r: _run.Run) -> dict:
     # 1. tokenizer and prompts (cut from the left so prompt + completion fits max_length)
     tokenizer, template_added = refs.load_tokenizer(start)
     chat = P.chat_choice(cfg.data.chat_template, template_added)  # hh-rlhf transcripts: chat turns or raw text
+    P.warn_if_reward_reads_otherwise(reward_info, chat)
     rejects: list[dict] = []
     prompts = P.load_prompts(cfg.data.train, tokenizer, rejects, cfg.data.limit, chat=chat.use)
     train_prompts, _, held, held_name = P.split_sets(prompts, cfg.data, cfg.train.seed,
@@ -156,6 +157,7 @@ def _steps(r: _run.Run) -> dict:
     judge, judge_info = reward_fn, {"judge": "training reward"}
     if cfg.eval.reward_model:
         judge, info = P.load_reward_model(cfg.eval.reward_model, r.ws)
+        P.warn_if_reward_reads_otherwise(info, chat)
         judge_info = {"judge": cfg.eval.reward_model, **{f"judge_{k}": v for k, v in info.items()}}
     res = {}
     if held_prompts:

@@ -289,6 +289,14 @@ def test_fuzz_fit_keeps_the_final_turn(tok, n, budget):
         assert prompt.endswith(text) and text.endswith("<|im_end|>\n" + GEN)
 
 
+def test_a_prompt_with_no_turn_to_drop_is_cut_as_text(tok):
+    from tunelab.train.numerics import fit_prompt, render_prompt
+
+    prompt = render_prompt(tok, [{"role": "system", "content": "one two three " * 20}])
+    text, cut = fit_prompt(tok, prompt, 12)
+    assert cut and prompt.endswith(text) and len(tok(text, add_special_tokens=False)["input_ids"]) <= 12
+
+
 def test_the_held_out_split_does_not_depend_on_the_rendering(tmp_path, tok):
     from tunelab.sections import PreferenceDataSection
     from tunelab.train.preference import load_pairs, split_sets

@@ -588,6 +588,8 @@ def fit_chat_prompt(tokenizer, prompt: Rendered, budget: int) -> Rendered | None
     msgs = prompt.messages
     head = msgs[:1] if msgs[0]["role"] == "system" else []
     body = msgs[len(head):]
+    if not body:
+        return None
 
     def fitted(turns: list[dict]) -> Rendered | None:
         r = render_prompt(tokenizer, head + turns, prompt.source)

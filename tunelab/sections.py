@@ -125,6 +125,13 @@ class PreferenceDataSection(Strict):
     test_split: float = Field(0.0, ge=0.0, lt=0.5, description="share of train held out by content hash for the "
                               "before/after report: never trained on, nor used for validation or early stopping")
     max_length: int = Field(512, ge=8, description="tokens of prompt + response; the prompt is cut from the left")
+    chat_template: bool | Literal["auto"] = Field(
+        "auto", description="hh-rlhf transcripts (\"\\n\\nHuman: ...\\n\\nAssistant:\" text): true: parsed into "
+                            "chat turns and rendered with the model's chat template (tunelab's plain one where it "
+                            "has none), the answers without their leading space; false: fed as the raw text; auto: "
+                            "the template where the model's tokenizer has its own (a chat model), the raw text "
+                            "where it has none (a base model). Prompts given as chat messages always use the "
+                            "template. What was used is recorded in summary.json (data.chat_template)")
     limit: int | None = Field(None, ge=1, description="use only the first N training pairs (after test_split)")
     test_limit: int | None = Field(None, ge=1, description="report on the first N held-out pairs")
 

@@ -37,10 +37,10 @@ def load_chats(path: str, data, rejects: list[dict], limit: int | None = None) -
     return load_records(path, lambda rec: to_messages(rec, data.format, data.system_prompt), rejects, limit)
 
 
-def split_validation(items: list, share: float, seed: int) -> tuple[list, list]:
+def split_validation(items: list, share: float, seed: int, key=None) -> tuple[list, list]:
     """(train, validation): each item goes to validation when its content hash falls under ``share``, so
     the split is the same on every run and on every machine, whatever the order of the file."""
-    return split_by_content(items, share, salt=f"val{seed}")
+    return split_by_content(items, share, salt=f"val{seed}", key=key)
 
 
 def split_heldout(texts: list[str], share: float) -> tuple[list[str], list[str]]:
@@ -49,11 +49,12 @@ def split_heldout(texts: list[str], share: float) -> tuple[list[str], list[str]]
     return split_by_content(texts, share, salt="heldout")
 
 
-def split_by_content(items: list, share: float, salt: str) -> tuple[list, list]:
-    """(kept, split off): an item is split off when the hash of its content and ``salt`` falls under ``share``."""
+def split_by_content(items: list, share: float, salt: str, key=None) -> tuple[list, list]:
+    """(kept, split off): an item is split off when the hash of its content (of ``key(item)`` when given) and
+    ``salt`` falls under ``share``."""
     kept, off = [], []
     for x in items:
-        (off if content_fraction(x, salt=salt) < share else kept).append(x)
+        (off if content_fraction(key(x) if key else x, salt=salt) < share else kept).append(x)
     return kept, off
 
 

@@ -133,6 +133,71 @@ def split_hh(chosen: str, rejected: str) -> dict:
     return {"prompt": prompt.lstrip(), "chosen": " " + c, "rejected": " " + r}
 
 
+# hh-rlhf turn markers. A marker opens a turn only at the start of the text or after a blank line ("\n\n",
+# more whitespace allowed): the words "Human:"/"Assistant:" inside a turn's text are text (73 of
+# hh-rlhf-harmless-base's 2,312 transcripts have them there, e.g. "Assistant: Human: I think ...")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+_HH_MARK = re.compile(r"Human:|Assistant:")
+
+
+def _hh_turns(text: str) -> list[tuple[str, int, int]]:
+    """(role word, where the whitespace before the marker starts, where the marker ends) of each turn marker.
+
+    Linear in the text: a whitespace run is walked back over once, by the one marker that ends it (a
+    regex with the blank line in it backtracks quadratically on long runs of whitespace)."""
+    out = []
+    for m in _HH_MARK.finditer(text):
+        j, newlines = m.start(), 0
+        while j > 0 and text[j - 1].isspace():
+            j -= 1
+            newlines += text[j] == "\n"
+        if j == 0 or newlines >= 2:
+            out.append((m.group()[:-1], j, m.end()))
+    return out
+
+
+def is_hh_prompt(text: object) -> bool:
+    """Whether ``text`` looks like an hh-rlhf prompt: it starts with a "Human:" or "Assistant:" turn and ends with
+    the "Assistant:" cue (``split_hh``'s prompts; a cheap test, :func:`hh_messages` decides)."""
+    if not isinstance(text, str):
+        return False
+    head, tail = text.lstrip(), text.rstrip()
+    return head.startswith(("Human:", "Assistant:")) and tail.endswith("Assistant:")
+
+
+def hh_messages(text: str) -> list[dict] | None:
+    """An hh-rlhf prompt ("\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:") → its turns as chat messages, in
+    order (Human → user, Assistant → assistant, each text stripped); the final "Assistant:" cue, which the
+    response answers, is left out (it becomes the chat template's generation prompt). None when ``text`` is not
+    an hh-rlhf prompt (no turn marker at its start, or no empty "Assistant:" cue at its end). A transcript may
+    start with an Assistant turn and repeat a role: the turns are kept as written. An empty turn is a BadRecord."""
+    if not is_hh_prompt(text):
+        return None
+    turns = _hh_turns(text)
+    # the first marker opens the text (no preamble) and the last is an empty "Assistant:" cue
+    if not turns or turns[0][1] != 0 or turns[-1][0] != "Assistant" or text[turns[-1][2]:].strip():
+        return None
+    if len(turns) == 1:
+        raise BadRecord("hh-rlhf prompt has no turn before its 'Assistant:' cue")
+    msgs = []
+    for i, (who, _, end) in enumerate(turns[:-1]):
+        content = text[end: turns[i + 1][1]].strip()
+        if not content:
+            raise BadRecord(f"hh-rlhf transcript: turn {i + 1} ({who}) is empty")
+        msgs.append({"role": HH_ROLES[who], "content": content})
+    return msgs
+
+
+def hh_text(messages: list[dict], generation_prompt: bool = True) -> str:
+    """Chat messages (user/assistant) written as an hh-rlhf transcript, ending with the "Assistant:" cue when
+    ``generation_prompt``: the inverse of :func:`hh_messages`."""
+    words = {"user": "Human", "assistant": "Assistant"}
+    if any(m["role"] not in words for m in messages):
+        raise BadRecord("an hh-rlhf transcript has only user and assistant turns")
+    text = "".join(f"\n\n{words[m['role']]}: {m['content']}" for m in messages)
+    return text + HH_ASSISTANT if generation_prompt else text
+
+
 def to_canonical(rec: dict, fmt: str = "auto", mapping: dict[str, str] | None = None) -> dict:
     """One raw record → a canonical record; raises BadRecord with the reason."""
     if not isinstance(rec, dict):

@@ -39,3 +39,34 @@ def ensure_chat_template(tokenizer) -> bool:
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+class Rendered(str):
+    """Text as the model reads it that remembers where it came from.
+
+    ``source``: the record's own text (a content-hash split keys on it, so which pairs are held out does not
+    depend on how they are rendered). For a prompt rendered with a chat template, also its ``messages`` and the
+    ``template``: a cut to fit a length then drops whole turns from the left and renders again
+    (``train.numerics.fit_prompt``), instead of cutting the rendered text mid-turn. It is a ``str`` everywhere
+    else; ``str(x)`` is the plain text.
+    """
+
+    source: str
+    messages: list[dict] | None
+    template: str | None
+
+    def __new__(cls, text: str, source: str | None = None, messages: list[dict] | None = None,
+                template: str | None = None):
+        self = super().__new__(cls, text)
+        self.source = str(text) if source is None else str(source)
+        self.messages, self.template = messages, template
+        return self
+
+    def __reduce__(self):  # pickles (and copies) with its attributes
+        return (type(self), (str(self), self.source, self.messages, self.template))
+
+
+def render_prompt(tokenizer, messages: list[dict], source: str | None = None) -> Rendered:
+    """``messages`` rendered with the tokenizer's chat template and its generation prompt, as :class:`Rendered`."""
+    return Rendered(render(tokenizer, messages, add_generation_prompt=True), source, messages,
+                    getattr(tokenizer, "chat_template", None))

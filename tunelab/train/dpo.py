@@ -117,8 +117,10 @@ def _steps(r: _run.Run) -> dict:
                                                if cfg.eval.reward_model else {})})
 
     # 1. tokenizer and pairs (prompts cut from the left to fit)
-    tokenizer, _ = refs.load_tokenizer(start)
-    train_pairs, val_pairs, held_pairs, data_report = P.pair_sets(r, cfg, tokenizer, P.fit_pairs, "prompts_cut")
+    tokenizer, template_added = refs.load_tokenizer(start)
+    chat = P.chat_choice(cfg.data.chat_template, template_added)  # hh-rlhf transcripts: chat turns or raw text
+    train_pairs, val_pairs, held_pairs, data_report = P.pair_sets(r, cfg, tokenizer, P.fit_pairs, "prompts_cut",
+                                                                  chat)
     L, held_name = cfg.data.max_length, data_report["heldout_set"]
 
     # 2. the starting policy, and its held-out log-probabilities (it is also the reference)
@@ -179,6 +181,7 @@ def _steps(r: _run.Run) -> dict:
     judged = None
     if cfg.eval.reward_model:
         scorer, info = P.load_reward_model(cfg.eval.reward_model, r.ws)
+        P.warn_if_reward_reads_otherwise(info, chat)
         judged = P.judge_policy(r.dir, policy, ref_model, tokenizer, P.judge_prompts(held_pairs, cfg.eval.prompts),
                                 scorer, cfg.eval, max_length=L, seed=cfg.train.seed)
         judged.update(info)

@@ -13,7 +13,8 @@ from typing import Any
 
 from tunelab._console import progress
 from tunelab.errors import TunelabError
-from tunelab.models.chat import ensure_chat_template, fallback_chat_template, render  # noqa: F401 (re-exported)
+from tunelab.models.chat import (Rendered, ensure_chat_template, fallback_chat_template, render,  # noqa: F401 (re-exported)
+                                 render_prompt)
 from tunelab.train.peft import virtual_tokens
 
 IGNORE_INDEX = -100
@@ -564,10 +565,14 @@ def n_special_tokens(tokenizer) -> int:
 
 
 def fit_prompt(tokenizer, prompt: str, budget: int) -> tuple[str, bool]:
-    """The tail of ``prompt`` that tokenizes to at most ``budget`` tokens, cut at a token boundary.
+    """The tail of ``prompt`` that tokenizes to at most ``budget`` tokens.
 
     Preference prompts are cut from the left: the last turn, which the response answers, is
     what a reward or a preference is about (hh-rlhf transcripts run to thousands of tokens).
+    A prompt rendered with this tokenizer's chat template (:class:`~tunelab.models.chat.Rendered`
+    with its messages) loses whole turns from the left and is rendered again, so the template's
+    opening (a system prompt, say), the final user turn and the generation prompt stay: see
+    :func:`fit_chat_prompt`. Any other text is cut at a token boundary.
     Returns (text, whether it was cut).
     """
     if budget <= 0:
@@ -576,6 +581,10 @@ def fit_prompt(tokenizer, prompt: str, budget: int) -> tuple[str, bool]:
     n = len(enc["input_ids"])
     if n <= budget:
         return prompt, False
+    if getattr(prompt, "messages", None) and prompt.template == getattr(tokenizer, "chat_template", None):
+        chat = fit_chat_prompt(tokenizer, prompt, budget)
+        if chat is not None:
+            return chat, True
     offsets = enc["offset_mapping"]
     k = budget
     while k > 0:
@@ -585,6 +594,52 @@ def fit_prompt(tokenizer, prompt: str, budget: int) -> tuple[str, bool]:
             return tail, True
         k -= 1
     return "", True
+
+
+def fit_chat_prompt(tokenizer, prompt: Rendered, budget: int) -> Rendered | None:
+    """A rendered chat prompt cut to ``budget`` tokens by turns: the most recent turns that fit, starting at a
+    user turn (a leading system message is kept), rendered again with the generation prompt. When the final user
+    turn alone is too long, the end of its text is kept. None when not even that fits (a long system prompt or
+    assistant turns after the last user turn; the caller then cuts the text) or the template refuses the cut
+    conversation. Binary searches: O(log turns + log tokens) renders, for transcripts of any length."""
+    import jinja2
+
+    msgs = prompt.messages
+    head = msgs[:1] if msgs[0]["role"] == "system" else []
+    body = msgs[len(head):]
+    if not body:
+        return None
+
+    def fitted(turns: list[dict]) -> Rendered | None:
+        r = render_prompt(tokenizer, head + turns, prompt.source)
+        return r if len(tokenizer(r, add_special_tokens=False)["input_ids"]) <= budget else None
+
+    starts = [i for i, m in enumerate(body) if m["role"] == "user"] or [len(body) - 1]
+    try:
+        lo, hi, best = 0, len(starts) - 1, None  # fewer turns, fewer tokens: the first start that fits
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            r = fitted(body[starts[mid]:])
+            if r is not None:
+                best, hi = r, mid - 1
+            else:
+                lo = mid + 1
+        if best is not None:
+            return best
+        last = body[starts[-1]:]
+        text = last[0]["content"]
+        offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        lo, hi = 1, len(offsets)  # tokens of the final turn's text kept (at least one)
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            r = fitted([{**last[0], "content": text[offsets[-mid][0]:].lstrip()}] + last[1:])
+            if r is not None:
+                best, lo = r, mid + 1
+            else:
+                hi = mid - 1
+        return best
+    except jinja2.TemplateError:  # e.g. a template that insists on a system message or on strict alternation
+        return None
 
 
 def prompt_budget(max_length: int, response_tokens: int, special: int) -> int:

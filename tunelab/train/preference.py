@@ -3,7 +3,9 @@ the starting policy, reward scoring, and policy evaluation against a reward.
 
 Everything here is plain text in, text out: a prompt string and a response string. Chat
 records are rendered with the model's chat template first, so one scoring function serves
-reward training, its evaluation, the RL reward and the before/after report alike. Models are
+reward training, its evaluation, the RL reward and the before/after report alike; hh-rlhf
+transcripts ("\n\nHuman: ...\n\nAssistant:") are parsed into chat turns and rendered the same way
+when ``data.chat_template`` says so (:func:`chat_choice`), and kept as raw text otherwise. Models are
 resolved and loaded through tunelab/models/refs.py; the run itself (folder, catalog, trainer
 arguments, saving) is tunelab/train/_run.py's.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -22,13 +25,14 @@ from tunelab._console import progress
 from tunelab.data.formats import BadRecord
 from tunelab.data.lineage import absolute_paths, file_lineage
 from tunelab.data.loaders import load_records, split_by_content, split_validation
-from tunelab.data.records import kind, to_canonical
+from tunelab.data.records import hh_messages, is_hh_prompt, kind, to_canonical
 from tunelab.errors import TunelabError
 from tunelab.models import refs
 from tunelab.scoring.stats import bootstrap_ci, mean_statistic, paired_bootstrap
 from tunelab.sections import SFT_ONLY_TRAIN
 from tunelab.train._run import Run, write_rows
-from tunelab.train.numerics import encode_prompt_response, fit_prompt, n_special_tokens, prompt_budget, render
+from tunelab.train.numerics import (Rendered, encode_prompt_response, fit_prompt, n_special_tokens, prompt_budget,
+                                    render_prompt)
 from tunelab.train.peft import peft_config, peft_section
 from tunelab.workspace import Workspace
 
@@ -40,27 +44,68 @@ UNREAD_TRAIN = SFT_ONLY_TRAIN + ("group_by_length",)
 # ----------------------------------------------------------------------------- data
 
 
-def _text(x, tokenizer, generation_prompt: bool) -> str:
-    """A canonical field (string, or list of chat messages) as text."""
+@dataclasses.dataclass(frozen=True)
+class ChatChoice:
+    """How hh-rlhf transcripts reach the model: ``data.chat_template`` resolved against the tokenizer."""
+
+    use: bool  # parse them into chat turns and render those with the chat template
+    label: str  # what was used, in words: printed on the data line, summary.json's data.chat_template
+
+
+def chat_choice(setting: bool | str, template_added: bool) -> ChatChoice:
+    """``data.chat_template`` (auto | true | false) for a tokenizer from ``refs.load_tokenizer``, whose
+    ``template_added`` says the model had no chat template of its own (tunelab's plain one was put in).
+    auto: the template only where the model has its own (a chat model); a base model keeps the raw text."""
+    if setting is False:
+        return ChatChoice(False, "raw text (data.chat_template: false)")
+    if setting == "auto" and template_added:
+        return ChatChoice(False, "raw text (auto: the model has no chat template)")
+    return ChatChoice(True, "chat template (tunelab's plain one: the model has none)" if template_added
+                      else "chat template (model's own)")
+
+
+def _rendered(tokenizer, messages: list[dict], source: str | None = None) -> Rendered:
+    import jinja2
+
+    try:
+        return render_prompt(tokenizer, messages, source)
+    except jinja2.TemplateError as e:  # e.g. a template that wants strict user/assistant alternation
+        raise BadRecord(f"the model's chat template refuses this conversation: {str(e)[:160]}") from None
+
+
+def _prompt(x, tokenizer, chat: bool) -> str:
+    """A canonical prompt as the model reads it. Chat messages: rendered with the chat template and its
+    generation prompt. An hh-rlhf transcript: the same, from its parsed turns, when ``chat``; else its raw
+    text. Any other string: as it is."""
     if isinstance(x, str):
-        return x
-    if generation_prompt:
-        return render(tokenizer, x, add_generation_prompt=True)
+        msgs = hh_messages(x) if chat else None
+        return x if msgs is None else _rendered(tokenizer, msgs, source=x)
+    return _rendered(tokenizer, x)
+
+
+def _response(x, hh_chat: bool) -> str:
+    """A canonical response as text: a string as it is, or the content of its assistant messages. The answer to
+    an hh-rlhf transcript rendered as chat loses the space that followed the "Assistant:" cue."""
+    if isinstance(x, str):
+        return Rendered(x.strip(), source=x) if hh_chat else x
     return "".join(m["content"] for m in x if m.get("role") == "assistant") or "".join(m["content"] for m in x)
 
 
-def load_pairs(path: str, tokenizer, rejects: list[dict], limit: int | None = None) -> list[dict]:
+def load_pairs(path: str, tokenizer, rejects: list[dict], limit: int | None = None, chat: bool = False) -> list[dict]:
     """Preference records → ``{"prompt", "chosen", "rejected"}`` strings; unusable records go to ``rejects``.
 
     Accepts prompt/chosen/rejected (strings or chat messages) and hh-rlhf whole transcripts,
-    which ``data.records`` splits at the last "\\n\\nAssistant:".
+    which ``data.records`` splits at the last "\\n\\nAssistant:"; with ``chat`` (:func:`chat_choice`) an
+    hh-rlhf prompt becomes chat turns rendered with the tokenizer's chat template.
     """
     def pair(rec) -> dict:
         c = to_canonical(rec)
         if kind(c) != "preference":
             raise BadRecord(f"not a preference pair (a {kind(c)} record); need prompt, chosen, rejected")
-        p = {"prompt": _text(c["prompt"], tokenizer, True), "chosen": _text(c["chosen"], tokenizer, False),
-             "rejected": _text(c["rejected"], tokenizer, False)}
+        prompt = _prompt(c["prompt"], tokenizer, chat)
+        hh_chat = isinstance(prompt, Rendered) and isinstance(c["prompt"], str)
+        p = {"prompt": prompt, "chosen": _response(c["chosen"], hh_chat),
+             "rejected": _response(c["rejected"], hh_chat)}
         if p["chosen"] == p["rejected"]:
             raise BadRecord("chosen and rejected are the same response")
         return p
@@ -68,21 +113,21 @@ def load_pairs(path: str, tokenizer, rejects: list[dict], limit: int | None = No
     return load_records(path, pair, rejects, limit)
 
 
-def load_prompts(path: str, tokenizer, rejects: list[dict], limit: int | None = None) -> list[str]:
+def load_prompts(path: str, tokenizer, rejects: list[dict], limit: int | None = None, chat: bool = False) -> list[str]:
     """Prompts for RL: from preference pairs, chat/instruction records (the context before the last
-    assistant turn), or records with just a ``prompt`` field."""
+    assistant turn), or records with just a ``prompt`` field; hh-rlhf prompts as :func:`load_pairs` has them."""
     def prompt(rec) -> str:
         if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and not ({"chosen", "completion"} & set(rec)):
-            p = rec["prompt"]
+            p = _prompt(rec["prompt"], tokenizer, chat)
         else:
             c = to_canonical(rec)
             k = kind(c)
             if k == "preference":
-                p = _text(c["prompt"], tokenizer, True)
+                p = _prompt(c["prompt"], tokenizer, chat)
             elif k == "chat":
                 msgs = c["messages"]
                 ctx = msgs[:-1] if msgs[-1]["role"] == "assistant" else msgs
-                p = _text(ctx, tokenizer, True)
+                p = _prompt(ctx, tokenizer, chat)
             else:
                 raise BadRecord(f"no prompt in a {k} record")
         if not p.strip():
@@ -90,6 +135,25 @@ def load_prompts(path: str, tokenizer, rejects: list[dict], limit: int | None = 
         return p
 
     return load_records(path, prompt, rejects, limit)
+
+
+def split_key(x):
+    """What a content-hash split hashes: a pair or a prompt as its record had it (``Rendered.source``), so the
+    held-out pairs are the same whichever way they are rendered (``data.chat_template``)."""
+    if isinstance(x, dict):
+        return {k: getattr(v, "source", v) for k, v in x.items()}
+    return getattr(x, "source", x)
+
+
+def count_hh(items: list) -> int:
+    """How many pairs (or prompts) came from hh-rlhf transcripts."""
+    def hh(x) -> bool:
+        text = split_key(x)["prompt"] if isinstance(x, dict) else split_key(x)
+        try:
+            return hh_messages(text) is not None
+        except BadRecord:
+            return is_hh_prompt(text)
+    return sum(hh(x) for x in items)
 
 
 def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, str]:
@@ -102,13 +166,13 @@ def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, st
         raise TunelabError("data: set data.test or data.test_split, not both")
     split_held = None
     if test_split:
-        items, split_held = split_by_content(items, test_split, salt="test")
+        items, split_held = split_by_content(items, test_split, salt="test", key=split_key)
     if getattr(data, "limit", None):
         items = items[: data.limit]
     if data.validation:
         train, val = items, load(data.validation)
     elif data.validation_split > 0:
-        train, val = split_validation(items, data.validation_split, seed)
+        train, val = split_validation(items, data.validation_split, seed, key=split_key)
     else:
         train, val = items, []
     if data.test:
@@ -124,14 +188,15 @@ def split_sets(items: list, data, seed: int, load) -> tuple[list, list, list, st
 
 def fit_pairs(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
     """Cut each prompt from the left so prompt + the longer response fits ``max_length`` tokens
-    (trainers that cut from the right would otherwise drop the responses of long prompts)."""
+    (trainers that cut from the right would otherwise drop the responses of long prompts). A chat prompt
+    loses whole turns and stays a valid rendered prompt (``numerics.fit_prompt``). Plain strings out."""
     special = n_special_tokens(tokenizer) + 1  # + the EOS the trainer appends
     out, cut = [], 0
     for p in pairs:
         n = max(len(tokenizer(p[k], add_special_tokens=False)["input_ids"]) for k in ("chosen", "rejected"))
         text, was_cut = fit_prompt(tokenizer, p["prompt"], prompt_budget(max_length, n, special))
         cut += int(was_cut)
-        out.append({**p, "prompt": text})
+        out.append({"prompt": str(text), "chosen": str(p["chosen"]), "rejected": str(p["rejected"])})
     return out, cut
 
 
@@ -167,14 +232,15 @@ def begin(r: Run, cfg, start: refs.ModelRef, lineage: dict) -> None:
                      **lineage})
 
 
-def pair_sets(r: Run, cfg, tokenizer, fit, cut_key: str) -> tuple[list, list, list, dict]:
+def pair_sets(r: Run, cfg, tokenizer, fit, cut_key: str, chat: ChatChoice) -> tuple[list, list, list, dict]:
     """The preference pairs of a reward or DPO run: (train, validation, held-out, data report). Train and
     validation go through ``fit(tokenizer, pairs, max_length) -> (items, n_cut)``; rejects are written."""
     rejects: list[dict] = []
-    pairs = load_pairs(cfg.data.train, tokenizer, rejects)  # data.limit applies after data.test_split
+    pairs = load_pairs(cfg.data.train, tokenizer, rejects, chat=chat.use)  # data.limit applies after test_split
     train, val, held, held_name = split_sets(pairs, cfg.data, cfg.train.seed,
-                                             lambda path: load_pairs(path, tokenizer, rejects))
+                                             lambda path: load_pairs(path, tokenizer, rejects, chat=chat.use))
     r.write_rejects(rejects)
+    n_hh = count_hh(train + val + (held if held_name != "validation" else []))
     L = cfg.data.max_length
     train, tr_cut = fit(tokenizer, train, L)
     val, va_cut = fit(tokenizer, val, L)
@@ -182,9 +248,11 @@ def pair_sets(r: Run, cfg, tokenizer, fit, cut_key: str) -> tuple[list, list, li
         raise TunelabError(f"no usable preference pairs in {cfg.data.train} ({len(rejects)} rejected; "
                            f"see {r.dir / 'rejects.jsonl'})")
     print(f"data: {len(train)} train / {len(val)} validation pairs; held-out report on {len(held)} {held_name} "
-          f"pairs; prompts cut from the left to fit {L} tokens: {tr_cut + va_cut}; rejected records: {len(rejects)}")
+          f"pairs; prompts cut from the left to fit {L} tokens: {tr_cut + va_cut}; rejected records: {len(rejects)}; "
+          f"hh-rlhf transcripts: {n_hh}, as {chat.label}")
     return train, val, held, {"train_pairs": len(train), "validation_pairs": len(val), "heldout_pairs": len(held),
-                              "heldout_set": held_name, "rejected": len(rejects), cut_key: tr_cut + va_cut}
+                              "heldout_set": held_name, "rejected": len(rejects), cut_key: tr_cut + va_cut,
+                              "hh_transcripts": n_hh, "chat_template": chat.label}
 
 
 def policy_for_training(start: refs.ModelRef, cfg):
@@ -308,6 +376,11 @@ def load_reward_model(ref: str, ws: Workspace):
         max_length = int((rcfg.get("data") or {}).get("max_length", 512))
         m = refs.resolve(str(run_dir), ws)
         info.update({"reward_run_id": run_dir.name, "reward_model_path": str(m.tokenizer_path)})
+        summary = run_dir / "summary.json"
+        trained_on = (json.loads(summary.read_text(encoding="utf-8")).get("data") or {}).get("chat_template") \
+            if summary.is_file() else None
+        if trained_on:  # how its hh-rlhf transcripts were fed: compare with the prompts it will score
+            info["reward_chat_template"] = trained_on
     elif Path(ref).is_dir():
         m, max_length = refs.resolve(ref, ws, runs=False), 512
         info["reward_model_path"] = str(m.path)
@@ -320,6 +393,15 @@ def load_reward_model(ref: str, ws: Workspace):
     for prm in model.parameters():
         prm.requires_grad_(False)
     return RewardScorer(model, tok, max_length), info
+
+
+def warn_if_reward_reads_otherwise(info: dict, chat: ChatChoice) -> None:
+    """Say so when a reward run was trained on hh-rlhf transcripts fed one way (chat template or raw text) and is
+    about to score prompts fed the other way: its scores are then off its training distribution."""
+    theirs = info.get("reward_chat_template")
+    if theirs and theirs.startswith("chat template") != chat.use:
+        print(f"warning: reward model {info.get('reward_run_id')} was trained on hh-rlhf transcripts as {theirs}; "
+              f"this run feeds them as {chat.label} (set data.chat_template to match)")
 
 
 def load_reward_function(spec: str):

@@ -77,8 +77,10 @@ def _steps(r: _run.Run) -> dict:
     P.begin(r, cfg, start, data_lineage)
 
     # 1. tokenizer and pairs (prompts cut from the left to fit), tokenized
-    tokenizer, _ = refs.load_tokenizer(start)
-    train_feats, val_feats, held_pairs, data_report = P.pair_sets(r, cfg, tokenizer, _features, "truncated_pairs")
+    tokenizer, template_added = refs.load_tokenizer(start)
+    chat = P.chat_choice(cfg.data.chat_template, template_added)  # hh-rlhf transcripts: chat turns or raw text
+    train_feats, val_feats, held_pairs, data_report = P.pair_sets(r, cfg, tokenizer, _features, "truncated_pairs",
+                                                                  chat)
     L, held_name = cfg.data.max_length, data_report["heldout_set"]
 
     # 2. model: a scalar head on the decoder (its random init is fixed by the seed)

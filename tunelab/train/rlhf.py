@@ -97,25 +97,31 @@ def _steps(r: _run.Run) -> dict:
     P.begin(r, cfg, start, {**reward_info, **data_lineage})
 
     # 1. tokenizer and prompts (cut from the left so prompt + completion fits max_length)
-    tokenizer, _ = refs.load_tokenizer(start)
+    tokenizer, template_added = refs.load_tokenizer(start)
+    chat = P.chat_choice(cfg.data.chat_template, template_added)  # hh-rlhf transcripts: chat turns or raw text
+    P.warn_if_reward_reads_otherwise(reward_info, chat)
     rejects: list[dict] = []
-    prompts = P.load_prompts(cfg.data.train, tokenizer, rejects, cfg.data.limit)
+    prompts = P.load_prompts(cfg.data.train, tokenizer, rejects, cfg.data.limit, chat=chat.use)
     train_prompts, _, held, held_name = P.split_sets(prompts, cfg.data, cfg.train.seed,
-                                                     lambda path: P.load_prompts(path, tokenizer, rejects))
+                                                     lambda path: P.load_prompts(path, tokenizer, rejects,
+                                                                                 chat=chat.use))
     r.write_rejects(rejects)
     if not train_prompts:
         raise TunelabError(f"no usable prompts in {cfg.data.train} ({len(rejects)} rejected; "
                            f"see {r.dir / 'rejects.jsonl'})")
     budget = cfg.data.max_length - cfg.max_new_tokens - n_special_tokens(tokenizer)
-    fitted = [fit_prompt(tokenizer, p, budget) for p in train_prompts]
-    train_prompts = [t for t, _ in fitted]
-    cut = sum(c for _, c in fitted)
     held_prompts = P.judge_prompts(held, cfg.eval.prompts)
+    n_hh = P.count_hh(train_prompts + held_prompts)
+    fitted = [fit_prompt(tokenizer, p, budget) for p in train_prompts]  # a chat prompt loses whole turns
+    train_prompts = [str(t) for t, _ in fitted]
+    cut = sum(c for _, c in fitted)
     data_report = {"train_prompts": len(train_prompts), "heldout_prompts": len(held_prompts),
-                   "heldout_set": held_name, "rejected": len(rejects), "prompts_cut": cut}
+                   "heldout_set": held_name, "rejected": len(rejects), "prompts_cut": cut,
+                   "hh_transcripts": n_hh, "chat_template": chat.label}
     print(f"data: {len(train_prompts)} train prompts; held-out report on {len(held_prompts)} {held_name} "
           f"prompts; prompts cut from the left to leave {cfg.max_new_tokens} new tokens in "
-          f"{cfg.data.max_length}: {cut}; rejected records: {len(rejects)}")
+          f"{cfg.data.max_length}: {cut}; rejected records: {len(rejects)}; hh-rlhf transcripts: {n_hh}, "
+          f"as {chat.label}")
 
     # 2. policy (+ adapter); the trainer keeps the start as the KL reference
     dplan = plan(cfg.train.precision, cfg.train.gradient_checkpointing)
@@ -151,6 +157,7 @@ def _steps(r: _run.Run) -> dict:
     judge, judge_info = reward_fn, {"judge": "training reward"}
     if cfg.eval.reward_model:
         judge, info = P.load_reward_model(cfg.eval.reward_model, r.ws)
+        P.warn_if_reward_reads_otherwise(info, chat)
         judge_info = {"judge": cfg.eval.reward_model, **{f"judge_{k}": v for k, v in info.items()}}
     res = {}
     if held_prompts:

@@ -33,8 +33,9 @@ METRICS = [("rougeL", "ROUGE-L"), ("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), 
 
 
 def _with_ci(m: dict, k: str) -> str:
+    """The value, and its interval on a second line (fits an 80-column terminal or log)."""
     lo, hi = (m.get("ci") or {}).get(k, [None, None])
-    return f"{m[k]:.4f}" + (f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
+    return f"{m[k]:.4f}" + (f"\n[{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else "")
 
 
 def results_table(ev: dict, title: str):
@@ -52,7 +53,7 @@ def results_table(ev: dict, title: str):
         d = diffs.get(k) or {}
         change = f"{tuned[k] - base[k]:+.4f}"
         if d.get("ci_low") is not None and d.get("ci_high") is not None:
-            change += f" [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+            change += f"\n[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
         t.add_row(label, _with_ci(base, k), _with_ci(tuned, k), change)
     return t
 

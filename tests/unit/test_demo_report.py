@@ -19,9 +19,17 @@ def test_table_prints_intervals_of_each_model_and_of_the_change():
     con = Console(width=160, record=True)
     con.print(results_table(_ev(0.28, 0.32), "demo"))
     text = con.export_text()
-    assert "0.4200 [0.400, 0.440]" in text
-    assert "0.1200 [0.100, 0.140]" in text
-    assert "+0.3000 [+0.280, +0.320]" in text
+    assert "0.4200" in text and "[0.400, 0.440]" in text
+    assert "0.1200" in text and "[0.100, 0.140]" in text
+    assert "+0.3000" in text and "[+0.280, +0.320]" in text
+
+
+def test_table_fits_an_80_column_log_without_breaking_numbers():
+    con = Console(width=80, record=True)
+    con.print(results_table(_ev(0.28, 0.32), "demo"))
+    text = con.export_text()
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "[+0.280, +0.320]" in text and "[0.400, 0.440]" in text  # no interval split across lines
 
 
 def test_verdict_follows_the_paired_interval_not_the_point_estimates():

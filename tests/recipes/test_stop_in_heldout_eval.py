@@ -72,7 +72,7 @@ def test_cancel_in_the_heldout_evaluation_before_training(tmp_path, tiny_model, 
                              lambda: (run_dir / "CANCEL").write_text("cancel", encoding="utf-8"))
     out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
-    assert f"cancelled at step 0, in the held-out evaluation before training" in out, out[-3000:]
+    assert "cancelled at step 0, in the held-out evaluation before training" in out, out[-3000:]
     # it stopped within a batch: no training step, no "after" numbers; the held-out bar never reached its end
     assert "held-out before:" not in out.replace("held-out before: chosen", "").replace("held-out before: rej", "")
     assert not any(f"{HELD}/{HELD}" in line and "before: chosen" in line for line in lines), out[-3000:]

@@ -23,6 +23,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from tunelab import config as cfglib
 from tunelab import recipes
 from tunelab.errors import TunelabError
 from tunelab.models import PACKAGED, resolve
@@ -100,8 +101,6 @@ def check_supported(recipe: str) -> None:
 
 def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> str:
     """Run the recipe on ``nproc`` local processes; return the run id (the run's summary is on disk)."""
-    from tunelab import config as cfglib
-
     # the recipe kind first: an unsupported one is refused with its reason, whatever else the file says;
     # a file that is no YAML mapping at all is refused here, in one line
     kind = cfglib.load_yaml(recipe).get("recipe")

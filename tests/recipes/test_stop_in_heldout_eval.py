@@ -22,6 +22,11 @@ import yaml
 from tests.recipes.test_preference_cli import write_pairs
 
 HELD = 3000  # held-out pairs: the evaluation takes seconds on the tiny model, the stop a batch
+# Promptness is read from the evaluation's progress, which does not depend on the machine's load: the run stops
+# inside the pass it was stopped in (its "chosen" bar never ends, its "rejected" bar never starts). The time
+# bound only catches a run that does not stop at all (the process exit alone can take tens of seconds on a
+# loaded machine).
+BOUND_S = 120
 
 
 def _start(tmp_path: Path, tiny_model: Path, recipe: str, run_id: str, **extra) -> tuple[subprocess.Popen, Path]:
@@ -65,7 +70,9 @@ def _status(run_dir: Path) -> str:
     return Workspace.resolve(run_dir.parents[1]).catalog().get_run(run_dir.name)["status"]
 
 
-@pytest.mark.parametrize("recipe, extra", [("reward", {"eval_batch_size": 2}), ("dpo", {})])
+# dpo ~11 s here; reward ~21 s (its pairwise evaluation tokenizes every held-out pair first): make test-slow
+@pytest.mark.parametrize("recipe, extra", [pytest.param("reward", {"eval_batch_size": 2}, marks=pytest.mark.slow),
+                                           ("dpo", {})])
 def test_cancel_in_the_heldout_evaluation_before_training(tmp_path, tiny_model, recipe, extra):
     proc, run_dir = _start(tmp_path, tiny_model, recipe, f"{recipe}-stop-before", **extra)
     lines, took = _stop_when(proc, "held-out before: chosen",
@@ -76,11 +83,13 @@ def test_cancel_in_the_heldout_evaluation_before_training(tmp_path, tiny_model, 
     # it stopped within a batch: no training step, no "after" numbers; the held-out bar never reached its end
     assert "held-out before:" not in out.replace("held-out before: chosen", "").replace("held-out before: rej", "")
     assert not any(f"{HELD}/{HELD}" in line and "before: chosen" in line for line in lines), out[-3000:]
+    assert "held-out before: rejected" not in out, out[-3000:]
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists()
     assert _status(run_dir) == "cancelled"
-    assert took < 30, f"{took:.1f} s from the cancel to the end"
+    assert took < BOUND_S, f"{took:.1f} s from the cancel to the end"
 
 
+@pytest.mark.slow  # ~25 s: a full evaluation before, two steps, saving and reloading come first
 def test_cancel_in_the_heldout_evaluation_after_training(tmp_path, tiny_model):
     proc, run_dir = _start(tmp_path, tiny_model, "dpo", "dpo-stop-after")
     lines, took = _stop_when(proc, "held-out after: chosen",
@@ -90,7 +99,8 @@ def test_cancel_in_the_heldout_evaluation_after_training(tmp_path, tiny_model):
     assert "cancelled at step 2, in the held-out evaluation after training" in out, out[-3000:]
     assert not (run_dir / "summary.json").exists() and _status(run_dir) == "cancelled"
     assert (run_dir / "adapter").is_dir()  # saved before the evaluation: nothing trained is lost
-    assert took < 30, f"{took:.1f} s from the cancel to the end"
+    assert "held-out after: rejected" not in out and "held-out after (n=" not in out, out[-3000:]
+    assert took < BOUND_S, f"{took:.1f} s from the cancel to the end"
 
 
 def test_sigterm_in_the_heldout_evaluation_before_training(tmp_path, tiny_model):
@@ -103,5 +113,7 @@ def test_sigterm_in_the_heldout_evaluation_before_training(tmp_path, tiny_model)
     assert "interrupted; continue with --resume RUN_ID" in out and "Traceback" not in out, out[-3000:]
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists()
     assert _status(run_dir) == "interrupted"
-    assert took < 30, f"{took:.1f} s from SIGTERM to the end"
+    assert "held-out before: rejected" not in out, out[-3000:]
+    assert not any(f"{HELD}/{HELD}" in line for line in lines), out[-3000:]
+    assert took < BOUND_S, f"{took:.1f} s from SIGTERM to the end"
     assert json.loads((run_dir / "lineage.json").read_text())["run_id"] == run_dir.name

@@ -303,7 +303,7 @@ def advise(
     # read-only: asking for advice must not create a workspace folder
     ws = Workspace(Path(workspace or DEFAULT_DIRNAME).expanduser().resolve())
     if answers or set_:
-        a = cfglib.load(Answers, answers, set_)
+        a = cfglib.load(Answers, answers, set_, what="answers file")
     else:
         tasks = sorted({task_name(d) for d in read_ladder_reports(ws.root)[0]})
         # questions on stderr, so --json leaves stdout to the JSON
@@ -698,7 +698,7 @@ def server(
     flags = [f"host={host}", f"port={port}"]
     flags += [f"concurrency={concurrency}"] * (concurrency is not None) + ["worker=false"] * no_worker
     flags += [f"executor={executor}"] * (executor is not None) + [f"ray_address={ray_address}"] * bool(ray_address)
-    settings = cfglib.load(PlatformSettings, config, [*flags, *set_])
+    settings = cfglib.load(PlatformSettings, config, [*flags, *set_], what="settings file")
     if no_console:
         run_platform(settings, _ws(workspace))
     else:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, ConfigFileError
 
 T = TypeVar("T", bound="Strict")
 
@@ -76,19 +76,84 @@ def _deepcopy(d: Any) -> Any:
     return d
 
 
-def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"file not found: {p}"], str(p))
+# suffixes of files tunelab reads as data, not settings: named in the hint when one is given as a recipe
+_DATA_SUFFIXES = {".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt", ".gz", ".zip", ".arrow", ".safetensors",
+                  ".bin", ".gguf", ".pt"}
+
+
+def _folder_problem(p: Path, what: str) -> str:
+    found = sorted(f.name for f in p.glob("*") if f.suffix in (".yaml", ".yml") and f.is_file())
+    if found:
+        more = f" ({len(found)} YAML files there: {', '.join(found[:4])}{', ...' if len(found) > 4 else ''})" \
+            if len(found) > 1 else ""
+        return f"{p} is a folder, not a {what}; give the YAML file, e.g. {p / found[0]}{more}"
+    return f"{p} is a folder with no .yaml file in it, not a {what}; give the YAML file itself, e.g. {p / 'recipe.yaml'}"
+
+
+def _read_problem(p: Path, what: str) -> tuple[bytes | None, str | None]:
+    """The file's bytes, or the one-line reason it cannot be a YAML {what}."""
+    if p.is_dir():
+        return None, _folder_problem(p, what)
+    if not p.exists():
+        where = "" if p.is_absolute() else f" (relative paths are read from {Path.cwd()})"
+        return None, f"{what} not found: {p}{where}"
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        return p.read_bytes(), None
+    except PermissionError:
+        return None, f"{p}: permission denied; make the {what} readable (chmod u+r) or give a copy you can read"
+    except OSError as e:
+        return None, f"{p} cannot be read ({e.strerror or e}); give a {what} that can"
+
+
+_SECTIONS = {"recipe file": "recipe:, model:, data:, ...", "suite file": "tasks:, models:, decoding:, ...",
+             "answers file": "goal:, labeled_examples:, ...", "settings file": "host:, port:, ..."}
+
+
+def _data_hint(p: Path) -> str:
+    return (f"; {p.name} looks like a data or model file: give the recipe YAML that names it"
+            if p.suffix.lower() in _DATA_SUFFIXES else "")
+
+
+def load_yaml(path: str | Path, what: str = "recipe file") -> dict:
+    """A YAML file whose top level is a mapping. Every way a file can fail to be one (missing, a folder,
+    unreadable, empty, binary, not UTF-8, not YAML, a list or a scalar) is a ``ConfigFileError``: one line
+    naming the file and the fix. ``what`` names the file in those lines ("recipe file", "suite file", ...)."""
+    p = Path(path)
+    raw, problem = _read_problem(p, what)
+    if problem:
+        raise ConfigFileError(problem, str(p))
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise ConfigFileError(f"{p} is UTF-16 text; save the {what} as UTF-8", str(p))
+    if b"\x00" in raw:
+        raise ConfigFileError(f"{p} is a binary file, not a YAML {what}{_data_hint(p)}", str(p))
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigFileError(f"{p} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}, column {col}); "
+                              f"save the {what} as UTF-8{_data_hint(p)}", str(p)) from None
+    if not text.strip():
+        raise ConfigFileError(f"{p} is empty; a {what} holds YAML settings ({_SECTIONS.get(what, 'key: value, ...')})", str(p))
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError([f"not valid YAML: {e}"], str(p)) from None
-    if data is None:
+        raise ConfigFileError(f"{p}: not valid YAML{_yaml_where(e)}{_data_hint(p)}", str(p)) from None
+    if data is None:  # comments only: no settings, every default
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(["the top level must be a mapping of sections (model:, data:, ...)"], str(p))
+        kind = "a list" if isinstance(data, list) else f"a single value ({type(data).__name__} {str(data)[:40]!r})"
+        raise ConfigFileError(f"{p} holds {kind}; the top level of a {what} must be a mapping of sections "
+                              f"({_SECTIONS.get(what, 'key: value, ...')}){_data_hint(p)}", str(p))
     return data
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    """' at line L, column C: problem' from PyYAML's multi-line message, one line."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{where}: {problem}"
 
 
 def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -152,9 +217,9 @@ def validate(model: type[T], data: dict, source: str | None = None, check_files:
 
 
 def load(model: type[T], path: str | Path | None = None, overrides: list[str] | None = None,
-         data: dict | None = None, check_files: bool = False) -> T:
+         data: dict | None = None, check_files: bool = False, what: str = "recipe file") -> T:
     """Load a recipe from YAML (or a dict), apply overrides, validate strictly."""
-    raw = load_yaml(path) if path is not None else (data or {})
+    raw = load_yaml(path, what) if path is not None else (data or {})
     raw = apply_overrides(raw, overrides or [])
     return validate(model, raw, str(path) if path else None, check_files=check_files)
 

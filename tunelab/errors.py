@@ -17,5 +17,15 @@ class ConfigError(TunelabError):
         super().__init__("\n".join([head, *(f"  - {p}" for p in problems)]))
 
 
+class ConfigFileError(ConfigError):
+    """A config file that cannot be read as YAML settings at all (missing, a folder, unreadable, binary,
+    not UTF-8, not YAML, not a mapping): one line that names the file and the fix."""
+
+    def __init__(self, problem: str, source: str | None = None):
+        self.problems = [problem]
+        self.source = source
+        TunelabError.__init__(self, problem)
+
+
 class MissingExtra(TunelabError):
     """An optional dependency is not installed."""

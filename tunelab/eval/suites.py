@@ -153,7 +153,7 @@ class SuiteConfig(Strict):
 
 def load_suite(path: str | Path, overrides: list[str] | None = None) -> tuple[SuiteConfig, Path]:
     """The suite and the folder its relative paths are read from."""
-    raw = cfglib.apply_overrides(cfglib.load_yaml(path), overrides or [])
+    raw = cfglib.apply_overrides(cfglib.load_yaml(path, "suite file"), overrides or [])
     raw.setdefault("recipe", "suite")
     cfg = cfglib.validate(SuiteConfig, raw, str(path))  # runs check_suite too
     return cfg, Path(path).resolve().parent

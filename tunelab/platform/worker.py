@@ -7,8 +7,9 @@ checkpoint (``tunelab train --resume RUN_ID``). A worker that finds it lost a le
 stalled longer than the lease) stops its process, so a job never runs twice at once.
 
 Cancel and pause are cooperative: the worker writes the run's ``CANCEL`` file; the training loop
-sees it at the end of the step, saves a checkpoint and ends the run ``cancelled``. A process that
-has not stopped ``cancel_grace_s`` later gets SIGTERM. Jobs without a training loop (data, eval,
+sees it at the end of the step, saves a checkpoint and ends the run ``cancelled`` (a held-out
+evaluation before or after training sees it between batches). A process that has not stopped
+``cancel_grace_s`` later gets SIGTERM. Jobs without a training loop (data, eval,
 export) are stopped with SIGTERM at once.
 """
 

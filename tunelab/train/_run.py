@@ -46,11 +46,13 @@ from tunelab.workspace import CANCEL_FILE, Workspace, umask_modes, write_json
 
 
 class Cancelled(Exception):
-    """A run stopped at a step boundary because its CANCEL file appeared (a checkpoint was saved)."""
+    """A run stopped because its CANCEL file appeared: at a step boundary (a checkpoint was saved), or between
+    batches of a phase outside the training steps (``phase``: the held-out evaluation before or after training)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"cancelled at step {step}")
+    def __init__(self, step: int, phase: str | None = None):
+        super().__init__(f"cancelled at step {step}" + (f" ({phase})" if phase else ""))
         self.step = step
+        self.phase = phase
 
 
 class _Terminated(KeyboardInterrupt):
@@ -142,6 +144,24 @@ class Run:
         if self.main:
             write_rows(self.dir / "rejects.jsonl", rejects)
 
+    def stop_check(self, phase: str, step: int | None = None) -> Callable[[], None]:
+        """For a long phase outside the training steps (the held-out evaluation before or after training): a
+        function to call between its batches that raises :class:`Cancelled` once the run's CANCEL file exists,
+        so a cancel stops the run within a batch there as it does within a step in training. (SIGTERM needs no
+        check: it interrupts any phase, see ``_sigterm_as_interrupt``.) Under ``--nproc`` the evaluation before
+        training is rank 0's while the other ranks wait in the trainer, so there it checks nothing and the
+        cancel is seen at the first step, where every rank stops together. ``step``: the step trained so far
+        (None: before training)."""
+        if self.dir is None or (step is None and world_size() > 1):
+            return lambda: None
+        flag = self.dir / CANCEL_FILE
+
+        def check() -> None:
+            if flag.exists():
+                raise Cancelled(step or 0, phase)
+
+        return check
+
     def callbacks(self, desc: str | None = None, *, extra: tuple[str, ...] = (), patience: int | None = None,
                   more: list | None = None) -> list:
         """metrics.jsonl, the progress bar, cancel, early stopping (``patience`` evaluations) and ``more``."""
@@ -227,9 +247,14 @@ def execute(kind: str, cfg, steps: Callable[[Run], dict], config_cls, workspace:
     except Cancelled as c:
         if r.main:
             r.catalog.update_run(r.id, status="cancelled")
-        print(f"run {r.id} cancelled at step {c.step} (checkpoint saved); continue it with "
-              f"'tunelab train --resume {r.id}'")
-        return {"run_id": r.id, "status": "cancelled", "stopped_step": c.step}
+        if c.phase is None:
+            print(f"run {r.id} cancelled at step {c.step} (checkpoint saved); continue it with "
+                  f"'tunelab train --resume {r.id}'")
+        else:
+            print(f"run {r.id} cancelled at step {c.step}, in the {c.phase}; continue it with "
+                  f"'tunelab train --resume {r.id}' (it resumes from its newest checkpoint, or from the start)")
+        return {"run_id": r.id, "status": "cancelled", "stopped_step": c.step,
+                **({"stopped_in": c.phase} if c.phase else {})}
     except BaseException as e:
         if r.main and r.began:
             interrupted = isinstance(e, KeyboardInterrupt)

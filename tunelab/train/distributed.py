@@ -23,6 +23,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from tunelab import config as cfglib
 from tunelab import recipes
 from tunelab.errors import TunelabError
 from tunelab.models import PACKAGED, resolve
@@ -100,12 +101,9 @@ def check_supported(recipe: str) -> None:
 
 def launch(recipe: Path, overrides: list[str], workspace: Path, nproc: int) -> str:
     """Run the recipe on ``nproc`` local processes; return the run id (the run's summary is on disk)."""
-    import yaml
-
-    try:  # the recipe kind first: an unsupported one is refused with its reason, whatever else the file says
-        kind = (yaml.safe_load(Path(recipe).read_text(encoding="utf-8")) or {}).get("recipe")
-    except (OSError, yaml.YAMLError, AttributeError):
-        kind = None  # load_recipe below reports the problem
+    # the recipe kind first: an unsupported one is refused with its reason, whatever else the file says;
+    # a file that is no YAML mapping at all is refused here, in one line
+    kind = cfglib.load_yaml(recipe).get("recipe")
     if isinstance(kind, str):
         check_supported(kind)
     cfg, _ = recipes.load_recipe(recipe, overrides)  # validate once, in the parent

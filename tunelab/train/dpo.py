@@ -128,7 +128,8 @@ def _steps(r: _run.Run) -> dict:
     transformers.set_seed(cfg.train.seed)
     ref_model = refs.load(start, device=refs.eval_device())
     if r.main:  # the held-out evaluation is rank 0's (no RNG drawn: the ranks stay in step)
-        ref_c, ref_r = P.pair_logps(ref_model, tokenizer, held_pairs, L)
+        ref_c, ref_r = P.pair_logps(ref_model, tokenizer, held_pairs, L, desc="held-out before",
+                                    check=r.stop_check("held-out evaluation before training"))
         before = heldout_preferences(ref_c, ref_r)
         print(f"held-out before: log-prob preference accuracy {before.get('logp_accuracy')}")
     model, peft_config = P.policy_for_training(start, cfg)
@@ -172,7 +173,8 @@ def _steps(r: _run.Run) -> dict:
     adapter = cfg.method != "full"
     out_dir = _run.save_output(trainer.model, tokenizer, r.dir, adapter=adapter, selected_adapters=["default"])
     policy = P.load_trained(start, out_dir, adapter)  # exactly the saved artifact, in fp32
-    pc, pr = P.pair_logps(policy, tokenizer, held_pairs, L)
+    after_check = r.stop_check("held-out evaluation after training", trainer.state.global_step)
+    pc, pr = P.pair_logps(policy, tokenizer, held_pairs, L, desc="held-out after", check=after_check)
     after = heldout_preferences(pc, pr, ref_c, ref_r, cfg.beta)
     print(f"held-out after (n={after.get('pairs')}): log-prob preference accuracy {after.get('logp_accuracy')}, "
           f"implicit reward accuracy {after.get('implicit_reward_accuracy')} (95% CI "
@@ -183,7 +185,7 @@ def _steps(r: _run.Run) -> dict:
         scorer, info = P.load_reward_model(cfg.eval.reward_model, r.ws)
         P.warn_if_reward_reads_otherwise(info, chat)
         judged = P.judge_policy(r.dir, policy, ref_model, tokenizer, P.judge_prompts(held_pairs, cfg.eval.prompts),
-                                scorer, cfg.eval, max_length=L, seed=cfg.train.seed)
+                                scorer, cfg.eval, max_length=L, seed=cfg.train.seed, check=after_check)
         judged.update(info)
         print(f"reward-model judge: reward {judged['reward_before']} -> {judged['reward_after']}, win-rate "
               f"{judged['win_rate']}, KL to start {judged['kl_to_reference']}")

@@ -81,10 +81,11 @@ def stage_configs(cfg: PipelineConfig) -> list[tuple[str, dict]]:
         if st.file is not None:
             p = Path(st.file)
             p = p if p.is_absolute() or p.exists() else base / p
-            if not p.is_file():
-                problems.append(f"stages.{i}.file: not found: {st.file}")
+            try:
+                raw = cfglib.load_yaml(p)
+            except ConfigError as e:  # not found, a folder, not YAML...: listed with the stage's other problems
+                problems.append(f"stages.{i}.file: {e.problems[0]}")
                 continue
-            raw = cfglib.load_yaml(p)
         else:
             raw = json.loads(json.dumps(st.config))  # a copy
         raw = cfglib.apply_overrides(raw, st.set)

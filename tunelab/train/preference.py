@@ -12,12 +12,14 @@ arguments, saving) is tunelab/train/_run.py's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -291,28 +293,37 @@ def _padded(seqs: list[list[int]], pad: int, device, left: bool = False):
     return ids.to(device), mask.to(device)
 
 
-def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16) -> list[float]:
-    """Scalar scores of a sequence-classification model (num_labels=1), right-padded batches."""
+def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, desc: str | None = None,
+              check: Callable[[], None] | None = None) -> list[float]:
+    """Scalar scores of a sequence-classification model (num_labels=1), right-padded batches. ``desc``: a
+    progress bar under that name; ``check``: called before each batch (a run's cancel check, which raises)."""
     import torch
 
     out: list[float] = []
     model.eval()
-    with torch.no_grad():
+    bar = progress(len(seqs), desc, unit="seq") if desc else contextlib.nullcontext()
+    with torch.no_grad(), bar:
         for b in range(0, len(seqs), batch_size):
+            if check is not None:
+                check()
             ids, mask = _padded(seqs[b: b + batch_size], pad_id, next(model.parameters()).device)
             logits = model(input_ids=ids, attention_mask=mask).logits
             out.extend(logits[:, 0].float().cpu().tolist())
+            if desc:
+                bar.update(len(ids))
     return out
 
 
-def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16) -> dict:
-    """Bradley–Terry view of a reward model on pairs: accuracy (chosen scored above rejected) and mean margin."""
+def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16,
+                  desc: str | None = None, check: Callable[[], None] | None = None) -> dict:
+    """Bradley–Terry view of a reward model on pairs: accuracy (chosen scored above rejected) and mean margin.
+    ``desc``: progress bars under that name; ``check``: called between batches (a run's cancel check)."""
     if not pairs:
         return {"pairs": 0, "accuracy": None, "accuracy_ci95": [None, None], "mean_margin": None, "wins": []}
     chosen = [encode_prompt_response(tokenizer, p["prompt"], p["chosen"], max_length)[0] for p in pairs]
     rejected = [encode_prompt_response(tokenizer, p["prompt"], p["rejected"], max_length)[0] for p in pairs]
-    rc = score_ids(model, chosen, tokenizer.pad_token_id, batch_size)
-    rr = score_ids(model, rejected, tokenizer.pad_token_id, batch_size)
+    rc = score_ids(model, chosen, tokenizer.pad_token_id, batch_size, desc and f"{desc}: chosen", check)
+    rr = score_ids(model, rejected, tokenizer.pad_token_id, batch_size, desc and f"{desc}: rejected", check)
     margins = [c - r for c, r in zip(rc, rr)]
     # a tie is half right: a constant reward model scores 0.5, not 0
     wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
@@ -431,9 +442,10 @@ def load_reward_function(spec: str):
 
 
 def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-           seed: int, temperature: float = 1.0) -> list[list[int]]:
+           seed: int, temperature: float = 1.0, check: Callable[[], None] | None = None) -> list[list[int]]:
     """One sampled completion per prompt (pure sampling at ``temperature``: no top-k/top-p, so the
-    log-ratio below is an unbiased KL estimate). Completions end at and include EOS when produced."""
+    log-ratio below is an unbiased KL estimate). Completions end at and include EOS when produced.
+    ``check``: called before each batch (a run's cancel check, which raises)."""
     import torch
 
     eos = tokenizer.eos_token_id
@@ -441,6 +453,8 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, b
     model.eval()
     torch.manual_seed(seed)
     for b in range(0, len(prompt_ids), batch_size):
+        if check is not None:
+            check()
         ids, mask = _padded(prompt_ids[b: b + batch_size], tokenizer.pad_token_id, next(model.parameters()).device,
                             left=True)
         with torch.no_grad():
@@ -453,11 +467,10 @@ def sample(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, b
 
 
 def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[list[int]], pad_id: int,
-                        batch_size: int = 16, desc: str | None = None) -> list[float]:
+                        batch_size: int = 16, desc: str | None = None,
+                        check: Callable[[], None] | None = None) -> list[float]:
     """Sum of log p(completion | prompt) under ``model``, one number per pair. ``desc``: a progress bar over the
-    pairs under that name."""
-    import contextlib
-
+    pairs under that name; ``check``: called before each batch (a run's cancel check, which raises)."""
     import torch
 
     out: list[float] = []
@@ -465,6 +478,8 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[li
     bar = progress(len(prompt_ids), desc, unit="pair") if desc else contextlib.nullcontext()
     with torch.no_grad(), bar:
         for b in range(0, len(prompt_ids), batch_size):
+            if check is not None:
+                check()
             ps, cs = prompt_ids[b: b + batch_size], completions[b: b + batch_size]
             ids, mask = _padded([p + c for p, c in zip(ps, cs)], pad_id, next(model.parameters()).device)
             logits = model(input_ids=ids, attention_mask=mask).logits
@@ -480,8 +495,10 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[li
     return out
 
 
-def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16):
-    """log p(chosen + EOS | prompt) and log p(rejected + EOS | prompt) per pair (prompt cut from the left)."""
+def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16, desc: str | None = None,
+               check: Callable[[], None] | None = None):
+    """log p(chosen + EOS | prompt) and log p(rejected + EOS | prompt) per pair (prompt cut from the left).
+    ``desc``: progress bars under that name; ``check``: called between batches (a run's cancel check)."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     special = n_special_tokens(tokenizer)
     prompts, chosen, rejected = [], [], []
@@ -495,8 +512,8 @@ def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size:
         chosen.append(c[:room])
         rejected.append(r[:room])
     pad = tokenizer.pad_token_id
-    return (completion_logprobs(model, prompts, chosen, pad, batch_size),
-            completion_logprobs(model, prompts, rejected, pad, batch_size))
+    return (completion_logprobs(model, prompts, chosen, pad, batch_size, desc and f"{desc}: chosen", check),
+            completion_logprobs(model, prompts, rejected, pad, batch_size, desc and f"{desc}: rejected", check))
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
@@ -505,13 +522,15 @@ def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> lis
 
 
 def evaluate_policy(policy, start_model, tokenizer, prompts: list[str], reward_fn, *, samples: int,
-                    max_new_tokens: int, max_length: int, batch_size: int, seed: int) -> dict:
+                    max_new_tokens: int, max_length: int, batch_size: int, seed: int,
+                    check: Callable[[], None] | None = None) -> dict:
     """The aligned policy against its starting model on held-out prompts, judged by ``reward_fn``.
 
     Both sample ``samples`` completions per prompt with the same seeds. Reports the mean reward of
     each, the win-rate of the policy (its i-th sample against the start's i-th sample on the same
     prompt; ties count half), and KL(policy || start) estimated as the mean over the policy's own
-    samples of log p_policy(y|x) − log p_start(y|x) (nats per completion).
+    samples of log p_policy(y|x) − log p_start(y|x) (nats per completion). ``check``: called between
+    batches (a run's cancel check, which raises).
     """
     pids = encode_prompts(tokenizer, prompts, max_length - max_new_tokens)
     rows = []
@@ -521,11 +540,12 @@ def evaluate_policy(policy, start_model, tokenizer, prompts: list[str], reward_f
         texts = {}
         comp = {}
         for name, m in (("start", start_model), ("policy", policy)):
-            comp[name] = sample(m, tokenizer, pids, max_new_tokens, batch_size, seed + k)
+            comp[name] = sample(m, tokenizer, pids, max_new_tokens, batch_size, seed + k, check=check)
             texts[name] = [tokenizer.decode(c, skip_special_tokens=True) for c in comp[name]]
             rewards[name] += list(map(float, reward_fn(prompts=prompts, completions=texts[name])))
-        lp_pol = completion_logprobs(policy, pids, comp["policy"], tokenizer.pad_token_id, batch_size)
-        lp_ref = completion_logprobs(start_model, pids, comp["policy"], tokenizer.pad_token_id, batch_size)
+        lp_pol = completion_logprobs(policy, pids, comp["policy"], tokenizer.pad_token_id, batch_size, check=check)
+        lp_ref = completion_logprobs(start_model, pids, comp["policy"], tokenizer.pad_token_id, batch_size,
+                                     check=check)
         kl_terms += [a - b for a, b in zip(lp_pol, lp_ref)]
         base = len(rewards["start"]) - len(prompts)
         for i, p in enumerate(prompts):
@@ -539,11 +559,12 @@ def evaluate_policy(policy, start_model, tokenizer, prompts: list[str], reward_f
 
 
 def judge_policy(run_dir: Path, policy, start_model, tokenizer, prompts: list[str], judge, ev, *,
-                 max_length: int, seed: int) -> dict:
+                 max_length: int, seed: int, check: Callable[[], None] | None = None) -> dict:
     """:func:`evaluate_policy` with a recipe's ``eval:`` section; the sampled generations go to the run's
     ``eval/generations.jsonl``."""
     res = evaluate_policy(policy, start_model, tokenizer, prompts, judge, samples=ev.samples,
-                          max_new_tokens=ev.max_new_tokens, max_length=max_length, batch_size=ev.batch_size, seed=seed)
+                          max_new_tokens=ev.max_new_tokens, max_length=max_length, batch_size=ev.batch_size, seed=seed,
+                          check=check)
     (run_dir / "eval").mkdir(exist_ok=True)
     write_rows(run_dir / "eval" / "generations.jsonl", res.pop("rows"))
     return res

@@ -89,7 +89,8 @@ def _steps(r: _run.Run) -> dict:
     model = refs.load(start, task="seq_cls", num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     if r.main:  # the held-out evaluation is rank 0's (no RNG drawn: the ranks stay in step)
-        before = P.pairwise_eval(model, tokenizer, held_pairs, L, cfg.eval_batch_size)
+        before = P.pairwise_eval(model, tokenizer, held_pairs, L, cfg.eval_batch_size, desc="held-out before",
+                                 check=r.stop_check("held-out evaluation before training"))
         print(f"held-out before: accuracy {before['accuracy']} (95% CI {before['accuracy_ci95']}, "
               f"n={before['pairs']}), mean margin {before['mean_margin']}")
 
@@ -125,7 +126,8 @@ def _steps(r: _run.Run) -> dict:
     out_dir = _run.save_output(trainer.model, tokenizer, r.dir, adapter=cfg.method != "full",
                                selected_adapters=["default"])
     scorer, _ = P.load_reward_model(str(r.dir), r.ws)  # exactly the saved artifact, in fp32
-    after = P.pairwise_eval(scorer.model, scorer.tokenizer, held_pairs, L, cfg.eval_batch_size)
+    after = P.pairwise_eval(scorer.model, scorer.tokenizer, held_pairs, L, cfg.eval_batch_size, desc="held-out after",
+                            check=r.stop_check("held-out evaluation after training", trainer.state.global_step))
     gain = P.paired_gain(before.pop("wins"), after.pop("wins")) if before["pairs"] else None
     print(f"held-out after: accuracy {after['accuracy']} (95% CI {after['accuracy_ci95']}, n={after['pairs']}), "
           f"mean margin {after['mean_margin']}; gain over the untrained head {gain and gain['difference']} "

@@ -163,7 +163,8 @@ def _steps(r: _run.Run) -> dict:
     if held_prompts:
         start_model = refs.load(start, device=refs.eval_device())
         res = P.judge_policy(r.dir, policy, start_model, tokenizer, held_prompts, judge, cfg.eval,
-                             max_length=cfg.data.max_length, seed=cfg.train.seed)
+                             max_length=cfg.data.max_length, seed=cfg.train.seed,
+                             check=r.stop_check("held-out evaluation after training", trainer.state.global_step))
         print(f"held-out: reward {res['reward_before']} -> {res['reward_after']}, win-rate over the start "
               f"{res['win_rate']}, KL to the start {res['kl_to_reference']} nats")
     else:

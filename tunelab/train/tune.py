@@ -23,11 +23,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from tunelab import config as cfglib
 from tunelab import recipes
 from tunelab._optional import require
 from tunelab._plot import new_figure, png_bytes
 from tunelab.config import Strict
-from tunelab.errors import TunelabError
+from tunelab.errors import ConfigError, TunelabError
 from tunelab.models import refs
 from tunelab.train import sft
 from tunelab.workspace import Workspace, write_json
@@ -82,8 +83,10 @@ def _base_path(cfg: TuneConfig) -> Path:
     p = Path(cfg.base)
     if not p.is_absolute() and cfg.base_dir:
         p = Path(cfg.base_dir) / p
-    if not p.is_file():
-        raise TunelabError(f"base: recipe file not found: {p}")
+    try:
+        cfglib.load_yaml(p)
+    except ConfigError as e:  # missing, a folder, empty, binary...: one line that says which
+        raise TunelabError(f"base: {e}") from None
     return p
 
 

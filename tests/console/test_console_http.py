@@ -3,6 +3,7 @@ validation and the native pause/resume endpoints the job page uses."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -10,6 +11,15 @@ import time
 import httpx2 as httpx
 
 from tunelab.platform.auth import create_key
+
+
+def _run_async(make_coro):
+    """asyncio.run in a thread of its own: the browser tests' Playwright (sync API) keeps an event loop running in
+    the main thread for the rest of the session, and asyncio.run refuses to start inside a running loop."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(lambda: asyncio.run(make_coro())).result()
 
 
 def test_sign_in_cookie_and_cross_site_guard(console_server):
@@ -202,7 +212,6 @@ def _until(events, names: set) -> dict:
 def test_a_console_action_is_audited_once_with_the_browsers_address(console_server):
     """The console's POST and the API call it makes in-process are one action: one audit row, the API's, with the
     browser's address (not the in-process transport's)."""
-    import asyncio
 
     import httpx as real_httpx  # an ASGI transport that claims a browser's address (a TEST-NET one)
 
@@ -224,7 +233,7 @@ def test_a_console_action_is_audited_once_with_the_browsers_address(console_serv
         r4 = await api.post("/v1/tunelab/jobs/job-d/cancel")
         return r1, r2, r3, r4
 
-    r1, r2, r3, r4 = asyncio.run(run())
+    r1, r2, r3, r4 = _run_async(run)
     assert r1.status_code == 303 and srv.store.get_job("job-c")["status"] == "cancelled"
     assert r2.status_code == 200 and r3.status_code == 404 and r4.status_code == 200
     rows = sorted(srv.store.audit_log(100), key=lambda a: a["seq"])
@@ -249,7 +258,6 @@ def test_a_console_action_is_audited_once_with_the_browsers_address(console_serv
 def test_a_claimed_client_address_is_not_recorded(console_server):
     """Only this process can say that a call acts for another address: a header from an HTTP client claiming one
     (X-Forwarded-For and kin) changes nothing in the audit log, on the API or on the console."""
-    import asyncio
 
     import httpx as real_httpx
 
@@ -267,6 +275,6 @@ def test_a_claimed_client_address_is_not_recorded(console_server):
                      headers={**claims, "origin": "http://tunelab.test"})
         await c.post("/v1/tunelab/jobs/job-e/cancel", headers=claims)  # no key: refused, and audited
 
-    asyncio.run(run())
+    _run_async(run)
     rows = srv.store.audit_log(100)
     assert len(rows) == 3 and {a["client"] for a in rows} == {"198.51.100.7"}, rows

@@ -234,6 +234,15 @@ def begin(r: Run, cfg, start: refs.ModelRef, lineage: dict) -> None:
                      **lineage})
 
 
+def prompt_sets(cfg, tokenizer, rejects: list[dict], chat: ChatChoice) -> tuple[list, list, list, str]:
+    """The prompts of an RL run: (train, validation, held-out, name of the held-out set), split as the pairs of
+    reward and DPO runs are: ``data.limit`` applies after ``data.test_split``, so the held-out prompts do not
+    depend on it and the run trains on ``limit`` prompts."""
+    prompts = load_prompts(cfg.data.train, tokenizer, rejects, chat=chat.use)
+    return split_sets(prompts, cfg.data, cfg.train.seed,
+                      lambda path: load_prompts(path, tokenizer, rejects, chat=chat.use))
+
+
 def pair_sets(r: Run, cfg, tokenizer, fit, cut_key: str, chat: ChatChoice) -> tuple[list, list, list, dict]:
     """The preference pairs of a reward or DPO run: (train, validation, held-out, data report). Train and
     validation go through ``fit(tokenizer, pairs, max_length) -> (items, n_cut)``; rejects are written."""

@@ -101,10 +101,7 @@ def _steps(r: _run.Run) -> dict:
     chat = P.chat_choice(cfg.data.chat_template, template_added)  # hh-rlhf transcripts: chat turns or raw text
     P.warn_if_reward_reads_otherwise(reward_info, chat)
     rejects: list[dict] = []
-    prompts = P.load_prompts(cfg.data.train, tokenizer, rejects, cfg.data.limit, chat=chat.use)
-    train_prompts, _, held, held_name = P.split_sets(prompts, cfg.data, cfg.train.seed,
-                                                     lambda path: P.load_prompts(path, tokenizer, rejects,
-                                                                                 chat=chat.use))
+    train_prompts, _, held, held_name = P.prompt_sets(cfg, tokenizer, rejects, chat)
     r.write_rejects(rejects)
     if not train_prompts:
         raise TunelabError(f"no usable prompts in {cfg.data.train} ({len(rejects)} rejected; "

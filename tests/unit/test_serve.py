@@ -6,12 +6,13 @@ adapters made here; the official ``openai`` package drives it.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import uvicorn_in_thread
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
@@ -57,33 +58,12 @@ def _build(tiny_model, adapters, **kw):
     return build(cfg, ws)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, adapters):
     """The app under uvicorn in a thread; yields (base_url, registry, engine)."""
-    import httpx2 as httpx
-    import uvicorn
-
     app, registry, engine = _build(tiny_model, adapters, api_keys=["secret"], max_tokens=64)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield url, registry, engine
-    srv.should_exit = True
-    t.join(timeout=10)
+    with uvicorn_in_thread(app) as url:
+        yield url, registry, engine
     engine.close()
 
 

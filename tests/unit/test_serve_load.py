@@ -6,6 +6,7 @@ the engine, its own 500) in OpenAI's error shape.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -15,7 +16,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from tests.unit.test_serve import PROMPTS, _build, _free_port, adapters  # noqa: F401  (fixture)
+from tests.conftest import uvicorn_in_thread
+from tests.unit.test_serve import PROMPTS, _build, adapters  # noqa: F401  (fixture)
 
 CLIENTS = 16
 ROUNDS = 3  # good requests a client, with one bad request among them
@@ -68,7 +70,6 @@ def _answer(client, url, path, body, stream):
 
 def test_sixteen_clients_with_bad_requests_mixed_in(tiny_model, adapters, monkeypatch):  # noqa: F811
     import httpx2 as httpx
-    import uvicorn
 
     app, registry, engine = _build(tiny_model, adapters, max_tokens=8, max_batch_size=8)
     forward = engine._forward
@@ -81,18 +82,9 @@ def test_sixteen_clients_with_bad_requests_mixed_in(tiny_model, adapters, monkey
         return forward(ids, positions, mask, cache, names)
 
     monkeypatch.setattr(engine, "_forward", poisoned)
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{port}"
+    server = contextlib.ExitStack()
+    url = server.enter_context(uvicorn_in_thread(app))
     try:
-        for _ in range(200):
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.05)
         with httpx.Client(timeout=120) as c:
             lone = [_answer(c, url, *g) for g in GOOD]  # one at a time: each decodes alone
         assert all(s == 200 for s, _ in lone), lone
@@ -137,8 +129,7 @@ def test_sixteen_clients_with_bad_requests_mixed_in(tiny_model, adapters, monkey
         elapsed = time.perf_counter() - t0
         assert not any(th.is_alive() for th in threads)
     finally:
-        srv.should_exit = True
-        t.join(timeout=10)
+        server.close()
         engine.close()
 
     assert len(results) == CLIENTS * ROUNDS

@@ -4,11 +4,9 @@ official ``openai`` client keeps."""
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-
 import pytest
+
+from tests.conftest import uvicorn_in_thread
 
 pytest.importorskip("fastapi")
 pytest.importorskip("faiss")
@@ -17,17 +15,9 @@ openai = pytest.importorskip("openai")
 DOCS = ["The cat is red.", "The dog is blue.", "The bird is green.", "The fish is yellow.", "The frog is purple."]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def rag_server(tiny_model, tiny_bert, tmp_path_factory):
-    import httpx2 as httpx
     import torch
-    import uvicorn
 
     from tunelab.data import retrieval
     from tunelab.serve.server import ServeConfig, build
@@ -41,20 +31,8 @@ def rag_server(tiny_model, tiny_bert, tmp_path_factory):
     index.save(d / "rag-index")
     app, registry, engine = build(ServeConfig(model=str(tiny_model), name="tiny", rag=str(d / "rag-index"),
                                               max_tokens=32), Workspace.resolve(d / "ws"))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    t = threading.Thread(target=srv.run, daemon=True)
-    t.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
-    yield url, registry, index
-    srv.should_exit = True
-    t.join(timeout=10)
+    with uvicorn_in_thread(app) as url:
+        yield url, registry, index
     engine.close()
 
 

@@ -362,6 +362,7 @@ def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: 
     if desc and len(feats) <= 2 * batch_size:
         batch_size = max(1, -(-len(feats) // 10))
     parts = _causal_parts(model)
+    dev = next(model.parameters()).device
     bar = progress(len(feats), desc) if desc else contextlib.nullcontext()
     with torch.no_grad(), bar:
         for b in range(0, len(feats), batch_size):
@@ -377,7 +378,6 @@ def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: 
                 # SmolLM2 the head is ~20% of a token's compute), a chunk of rows at a time: peak memory one
                 # chunk x vocab block instead of batch x length x vocab
                 dec, head = parts
-                dev = next(model.parameters()).device
                 hidden = dec(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                              use_cache=False).last_hidden_state[:, :-1]
                 labels = batch["labels"][:, 1:].to(hidden.device)

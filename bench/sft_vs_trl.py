@@ -25,6 +25,7 @@ Configurations:
   tunelab-ckpt3      ... checkpointing every 3rd decoder layer instead of every 2nd (the CPU bf16 default)
   tunelab-fp32       ... with train.precision=fp32
   tunelab-mb4        ... with train.micro_batch_size=4 (two micro-batches of 4 accumulated: the same 8 per step)
+  tunelab-whole      ... with train.micro_batch_size=8 (the whole batch: no CPU default micro-batch split)
   trl-defaults       TRL SFTConfig defaults (bf16 autocast, gradient checkpointing)
   trl-nogc           ... without gradient checkpointing
   trl-grouped        ... with length-grouped batches (train_sampling_strategy="group_by_length", as tunelab)
@@ -53,7 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "examples" / "sft_lora_support.yaml"
 CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt3", "tunelab-fp32",
-           "tunelab-mb4",
+           "tunelab-mb4", "tunelab-whole",
            "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
            "trl-packing-nogc", "trl-fp32")
 
@@ -92,6 +93,8 @@ def child_tunelab(a, variant: str, tmp: Path) -> dict:
         raw["train"]["precision"] = "fp32"
     elif variant == "tunelab-mb4":
         raw["train"]["micro_batch_size"] = 4
+    elif variant == "tunelab-whole":
+        raw["train"]["micro_batch_size"] = raw["train"]["batch_size"]
     elif variant == "tunelab-ckpt3":
         from tunelab.train import device
 

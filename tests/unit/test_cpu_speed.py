@@ -192,3 +192,116 @@ def test_frozen_bf16_releases_the_memory_mapped_weights_file(tiny_model, tmp_pat
     gc.collect()
     assert not mapped(), "a parameter still views the mapped weights file"
     frozen.restore()
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_linear_same_loss_and_gradients_as_peft(tiny_model, dropout):
+    """The fused forward computes peft's base(x) + lora_B(lora_A(dropout(x))) * scaling with the same dropout
+    masks (both drawn from torch's generator by the same function): same logits and gradients up to rounding."""
+    from tunelab.train._cpu_speed import use_fast_lora_dropout, use_fused_lora_linear
+
+    ref_model, model = _lora_model(tiny_model, dropout), _lora_model(tiny_model, dropout)
+    use_fast_lora_dropout(ref_model), use_fast_lora_dropout(model)
+    n = use_fused_lora_linear(model)
+    assert n == sum(1 for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+    assert use_fused_lora_linear(model) == 0  # already routed
+    ids = torch.randint(3, 100, (3, 10))
+    outs = []
+    for m in (ref_model, model):
+        m.train()
+        torch.manual_seed(7)
+        out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        outs.append((out.logits.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
+    (l1, g1), (l2, g2) = outs
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-5)
+    assert g1.keys() == g2.keys() and g1
+    for k in g1:
+        torch.testing.assert_close(g2[k], g1[k], rtol=1e-4, atol=1e-6, msg=k)
+    # and the masks took part: two fused forwards with different seeds differ when dropout is on
+    if dropout:
+        torch.manual_seed(8)
+        assert not torch.allclose(model(input_ids=ids).logits, l2)
+
+
+def test_fused_lora_linear_falls_back_to_peft_outside_fp32_training(tiny_model):
+    """Eval, no-grad, a disabled adapter and autocast take peft's own forward: the fused path is only for training."""
+    from tunelab.train import _cpu_speed
+
+    model = _lora_model(tiny_model, 0.1)
+    _cpu_speed.use_fused_lora_linear(model)
+    calls = []
+    real = _cpu_speed._FusedLoraLinear.apply
+    _cpu_speed._FusedLoraLinear.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        ids = torch.randint(3, 100, (2, 8))
+        model.eval()
+        model(input_ids=ids)
+        model.train()
+        with torch.no_grad():
+            model(input_ids=ids)
+        with model.disable_adapter():
+            model(input_ids=ids)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids)
+        assert calls == []
+        model(input_ids=ids)
+        assert calls  # fp32 training with gradients on: fused
+    finally:
+        _cpu_speed._FusedLoraLinear.apply = real
+
+
+def test_fused_lora_linear_keeps_less_for_backward(tiny_model):
+    """What autograd keeps for backward in one training forward: the fused path saves the layer input once and a
+    1-byte mask instead of an fp32 masked copy per adapted linear."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from tunelab.train._cpu_speed import use_fast_lora_dropout, use_fused_lora_linear
+
+    def saved_bytes(model):  # activations only: storages that are not the model's parameters
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.train()
+        with saved_tensors_hooks(pack, lambda t: t):
+            model(input_ids=torch.randint(3, 100, (4, 64))).logits.sum()
+        return sum(seen.values())
+
+    plain, fused = _lora_model(tiny_model, 0.1), _lora_model(tiny_model, 0.1)
+    use_fast_lora_dropout(plain), use_fast_lora_dropout(fused)
+    use_fused_lora_linear(fused)
+    # per token and layer the plain path keeps an fp32 masked copy of each adapted linear's input (q, k, v, o,
+    # gate, up: hidden; down: intermediate); the fused one keeps each distinct input once (q/k/v share one,
+    # gate/up another): the difference is the copies minus those four inputs (the 1-byte masks are on both sides)
+    cfg = plain.config
+    h, i, tokens = cfg.hidden_size, cfg.intermediate_size, 4 * 64
+    expected = tokens * cfg.num_hidden_layers * 4 * ((6 * h + i) - (3 * h + i))
+    assert saved_bytes(plain) - saved_bytes(fused) >= 0.9 * expected
+
+
+def test_frozen_head_nll_exact_on_sharp_logits():
+    """Logits hundreds of nats apart (a confident model): the clamp that keeps exp out of subnormals changes
+    nothing a float32 cross-entropy can see, including a target far down the distribution."""
+    import torch.nn.functional as F
+
+    from tunelab.train.numerics import frozen_head_nll
+
+    torch.manual_seed(0)
+    weight = torch.randn(500, 32) * 40
+    h1 = torch.randn(40, 32, requires_grad=True)
+    h2 = h1.detach().clone().requires_grad_(True)
+    logits = h1.detach() @ weight.t()
+    assert (logits.amax(-1, keepdim=True) - logits).amax() > 300  # subnormal exps without the clamp
+    t = torch.randint(0, 500, (40,))
+    t[0] = logits[0].argmin()  # the least likely token: an NLL of hundreds of nats
+    ref = F.cross_entropy(h1 @ weight.t(), t, reduction="sum")
+    got = frozen_head_nll(h2, weight, t, chunk=16)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-3)
+    ref.backward()
+    got.backward()
+    torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-4)

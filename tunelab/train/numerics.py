@@ -311,10 +311,16 @@ def _frozen_head_nll_fn():
                     h = hidden[i:i + chunk].to(mm)
                     t = targets[i:i + chunk]
                     logits = (h @ w.t()).float()
-                    lse = torch.logsumexp(logits, dim=-1)
-                    total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+                    target = logits.gather(1, t[:, None])[:, 0]
+                    top = logits.amax(dim=-1, keepdim=True)
+                    # exp(logit - max) in place, from -87 up: e^-87 ~ 1.6e-38 is float32's smallest normal range;
+                    # below it exp returns subnormals, which a CPU computes 5-10x slower (measured on a Xeon) and
+                    # which are below the resolution of a sum that holds e^0 = 1
+                    exps = logits.sub_(top).clamp_(min=-87.0).exp_()
+                    sums = exps.sum(dim=-1, keepdim=True)
+                    total += (top[:, 0] + sums[:, 0].log() - target).sum()
                     if need_grad:
-                        probs = torch.exp(logits.sub_(lse[:, None]))  # softmax, in place of the logits
+                        probs = exps.div_(sums)  # softmax, in place of the logits
                         probs[torch.arange(len(t), device=t.device), t] -= 1.0
                         grad[i:i + chunk] = (probs.to(mm) @ w).to(hidden.dtype)
             if need_grad:

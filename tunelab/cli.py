@@ -172,6 +172,8 @@ def eval_(
     no_base: bool = typer.Option(False, "--no-base", help="skip the base model"),
     no_business: bool = typer.Option(False, "--no-business", help="skip latency, memory and cost measurements"),
     no_probe: bool = typer.Option(False, "--no-probe", help="skip the general-capability (forgetting) probe"),
+    no_merge: bool = typer.Option(False, "--no-merge", help="score a LoRA adapter unmerged, as base + adapter "
+                                                            "serving runs it (default: merged into the base weights)"),
     price_per_hour: Optional[float] = typer.Option(None, help="device-hour price for cost and ROI (default 1.0)"),
     forgetting_threshold: Optional[float] = typer.Option(
         None, help="flag the run when general perplexity rises by more than this fraction (default 0.10)"),
@@ -185,7 +187,8 @@ def eval_(
     bcfg = {} if price_per_hour is None else {"price_per_hour": price_per_hour}
     fcfg = {} if forgetting_threshold is None else {"max_perplexity_increase": forgetting_threshold}
     res = evaluate_run(run, _ws(workspace), data=data, limit=limit, with_base=not no_base, business=not no_business,
-                       forgetting=not no_probe, business_cfg=bcfg, forgetting_cfg=fcfg, n_resamples=resamples)
+                       forgetting=not no_probe, business_cfg=bcfg, forgetting_cfg=fcfg, n_resamples=resamples,
+                       merge=not no_merge)
     print_eval(res)
 
 

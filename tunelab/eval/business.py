@@ -190,9 +190,17 @@ def peak_memory(device, reset: list[str] | None = None, since: str = "the last r
                     "measured before this one: the peak could not be reset here)"}
 
 
-def model_size(model, adapter_dir: Path | None) -> dict:
-    params = sum(p.numel() for p in model.parameters())
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+# where peft keeps an adapter's own weights (the names its state-dict helpers select by)
+ADAPTER_PARAM_MARKS = (".lora_", ".ia3_", "prompt_encoder.", ".modules_to_save.")
+
+
+def model_size(model, adapter_dir: Path | None, adapter_off: bool = False) -> dict:
+    """Parameters and bytes of the loaded model; ``adapter_off``: a peft model measured with its adapter
+    disabled (the base), so the adapter's own weights, loaded but unused, are not counted."""
+    ps = [p for n, p in model.named_parameters()
+          if not (adapter_off and any(mark in n for mark in ADAPTER_PARAM_MARKS))]
+    params = sum(p.numel() for p in ps)
+    nbytes = sum(p.numel() * p.element_size() for p in ps)
     out = {"parameters": int(params), "model_bytes": int(nbytes)}
     if adapter_dir is not None and Path(adapter_dir).is_dir():
         out["adapter_bytes"] = int(sum(f.stat().st_size for f in Path(adapter_dir).rglob("*")
@@ -260,19 +268,21 @@ def costs(latency: dict, compute: dict | None, cfg: BusinessSection, quality: di
 
 def business_metrics(model, tokenizer, prompts: list[list[int]], cfg: BusinessSection, *,
                      adapter_dir: Path | None = None, run_dir: Path | None = None,
-                     peak_reset: list[str] | None = None, quality: dict | None = None, name: str = "") -> dict:
+                     peak_reset: list[str] | None = None, quality: dict | None = None, name: str = "",
+                     adapter_off: bool = False) -> dict:
     """Everything above for one loaded model; ``prompts`` are token ids (the first few are timed).
 
     ``peak_reset``: what ``reset_peak_memory()`` reset before the model was loaded (the peak then covers
     loading, evaluating and timing it); None resets here, so the peak covers the timed requests.
-    ``quality``: the model's share of acceptable answers (``quality_share``), which the ROI's benefit needs."""
+    ``quality``: the model's share of acceptable answers (``quality_share``), which the ROI's benefit needs.
+    ``adapter_off``: a peft model timed with its adapter disabled (the base): its size leaves the adapter out."""
     dev = next(model.parameters()).device
     since = "this model was loaded"
     if peak_reset is None:
         peak_reset, since = reset_peak_memory(), "the latency measurement began"
     lat = measure_latency(model, tokenizer, prompts[: cfg.latency_requests], cfg.max_new_tokens,
                           desc=f"latency timing{' ' + name if name else ''}")
-    size = model_size(model, adapter_dir)
+    size = model_size(model, adapter_dir, adapter_off)
     compute = training_compute(run_dir, size["parameters"])
     return {"latency": lat, "memory": peak_memory(dev, peak_reset, since), "size": size, "training": compute,
             "cost": costs(lat, compute, cfg, quality), "device": str(dev)}

@@ -2,6 +2,9 @@
 
 Writes ``<run>/eval/{base,tuned}.jsonl`` (one row per example), ``<run>/eval/metrics.json``,
 records the evaluation in the catalog as a child of the run, and refreshes ``report.html``.
+
+A LoRA-family adapter is scored merged into the base weights, after the base was scored with the
+adapter off (``merge_decision``; docs/evaluation.md says why and when not).
 """
 
 from __future__ import annotations
@@ -40,9 +43,13 @@ def _load_cfg(run_dir: Path):
 def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int | None = None,
                  with_base: bool = True, *, business: bool = True, forgetting: bool = True,
                  business_cfg: dict | None = None, forgetting_cfg: dict | None = None,
-                 n_resamples: int = 1000, seed: int = 0) -> dict:
+                 n_resamples: int = 1000, seed: int = 0, merge: bool = True) -> dict:
     """Base vs tuned on the held-out set: every metric with a bootstrap interval, the tuned − base
-    difference with a paired-bootstrap p-value, business metrics and the forgetting probe."""
+    difference with a paired-bootstrap p-value, business metrics and the forgetting probe.
+
+    A LoRA adapter (DoRA, rsLoRA) is scored merged into the base weights, as a merged export or a
+    single-adapter deployment runs it: the base is scored first (adapter off), then the adapter is folded
+    in (``refs.lora_merge_blocker`` says when it cannot be); ``merge=False`` scores it unmerged, as loaded."""
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -80,7 +87,12 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     if with_base and tuned_ref.adapter is None:  # a full fine-tune: the base is a second model
         status(f"loading the base model {base_ref}")
         base = refs.load(refs.resolve(base_ref, ws, trust_remote_code=tuned_ref.trust_remote_code, runs=False))
-
+    tuned_model = merge_decision(tuned, merge)
+    if tuned_model["adapter"] is not None:
+        status(f"tuned: {tuned_model['adapter']} adapter "
+               + ("merged into the base weights for scoring" + (" (the base is scored first, adapter off)"
+                                                                  if with_base else "")
+                  if tuned_model["merged"] else f"scored unmerged: {tuned_model['why']}"))
 
     bcfg = BusinessSection(**(business_cfg or {}))
     fcfg = ForgettingSection(**(forgetting_cfg or {}))
@@ -107,7 +119,8 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
             extras["business"][name] = business_metrics(model, tokenizer, prompts, bcfg,
                                                         adapter_dir=adapter if name == "tuned" and adapter.is_dir()
                                                         else None, run_dir=run_dir if name == "tuned" else None,
-                                                        quality=quality, name=name)
+                                                        quality=quality, name=name,
+                                                        adapter_off=name == "base" and adapter.is_dir())
         if forgetting:
             extras["probe"][name] = probe(model, tokenizer, fcfg, model_name=name)
         new_tokens = sum(s["new_tokens"] for s in gstats)
@@ -116,19 +129,27 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
         m["generation_tokens_per_s"] = round(new_tokens / gen_s, 2) if gen_s > 0 else None
         per = text.values["rougeL"]["per_example"]
         rows = [{"index": i, "prompt": chats[i][-2]["content"] if len(chats[i]) > 1 else "",
-                 "reference": references[i], "prediction": preds[i], "rougeL": per[i], **gstats[i]}
+                 "reference": references[i], "prediction": preds[i], "rougeL": per[i],
+                 "response_nll": nlls[i], "response_tokens": counts[i], **gstats[i]}
                 for i in range(len(chats))]
         return m, rows
 
     results: dict[str, dict] = {}
     rows_by_model: dict[str, list[dict]] = {}
-    results["tuned"], rows_by_model["tuned"] = score(tuned, "tuned")
-    if with_base:
-        if adapter.is_dir():
+    if tuned_model["merged"]:  # the base first, on the unmerged weights; then W + BA in place, the base is gone
+        if with_base:
             with tuned.disable_adapter():
                 results["base"], rows_by_model["base"] = score(tuned, "base")
-        else:
-            results["base"], rows_by_model["base"] = score(base, "base")
+        tuned = tuned.merge_and_unload()
+        results["tuned"], rows_by_model["tuned"] = score(tuned, "tuned")
+    else:  # tuned first, then the base: the same weights with the adapter off, or a second model
+        results["tuned"], rows_by_model["tuned"] = score(tuned, "tuned")
+        if with_base:
+            if adapter.is_dir():
+                with tuned.disable_adapter():
+                    results["base"], rows_by_model["base"] = score(tuned, "base")
+            else:
+                results["base"], rows_by_model["base"] = score(base, "base")
 
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)
@@ -138,14 +159,15 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
         tmp.replace(out / f"{name}.jsonl")
     order = ["base", "tuned"] if "base" in results else ["tuned"]
     res = {"run_id": run_id, "data": str(Path(data_path).resolve()), "n_examples": len(chats),
-           "rejected": len(rejects), "decoding": gen_cfg, "models": {k: results[k] for k in order},
+           "rejected": len(rejects), "decoding": gen_cfg, "tuned_model": tuned_model,
+           "models": {k: results[k] for k in order},
            "bootstrap": {**boot, "confidence": 0.95, "method": "percentile over examples"}}
     if "base" in scored:
         status(f"tuned − base: paired bootstrap ({n_resamples} resamples) over {len(chats)} examples")
         res["differences"] = paired_differences(scored["base"], scored["tuned"], res["models"]["base"],
                                                 res["models"]["tuned"], boot)
-    if extras["business"]:
-        res["business"] = extras["business"]
+    if extras["business"]:  # tuned, base: the order it had before merged scoring put the base first
+        res["business"] = {k: extras["business"][k] for k in ("tuned", "base") if k in extras["business"]}
         if "base" in extras["business"]:
             res["speed_differences"] = speed_differences(extras["business"]["base"], extras["business"]["tuned"],
                                                          **boot)
@@ -162,6 +184,19 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
     status(f"writing {run_dir / 'report.html'}")
     res["report"] = str(report_run(run_id, ws))
     return res
+
+
+def merge_decision(model, merge: bool = True) -> dict:
+    """Whether the tuned model is scored with its adapter merged into the base weights, and why (or why not):
+    the ``tuned_model`` record of metrics.json."""
+    kind = refs.adapter_kind(model)
+    blocker = refs.lora_merge_blocker(model)
+    if blocker is None and not merge:
+        blocker = "merging was turned off (--no-merge): scored as loaded, as base + adapter serving runs it"
+    why = blocker or ("a LoRA-family adapter on an unquantized base: folded into the base weights (peft "
+                      "merge_and_unload; the base, when evaluated, is scored first), so the tuned model runs at the base "
+                      "model's speed; its scores equal the unmerged model's up to floating-point rounding")
+    return {"adapter": kind, "merged": blocker is None, "why": why}
 
 
 def paired_differences(base: dict, tuned: dict, base_values: dict, tuned_values: dict, boot: dict,

@@ -143,6 +143,62 @@ def load(m: ModelRef | str, ws: Workspace | None = None, *, task: str = "causal"
     return model.to(device) if device else model
 
 
+def adapter_kind(model) -> str | None:
+    """The adapter method of a peft model as tunelab names it (lora, dora, rslora, ia3, prompt_tuning, ...);
+    None for a plain transformers model."""
+    cfg = getattr(model, "active_peft_config", None) if hasattr(model, "peft_config") else None
+    if cfg is None:
+        return None
+    kind = str(getattr(cfg.peft_type, "value", cfg.peft_type)).lower()
+    if kind == "lora":
+        return "dora" if getattr(cfg, "use_dora", False) else "rslora" if getattr(cfg, "use_rslora", False) else "lora"
+    return kind
+
+
+def lora_merge_blocker(model) -> str | None:
+    """Why the adapter of ``model`` (a peft model) cannot be folded into its base weights exactly; None when it
+    can. Only a single LoRA adapter (DoRA and rsLoRA included) on an unquantized base whose adapted weights are
+    its own (not tied to another layer's) qualifies: prompt-family adapters learn extra inputs, a quantized base
+    cannot hold W + BA without rounding it to its own grid, a tied weight would carry the update into the layer
+    it is tied to, and peft refuses the rest (replicated layers, GPTQ) itself."""
+    kind = adapter_kind(model)
+    if kind is None:
+        return "no adapter (a full fine-tune or a base model)"
+    if kind not in ("lora", "dora", "rslora"):
+        return (f"a {kind} adapter learns extra inputs, not a weight update: nothing to fold in"
+                if kind in ("prompt_tuning", "prefix_tuning", "p_tuning") else
+                f"a {kind} adapter: only LoRA adapters are merged for scoring")
+    if len(model.peft_config) != 1:
+        return f"{len(model.peft_config)} adapters loaded: only a single adapter is merged"
+    cfg = model.active_peft_config
+    if getattr(cfg, "alora_invocation_tokens", None):
+        return "an activated LoRA (aLoRA) applies only after its invocation tokens: merging would apply it everywhere"
+    base = model.get_base_model()
+    qcfg = getattr(getattr(base, "config", None), "quantization_config", None)
+    if (getattr(base, "hf_quantizer", None) is not None or getattr(base, "is_quantized", False) or qcfg
+            or getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False)):
+        method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+        method = getattr(method, "value", method)
+        return (f"the base is quantized{f' ({method})' if method else ''}: merging would round the update to the "
+                "quantized weights, so the scores would not be the adapter's")
+    owners: dict[int, set[str]] = {}
+    for name, p in base.named_parameters(remove_duplicate=False):
+        owners.setdefault(p.data_ptr(), set()).add(name.rpartition(".")[0])
+    for target in getattr(model.base_model, "targeted_module_names", []):
+        w = getattr(base.get_submodule(target).get_base_layer(), "weight", None)
+        tied = sorted(o for o in owners.get(w.data_ptr(), ()) if not o.startswith(target)) if w is not None else []
+        if tied:
+            return (f"the adapter changes {target}, whose weight is tied to {tied[0]}: merging would change that "
+                    "layer too")
+    check = getattr(model.base_model, "_check_merge_allowed", None)  # what merge_and_unload checks first
+    try:
+        if check is not None:
+            check()
+    except ValueError as e:  # peft's own refusals (replicated layers, GPTQ)
+        return f"peft cannot merge it: {e}"
+    return None
+
+
 def load_tokenizer(m: ModelRef | str, ws: Workspace | None = None, *, chat_template: bool = True):
     """The reference's tokenizer (a run's own, with the chat template it trained on); returns
     ``(tokenizer, template_added)`` where ``template_added`` says tunelab's plain template was added."""

@@ -25,6 +25,8 @@ Configurations:
   tunelab-ckpt3      ... checkpointing every 3rd decoder layer instead of every 2nd (the CPU bf16 default)
   tunelab-fp32       ... with train.precision=fp32
   tunelab-mb4        ... with train.micro_batch_size=4 (two micro-batches of 4 accumulated: the same 8 per step)
+  tunelab-mb2        ... with train.micro_batch_size=2 (four micro-batches of 2)
+  tunelab-peft-lora  ... with peft's own LoRA forward instead of the fused LoRA linear (CPU fp32)
   tunelab-whole      ... with train.micro_batch_size=8 (the whole batch: no CPU default micro-batch split)
   trl-defaults       TRL SFTConfig defaults (bf16 autocast, gradient checkpointing)
   trl-nogc           ... without gradient checkpointing
@@ -54,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "examples" / "sft_lora_support.yaml"
 CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt3", "tunelab-fp32",
-           "tunelab-mb4", "tunelab-whole",
+           "tunelab-mb4", "tunelab-mb2", "tunelab-whole", "tunelab-peft-lora",
            "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
            "trl-packing-nogc", "trl-fp32")
 
@@ -91,8 +93,12 @@ def child_tunelab(a, variant: str, tmp: Path) -> dict:
         raw["train"]["gradient_checkpointing"] = variant == "tunelab-gc"
     elif variant == "tunelab-fp32":
         raw["train"]["precision"] = "fp32"
-    elif variant == "tunelab-mb4":
-        raw["train"]["micro_batch_size"] = 4
+    elif variant in ("tunelab-mb4", "tunelab-mb2"):
+        raw["train"]["micro_batch_size"] = int(variant[-1])
+    elif variant == "tunelab-peft-lora":
+        from tunelab.train import _cpu_speed
+
+        _cpu_speed.use_fused_lora_linear = lambda model: 0
     elif variant == "tunelab-whole":
         raw["train"]["micro_batch_size"] = raw["train"]["batch_size"]
     elif variant == "tunelab-ckpt3":

@@ -305,3 +305,26 @@ def test_frozen_head_nll_exact_on_sharp_logits():
     ref.backward()
     got.backward()
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_fused_lora_linear_under_gradient_checkpointing_draws_the_same_masks(tiny_model):
+    """Checkpointing recomputes a layer's forward in backward: the fused path's dropout mask comes from torch's
+    generator, whose state checkpointing restores, so the recomputed mask is the one of the forward pass and the
+    gradients equal those of the same run without checkpointing."""
+    from tunelab.train._cpu_speed import use_fast_lora_dropout, use_fused_lora_linear
+
+    grads = []
+    for ckpt in (False, True):
+        model = _lora_model(tiny_model, 0.2)
+        use_fast_lora_dropout(model)
+        use_fused_lora_linear(model)
+        if ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        model.train()
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(3)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-7, msg=k)

@@ -116,27 +116,3 @@ def test_split_batch_trains_the_same_as_the_whole_batch(tiny_model, tmp_path, mo
     assert l_split == pytest.approx(l_whole, rel=1e-4)
     assert split["final_train_loss"] == pytest.approx(whole["final_train_loss"], rel=1e-4)
 
-
-def test_cpu_lean_micro_batch_keeps_enough_work_per_micro_batch():
-    from tunelab.train.memory import cpu_lean_micro_batch, param_counts
-
-    smol = param_counts(SMOL)["total"]
-    assert cpu_lean_micro_batch(8, 140, smol) == 2  # the demo: ~280 tokens a micro-batch
-    assert cpu_lean_micro_batch(8, 600, smol) == 1  # long examples: one at a time is already 600 tokens
-    assert cpu_lean_micro_batch(8, 40, smol) == 8  # short ones: only the whole batch reaches 256 tokens
-    assert cpu_lean_micro_batch(8, 140, 260_000) == 8  # a tiny model: per-op overhead, no split
-    assert cpu_lean_micro_batch(6, 100, smol) == 3  # a divisor of the batch
-
-
-def test_lean_micro_batch_splits_even_when_the_whole_batch_fits():
-    p = _plan(100, lean_micro_batch=2, grad_accum=2)
-    assert (p.micro_batch, p.grad_accum, p.checkpoint_every, p.chosen, p.fits) == (2, 8, 0, True, True)
-    assert "set train.micro_batch_size: 8" in p.why
-    assert p.estimate_gb < predicted_gb(JOB, SMOL, "cpu", 0.5)
-    # a budget the lean micro-batch does not meet: smaller still, as without it
-    two = predicted_gb(Job(**{**JOB.__dict__, "batch_size": 2}), SMOL, "cpu", 0.5)
-    q = _plan(two * 0.95, lean_micro_batch=2)
-    assert q.micro_batch == 1 and q.fits
-    # what the user set wins
-    assert _plan(100, lean_micro_batch=2, micro_batch=4).micro_batch == 4
-    assert _plan(100, lean_micro_batch=8).why == "fits without splitting"

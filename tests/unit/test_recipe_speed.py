@@ -79,7 +79,7 @@ def test_cpt_fused_loss_same_losses_and_recorded(data, tmp_path):
     cfg = {"recipe": "cpt", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
            "data": {"files": [str(data["text"])], "text_unit": "paragraph", "heldout_share": 0.1, "block_size": 32}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
-    _check(fast, lf, plain, lp, 1e-4, {"fused response-only loss"})
+    _check(fast, lf, plain, lp, 1e-4, {"fused response-only loss", "fused LoRA linear"})
     assert "no LoRA dropout" in fast["speedups"]["not_applied"]["fast LoRA dropout"]
 
 
@@ -90,7 +90,7 @@ def test_cpt_fast_dropout_recorded(data, tmp_path):
            "data": {"files": [str(data["text"])], "text_unit": "paragraph", "heldout_share": 0.1, "block_size": 32}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
     assert lf[0] == pytest.approx(lp[0], rel=1e-5)
-    assert set(fast["cpu_speedups"]) == {"fused response-only loss", "fast LoRA dropout"}
+    assert set(fast["cpu_speedups"]) == {"fused response-only loss", "fast LoRA dropout", "fused LoRA linear"}
 
 
 @pytest.mark.slow
@@ -109,7 +109,7 @@ def test_dpo_compact_fused_head_same_losses(data, tmp_path):
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
     # TRL disables dropout for DPO (disable_dropout): no LoRA dropout to speed up
-    _check(fast, lf, plain, lp, 1e-4, {"fused response-only loss"})
+    _check(fast, lf, plain, lp, 1e-4, {"fused response-only loss", "fused LoRA linear"})
 
 
 def test_dpo_compact_head_gives_the_same_log_probs(tiny_model):
@@ -152,7 +152,7 @@ def test_reward_speedups_recorded_same_losses(data, tmp_path):
     cfg = {"recipe": "reward", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
-    _check(fast, lf, plain, lp, 1e-4, set())
+    _check(fast, lf, plain, lp, 1e-4, {"fused LoRA linear"})
     assert "scalar head" in fast["speedups"]["not_applied"]["fused response-only loss"]
 
 
@@ -162,6 +162,7 @@ def test_reward_bf16_frozen_base_same_losses(data, tmp_path):
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path, precision="bf16")
     _check(fast, lf, plain, lp, 2e-2, {"frozen base in bf16"})
+    assert "fp32" in fast["speedups"]["not_applied"]["fused LoRA linear"]
 
 
 def _distill(data) -> dict:
@@ -173,7 +174,7 @@ def _distill(data) -> dict:
 
 def test_distill_same_losses_recorded(data, tmp_path):
     fast, lf, plain, lp = _both(_distill(data), tmp_path)
-    _check(fast, lf, plain, lp, 1e-4, {"fused response-only loss"})
+    _check(fast, lf, plain, lp, 1e-4, {"fused response-only loss", "fused LoRA linear"})
     assert "teacher in bf16" in fast["speedups"]["not_applied"]
 
 
@@ -188,7 +189,7 @@ def test_classify_records_grouping_and_no_fused_loss(tmp_path, tiny_bert):
     cfg = {"recipe": "classify", "model": {"name": str(tiny_bert)}, "method": "lora", "lora": LORA,
            "data": {"train": str(train), "validation_split": 0.0, "max_length": 32}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
-    _check(fast, lf, plain, lp, 1e-4, {"length-grouped batches"})
+    _check(fast, lf, plain, lp, 1e-4, {"length-grouped batches", "fused LoRA linear"})
     assert "pooled vector" in fast["speedups"]["not_applied"]["fused response-only loss"]
 
 

@@ -406,31 +406,9 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-# CPU fp32 default: a micro-batch smaller than the recipe's batch when that keeps the speed. Measured on 2 Xeon cores
-# without AMX (the demo recipe: SmolLM2-135M LoRA r=16, batch 8 of ~140 tokens, 8 steps each, alternating,
-# docs/methods/speed.md): micro-batch 8 ran at 217/204 tokens/s with 4.10/4.18 GB peak RSS, micro-batch 2 (~280
-# tokens) at 188/198 tokens/s with 2.06/2.08 GB, micro-batch 1 (~140 tokens) at 148/139 tokens/s with 1.81 GB.
-# Below a few hundred tokens a CPU matmul of a 576-wide layer loses efficiency, and a model too small for its
-# per-op overhead to vanish gains nothing from splitting: a micro-batch keeps at least CPU_MICRO_TOKENS tokens
-# (the mean example length times the micro-batch) and CPU_MICRO_FLOPS of training arithmetic (6 x parameters x
-# tokens).
-CPU_MICRO_TOKENS = 256
-CPU_MICRO_FLOPS = 1e11
-
-
-def cpu_lean_micro_batch(batch_size: int, mean_tokens: float, params: int) -> int:
-    """The smallest micro-batch (a divisor of ``batch_size``) that keeps CPU training at about full speed by the
-    measured thresholds above; ``batch_size`` itself when no smaller one does."""
-    for m in reversed(_divisors_desc(batch_size)):
-        tokens = m * mean_tokens
-        if tokens >= CPU_MICRO_TOKENS and 6 * params * tokens >= CPU_MICRO_FLOPS:
-            return m
-    return batch_size
-
-
 def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_accum: int,
                 micro_batch: int | None, checkpoint_every: int, checkpoint_set: bool, budget_gb: float,
-                budget_from: str, runtime_gb: float = 0.0, lean_micro_batch: int | None = None) -> MemoryPlan:
+                budget_from: str, runtime_gb: float = 0.0) -> MemoryPlan:
     """Pick micro-batch x accumulation and gradient checkpointing so the predicted peak fits ``budget_gb``.
 
     The examples per optimizer step (``batch_size x grad_accum``) never change: a micro-batch ``m`` divides
@@ -440,20 +418,16 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
     ``checkpoint_set``; if nothing fits, the smallest choice is taken and ``fits`` is False (the caller warns).
 
     Order of preference: the recipe's values; then, on CPU, smaller micro-batches before checkpointing
-    (a CPU step costs about the same per token at a smaller micro-batch, while checkpointing recomputes the
+    (measured on a 2-core Xeon without AMX, SmolLM2-135M LoRA at batch 8 of ~140 tokens: micro-batch 4 ran at
+    0.92x and micro-batch 2 at 0.78x the whole batch's tokens/s, while checkpointing recomputes the
     forward pass), and on a GPU checkpointing every layer before smaller micro-batches (a smaller batch
     leaves the GPU idle; recomputation costs ~1/3 of a step).
-    ``lean_micro_batch`` (CPU fp32 with the micro-batch unset: :func:`cpu_lean_micro_batch`) is the largest
-    micro-batch considered: a split that costs little speed and frees memory even where the whole batch fits.
     """
     def pred(m: int, ck: int) -> float:
         return predicted_gb(Job(**{**job.__dict__, "batch_size": m, "checkpoint_every": ck}), shape, device,
                             runtime_gb)
 
     ms = [micro_batch] if micro_batch is not None else _divisors_desc(batch_size)
-    lean = micro_batch is None and lean_micro_batch is not None and lean_micro_batch < batch_size
-    if lean:
-        ms = [m for m in ms if m <= lean_micro_batch]
     cks = [checkpoint_every] if checkpoint_set else list(dict.fromkeys([checkpoint_every, 1]))
     if device == "cpu":
         order = [(m, ck) for ck in cks for m in ms]
@@ -464,11 +438,7 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
         est = pred(m, ck)
         if est <= budget_gb:
             accum = grad_accum * batch_size // m
-            if (m, ck) == first and lean:
-                why = (f"micro-batch {m} of the {batch_size} examples per step: on a CPU in fp32 a micro-batch of "
-                       f"{CPU_MICRO_TOKENS}+ tokens trains about as fast in less memory (the whole batch needs "
-                       f"{pred(batch_size, ck):.2f} GB; set train.micro_batch_size: {batch_size} to keep it)")
-            elif (m, ck) == first:
+            if (m, ck) == first:
                 why = "fits as set" if micro_batch is not None or checkpoint_set else "fits without splitting"
             else:
                 changed = []
@@ -478,7 +448,7 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
                 if ck != first[1]:
                     changed.append("gradient checkpointing to fit")
                 why = "; ".join(changed)
-            return MemoryPlan(m, accum, ck, est, budget_gb, budget_from, (m, ck) != first or lean,
+            return MemoryPlan(m, accum, ck, est, budget_gb, budget_from, (m, ck) != first,
                               True, why)
     # nothing fits: the least memory there is, and say so
     m, ck = min(order, key=lambda c: pred(*c))
@@ -521,14 +491,10 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
               lora_r=cfg.lora.r, lora_targets=targets,
               lora_dropout=cfg.lora.dropout, device="cpu" if dplan.device == "cpu" else None,
               fused_lora=cfg.method in FUSED_LORA_METHODS and cfg.train.speedups != "off")
-    lean = None
-    if dplan.device == "cpu" and dplan.precision == "fp32" and t.micro_batch_size is None:
-        lean = cpu_lean_micro_batch(t.batch_size, tokens / max(train_stats.get("kept", 1), 1),
-                                    param_counts(shape)["total"])
     return plan_memory(job, shape, device=dplan.device, batch_size=t.batch_size, grad_accum=t.grad_accum,
                        micro_batch=t.micro_batch_size, checkpoint_every=checkpoint_every,
                        checkpoint_set=t.gradient_checkpointing is not None, budget_gb=budget, budget_from=source,
-                       runtime_gb=runtime_gb if dplan.device == "cpu" else 0.0, lean_micro_batch=lean)
+                       runtime_gb=runtime_gb if dplan.device == "cpu" else 0.0)
 
 
 def _replace(plan: MemoryPlan, **kw) -> MemoryPlan:

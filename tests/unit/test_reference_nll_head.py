@@ -49,3 +49,29 @@ def test_head_only_at_scored_positions_matches_full_logits(tiny_model, monkeypat
     assert n_fast == n_full and 0 in n_fast  # a row with nothing to score counts 0 tokens
     assert fast == pytest.approx(full, rel=1e-5, abs=1e-5)
     assert all(x > 0 for x, c in zip(fast, n_fast) if c)
+
+
+def test_length_sorted_batches_return_values_in_the_callers_order(tiny_model):
+    """Batches group examples by length; the values come back in the order of the examples given, equal to
+    scoring each example alone (batch of 1), and the batches pad less than file order would."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tunelab.train import numerics
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    feats = _feats(tok, 11)
+    alone, n_alone = numerics.response_nll_per_example(model, feats, 1, tok.pad_token_id or 0)
+    widths = []
+    real = numerics.PadCollator.__call__
+    numerics.PadCollator.__call__ = lambda self, rows: widths.append(max(len(r["input_ids"]) for r in rows)
+                                                                     * len(rows)) or real(self, rows)
+    try:
+        batched, n_batched = numerics.response_nll_per_example(model, feats, 4, tok.pad_token_id or 0)
+    finally:
+        numerics.PadCollator.__call__ = real
+    assert n_batched == n_alone
+    assert batched == pytest.approx(alone, rel=1e-5, abs=1e-5)
+    in_file_order = sum(max(len(f["input_ids"]) for f in feats[b:b + 4]) * len(feats[b:b + 4])
+                        for b in range(0, len(feats), 4))
+    assert sum(widths) < in_file_order  # padded tokens scored: fewer than batching in file order

@@ -353,8 +353,10 @@ def frozen_head_nll(hidden, weight, targets, chunk: int = 512):
 
 def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: int,
                               desc: str | None = None) -> tuple[list[float], list[int]]:
-    """Per-example summed NLL of reference responses (teacher forcing) and scored tokens: the units a
-    perplexity bootstrap resamples. ``desc``: show a progress bar over the examples under that name."""
+    """Per-example summed NLL of reference responses (teacher forcing) and scored tokens, in the order of
+    ``feats``: the units a perplexity bootstrap resamples. ``desc``: show a progress bar over the examples under
+    that name. Batches hold examples of similar length (sorted by token count), so a batch pads little; each row
+    is scored alone under its own mask, so the values do not depend on the batch it lands in."""
     import contextlib
 
     import torch
@@ -363,6 +365,7 @@ def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: 
     collate = PadCollator(pad_id)
     nll: list[float] = []
     count: list[int] = []
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))
     # a set no larger than two batches is scored in batches of ~1/10 of it, so its bar moves by about one
     # example at a time rather than jumping 0 -> 100 % (each row is scored alone under its own mask either way)
     if desc and len(feats) <= 2 * batch_size:
@@ -372,7 +375,7 @@ def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: 
     bar = progress(len(feats), desc) if desc else contextlib.nullcontext()
     with torch.no_grad(), bar:
         for b in range(0, len(feats), batch_size):
-            batch = collate(feats[b: b + batch_size])
+            batch = collate([feats[i] for i in order[b: b + batch_size]])
             if parts is None:
                 logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])[:, :-1].float()
                 labels = batch["labels"][:, 1:].to(logits.device)
@@ -398,7 +401,8 @@ def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: 
             count.extend((labels != IGNORE_INDEX).sum(1).cpu().tolist())
             if desc:
                 bar.update(len(labels))
-    return nll, count
+    back = {i: k for k, i in enumerate(order)}  # position of example i among the sorted results
+    return [nll[back[i]] for i in range(len(feats))], [count[back[i]] for i in range(len(feats))]
 
 
 def response_nll(model, feats: list[dict], batch_size: int, pad_id: int) -> tuple[float, int]:

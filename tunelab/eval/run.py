@@ -136,20 +136,23 @@ def evaluate_run(ref: str, ws: Workspace, data: Path | None = None, limit: int |
 
     results: dict[str, dict] = {}
     rows_by_model: dict[str, list[dict]] = {}
-    if tuned_model["merged"]:  # the base first, on the unmerged weights; then W + BA in place, the base is gone
-        if with_base:
+
+    def score_base() -> None:  # the same weights with the adapter off, or a second model (a full fine-tune)
+        if not with_base:
+            return
+        if adapter.is_dir():
             with tuned.disable_adapter():
                 results["base"], rows_by_model["base"] = score(tuned, "base")
+        else:
+            results["base"], rows_by_model["base"] = score(base, "base")
+
+    if tuned_model["merged"]:  # the base first, on the unmerged weights; then W + BA in place, the base is gone
+        score_base()
         tuned = tuned.merge_and_unload()
         results["tuned"], rows_by_model["tuned"] = score(tuned, "tuned")
-    else:  # tuned first, then the base: the same weights with the adapter off, or a second model
+    else:
         results["tuned"], rows_by_model["tuned"] = score(tuned, "tuned")
-        if with_base:
-            if adapter.is_dir():
-                with tuned.disable_adapter():
-                    results["base"], rows_by_model["base"] = score(tuned, "base")
-            else:
-                results["base"], rows_by_model["base"] = score(base, "base")
+        score_base()
 
     out = run_dir / "eval"
     out.mkdir(exist_ok=True)

@@ -67,8 +67,9 @@ class _MaskedScale(torch.autograd.Function):
         return (grad.to(ctx.x_dtype) * keep * ctx.scale), None, None, None
 
 
-def _keep_mask(shape, p: float, thr) -> torch.Tensor:
+def _keep_mask(shape, p: float) -> torch.Tensor:
     """A Bernoulli(1 - p) keep mask as a bool tensor, drawn by numpy's PCG64 seeded from torch's generator."""
+    thr = np.uint32(min(round(p * 2 ** 32), 2 ** 32 - 1))  # P(drop) = thr / 2**32 with 32-bit uniforms: p to 2.3e-10
     seed = int(torch.randint(0, 2 ** 62, (1,)))  # from torch's generator: transformers.set_seed repeats it
     n = math.prod(shape)
     bits = np.frombuffer(np.random.Generator(np.random.PCG64(seed)).bytes(4 * n), dtype=np.uint32)
@@ -86,13 +87,11 @@ class FastDropout(torch.nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = float(p)
-        # P(drop) = thr / 2**32 with 32-bit uniforms: p to within 2.3e-10
-        self._thr = np.uint32(min(round(self.p * 2 ** 32), 2 ** 32 - 1))
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
             return x
-        keep = _keep_mask(x.shape, self.p, self._thr)
+        keep = _keep_mask(x.shape, self.p)
         dev = x.device.type
         out = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) and x.is_floating_point() else x.dtype
         return _MaskedScale.apply(x, keep, 1.0 / (1.0 - self.p), out)
@@ -183,10 +182,7 @@ def _fused_lora_forward(module, orig):
                 (base.bias is not None and base.bias.requires_grad) or \
                 not (x.dtype == base.weight.dtype == A.dtype == B.dtype == torch.float32):
             return orig(x, *args, **kwargs)
-        keep = None
-        if p > 0:
-            thr = drop._thr if isinstance(drop, FastDropout) else np.uint32(min(round(p * 2 ** 32), 2 ** 32 - 1))
-            keep = _keep_mask(x.shape, p, thr)
+        keep = _keep_mask(x.shape, p) if p > 0 else None
         return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, keep, module.scaling[name] / (1.0 - p))
 
     return forward

@@ -27,6 +27,26 @@ def test_fast_dropout_is_inverted_dropout_with_the_right_rate():
     assert d(x) is x
 
 
+def test_keep_mask_draws_the_words_of_the_generators_byte_stream():
+    """The mask reads PCG64's raw outputs as 32-bit words (no bytes() copies): the very words
+    ``Generator(PCG64(seed)).bytes(4 * n)`` gives, so a run draws the same masks as before the change, odd sizes
+    included (the last 64-bit output is half used)."""
+    import numpy as np
+
+    from tunelab.train._cpu_speed import _keep_mask
+
+    for shape, p in [((3, 7, 5), 0.05), ((2, 143, 576), 0.3), ((1,), 0.5)]:
+        torch.manual_seed(11)
+        got = _keep_mask(shape, p)
+        torch.manual_seed(11)
+        seed = int(torch.randint(0, 2 ** 62, (1,)))
+        n = int(np.prod(shape))
+        words = np.frombuffer(np.random.Generator(np.random.PCG64(seed)).bytes(4 * n), dtype=np.uint32)
+        want = torch.from_numpy(words >= np.uint32(round(p * 2 ** 32))).view(shape)
+        assert got.dtype == torch.bool and got.shape == shape
+        assert torch.equal(got, want)
+
+
 def test_fast_dropout_gradient_is_the_mask():
     from tunelab.train._cpu_speed import FastDropout
 

@@ -72,7 +72,9 @@ def _keep_mask(shape, p: float) -> torch.Tensor:
     thr = np.uint32(min(round(p * 2 ** 32), 2 ** 32 - 1))  # P(drop) = thr / 2**32 with 32-bit uniforms: p to 2.3e-10
     seed = int(torch.randint(0, 2 ** 62, (1,)))  # from torch's generator: transformers.set_seed repeats it
     n = math.prod(shape)
-    bits = np.frombuffer(np.random.Generator(np.random.PCG64(seed)).bytes(4 * n), dtype=np.uint32)
+    # the generator's raw 64-bit outputs read as 32-bit words: the same words, in the same order, as
+    # ``Generator(PCG64(seed)).bytes(4 * n)`` gave before, without bytes()'s copies (5x faster at 8 x 143 x 576)
+    bits = np.random.PCG64(seed).random_raw((n + 1) // 2).view(np.uint32)[:n]
     return torch.from_numpy(bits >= thr).view(shape)
 
 
@@ -131,7 +133,7 @@ class _FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, keep, c: float):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        xd = x2 if keep is None else x2 * keep.view(x2.shape)
+        xd = x2 if keep is None else torch.where(keep.view(x2.shape), x2, 0.0)  # no float copy of the mask
         u = (xd @ A.t()).mul_(c)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         y.addmm_(u, B.t())
@@ -150,14 +152,14 @@ class _FusedLoraLinear(torch.autograd.Function):
             gB = g2.t() @ u
         if ctx.needs_input_grad[3]:
             x2 = x.reshape(-1, x.shape[-1])
-            xd = x2 if keep is None else x2 * keep.view(x2.shape)
+            xd = x2 if keep is None else torch.where(keep.view(x2.shape), x2, 0.0)
             gA = (gu.t() @ xd).mul_(c)
         if ctx.needs_input_grad[0]:
             gx = g2 @ weight
             if keep is None:
                 gx.addmm_(gu, A, alpha=c)
             else:
-                gx.add_((gu @ A).mul_(keep.view(gx.shape)), alpha=c)
+                gx.add_(torch.where(keep.view(gx.shape), gu @ A, 0.0), alpha=c)
             gx = gx.view(x.shape)
         return gx, None, None, gA, gB, None, None
 

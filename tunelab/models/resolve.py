@@ -10,6 +10,7 @@ A reference is one of
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -150,8 +151,9 @@ def pull(name: str, workspace: Workspace | None = None, force: bool = False) -> 
     tmp = ws.models_dir / f".{key}.partial-{os.getpid()}"  # per process: concurrent pulls do not mix files
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=pm.gguf_file, trust_remote_code=False)
-    model = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=pm.gguf_file, trust_remote_code=False)
+    with one_gguf_parse():
+        tok = tf.AutoTokenizer.from_pretrained(src, gguf_file=pm.gguf_file, trust_remote_code=False)
+        model = tf.AutoModelForCausalLM.from_pretrained(src, gguf_file=pm.gguf_file, trust_remote_code=False)
     # The weights are dequantized to fp32 on load; drop the GGUF quantizer so the folder
     # saves and reloads as a plain fp32 HF model.
     model.hf_quantizer = None
@@ -176,6 +178,32 @@ def pull(name: str, workspace: Workspace | None = None, force: bool = False) -> 
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+@contextlib.contextmanager
+def one_gguf_parse():
+    """Inside: ``gguf.GGUFReader(path)`` parses a file once and hands the same reader to every later call.
+
+    transformers reads a GGUF three times to build one model (the config, the tokenizer, the weights), each time
+    with a new ``GGUFReader``, whose metadata parsing (~440k small numpy reads for SmolLM2's 49,152-token
+    vocabulary and merges) is most of a pull's time. A reader is read-only after parsing (a memory map), so
+    sharing it changes nothing but the time."""
+    import gguf
+
+    orig = gguf.GGUFReader
+    readers: dict[tuple[str, str], object] = {}
+
+    def reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = orig(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield readers
+    finally:
+        gguf.GGUFReader = orig
 
 
 def _version_of(pm: PackagedModel) -> str | None:

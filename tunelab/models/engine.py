@@ -18,6 +18,15 @@ are cached, so shifting a row right does not change it). Requests for different 
 share a step through peft's mixed-adapter batches (``adapter_names=[...]``, one name a row,
 ``__base__`` for the plain base model).
 
+The cache's layers are ``kv_cache.SlackLayer``s (a prefill's plain ``DynamicLayer``s are copied into
+them when its rows join): windows of buffers with spare rows and columns, so that nothing is copied
+whole on the hot path. A step writes its column in place; a finished row's slot is filled with the
+last row (row order means nothing to the engine: each ``_Row`` carries its own state and the logits
+of a step map to ``self._rows`` by index), and columns that are padding in every row left are dropped
+by narrowing the window; joining rows are written into the spare rows, right-aligned, a longer prompt
+taking spare columns on the left. A buffer is copied only when its room runs out (see kv_cache.py),
+and the whole cache is dropped when the batch empties.
+
 The worker owns the model; ``lock`` is held around each step so that adapters can be loaded
 and unloaded between steps (tunelab/serve/adapters.py).
 

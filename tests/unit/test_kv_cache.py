@@ -96,8 +96,9 @@ def test_removing_rows_copies_only_the_rows_moved_into_the_holes_and_trims_witho
 
 
 def test_joining_rows_go_into_the_spare_rows_and_longer_prompts_into_the_spare_columns():
-    k, v = _kv(2, 10, 2)
-    layer = SlackLayer.adopt(k, v, batch_capacity=6)
+    k, v = _kv(3, 10, 2)
+    layer = SlackLayer.adopt(k, v, batch_capacity=8)
+    assert layer.capacity() == (6, LEFT + 10 + RIGHT)  # room for twice the rows, at most batch_capacity
     ptr = layer.keys.untyped_storage().data_ptr()
 
     nk, nv = _kv(1, 6, 3)  # shorter than the cache: left-padded with zero columns, the old rows untouched
@@ -108,10 +109,10 @@ def test_joining_rows_go_into_the_spare_rows_and_longer_prompts_into_the_spare_c
     ref_v = torch.cat([v, torch.nn.functional.pad(nv, (0, 0, 4, 0))])
     assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v)
 
-    nk, nv = _kv(2, 10 + LEFT, 4)  # longer by all the spare room on the left: the old rows gain zero columns
+    nk, nv = _kv(1, 10 + LEFT, 4)  # longer by all the spare room on the left: the old rows gain zero columns
     with _Written() as w:
         layer.join(nk, nv)
-    assert w.elements == 2 * (3 * H * LEFT * D + nk.numel())  # zeros for the old rows + the new rows, no move
+    assert w.elements == 2 * (4 * H * LEFT * D + nk.numel())  # zeros for the old rows + the new row, no move
     ref_k = torch.cat([torch.nn.functional.pad(ref_k, (0, 0, LEFT, 0)), nk])
     ref_v = torch.cat([torch.nn.functional.pad(ref_v, (0, 0, LEFT, 0)), nv])
     assert torch.equal(layer.keys, ref_k) and torch.equal(layer.values, ref_v)
@@ -121,10 +122,13 @@ def test_joining_rows_go_into_the_spare_rows_and_longer_prompts_into_the_spare_c
     layer.join(nk, nv)
     assert layer.keys.untyped_storage().data_ptr() != ptr
     assert torch.equal(layer.keys, torch.cat([torch.nn.functional.pad(ref_k, (0, 0, 1, 0)), nk]))
-    assert layer.capacity() == (6, LEFT + 11 + LEFT + RIGHT)
-    nk, nv = _kv(2, 3, 6)  # more rows than the capacity left: a fresh buffer with the rows needed
+    assert layer.capacity() == (8, LEFT + 11 + LEFT + RIGHT)
+    nk, nv = _kv(3, 3, 6)  # more rows than the room left: a fresh buffer with the rows needed
     layer.join(nk, nv)
-    assert layer.keys.shape[0] == 8 and layer.capacity()[0] == 8
+    assert layer.keys.shape[0] == 9 and layer.capacity()[0] == 9
+    layer.keep_rows(None, None, 2)
+    layer.update(*_kv(2, RIGHT + 1, 7))  # the next copy makes room for twice the rows left
+    assert layer.capacity()[0] == 4
 
 
 def test_assigning_keys_keeps_dynamic_layer_semantics():

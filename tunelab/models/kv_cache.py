@@ -25,7 +25,9 @@ width) and ``is_initialized``. Anything that assigns ``keys``/``values`` (transf
 a window of the layer's own buffer (e.g. the views saved before a step) just moves the window back; any other
 tensor is taken as it is, without spare room, and copied into a buffer of the layer's own at the next in-place
 operation. Spare room is bounded: ``RIGHT`` + ``LEFT`` columns more than the widest window since the last copy,
-and the engine's ``max_batch_size`` rows; the engine drops the whole cache when its batch empties.
+and rows for twice the batch at the last copy (never more than the engine's ``max_batch_size``, so a server
+that runs one request at a time holds room for two, and a batch that fills up reallocates about log2(max) times);
+the engine drops the whole cache when its batch empties.
 
 Written here rather than taken from transformers: its ``StaticLayer`` preallocates in place but has one fixed
 length for the whole cache and no way to add or remove rows; its paged continuous-batching cache
@@ -81,7 +83,8 @@ class _Slot:
         before it and room for ``extra`` more after it, plus the spare room; the window then starts at ``LEFT``."""
         v = self.view
         b, h, t, d = v.shape
-        buf = v.new_empty(max(rows, b, batch_capacity), h, LEFT + pad + t + extra + RIGHT, d)
+        rows = max(rows, b)
+        buf = v.new_empty(max(rows, min(batch_capacity, 2 * rows)), h, LEFT + pad + t + extra + RIGHT, d)
         buf[:b, :, LEFT + pad:LEFT + pad + t].copy_(v)
         self.buf, self.start = buf, LEFT
         self.view = buf[:b, :, LEFT:LEFT + pad + t]
@@ -89,7 +92,7 @@ class _Slot:
     def append(self, new: torch.Tensor, batch_capacity: int) -> torch.Tensor:
         if self.view is None or self.view.numel() == 0:
             b, h, q, d = new.shape
-            self.buf = new.new_empty(max(b, batch_capacity), h, LEFT + q + RIGHT, d)
+            self.buf = new.new_empty(max(b, min(batch_capacity, 2 * b)), h, LEFT + q + RIGHT, d)
             self.start = LEFT
             self.view = self.buf[:b, :, LEFT:LEFT + q]
             self.view.copy_(new)
@@ -138,7 +141,7 @@ class SlackLayer(DynamicLayer):
 
     def __init__(self, batch_capacity: int = 0, **kwargs):
         self._k, self._v = _Slot(), _Slot()
-        self.batch_capacity = batch_capacity  # rows a new buffer has room for (the engine's max_batch_size)
+        self.batch_capacity = batch_capacity  # the most rows a new buffer makes room for (the engine's max_batch_size)
         super().__init__(**kwargs)
 
     keys = property(lambda self: self._k.view, lambda self, t: self._k.set(t))

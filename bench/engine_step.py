@@ -1,6 +1,6 @@
 """The continuous-batching engine's own cost: decode steps at a full batch, and a run where rows finish and join.
 
-    python bench/engine_step.py --model DIR [--batch-size 50] [--steps 40] [--requests 150] [--repeats 3]
+    python bench/engine_step.py --model DIR [--batch-size 50] [--steps 40] [--requests 150] [--repeats 3] [--profile]
 
 DIR is a causal LM directory (e.g. the packaged SmolLM2-135M-Instruct from ``tunelab models pull``). Prompts are
 random token ids (seeded), 60-120 tokens, so the cache holds ~60-160 columns, as ``tunelab eval`` on the demo does.
@@ -9,7 +9,8 @@ steady: ``--batch-size`` rows prefilled together, then ``--steps`` decoding step
 milliseconds a step takes (median over repeats of the mean step).
 churn: ``--requests`` requests with answer lengths drawn from 8-64 tokens decode ``--batch-size`` at a time; a
 finished row leaves at once and the next request joins (what an evaluation does): generated tokens per second.
-Greedy, no EOS (each request runs to its length), base model, no adapter.
+Greedy, no EOS (each request runs to its length), base model, no adapter. ``--profile``: instead, the torch
+profiler's table (self CPU time by op) over 5 steady steps.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--requests", type=int, default=150)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="print where 5 steady steps spend their time")
     a = ap.parse_args()
 
     import torch
@@ -48,6 +50,18 @@ def main() -> None:
         ids = [rng.randrange(100, vocab) for _ in range(n_prompt)]
         return GenRequest(ids, tok, lambda kind, x: None, adapter=None, max_tokens=max_tokens)
 
+    if a.profile:
+        eng = Engine(model, set(), max_batch_size=a.batch_size, max_queue=10 ** 6, prefill_batch=a.batch_size)
+        reqs = [request(rng.randint(60, 120), 20) for _ in range(a.batch_size)]
+        with torch.inference_mode():
+            eng._tick(reqs)
+            for _ in range(3):
+                eng._tick([])
+            with torch.profiler.profile() as prof:
+                for _ in range(5):
+                    eng._tick([])
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        return
     steady, churn = [], []
     for r in range(a.repeats):
         eng = Engine(model, set(), max_batch_size=a.batch_size, max_queue=10 ** 6, prefill_batch=a.batch_size)

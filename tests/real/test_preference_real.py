@@ -10,6 +10,7 @@ import yaml
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow  # ~13 s: reward model on hh-rlhf; make test-slow (CI runs it)
 def test_reward_model_on_hh_rlhf_with_stories260k(tmp_path, shared):
     model = shared / "models" / "stories260K"
     data = shared / "data" / "hh-rlhf-harmless-base" / "test.jsonl"

@@ -11,6 +11,7 @@ import yaml
 from tests.conftest import run_cli
 
 
+@pytest.mark.slow  # ~32 s: stories260K SFT through the CLI on gsm8k; make test-slow (CI runs it)
 def test_stories260k_sft_cli_on_gsm8k(tmp_path, shared):
     model = shared / "models" / "stories260K"
     data = shared / "data" / "gsm8k-train-alpaca" / "gsm_8k_train.json"

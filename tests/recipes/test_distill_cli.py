@@ -150,6 +150,7 @@ def test_logit_distillation_cli(setup):
     assert res["models"]["tuned"]["perplexity"] < res["models"]["base"]["perplexity"]
 
 
+@pytest.mark.slow  # ~16 s: teacher generation, then a LoRA student; make test-slow (CI runs it)
 def test_sequence_distillation_cli_lora_student(setup):
     import torch
     from peft import PeftModel

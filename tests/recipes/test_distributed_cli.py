@@ -33,6 +33,7 @@ def _losses(ws: Path) -> tuple[Path, list[float]]:
     return runs[0], [r["loss"] for r in rows if "loss" in r]
 
 
+@pytest.mark.slow  # ~26 s: torchrun with 2 processes; make test-slow (CI runs it)
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_model):
     recipe = _recipe(tmp_path, tiny_model)
     r1 = run_cli("train", str(recipe), "-w", str(tmp_path / "ws1"))

@@ -12,6 +12,7 @@ from tests.conftest import run_cli, write_color_data
 from tests.recipes.test_sft_cli import _check_probe, _only_run, _recipe, _rows
 
 
+@pytest.mark.slow  # ~23 s: prompt tuning, export and reload; make test-slow (CI runs it)
 def test_prompt_tuning_cli_end_to_end(tmp_path, tiny_model):
     """prompt_tuning trains through `tunelab train`, reloads, evaluates, exports, and refuses to merge."""
     from peft import PeftModel

@@ -28,6 +28,7 @@ def _files(tmp_path: Path, model: Path, trials: int) -> Path:
     return p
 
 
+@pytest.mark.slow  # ~30 s: a study of training runs, resumed; make test-slow (CI runs it)
 def test_tune_study_resume_report(tmp_path, tiny_model):
     optuna = pytest.importorskip("optuna")
     ws = tmp_path / "ws"

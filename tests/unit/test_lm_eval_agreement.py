@@ -93,6 +93,7 @@ def task_folder(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # ~18 s: lm-eval's harness on the same tasks; make test-slow (CI runs it)
 def test_contexts_logliks_and_accuracies_equal_lm_evals(task_folder, tiny_model, monkeypatch):
     lm_eval = pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -101,3 +101,40 @@ def test_generate_goes_through_the_engine_and_the_bar_counts_answers(model_and_t
     generate(model, tok, prompts, 8, 5)
     assert runs == [len(prompts)]
     assert updates == [1] * len(prompts)
+
+
+def test_latency_is_timed_through_the_engine_with_generates_answers(model_and_tok, monkeypatch):
+    """`tunelab eval`'s single-request latency decodes through the serving engine: the same tokens per answer as
+    transformers' ``generate`` (answers ending at EOS at different steps), a first token that comes after the
+    request started and before it ended, and ``generate`` is not what ran."""
+    import time
+
+    from tunelab.eval import business
+    from tunelab.models import engine as engine_mod
+    from tunelab.models.generation import generate_padded
+
+    model, tok = model_and_tok
+    prompts = _prompts(tok)
+    tok = _eos_often(model, tok, prompts)
+    old = business._measure_latency_generate(model, tok, prompts, 24, "old")
+    _, padded = generate_padded(model, tok, prompts, 24, 1)
+    assert old["mean_generated_tokens"] == sum(s["new_tokens"] for s in padded) / len(prompts)  # EOS not counted
+    seen = []
+    real_accept = engine_mod.Engine._accept
+
+    def accept(self, row, token):
+        seen.append((row.req, time.perf_counter()))
+        return real_accept(self, row, token)
+
+    monkeypatch.setattr(engine_mod.Engine, "_accept", accept)
+    monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("latency used generate"))
+    new = business.measure_latency(model, tok, prompts, 24, "new")
+    assert new["requests"] == len(prompts) and new["mean_generated_tokens"] == old["mean_generated_tokens"]
+    assert 0 < new["mean_generated_tokens"] < 24  # some answers ended at EOS, some at the limit
+    reqs = list({id(r): r for r, _ in seen}.values())
+    assert len(reqs) == len(prompts)
+    for r in reqs:
+        first_accept = min(t for q, t in seen if q is r)
+        assert r.started <= first_accept <= r.first_token <= r.finished
+    for ttft, total in zip(new["samples_first_token_s"], new["samples_total_s"]):
+        assert 0 < ttft <= total

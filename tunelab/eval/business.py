@@ -90,7 +90,58 @@ def percentile(values: list[float], q: float) -> float | None:
 def measure_latency(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
                     desc: str = "latency timing") -> dict:
     """Time to first token and total latency of single greedy requests, and their tokens/s (one request at a
-    time, as a user waits for one answer: not the batched evaluation path)."""
+    time, as a user waits for one answer: not the batched evaluation path). Each request goes through the
+    decoding engine that `tunelab serve` answers with (tunelab/models/engine.py), alone in its batch, so the
+    figure is what one client of the server would wait on this machine; peft prompt-learning models, which the
+    engine does not decode, are timed with transformers' ``generate``."""
+    from tunelab.models.generation import _prompt_learning
+
+    if _prompt_learning(model):
+        return _measure_latency_generate(model, tokenizer, prompts, max_new_tokens, desc)
+    from tunelab.errors import TunelabError
+    from tunelab.models.engine import Engine, GenRequest
+
+    dev = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    engine = Engine(model, set() if eos is None else {eos}, max_batch_size=1, max_queue=1)
+    ttft, total, tokens = [], [], []
+    model.eval()
+    for p in progress(prompts, f"{desc} ({len(prompts)} single requests)", unit="req"):
+        errors: list[str] = []
+        req = GenRequest(prompt_ids=list(p), tokenizer=tokenizer, adapter=None, max_tokens=max_new_tokens,
+                         on_event=lambda kind, payload: errors.append(payload) if kind == "error" else None)
+        _sync(dev)
+        t0 = time.perf_counter()
+        engine.run([req])
+        _sync(dev)
+        t1 = time.perf_counter()
+        if errors:
+            raise TunelabError(f"{desc}: a single request failed: {errors[0]}")
+        total.append(t1 - t0)
+        ttft.append((req.first_token or t1) - t0)
+        tokens.append(len(req.out_ids))
+    return _latency_summary(prompts, max_new_tokens, ttft, total, tokens)
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _latency_summary(prompts, max_new_tokens: int, ttft: list[float], total: list[float], tokens: list[int]) -> dict:
+    secs = sum(total)
+    return {"requests": len(prompts), "max_new_tokens": max_new_tokens,
+            "first_token_s": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
+            "total_s": {"p50": percentile(total, 50), "p95": percentile(total, 95)},
+            "tokens_per_s": sum(tokens) / secs if secs > 0 else None,
+            "mean_generated_tokens": sum(tokens) / len(tokens) if tokens else None,
+            "samples_total_s": [round(x, 5) for x in total], "samples_first_token_s": [round(x, 5) for x in ttft]}
+
+
+def _measure_latency_generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, desc: str) -> dict:
+    """``measure_latency`` through transformers' ``generate`` (prompt-learning models)."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -114,27 +165,19 @@ def measure_latency(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     for p in progress(prompts, f"{desc} ({len(prompts)} single requests)", unit="req"):
         ids = torch.tensor([p], device=dev)
         clock = _Clock()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(dev)
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                  do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id, streamer=clock)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(dev)
         t1 = time.perf_counter()
-        new = out.shape[1] - ids.shape[1]
         total.append(t1 - t0)
         ttft.append((clock.first or t1) - t0)
-        tokens.append(new)
-    secs = sum(total)
-    return {"requests": len(prompts), "max_new_tokens": max_new_tokens,
-            "first_token_s": {"p50": percentile(ttft, 50), "p95": percentile(ttft, 95)},
-            "total_s": {"p50": percentile(total, 50), "p95": percentile(total, 95)},
-            "tokens_per_s": sum(tokens) / secs if secs > 0 else None,
-            "mean_generated_tokens": sum(tokens) / len(tokens) if tokens else None,
-            "samples_total_s": [round(x, 5) for x in total], "samples_first_token_s": [round(x, 5) for x in ttft]}
+        new = out[0, ids.shape[1]:].tolist()
+        tokens.append(len(new) - (1 if new and new[-1] == tokenizer.eos_token_id else 0))  # as the engine: EOS not counted
+    return _latency_summary(prompts, max_new_tokens, ttft, total, tokens)
 
 
 def reset_peak_memory() -> list[str]:

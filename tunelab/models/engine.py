@@ -89,6 +89,7 @@ class GenRequest:
     finish_reason: str | None = None
     created: float = field(default_factory=time.perf_counter)
     started: float | None = None
+    first_token: float | None = None  # when the first generated token (EOS included) was sampled
     finished: float | None = None
     cancelled: bool = False
 
@@ -479,6 +480,8 @@ class Engine:
     def _accept(self, row: _Row, token: int) -> bool:
         """Record a sampled token; deliver new text; return False when the request is finished."""
         req = row.req
+        if req.first_token is None:
+            req.first_token = time.perf_counter()
         if token in self.eos_ids:
             self._flush(row, req.text)
             return self._finish(req, "stop")

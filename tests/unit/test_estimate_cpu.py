@@ -33,6 +33,21 @@ def test_cpu_precision_is_the_trainers_choice(monkeypatch, flags, expected):
     assert estimate(EstimateConfig(model="smollm2-135m", device="cpu", precision="bf16"))["precision"]["why"] == "set: bf16"
 
 
+
+@pytest.mark.parametrize("flags,warned", [({"avx2"}, True), ({"avx2", "avx512_bf16"}, False),
+                                          ({"avx2", "amx_bf16"}, False)])
+def test_bf16_set_by_hand_on_a_cpu_without_bf16_instructions_is_warned(monkeypatch, caplog, flags, warned):
+    import torch
+
+    monkeypatch.setattr(device, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="tunelab.device"):
+        p = device.plan("bf16")
+    assert p.precision == "bf16"  # the recipe's choice is kept
+    assert ("no bf16 instructions" in p.why) == warned and bool(caplog.records) == warned
+    assert "no bf16 instructions" not in device.plan("auto").why  # tunelab's own pick never warns
+
+
 def test_gpu_devices_keep_16_bit():
     assert estimate(EstimateConfig(model="smollm2-135m", device="a100-80gb"))["precision"]["precision"] == "bf16"
     assert estimate(EstimateConfig(model="smollm2-135m", device="t4"))["precision"]["precision"] == "fp16"

@@ -35,6 +35,9 @@ from pydantic import Field, field_validator
 
 from tunelab._console import progress
 from tunelab.config import Strict
+from tunelab.errors import TunelabError
+from tunelab.models.engine import Engine, GenRequest
+from tunelab.models.generation import _prompt_learning
 from tunelab.scoring.metrics import mark_verdict
 from tunelab.scoring.stats import holm, mean_statistic, paired_bootstrap
 
@@ -94,13 +97,8 @@ def measure_latency(model, tokenizer, prompts: list[list[int]], max_new_tokens: 
     decoding engine that `tunelab serve` answers with (tunelab/models/engine.py), alone in its batch, so the
     figure is what one client of the server would wait on this machine; peft prompt-learning models, which the
     engine does not decode, are timed with transformers' ``generate``."""
-    from tunelab.models.generation import _prompt_learning
-
     if _prompt_learning(model):
         return _measure_latency_generate(model, tokenizer, prompts, max_new_tokens, desc)
-    from tunelab.errors import TunelabError
-    from tunelab.models.engine import Engine, GenRequest
-
     dev = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     engine = Engine(model, set() if eos is None else {eos}, max_batch_size=1, max_queue=1)

@@ -10,7 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 from tunelab.environment import cpu_flags
+
+log = logging.getLogger("tunelab.device")
+
+# bf16 arithmetic in hardware: AMX tiles, or AVX-512 dot products. Without either (e.g. AVX2-only CPUs) bf16
+# autocast is emulated; measured on an AMD EPYC with AVX2 only (bench/sft_vs_trl.py, docs/methods/sft.md):
+# TRL's bf16 defaults 5.1 tokens/s against tunelab's fp32 default 189.9.
+CPU_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,11 @@ def plan(precision: str = "auto", gradient_checkpointing: bool | None = None) ->
     chosen = auto if precision == "auto" else precision
     if precision != "auto":
         why = f"{why}; precision set to {precision} by the recipe"
+        if dev == "cpu" and chosen in ("bf16", "fp16") and not cpu_flags() & CPU_BF16_FLAGS:
+            why += (f" (warning: this CPU has no bf16 instructions, neither AMX nor AVX-512-bf16, so {chosen} is "
+                    "emulated: TRL's bf16 defaults trained 37x slower than tunelab's fp32 on such a CPU; unset "
+                    "train.precision for fp32)")
+            log.warning("precision %s on a CPU without bf16 instructions: expect a far slower run than fp32", chosen)
     gc = bool(gradient_checkpointing) if gradient_checkpointing is not None else False
     return DevicePlan(dev, chosen, gc, why)
 

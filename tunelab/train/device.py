@@ -8,9 +8,8 @@ SFT adds its own measured choices below (checkpoint_every, padding_free; docs/me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 
 from tunelab.environment import cpu_flags
 
@@ -54,11 +53,11 @@ def plan(precision: str = "auto", gradient_checkpointing: bool | None = None) ->
     chosen = auto if precision == "auto" else precision
     if precision != "auto":
         why = f"{why}; precision set to {precision} by the recipe"
-        if dev == "cpu" and chosen in ("bf16", "fp16") and not cpu_flags() & CPU_BF16_FLAGS:
-            why += (f" (warning: this CPU has no bf16 instructions, neither AMX nor AVX-512-bf16, so {chosen} is "
+        if dev == "cpu" and chosen == "bf16" and not cpu_flags() & CPU_BF16_FLAGS:
+            why += (" (warning: this CPU has no bf16 instructions, neither AMX nor AVX-512-bf16, so bf16 is "
                     "emulated: TRL's bf16 defaults trained 37x slower than tunelab's fp32 on such a CPU; unset "
                     "train.precision for fp32)")
-            log.warning("precision %s on a CPU without bf16 instructions: expect a far slower run than fp32", chosen)
+            log.warning("precision bf16 on a CPU without bf16 instructions: expect a far slower run than fp32")
     gc = bool(gradient_checkpointing) if gradient_checkpointing is not None else False
     return DevicePlan(dev, chosen, gc, why)
 

@@ -109,7 +109,8 @@ def test_dpo_compact_fused_head_same_losses(data, tmp_path):
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
     # TRL disables dropout for DPO (disable_dropout): no LoRA dropout to speed up
-    _check(fast, lf, plain, lp, 1e-4, {"fused response-only loss", "fused LoRA linear"})
+    _check(fast, lf, plain, lp, 1e-4, {"fused response-only loss", "fused LoRA linear", "shared prompt forward"})
+    assert "positions not computed" in fast["speedups"]["applied"]["shared prompt forward"]
 
 
 def test_dpo_compact_head_gives_the_same_log_probs(tiny_model):
@@ -152,7 +153,8 @@ def test_reward_speedups_recorded_same_losses(data, tmp_path):
     cfg = {"recipe": "reward", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
-    _check(fast, lf, plain, lp, 1e-4, {"fused LoRA linear"})
+    _check(fast, lf, plain, lp, 1e-4, {"fused LoRA linear", "shared prompt forward"})
+    assert "positions not computed" in fast["speedups"]["applied"]["shared prompt forward"]
     assert "scalar head" in fast["speedups"]["not_applied"]["fused response-only loss"]
 
 
@@ -161,7 +163,7 @@ def test_reward_bf16_frozen_base_same_losses(data, tmp_path):
     cfg = {"recipe": "reward", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path, precision="bf16")
-    _check(fast, lf, plain, lp, 2e-2, {"frozen base in bf16"})
+    _check(fast, lf, plain, lp, 2e-2, {"frozen base in bf16", "shared prompt forward"})
     assert "fp32" in fast["speedups"]["not_applied"]["fused LoRA linear"]
 
 

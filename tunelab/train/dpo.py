@@ -27,6 +27,7 @@ from tunelab.train import preference as P
 from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
 from tunelab.train.distributed import world_size
+from tunelab.train.shared_prompt import paired_trainer, shared_prompts
 from tunelab.workspace import Workspace
 
 LOSSES = ("sigmoid", "ipo", "hinge", "robust")  # TRL DPOTrainer loss_type values offered here
@@ -142,7 +143,8 @@ def _steps(r: _run.Run) -> dict:
                               label_smoothing=cfg.label_smoothing, max_length=L, disable_dropout=True)
     # full fine-tuning from a folder: the start model already loaded is the reference (no third copy)
     trl_ref = ref_model if peft_config is None and start.adapter is None else None
-    trainer = DPOTrainer(model=model, ref_model=trl_ref, args=args, train_dataset=Dataset.from_list(train_pairs),
+    # its loss and reference log-probs run inside paired_batches(): the shared prompt forward reads [chosen; rejected]
+    trainer = paired_trainer(DPOTrainer, "_compute_loss", "compute_ref_log_probs")(model=model, ref_model=trl_ref, args=args, train_dataset=Dataset.from_list(train_pairs),
                          eval_dataset=Dataset.from_list(val_pairs) if has_val else None, processing_class=tokenizer,
                          callbacks=r.callbacks(extra=("rewards/margins", "rewards/accuracies", "rewards/chosen",
                                                       "rewards/rejected", "logps/chosen", "logps/rejected"),
@@ -160,9 +162,10 @@ def _steps(r: _run.Run) -> dict:
                          dplan.device == "cpu" else "off (train.speedups: off)" if not speed.on else
                          "TRL's fused LM head already projects only the completion positions on this device")
     r.speedups = speed
-    print(speed.line())
+    refs_apart = [trainer.ref_model] if trainer.ref_model is not None else []  # full: a second model
     try:
-        with compact_fused_head(compact):
+        with compact_fused_head(compact), shared_prompts(speed, trainer.model, *refs_apart):
+            print(speed.line())
             out = r.train(trainer)
     finally:
         speed.restore()

@@ -25,6 +25,7 @@ from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
 from tunelab.train.distributed import world_size
 from tunelab.train.numerics import encode_prompt_response
+from tunelab.train.shared_prompt import paired_trainer, shared_prompts
 from tunelab.train.peft import peft_config, peft_section
 from tunelab.workspace import Workspace
 
@@ -101,7 +102,8 @@ def _steps(r: _run.Run) -> dict:
                               cls=TRLRewardConfig, max_length=None,  # already fitted, prompt cut from the left
                               center_rewards_coefficient=cfg.center_rewards, disable_dropout=True,
                               remove_unused_columns=False)
-    trainer = RewardTrainer(
+    # its loss runs inside paired_batches(): the shared prompt forward reads the batch as [chosen; rejected]
+    trainer = paired_trainer(RewardTrainer, "compute_loss")(
         model=model, args=args, train_dataset=Dataset.from_list(train_feats),
         eval_dataset=Dataset.from_list(val_feats) if has_val else None, processing_class=tokenizer,
         callbacks=r.callbacks(extra=("accuracy", "margin", "mean_reward"),
@@ -114,9 +116,10 @@ def _steps(r: _run.Run) -> dict:
     speed.note("fused response-only loss", False, "does not apply: the reward is a scalar head read at the last "
                                                   "token, there are no vocabulary-wide logits to skip")
     r.speedups = speed
-    print(speed.line())
     try:
-        out = r.train(trainer)
+        with shared_prompts(speed, trainer.model):
+            print(speed.line())
+            out = r.train(trainer)
     finally:
         speed.restore()
     if not r.main:  # saving and the held-out evaluation are rank 0's

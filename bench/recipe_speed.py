@@ -140,7 +140,9 @@ def child_tunelab(a, recipe: str, tmp: Path) -> dict:
                "data": {"files": [str(docs)], "block_size": L, "heldout_share": 0.2, "max_eval_blocks": 2}}
     elif recipe in ("dpo", "reward"):
         cfg = {"model": {"name": a.model}, "method": "lora", "lora": LORA,
-               "data": {"train": hh, "limit": 200, "validation_split": 0.0, "max_length": L, "test_limit": 1}}
+               # raw transcripts, as the plain side reads them (P.load_pairs without the chat template): the same text
+               "data": {"train": hh, "limit": 200, "validation_split": 0.0, "max_length": L, "test_limit": 1,
+                        "chat_template": False}}
     elif recipe == "distill":
         cfg = {"teacher": {"name": a.model}, "student": {"name": str(_student(a, tmp))}, "method": "full",
                "data": {"train": str(ROOT / "examples" / "data" / "support" / "train.jsonl"), "max_length": L,

@@ -23,10 +23,11 @@ from tests.recipes.test_preference_cli import write_pairs
 
 HELD = 3000  # held-out pairs: the evaluation takes seconds on the tiny model, the stop a batch
 # Promptness is read from the evaluation's progress, which does not depend on the machine's load: the run stops
-# inside the pass it was stopped in (its "chosen" bar never ends, its "rejected" bar never starts). The time
+# inside the pass it was stopped in (its "chosen and rejected" bar never ends, no result is printed). The time
 # bound only catches a run that does not stop at all (the process exit alone can take tens of seconds on a
 # loaded machine).
 BOUND_S = 120
+BAR = "held-out {}: chosen and rejected"  # the evaluation's progress bar: each pair's two sequences in one batch
 
 
 def _start(tmp_path: Path, tiny_model: Path, recipe: str, run_id: str, **extra) -> tuple[subprocess.Popen, Path]:
@@ -75,15 +76,14 @@ def _status(run_dir: Path) -> str:
                                            ("dpo", {})])
 def test_cancel_in_the_heldout_evaluation_before_training(tmp_path, tiny_model, recipe, extra):
     proc, run_dir = _start(tmp_path, tiny_model, recipe, f"{recipe}-stop-before", **extra)
-    lines, took = _stop_when(proc, "held-out before: chosen",
+    lines, took = _stop_when(proc, BAR.format("before"),
                              lambda: (run_dir / "CANCEL").write_text("cancel", encoding="utf-8"))
     out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
     assert "cancelled at step 0, in the held-out evaluation before training" in out, out[-3000:]
     # it stopped within a batch: no training step, no "after" numbers; the held-out bar never reached its end
-    assert "held-out before:" not in out.replace("held-out before: chosen", "").replace("held-out before: rej", "")
-    assert not any(f"{HELD}/{HELD}" in line and "before: chosen" in line for line in lines), out[-3000:]
-    assert "held-out before: rejected" not in out, out[-3000:]
+    assert "held-out before:" not in out.replace(BAR.format("before"), ""), out[-3000:]
+    assert not any(f"{HELD}/{HELD}" in line for line in lines), out[-3000:]
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists()
     assert _status(run_dir) == "cancelled"
     assert took < BOUND_S, f"{took:.1f} s from the cancel to the end"
@@ -92,14 +92,15 @@ def test_cancel_in_the_heldout_evaluation_before_training(tmp_path, tiny_model, 
 @pytest.mark.slow  # ~25 s: a full evaluation before, two steps, saving and reloading come first
 def test_cancel_in_the_heldout_evaluation_after_training(tmp_path, tiny_model):
     proc, run_dir = _start(tmp_path, tiny_model, "dpo", "dpo-stop-after")
-    lines, took = _stop_when(proc, "held-out after: chosen",
+    lines, took = _stop_when(proc, BAR.format("after"),
                              lambda: (run_dir / "CANCEL").write_text("cancel", encoding="utf-8"))
     out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
     assert "cancelled at step 2, in the held-out evaluation after training" in out, out[-3000:]
     assert not (run_dir / "summary.json").exists() and _status(run_dir) == "cancelled"
     assert (run_dir / "adapter").is_dir()  # saved before the evaluation: nothing trained is lost
-    assert "held-out after: rejected" not in out and "held-out after (n=" not in out, out[-3000:]
+    assert "held-out after (n=" not in out, out[-3000:]
+    assert not any(f"{HELD}/{HELD}" in line and BAR.format("after") in line for line in lines), out[-3000:]
     assert took < BOUND_S, f"{took:.1f} s from the cancel to the end"
 
 
@@ -107,13 +108,13 @@ def test_sigterm_in_the_heldout_evaluation_before_training(tmp_path, tiny_model)
     """SIGTERM interrupts any phase (tunelab/train/_run.py turns it into KeyboardInterrupt), the held-out
     evaluation included: the run ends interrupted, as one stopped by SIGTERM between steps does."""
     proc, run_dir = _start(tmp_path, tiny_model, "reward", "reward-term-before", eval_batch_size=2)
-    lines, took = _stop_when(proc, "held-out before: chosen", lambda: proc.send_signal(signal.SIGTERM))
+    lines, took = _stop_when(proc, BAR.format("before"), lambda: proc.send_signal(signal.SIGTERM))
     out = "".join(lines)
     assert proc.returncode == 130, out[-3000:]
     assert "interrupted; continue with --resume RUN_ID" in out and "Traceback" not in out, out[-3000:]
     assert not (run_dir / "metrics.jsonl").exists() and not (run_dir / "summary.json").exists()
     assert _status(run_dir) == "interrupted"
-    assert "held-out before: rejected" not in out, out[-3000:]
+    assert "held-out before:" not in out.replace(BAR.format("before"), ""), out[-3000:]
     assert not any(f"{HELD}/{HELD}" in line for line in lines), out[-3000:]
     assert took < BOUND_S, f"{took:.1f} s from SIGTERM to the end"
     assert json.loads((run_dir / "lineage.json").read_text())["run_id"] == run_dir.name

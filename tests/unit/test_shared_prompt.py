@@ -164,3 +164,47 @@ def test_noted_with_the_share_saved_or_why_not(tiny_model):
     with shared_prompts(other, model) as fwds:
         assert fwds == []
     assert "flash_attention_2" in other.skipped["shared prompt forward"]
+
+
+def test_heldout_pair_evaluations_equal_scoring_each_side_alone(tiny_model, monkeypatch):
+    """The held-out evaluations of DPO and reward runs score a pair's two sequences in one batch: the same
+    log-probs and reward scores as scoring all chosen, then all rejected, sequences on their own."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tunelab.train.preference import (completion_logprobs, paired_completion_logprobs, score_ids,
+                                          score_pairs)
+
+    import tunelab.train.shared_prompt as sp
+
+    trees = []
+    layout = sp.pair_layout
+    monkeypatch.setattr(sp, "pair_layout", lambda *a: trees.append(layout(*a)) or trees[-1])
+    pairs = _random_pairs(torch.Generator().manual_seed(2), 7)
+    prompts, chosen, rejected = ([p[k] for p in pairs] for k in range(3))
+    lm = _lora(AutoModelForCausalLM.from_pretrained(tiny_model))
+    pad = lm.config.pad_token_id
+    pc, pr = paired_completion_logprobs(lm, prompts, chosen, rejected, pad, batch_size=4)
+    assert pc == pytest.approx(completion_logprobs(lm, prompts, chosen, pad, batch_size=3), abs=1e-4)
+    assert pr == pytest.approx(completion_logprobs(lm, prompts, rejected, pad, batch_size=3), abs=1e-4)
+    assert pc != pytest.approx(pr, abs=1e-3)  # the two sides are told apart, not one copied into the other
+    assert len(trees) == 4 and all(trees)  # 7 pairs, 2 a batch: every batch ran as shared-prefix rows
+
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=1)
+    c_ids, r_ids = [p + c for p, c, _ in pairs], [p + r for p, _, r in pairs]
+    sc, sr = score_pairs(rm, c_ids, r_ids, pad, batch_size=4)
+    assert sc == pytest.approx(score_ids(rm, c_ids, pad, batch_size=3), abs=1e-5)
+    assert sr == pytest.approx(score_ids(rm, r_ids, pad, batch_size=3), abs=1e-5)
+    assert len(trees) == 8 and all(trees)
+    assert "forward" not in backbone_of(rm).__dict__ and "forward" not in backbone_of(lm).__dict__
+
+
+def test_not_claimed_when_no_batch_had_a_prefix_to_share(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    sp = _Speed()
+    ids, mask, _ = _batch([([], [4, 5], [6, 7])], 0)  # nothing in common
+    with shared_prompts(sp, model), paired_batches(), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert "shared prompt forward" not in sp.applied
+    assert "no batch had a prefix" in sp.skipped["shared prompt forward"]

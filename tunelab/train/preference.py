@@ -323,6 +323,35 @@ def score_ids(model, seqs: list[list[int]], pad_id: int, batch_size: int = 16, d
     return out
 
 
+def score_pairs(model, chosen: list[list[int]], rejected: list[list[int]], pad_id: int, batch_size: int = 16,
+                desc: str | None = None, check: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
+    """Scalar scores of chosen and rejected sequences, a pair's two in one ``[chosen; rejected]`` batch so that
+    the prompt they share runs once (tunelab/train/shared_prompt.py; the same scores as :func:`score_ids` of each
+    side up to rounding). ``batch_size`` sequences a batch; ``desc``: a progress bar over the pairs; ``check``:
+    called before each batch (a run's cancel check, which raises)."""
+    import torch
+
+    from tunelab.train.shared_prompt import pairs_once
+
+    rc: list[float] = []
+    rr: list[float] = []
+    model.eval()
+    step = max(1, batch_size // 2)
+    bar = progress(len(chosen), desc, unit="pair") if desc else contextlib.nullcontext()
+    with torch.no_grad(), bar, pairs_once(model):
+        for b in range(0, len(chosen), step):
+            if check is not None:
+                check()
+            c, r = chosen[b: b + step], rejected[b: b + step]
+            ids, mask = _padded(c + r, pad_id, next(model.parameters()).device)
+            scores = model(input_ids=ids, attention_mask=mask).logits[:, 0].float().cpu().tolist()
+            rc.extend(scores[:len(c)])
+            rr.extend(scores[len(c):])
+            if desc:
+                bar.update(len(c))
+    return rc, rr
+
+
 def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16,
                   desc: str | None = None, check: Callable[[], None] | None = None) -> dict:
     """Bradley–Terry view of a reward model on pairs: accuracy (chosen scored above rejected) and mean margin.
@@ -331,8 +360,8 @@ def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_si
         return {"pairs": 0, "accuracy": None, "accuracy_ci95": [None, None], "mean_margin": None, "wins": []}
     chosen = [encode_prompt_response(tokenizer, p["prompt"], p["chosen"], max_length)[0] for p in pairs]
     rejected = [encode_prompt_response(tokenizer, p["prompt"], p["rejected"], max_length)[0] for p in pairs]
-    rc = score_ids(model, chosen, tokenizer.pad_token_id, batch_size, desc and f"{desc}: chosen", check)
-    rr = score_ids(model, rejected, tokenizer.pad_token_id, batch_size, desc and f"{desc}: rejected", check)
+    rc, rr = score_pairs(model, chosen, rejected, tokenizer.pad_token_id, batch_size,
+                         desc and f"{desc}: chosen and rejected", check)
     margins = [c - r for c, r in zip(rc, rr)]
     # a tie is half right: a constant reward model scores 0.5, not 0
     wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
@@ -504,6 +533,57 @@ def completion_logprobs(model, prompt_ids: list[list[int]], completions: list[li
     return out
 
 
+def paired_completion_logprobs(model, prompt_ids: list[list[int]], chosen: list[list[int]],
+                               rejected: list[list[int]], pad_id: int, batch_size: int = 16, desc: str | None = None,
+                               check: Callable[[], None] | None = None) -> tuple[list[float], list[float]]:
+    """:func:`completion_logprobs` of chosen and of rejected after the same prompts, a pair's two rows in one
+    ``[chosen; rejected]`` batch (the shared prompt runs once: tunelab/train/shared_prompt.py) and the LM head
+    only at completion positions. ``batch_size`` rows a batch; ``desc``: a progress bar over the pairs."""
+    import torch
+    import torch.nn.functional as F
+
+    from tunelab.train.numerics import IGNORE_INDEX, _causal_parts, causal_logits
+    from tunelab.train.shared_prompt import pairs_once
+
+    out_c: list[float] = []
+    out_r: list[float] = []
+    model.eval()
+    parts = _causal_parts(model)
+    dev = next(model.parameters()).device
+    step = max(1, batch_size // 2)
+    bar = progress(len(prompt_ids), desc, unit="pair") if desc else contextlib.nullcontext()
+    with torch.no_grad(), bar, pairs_once(model):
+        for b in range(0, len(prompt_ids), step):
+            if check is not None:
+                check()
+            ps = prompt_ids[b: b + step]
+            rows = [p + c for p, c in zip(ps, chosen[b: b + step])] + [p + r for p, r in zip(ps, rejected[b: b + step])]
+            plen = [len(p) for p in ps] * 2
+            ids, mask = _padded(rows, pad_id, dev)
+            labels = torch.full_like(ids, IGNORE_INDEX)
+            for i, (row, n) in enumerate(zip(rows, plen)):
+                labels[i, n:len(row)] = ids[i, n:len(row)]
+            shift = labels[:, 1:]
+            sel = shift != IGNORE_INDEX
+            if parts is None:  # prompt-learning adapters: the model's own logits
+                h = causal_logits(model, ids, mask)[:, :-1][sel].float()
+                tok = -F.cross_entropy(h, shift[sel], reduction="none")
+            else:
+                dec, head = parts
+                hidden = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][sel]
+                y = shift[sel]
+                tok = torch.cat([-F.cross_entropy(head(hidden[i: i + 1024]).float(), y[i: i + 1024], reduction="none")
+                                 for i in range(0, len(y), 1024)]) if len(y) else hidden.new_zeros(0)
+            per = torch.zeros(len(rows), dtype=torch.float64, device=tok.device)
+            per.index_add_(0, sel.nonzero()[:, 0], tok.double())
+            vals = per.cpu().tolist()
+            out_c.extend(vals[:len(ps)])
+            out_r.extend(vals[len(ps):])
+            if desc:
+                bar.update(len(ps))
+    return out_c, out_r
+
+
 def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size: int = 16, desc: str | None = None,
                check: Callable[[], None] | None = None):
     """log p(chosen + EOS | prompt) and log p(rejected + EOS | prompt) per pair (prompt cut from the left).
@@ -520,9 +600,8 @@ def pair_logps(model, tokenizer, pairs: list[dict], max_length: int, batch_size:
         prompts.append(ids)
         chosen.append(c[:room])
         rejected.append(r[:room])
-    pad = tokenizer.pad_token_id
-    return (completion_logprobs(model, prompts, chosen, pad, batch_size, desc and f"{desc}: chosen", check),
-            completion_logprobs(model, prompts, rejected, pad, batch_size, desc and f"{desc}: rejected", check))
+    return paired_completion_logprobs(model, prompts, chosen, rejected, tokenizer.pad_token_id, batch_size,
+                                      desc and f"{desc}: chosen and rejected", check)
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:

@@ -145,12 +145,16 @@ class SharedPromptForward:
         return None
 
     def install(self) -> SharedPromptForward:
+        self._before = self.backbone.__dict__.get("forward")  # another wrapper already there (nested use)
         self.backbone.forward = self
         return self
 
     def remove(self) -> None:
         if self.backbone.__dict__.get("forward") is self:
-            del self.backbone.forward
+            if self._before is None:
+                del self.backbone.forward
+            else:
+                self.backbone.forward = self._before
 
     def __call__(self, *args, **kwargs):
         if not getattr(_state, "on", False):
@@ -189,6 +193,19 @@ class SharedPromptForward:
 NAME = "shared prompt forward"
 
 
+@contextlib.contextmanager
+def pairs_once(model):
+    """For an evaluation that feeds ``model`` ``[chosen; rejected]`` batches: the shared prompt forward on its
+    backbone where the model supports it (otherwise the padded batches as they are), inside paired_batches()."""
+    fwd = SharedPromptForward(backbone_of(model)).install() if SharedPromptForward.supports(model) is None else None
+    try:
+        with paired_batches():
+            yield fwd
+    finally:
+        if fwd is not None:
+            fwd.remove()
+
+
 def paired_trainer(base, *methods: str):
     """``base`` (a TRL trainer class) with each of ``methods`` run inside :func:`paired_batches`: the methods whose
     model calls carry ``[chosen; rejected]`` batches (DPO's loss and reference log-probs, the reward loss)."""
@@ -224,3 +241,7 @@ def shared_prompts(speed, *models):
         if fwds and tin:
             speed.applied[NAME] += (f": {1 - tout / tin:.0%} of the padded batches' positions not computed "
                                     f"({tout:,} of {tin:,})")
+        elif fwds:  # installed, never engaged: say so rather than claim it
+            del speed.applied[NAME]
+            speed.note(NAME, False, "no batch had a prefix its chosen and rejected sequences share (e.g. prompts cut "
+                                    "from the left for each response separately)")

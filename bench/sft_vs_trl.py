@@ -28,6 +28,7 @@ Configurations:
   tunelab-mb2        ... with train.micro_batch_size=2 (four micro-batches of 2)
   tunelab-peft-lora  ... with peft's own LoRA forward instead of the fused LoRA linear (CPU fp32)
   tunelab-whole      ... with train.micro_batch_size=8 (the whole batch: no CPU default micro-batch split)
+  tunelab-noprefix   ... without the shared prompt prefix (every row computes the system prompt and header itself)
   trl-defaults       TRL SFTConfig defaults (bf16 autocast, gradient checkpointing)
   trl-nogc           ... without gradient checkpointing
   trl-grouped        ... with length-grouped batches (train_sampling_strategy="group_by_length", as tunelab)
@@ -56,7 +57,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "examples" / "sft_lora_support.yaml"
 CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt3", "tunelab-fp32",
-           "tunelab-mb4", "tunelab-mb2", "tunelab-whole", "tunelab-peft-lora",
+           "tunelab-mb4", "tunelab-mb2", "tunelab-whole", "tunelab-peft-lora", "tunelab-noprefix",
            "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
            "trl-packing-nogc", "trl-fp32")
 
@@ -99,6 +100,10 @@ def child_tunelab(a, variant: str, tmp: Path) -> dict:
         from tunelab.train import _cpu_speed
 
         _cpu_speed.use_fused_lora_linear = lambda model: 0
+    elif variant == "tunelab-noprefix":
+        from tunelab.train import shared_prompt
+
+        shared_prompt.shared_prefix_hidden = lambda decoder, inputs, stats=None: None
     elif variant == "tunelab-whole":
         raw["train"]["micro_batch_size"] = raw["train"]["batch_size"]
     elif variant == "tunelab-ckpt3":

@@ -104,6 +104,19 @@ def test_cpt_bf16_path_frozen_base_and_attention(data, tmp_path):
     assert fast["domain_perplexity_after"] == pytest.approx(plain["domain_perplexity_after"], rel=5e-2)
 
 
+def test_sft_shared_prompt_prefix_same_losses_and_recorded(data, tmp_path):
+    """Every chat starts with the same system prompt: the prefix runs once per batch, the losses are the padded
+    batch's."""
+    cfg = {"recipe": "sft", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
+           "data": {"train": str(data["chats"]), "validation_split": 0.0, "max_length": 256,
+                    "system_prompt": "Answer in one sentence."}}
+    fast, lf, plain, lp = _both(cfg, tmp_path)
+    assert lf == pytest.approx(lp, rel=1e-4), (lf, lp)
+    rec = fast["speedups"]["applied"]
+    assert "positions not computed" in rec["shared prompt prefix"], rec
+    assert plain["speedups"]["not_applied"]["shared prompt prefix"] == "off (train.speedups: off)"
+
+
 def test_dpo_compact_fused_head_same_losses(data, tmp_path):
     cfg = {"recipe": "dpo", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}

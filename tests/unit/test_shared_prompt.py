@@ -208,3 +208,68 @@ def test_not_claimed_when_no_batch_had_a_prefix_to_share(tiny_model):
         model(input_ids=ids, attention_mask=mask)
     assert "shared prompt forward" not in sp.applied
     assert "no batch had a prefix" in sp.skipped["shared prompt forward"]
+
+
+# ----------------------------------------------------------------------------- SFT: one prefix for the batch
+
+def _sft_batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict:
+    """Right-padded SFT rows (prompt ids, response ids): labels on the responses only."""
+    L = max(len(p) + len(r) for p, r in rows)
+    ids = torch.full((len(rows), L), pad)
+    mask = torch.zeros((len(rows), L), dtype=torch.long)
+    labels = torch.full((len(rows), L), -100)
+    for i, (p, r) in enumerate(rows):
+        n = len(p) + len(r)
+        ids[i, :n] = torch.tensor(p + r)
+        mask[i, :n] = 1
+        labels[i, len(p):n] = torch.tensor(r)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_common_prefix_stops_before_the_first_predicted_token():
+    from tunelab.train.shared_prompt import common_prefix_length
+
+    system = list(range(10, 22))  # 12 tokens every row starts with
+    b = _sft_batch([(system + [5, 6], [7, 8]), (system + [5, 9, 9], [3]), (system + [5], [4, 4])], 0)
+    # rows agree on 13 tokens (system + 5); the third row's first label sits at 13, predicted from position 12
+    assert common_prefix_length(b["input_ids"], b["attention_mask"], b["labels"]) == 12
+    assert common_prefix_length(b["input_ids"][:1], b["attention_mask"][:1], b["labels"][:1]) == 0  # one row
+    assert common_prefix_length(b["input_ids"], b["attention_mask"].flip(1), b["labels"]) == 0  # left padding
+    b["input_ids"][1, 0] = 99
+    assert common_prefix_length(b["input_ids"], b["attention_mask"], b["labels"]) == 0
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_sft_loss_and_gradients_match_the_padded_batch(tiny_model, attn):
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.numerics import response_only_loss
+
+    model = _lora(AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn))
+    model.train()  # LoRA dropout 0 here: both passes see the same function
+    g = torch.Generator().manual_seed(3)
+    system = torch.randint(5, 250, (11,), generator=g).tolist()
+    rows = []
+    for _ in range(5):
+        a, b = torch.randint(1, 9, (2,), generator=g).tolist()
+        rows.append((system + torch.randint(5, 250, (a,), generator=g).tolist(),
+                     torch.randint(5, 250, (b,), generator=g).tolist()))
+    batch = _sft_batch(rows, model.config.pad_token_id)
+
+    def loss_and_grads(share):
+        model.zero_grad()
+        loss = response_only_loss(model, batch, share_prefix=share)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, g_plain = loss_and_grads(None)
+    stats: dict = {}
+    shared, g_shared = loss_and_grads(stats)
+    n, L = batch["input_ids"].shape
+    assert stats == {"positions": n * L, "computed": 11 + n * (L - 11)}  # the prefix ran once, not 5 times
+    assert torch.allclose(shared, plain, atol=1e-6, rtol=1e-5)
+    _same_gradients(g_shared, g_plain)
+    nothing: dict = {}
+    batch["input_ids"][0, 0] += 1  # no common prefix: the plain forward, nothing counted
+    response_only_loss(model, batch, share_prefix=nothing)
+    assert nothing == {}

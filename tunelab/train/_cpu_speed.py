@@ -397,20 +397,23 @@ class Speedups:
                 ("" if self.on else " (train.speedups: off)"))
 
 
-def fused_loss_trainer(base=None):
+def fused_loss_trainer(base=None, share_prefix: bool = False):
     """``base`` (transformers' Trainer by default) with one override: the causal-LM loss computed from the
     decoder's hidden states with logits only where labels are set, a frozen head's in chunks
     (``numerics.response_only_loss``). The value is the model's own loss (mean over label tokens, or sum /
-    num_items_in_batch under gradient accumulation)."""
+    num_items_in_batch under gradient accumulation). ``share_prefix``: the tokens every row of a batch starts
+    with run once (``shared_prompt.shared_prefix_hidden``); the class's ``prefix_stats`` counts the positions."""
     if base is None:
         from transformers import Trainer as base
 
     class FusedLossTrainer(base):
+        prefix_stats: dict | None = {} if share_prefix else None
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # response_only_loss calls the decoder and the LM head directly, past the autocast wrapper that
             # accelerate puts on model.forward: enter mixed precision here (a no-op under fp32)
             with self.accelerator.autocast():
-                loss = response_only_loss(model, inputs, num_items_in_batch)
+                loss = response_only_loss(model, inputs, num_items_in_batch, share_prefix=self.prefix_stats)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices \
                     and self.accelerator.num_processes > 1:
                 # num_items_in_batch counts the label tokens of all ranks and DDP averages gradients

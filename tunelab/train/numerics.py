@@ -244,7 +244,7 @@ def causal_logits(model, input_ids, attention_mask=None, position_ids=None):
     return logits
 
 
-def response_only_loss(model, inputs: dict, num_items_in_batch=None):
+def response_only_loss(model, inputs: dict, num_items_in_batch=None, share_prefix: dict | None = None):
     """Causal-LM loss computing logits only where labels are set.
 
     The LM head of a small model is a large share of its compute (SmolLM2-135M: 28M of
@@ -252,6 +252,9 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
     Measured on 2 CPU cores with LoRA: ~1.3-1.5x tokens/s. Returns the same value as the
     model's own loss: mean over label tokens, or sum / num_items_in_batch under gradient
     accumulation (token-weighted across micro-batches, transformers#34191).
+
+    ``share_prefix``: a dict (its counts accumulate there) to compute the tokens every row of a padded batch
+    starts with once (``shared_prompt.shared_prefix_hidden``: a system prompt and the chat header); None: off.
     """
     import torch.nn.functional as F
 
@@ -262,9 +265,15 @@ def response_only_loss(model, inputs: dict, num_items_in_batch=None):
         nll, n = masked_nll(logits, labels)
     else:
         dec, head = parts
-        # use_cache=False: a cache would disable the packed (block-causal) mask of padding-free batches
-        hidden = dec(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                     position_ids=inputs.get("position_ids"), use_cache=False).last_hidden_state
+        hidden = None
+        if share_prefix is not None:
+            from tunelab.train.shared_prompt import shared_prefix_hidden
+
+            hidden = shared_prefix_hidden(dec, inputs, share_prefix)
+        if hidden is None:
+            # use_cache=False: a cache would disable the packed (block-causal) mask of padding-free batches
+            hidden = dec(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                         position_ids=inputs.get("position_ids"), use_cache=False).last_hidden_state
         shift = labels[:, 1:]
         sel = shift != IGNORE_INDEX
         if _frozen_plain_head(head):

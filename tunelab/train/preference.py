@@ -33,8 +33,8 @@ from tunelab.models import refs
 from tunelab.scoring.stats import bootstrap_ci, mean_statistic, paired_bootstrap
 from tunelab.sections import SFT_ONLY_TRAIN
 from tunelab.train._run import Run, write_rows
-from tunelab.train.numerics import (Rendered, encode_prompt_response, fit_prompt, n_special_tokens, prompt_budget,
-                                    render_prompt)
+from tunelab.train.numerics import (IGNORE_INDEX, Rendered, _causal_parts, causal_logits, encode_prompt_response,
+                                    fit_prompt, n_special_tokens, prompt_budget, render_prompt)
 from tunelab.train.peft import peft_config, peft_section
 from tunelab.workspace import Workspace
 
@@ -542,7 +542,6 @@ def paired_completion_logprobs(model, prompt_ids: list[list[int]], chosen: list[
     import torch
     import torch.nn.functional as F
 
-    from tunelab.train.numerics import IGNORE_INDEX, _causal_parts, causal_logits
     from tunelab.train.shared_prompt import pairs_once
 
     out_c: list[float] = []

@@ -84,6 +84,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
     import transformers
 
     from tunelab.train._cpu_speed import Speedups, attention_kwargs, fused_loss_applies, fused_loss_trainer
+    from tunelab.train.shared_prompt import PREFIX_NAME, note_prefix_saved
 
     cfg = r.cfg.model_copy(update={"data": absolute_paths(r.cfg.data)})
     if cfg.method != "full":
@@ -155,8 +156,16 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
             include_num_input_tokens_seen="all" if pf else "non_padding",  # a padding-free row has no padding
             train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
             remove_unused_columns=False, prediction_loss_only=True)
+        # the tokens every row of a padded batch starts with (system prompt, chat header) once: not with packed rows
+        # (no padding to align), nor with checkpointed layers (they drop the prefix's cache)
+        share = speed.note(PREFIX_NAME, speed.on and fused_loss_applies(model) and not pf and ckpt_every == 0,
+                           "the tokens every row of a batch starts with (a system prompt, the chat header) run once"
+                           if speed.on and fused_loss_applies(model) and not pf and ckpt_every == 0 else
+                           "off (train.speedups: off)" if not speed.on else
+                           f"{cfg.method} changes the inputs" if not fused_loss_applies(model) else
+                           "padding-free rows" if pf else "gradient checkpointing drops the prefix's cache")
         # speed-ups on: tunelab's loss (response_only_loss falls back to the model's logits where it cannot fuse)
-        trainer = (fused_loss_trainer() if speed.on else transformers.Trainer)(
+        trainer = (fused_loss_trainer(share_prefix=share) if speed.on else transformers.Trainer)(
             model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,
             data_collator=PaddingFreeCollator() if pf else PadCollator(tokenizer.pad_token_id),
             processing_class=tokenizer,
@@ -168,6 +177,8 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
               f"({pf_why}); {trainable:,} trainable of {total:,} parameters "
               f"({100 * trainable / total:.2f}%); {total_steps} steps")
         out = r.train(trainer)
+        if share:
+            note_prefix_saved(speed, trainer.prefix_stats)
     finally:
         if speed is not None:
             speed.restore()  # the exact fp32 base again (probe, evaluation, merges); removes the temp file

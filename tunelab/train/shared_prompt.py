@@ -245,3 +245,76 @@ def shared_prompts(speed, *models):
             del speed.applied[NAME]
             speed.note(NAME, False, "no batch had a prefix its chosen and rejected sequences share (e.g. prompts cut "
                                     "from the left for each response separately)")
+
+
+# ----------------------------------------------------------------------------- SFT: one prefix for the whole batch
+
+PREFIX_NAME = "shared prompt prefix"
+MIN_PREFIX = 8  # tokens: below this the second decoder call costs more than the positions it saves
+
+
+def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor) -> int:
+    """The longest prefix of token ids every row of a right-padded SFT batch starts with (a system prompt and the
+    chat template's header), cut so that no labelled token is predicted from inside it and every row keeps a token
+    after it; 0 when the batch is not right-padded or has one row."""
+    n, L = input_ids.shape
+    if n < 2:
+        return 0
+    if attention_mask is not None:
+        mask = attention_mask.to(torch.bool)
+        lens = mask.sum(dim=1)
+        if not bool((mask == (torch.arange(L, device=mask.device)[None, :] < lens[:, None])).all()):
+            return 0
+        shortest = int(lens.min())
+    else:
+        shortest = L
+    same = (input_ids == input_ids[:1]).all(dim=0)
+    p = int(same.to(torch.int8).cumprod(0).sum())  # leading positions where every row agrees
+    labelled = labels != -100
+    first = labelled.to(torch.int8).argmax(dim=1)
+    first = torch.where(labelled.any(dim=1), first, torch.full_like(first, L))  # a row without labels: no limit
+    # a labelled token t is predicted from position t - 1: every such position stays after the prefix
+    return max(0, min(p, shortest - 1, int(first.min()) - 1))
+
+
+def shared_prefix_hidden(decoder, inputs: dict, stats: dict | None = None):
+    """The decoder's last hidden states for an SFT batch whose rows start with the same tokens, the prefix computed
+    once: one forward over ``[1, P]`` keeps its keys and values (with their autograd history), which the rest of
+    every row, ``[B, L - P]``, attends to as a cache expanded over the batch; the gradients of the prefix are the
+    sum over the rows. Same values as one forward over ``[B, L]`` up to rounding (tests/unit/test_shared_prompt.py).
+    Returns None where it does not apply (no prefix of ``MIN_PREFIX`` tokens, packed rows with position ids, a
+    checkpointed decoder whose layers drop caches, caches other than plain dynamic ones). ``stats`` accumulates
+    ``positions`` (B x L) and ``computed`` (P + B x (L - P))."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    ids, mask, labels = inputs["input_ids"], inputs.get("attention_mask"), inputs["labels"]
+    if inputs.get("position_ids") is not None or getattr(decoder, "gradient_checkpointing", False):
+        return None
+    p = common_prefix_length(ids, mask, labels)
+    if p < MIN_PREFIX:
+        return None
+    n, L = ids.shape
+    pre = decoder(input_ids=ids[:1, :p], use_cache=True)
+    cache = pre.past_key_values
+    if not isinstance(cache, DynamicCache) or any(type(x) is not DynamicLayer for x in cache.layers):
+        return None
+    for layer in cache.layers:
+        layer.keys = layer.keys.expand(n, -1, -1, -1)
+        layer.values = layer.values.expand(n, -1, -1, -1)
+    rest = decoder(input_ids=ids[:, p:], attention_mask=mask, past_key_values=cache, use_cache=True)
+    if stats is not None:
+        stats["positions"] = stats.get("positions", 0) + n * L
+        stats["computed"] = stats.get("computed", 0) + p + n * (L - p)
+    return torch.cat([pre.last_hidden_state.expand(n, -1, -1), rest.last_hidden_state], dim=1)
+
+
+def note_prefix_saved(speed, stats: dict) -> None:
+    """After training: the share of positions the shared prefix did not compute, on the run's speed-up record; or,
+    where no batch had one, the speed-up moved to "not applied" with the reason."""
+    if stats.get("positions"):
+        speed.applied[PREFIX_NAME] += (f": {1 - stats['computed'] / stats['positions']:.0%} of the padded batches' "
+                                       f"positions not computed ({stats['computed']:,} of {stats['positions']:,})")
+    else:
+        del speed.applied[PREFIX_NAME]
+        speed.note(PREFIX_NAME, False, f"no batch's rows started with {MIN_PREFIX} or more tokens in common")

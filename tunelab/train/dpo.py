@@ -144,7 +144,8 @@ def _steps(r: _run.Run) -> dict:
     # full fine-tuning from a folder: the start model already loaded is the reference (no third copy)
     trl_ref = ref_model if peft_config is None and start.adapter is None else None
     # its loss and reference log-probs run inside paired_batches(): the shared prompt forward reads [chosen; rejected]
-    trainer = paired_trainer(DPOTrainer, "_compute_loss", "compute_ref_log_probs")(model=model, ref_model=trl_ref, args=args, train_dataset=Dataset.from_list(train_pairs),
+    trainer = paired_trainer(DPOTrainer, "_compute_loss", "compute_ref_log_probs")(
+                         model=model, ref_model=trl_ref, args=args, train_dataset=Dataset.from_list(train_pairs),
                          eval_dataset=Dataset.from_list(val_pairs) if has_val else None, processing_class=tokenizer,
                          callbacks=r.callbacks(extra=("rewards/margins", "rewards/accuracies", "rewards/chosen",
                                                       "rewards/rejected", "logps/chosen", "logps/rejected"),

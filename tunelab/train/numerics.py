@@ -360,6 +360,18 @@ def frozen_head_nll(hidden, weight, targets, chunk: int = 512):
 
 # ----------------------------------------------------------------------------- held-out scoring (teacher forcing)
 
+def token_nll(head, hidden, targets, chunk: int = 1024):
+    """Per-token NLL of ``targets`` under ``head(hidden)`` (rows of hidden states, one target each), the head
+    applied a chunk of rows at a time: peak memory one chunk x vocab instead of all rows x vocab."""
+    import torch
+    import torch.nn.functional as F
+
+    if not len(targets):
+        return hidden.new_zeros(0)
+    return torch.cat([F.cross_entropy(head(hidden[i: i + chunk]).float(), targets[i: i + chunk], reduction="none")
+                      for i in range(0, len(targets), chunk)])
+
+
 def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: int,
                               desc: str | None = None) -> tuple[list[float], list[int]]:
     """Per-example summed NLL of reference responses (teacher forcing) and scored tokens, in the order of
@@ -401,9 +413,7 @@ def response_nll_per_example(model, feats: list[dict], batch_size: int, pad_id: 
                 labels = batch["labels"][:, 1:].to(hidden.device)
                 sel = labels != IGNORE_INDEX
                 rows = sel.nonzero()[:, 0]
-                h, y = hidden[sel], labels[sel]
-                tok = torch.cat([F.cross_entropy(head(h[i: i + 1024]).float(), y[i: i + 1024], reduction="none")
-                                 for i in range(0, len(y), 1024)]) if len(y) else h.new_zeros(0)
+                tok = token_nll(head, hidden[sel], labels[sel])
                 per = torch.zeros(labels.size(0), dtype=torch.float64, device=tok.device)
                 per.index_add_(0, rows, tok.double())
                 nll.extend(per.cpu().tolist())

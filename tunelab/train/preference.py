@@ -34,7 +34,7 @@ from tunelab.scoring.stats import bootstrap_ci, mean_statistic, paired_bootstrap
 from tunelab.sections import SFT_ONLY_TRAIN
 from tunelab.train._run import Run, write_rows
 from tunelab.train.numerics import (IGNORE_INDEX, Rendered, _causal_parts, causal_logits, encode_prompt_response,
-                                    fit_prompt, n_special_tokens, prompt_budget, render_prompt)
+                                    fit_prompt, n_special_tokens, prompt_budget, render_prompt, token_nll)
 from tunelab.train.peft import peft_config, peft_section
 from tunelab.workspace import Workspace
 
@@ -570,9 +570,7 @@ def paired_completion_logprobs(model, prompt_ids: list[list[int]], chosen: list[
             else:
                 dec, head = parts
                 hidden = dec(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state[:, :-1][sel]
-                y = shift[sel]
-                tok = torch.cat([-F.cross_entropy(head(hidden[i: i + 1024]).float(), y[i: i + 1024], reduction="none")
-                                 for i in range(0, len(y), 1024)]) if len(y) else hidden.new_zeros(0)
+                tok = -token_nll(head, hidden, shift[sel])
             per = torch.zeros(len(rows), dtype=torch.float64, device=tok.device)
             per.index_add_(0, sel.nonzero()[:, 0], tok.double())
             vals = per.cpu().tolist()

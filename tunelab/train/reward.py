@@ -25,8 +25,8 @@ from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
 from tunelab.train.distributed import world_size
 from tunelab.train.numerics import encode_prompt_response
-from tunelab.train.shared_prompt import paired_trainer, shared_prompts
 from tunelab.train.peft import peft_config, peft_section
+from tunelab.train.shared_prompt import paired_trainer, shared_prompts
 from tunelab.workspace import Workspace
 
 

@@ -158,12 +158,12 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
             remove_unused_columns=False, prediction_loss_only=True)
         # the tokens every row of a padded batch starts with (system prompt, chat header) once: not with packed rows
         # (no padding to align), nor with checkpointed layers (they drop the prefix's cache)
-        share = speed.note(PREFIX_NAME, speed.on and fused_loss_applies(model) and not pf and ckpt_every == 0,
-                           "the tokens every row of a batch starts with (a system prompt, the chat header) run once"
-                           if speed.on and fused_loss_applies(model) and not pf and ckpt_every == 0 else
-                           "off (train.speedups: off)" if not speed.on else
-                           f"{cfg.method} changes the inputs" if not fused_loss_applies(model) else
-                           "padding-free rows" if pf else "gradient checkpointing drops the prefix's cache")
+        why_not = ("off (train.speedups: off)" if not speed.on else
+                   f"{cfg.method} changes the inputs" if not fused_loss_applies(model) else
+                   "padding-free rows" if pf else "gradient checkpointing drops the prefix's cache" if ckpt_every
+                   else None)
+        share = speed.note(PREFIX_NAME, why_not is None, why_not or "the tokens every row of a batch starts with "
+                                                                    "(a system prompt, the chat header) run once")
         # speed-ups on: tunelab's loss (response_only_loss falls back to the model's logits where it cannot fuse)
         trainer = (fused_loss_trainer(share_prefix=share) if speed.on else transformers.Trainer)(
             model=model, args=args, train_dataset=train_feats, eval_dataset=val_feats or None,

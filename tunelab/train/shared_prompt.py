@@ -56,6 +56,14 @@ def backbone_of(model) -> torch.nn.Module | None:
     return inner if isinstance(inner, torch.nn.Module) and inner is not m else None
 
 
+def _right_padded_lengths(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Each row's length where every row attends to exactly its first positions (right padding), else None."""
+    mask = attention_mask.to(torch.bool)
+    lens = mask.sum(dim=1)
+    ok = bool((mask == (torch.arange(mask.shape[1], device=mask.device)[None, :] < lens[:, None])).all())
+    return lens if ok else None
+
+
 @dataclass
 class PairLayout:
     """Where each token of a ``[2B, L]`` paired batch sits in the ``[B, T]`` shared-prefix rows."""
@@ -77,10 +85,8 @@ def pair_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> PairLa
     n, L = input_ids.shape
     if n < 2 or n % 2:
         return None
-    mask = attention_mask.to(torch.bool)
-    lens = mask.sum(dim=1)
-    # right-padded: every row attends to exactly its first lens[i] positions
-    if not bool((mask == (torch.arange(L, device=mask.device)[None, :] < lens[:, None])).all()):
+    lens = _right_padded_lengths(attention_mask)
+    if lens is None:
         return None
     B = n // 2
     lens = lens.tolist()
@@ -237,14 +243,21 @@ def shared_prompts(speed, *models):
     finally:
         for f in fwds:
             f.remove()
-        tin, tout = sum(f.tokens_in for f in fwds), sum(f.tokens_out for f in fwds)
-        if fwds and tin:
-            speed.applied[NAME] += (f": {1 - tout / tin:.0%} of the padded batches' positions not computed "
-                                    f"({tout:,} of {tin:,})")
-        elif fwds:  # installed, never engaged: say so rather than claim it
-            del speed.applied[NAME]
-            speed.note(NAME, False, "no batch had a prefix its chosen and rejected sequences share (e.g. prompts cut "
-                                    "from the left for each response separately)")
+        if fwds:
+            _note_saved(speed, NAME, sum(f.tokens_in for f in fwds), sum(f.tokens_out for f in fwds),
+                        "no batch had a prefix its chosen and rejected sequences share (e.g. prompts cut from the "
+                        "left for each response separately)")
+
+
+def _note_saved(speed, name: str, positions: int, computed: int, why_none: str) -> None:
+    """After training, on a speed-up that was applied: the share of the padded batches' positions it did not
+    compute; or, where it never engaged, the speed-up moved to "not applied" with ``why_none`` (not claimed)."""
+    if positions:
+        speed.applied[name] += (f": {1 - computed / positions:.0%} of the padded batches' positions not computed "
+                                f"({computed:,} of {positions:,})")
+    else:
+        del speed.applied[name]
+        speed.note(name, False, why_none)
 
 
 # ----------------------------------------------------------------------------- SFT: one prefix for the whole batch
@@ -261,9 +274,8 @@ def common_prefix_length(input_ids: torch.Tensor, attention_mask: torch.Tensor |
     if n < 2:
         return 0
     if attention_mask is not None:
-        mask = attention_mask.to(torch.bool)
-        lens = mask.sum(dim=1)
-        if not bool((mask == (torch.arange(L, device=mask.device)[None, :] < lens[:, None])).all()):
+        lens = _right_padded_lengths(attention_mask)
+        if lens is None:
             return 0
         shortest = int(lens.min())
     else:
@@ -312,9 +324,5 @@ def shared_prefix_hidden(decoder, inputs: dict, stats: dict | None = None):
 def note_prefix_saved(speed, stats: dict) -> None:
     """After training: the share of positions the shared prefix did not compute, on the run's speed-up record; or,
     where no batch had one, the speed-up moved to "not applied" with the reason."""
-    if stats.get("positions"):
-        speed.applied[PREFIX_NAME] += (f": {1 - stats['computed'] / stats['positions']:.0%} of the padded batches' "
-                                       f"positions not computed ({stats['computed']:,} of {stats['positions']:,})")
-    else:
-        del speed.applied[PREFIX_NAME]
-        speed.note(PREFIX_NAME, False, f"no batch's rows started with {MIN_PREFIX} or more tokens in common")
+    _note_saved(speed, PREFIX_NAME, stats.get("positions", 0), stats.get("computed", 0),
+                f"no batch's rows started with {MIN_PREFIX} or more tokens in common")

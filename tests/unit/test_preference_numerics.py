@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import make_tiny_model
 
@@ -49,6 +51,48 @@ def test_encode_prompt_response_cuts_prompt_first(tok):
     long_resp = " one two three" * 30
     ids3, cut3 = encode_prompt_response(tok, prompt, long_resp, 32)
     assert cut3 and len(ids3) == 32
+
+
+WORDS = ["one", "two", "three", "four", "five", "six", "what", "color", "is", "the", "cat?", "red."]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompt=st.lists(st.sampled_from(WORDS), max_size=60), a=st.lists(st.sampled_from(WORDS), max_size=40),
+       b=st.lists(st.sampled_from(WORDS), max_size=40), max_length=st.integers(8, 64))
+def test_a_pair_is_encoded_with_one_prompt_cut(tok, prompt, a, b, max_length):
+    from tunelab.train.numerics import encode_prompt_responses, n_special_tokens
+
+    prompt, a, b = " ".join(prompt), " " + " ".join(a), " " + " ".join(b)
+    (ca, cb), cut = encode_prompt_responses(tok, prompt, [a, b], max_length)
+    ra, rb = (tok(x, add_special_tokens=False)["input_ids"] for x in (a, b))
+    whole = tok(prompt, add_special_tokens=True)["input_ids"]
+    assert cut == (len(whole) + max(len(ra), len(rb)) > max_length)
+    if not cut:
+        assert ca == whole + ra and cb == whole + rb
+    # both sides are ONE prompt (cut once) followed by their own response, then cut at max_length
+    for ids, own, other, other_r in ((ca, ra, cb, rb), (cb, rb, ca, ra)):
+        assert len(ids) <= max_length
+        if len(ids) < max_length:  # not cut at the end: the prompt part is everything before the response
+            shared = ids[:len(ids) - len(own)]
+            assert ids[len(shared):] == own and len(shared) >= n_special_tokens(tok)
+            assert other == (shared + other_r)[:max_length]
+    # the prompt left room for the longer response: it survives whole when it fits in half the length
+    longer, ids = (ra, ca) if len(ra) >= len(rb) else (rb, cb)
+    if longer and len(longer) + n_special_tokens(tok) <= max_length // 2:
+        assert ids[-len(longer):] == longer
+
+
+def test_reward_features_share_the_prompt_of_a_long_conversation(tok):
+    from tunelab.train.reward import _features
+
+    prompt = "Human: " + "one two three four five six " * 20 + "what color is the cat?\n\nAssistant:"
+    pair = {"prompt": prompt, "chosen": " The cat is red.", "rejected": " one two three four five six seven " * 2}
+    (f,), truncated = _features(tok, [pair], 48)
+    c, r = f["chosen_ids"], f["rejected_ids"]
+    assert truncated == 1 and len(c) <= 48 and len(r) <= 48
+    n_c = len(tok(pair["chosen"], add_special_tokens=False)["input_ids"])
+    # one cut for both: the rejected row is the shared prompt plus its own answer
+    assert r[:len(c) - n_c] == c[:len(c) - n_c] and tok.decode(c[len(c) - n_c:]).strip() == "The cat is red."
 
 
 def test_hh_rlhf_transcripts_become_pairs(tmp_path, tok):

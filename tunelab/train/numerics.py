@@ -681,10 +681,23 @@ def encode_prompt_response(tokenizer, prompt: str, response: str, max_length: in
     """Token ids of prompt (with the tokenizer's special tokens) followed by response, at most
     ``max_length``: the prompt is cut from the left, then the response from the right. The two
     parts are tokenized separately, as generation produces them. Returns (ids, truncated)."""
-    r = tokenizer(response, add_special_tokens=False)["input_ids"]
+    (ids,), truncated = encode_prompt_responses(tokenizer, prompt, [response], max_length)
+    return ids, truncated
+
+
+def encode_prompt_responses(tokenizer, prompt: str, responses: list[str],
+                            max_length: int) -> tuple[list[list[int]], bool]:
+    """Token ids of prompt + each response, the prompt cut from the left ONCE, to leave room for the longest
+    response (as DPO's ``preference.fit_pairs``), then each sequence cut at ``max_length``.
+
+    For a pair this means both sides see the same context: a comparison of two answers to different cuts of one
+    conversation would credit the reward model for the context, not the answer; and the two rows then start with
+    the same tokens, which the shared prompt forward computes once (train/shared_prompt.py).
+    Returns (ids per response, whether anything was cut)."""
+    rs = [tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
     special = n_special_tokens(tokenizer)
-    text, cut = fit_prompt(tokenizer, prompt, prompt_budget(max_length, len(r), special))
+    text, cut = fit_prompt(tokenizer, prompt, prompt_budget(max_length, max(map(len, rs), default=0), special))
     p = tokenizer(text, add_special_tokens=True)["input_ids"] if text else \
         tokenizer("", add_special_tokens=True)["input_ids"]
-    ids = p + r
-    return ids[:max_length], cut or len(ids) > max_length
+    seqs = [p + r for r in rs]
+    return [ids[:max_length] for ids in seqs], cut or any(len(ids) > max_length for ids in seqs)

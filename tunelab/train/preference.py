@@ -34,6 +34,7 @@ from tunelab.scoring.stats import bootstrap_ci, mean_statistic, paired_bootstrap
 from tunelab.sections import SFT_ONLY_TRAIN
 from tunelab.train._run import Run, write_rows
 from tunelab.train.numerics import (IGNORE_INDEX, Rendered, _causal_parts, causal_logits, encode_prompt_response,
+                                    encode_prompt_responses,
                                     fit_prompt, n_special_tokens, prompt_budget, render_prompt, token_nll)
 from tunelab.train.peft import peft_config, peft_section
 from tunelab.workspace import Workspace
@@ -358,8 +359,10 @@ def pairwise_eval(model, tokenizer, pairs: list[dict], max_length: int, batch_si
     ``desc``: progress bars under that name; ``check``: called between batches (a run's cancel check)."""
     if not pairs:
         return {"pairs": 0, "accuracy": None, "accuracy_ci95": [None, None], "mean_margin": None, "wins": []}
-    chosen = [encode_prompt_response(tokenizer, p["prompt"], p["chosen"], max_length)[0] for p in pairs]
-    rejected = [encode_prompt_response(tokenizer, p["prompt"], p["rejected"], max_length)[0] for p in pairs]
+    # one prompt cut per pair, as reward training encodes them (reward._features)
+    encoded = [encode_prompt_responses(tokenizer, p["prompt"], [p["chosen"], p["rejected"]], max_length)[0]
+               for p in pairs]
+    chosen, rejected = [c for c, _ in encoded], [r for _, r in encoded]
     rc, rr = score_pairs(model, chosen, rejected, tokenizer.pad_token_id, batch_size,
                          desc and f"{desc}: chosen and rejected", check)
     margins = [c - r for c, r in zip(rc, rr)]
@@ -388,7 +391,9 @@ class RewardScorer:
     """A trained reward model as a reward function: ``scorer(prompts, completions) -> [float]``.
 
     The same tokenization as reward training (prompt and response tokenized separately, prompt cut
-    from the left), so RL optimizes exactly the score that was evaluated.
+    from the left), so RL optimizes exactly the score that was evaluated. One completion is scored at a
+    time, so a prompt too long for ``max_length`` is cut to leave room for that completion alone (in
+    training, for the longer answer of the pair): the same text whenever the prompt fits.
     """
 
     __name__ = "reward_model"

@@ -24,7 +24,7 @@ from tunelab.train import preference as P
 from tunelab.train._cpu_speed import Speedups
 from tunelab.train.device import plan
 from tunelab.train.distributed import world_size
-from tunelab.train.numerics import encode_prompt_response
+from tunelab.train.numerics import encode_prompt_responses
 from tunelab.train.peft import peft_config, peft_section
 from tunelab.train.shared_prompt import paired_trainer, shared_prompts
 from tunelab.workspace import Workspace
@@ -54,9 +54,8 @@ class RewardConfig(Strict):
 def _features(tokenizer, pairs: list[dict], max_length: int) -> tuple[list[dict], int]:
     feats, truncated = [], 0
     for p in pairs:
-        c, tc = encode_prompt_response(tokenizer, p["prompt"], p["chosen"], max_length)
-        r, tr = encode_prompt_response(tokenizer, p["prompt"], p["rejected"], max_length)
-        truncated += int(tc or tr)
+        (c, r), cut = encode_prompt_responses(tokenizer, p["prompt"], [p["chosen"], p["rejected"]], max_length)
+        truncated += int(cut)
         if c == r:
             continue  # identical after truncation: no signal
         feats.append({"chosen_ids": c, "rejected_ids": r})

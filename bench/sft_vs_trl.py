@@ -22,12 +22,16 @@ Configurations:
   tunelab-pf         ... with train.padding_free=true
   tunelab-nogc       ... with train.gradient_checkpointing=false
   tunelab-gc         ... with train.gradient_checkpointing=true (every layer)
-  tunelab-ckpt3      ... checkpointing every 3rd decoder layer instead of every 2nd (the CPU bf16 default)
+  tunelab-ckpt2      ... checkpointing every 2nd decoder layer, the whole batch (the CPU bf16 default until 2026-12-07)
   tunelab-fp32       ... with train.precision=fp32
+  tunelab-bf16       ... with train.precision=bf16 (checkpointing as the bf16 default picks: every 2nd layer on CPU)
+  tunelab-bf16-nogc  ... with train.precision=bf16 and train.gradient_checkpointing=false
+  tunelab-bf16-nogc-mb4, tunelab-bf16-nogc-mb2  ... and train.micro_batch_size=4 or 2
   tunelab-mb4        ... with train.micro_batch_size=4 (two micro-batches of 4 accumulated: the same 8 per step)
   tunelab-mb2        ... with train.micro_batch_size=2 (four micro-batches of 2)
   tunelab-peft-lora  ... with peft's own LoRA forward instead of the fused LoRA linear (CPU fp32)
   tunelab-whole      ... with train.micro_batch_size=8 (the whole batch: no CPU default micro-batch split)
+  tunelab-sdpa       ... with SDPA attention instead of the checkpointed eager attention of CPU bf16 runs
   tunelab-noprefix   ... without the shared prompt prefix (every row computes the system prompt and header itself)
   trl-defaults       TRL SFTConfig defaults (bf16 autocast, gradient checkpointing)
   trl-nogc           ... without gradient checkpointing
@@ -56,8 +60,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "examples" / "sft_lora_support.yaml"
-CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt3", "tunelab-fp32",
-           "tunelab-mb4", "tunelab-mb2", "tunelab-whole", "tunelab-peft-lora", "tunelab-noprefix",
+CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt2", "tunelab-fp32",
+           "tunelab-bf16", "tunelab-bf16-nogc", "tunelab-bf16-nogc-mb4", "tunelab-bf16-nogc-mb2",
+           "tunelab-mb4", "tunelab-mb2", "tunelab-whole", "tunelab-peft-lora", "tunelab-noprefix", "tunelab-sdpa",
            "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
            "trl-packing-nogc", "trl-fp32")
 
@@ -94,22 +99,33 @@ def child_tunelab(a, variant: str, tmp: Path) -> dict:
         raw["train"]["gradient_checkpointing"] = variant == "tunelab-gc"
     elif variant == "tunelab-fp32":
         raw["train"]["precision"] = "fp32"
+    elif variant.startswith("tunelab-bf16"):
+        raw["train"]["precision"] = "bf16"
+        if "-nogc" in variant:
+            raw["train"]["gradient_checkpointing"] = False
+        if "-mb" in variant:
+            raw["train"]["micro_batch_size"] = int(variant[-1])
     elif variant in ("tunelab-mb4", "tunelab-mb2"):
         raw["train"]["micro_batch_size"] = int(variant[-1])
     elif variant == "tunelab-peft-lora":
         from tunelab.train import _cpu_speed
 
         _cpu_speed.use_fused_lora_linear = lambda model: 0
+    elif variant == "tunelab-sdpa":
+        from tunelab.train import _cpu_speed
+
+        _cpu_speed.attention_kwargs = lambda *a, **k: {}
     elif variant == "tunelab-noprefix":
         from tunelab.train import shared_prompt
 
         shared_prompt.shared_prefix_hidden = lambda decoder, inputs, stats=None: None
     elif variant == "tunelab-whole":
         raw["train"]["micro_batch_size"] = raw["train"]["batch_size"]
-    elif variant == "tunelab-ckpt3":
-        from tunelab.train import device
+    elif variant == "tunelab-ckpt2":
+        from tunelab.train import sft
 
-        device.CPU_BF16_CHECKPOINT_EVERY = 3
+        sft.checkpoint_every = lambda requested, dplan: 2
+        raw["train"]["micro_batch_size"] = raw["train"]["batch_size"]
     cfg = cfglib.validate(SFTConfig, raw)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         s = run(cfg, Workspace.resolve(tmp / "ws"))
@@ -201,9 +217,10 @@ def machine() -> str:
         pass
     from tunelab.environment import cpu_flags
 
-    amx = "amx_bf16" in cpu_flags()
+    flags = cpu_flags()
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
-    return (f"{cpu}, {os.cpu_count()} cores, AMX-bf16 {'yes' if amx else 'no'}{gpu}; torch {torch.__version__}, "
+    return (f"{cpu}, {os.cpu_count()} cores, AMX-bf16 {'yes' if 'amx_bf16' in flags else 'no'}, "
+            f"AVX-512-bf16 {'yes' if 'avx512_bf16' in flags else 'no'}{gpu}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads")
 
 

@@ -16,11 +16,20 @@ from tunelab.errors import TunelabError
 from tunelab.train import device
 
 
-@pytest.mark.parametrize("flags,expected", [({"avx512_bf16"}, "fp32"), ({"avx512_bf16", "amx_bf16"}, "bf16")])
-def test_cpu_precision_is_the_trainers_choice(monkeypatch, flags, expected):
+def _no_timing():
+    raise AssertionError("the bf16 matmul is timed only on CPUs with AVX512-bf16 and no AMX")
+
+
+# AVX512-bf16 without AMX: bf16 only where a bf16 matmul times clearly faster (0.8x on an Intel Xeon, 2.2x on an
+# AMD EPYC Zen 4, measured); AMX always; AVX2 only never (bf16 would be emulated)
+@pytest.mark.parametrize("flags,speedup,expected", [({"avx512_bf16"}, 0.8, "fp32"), ({"avx512_bf16"}, 2.2, "bf16"),
+                                                    ({"avx512_bf16", "amx_bf16"}, None, "bf16"),
+                                                    ({"avx2"}, None, "fp32")])
+def test_cpu_precision_is_the_trainers_choice(monkeypatch, flags, speedup, expected):
     import torch
 
     monkeypatch.setattr(device, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(device, "cpu_bf16_matmul_speedup", (lambda: speedup) if speedup else _no_timing)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     trainer = device.plan("auto")  # what every recipe calls
     res = estimate(EstimateConfig(model="smollm2-135m", device="cpu"))
@@ -46,6 +55,15 @@ def test_bf16_set_by_hand_on_a_cpu_without_bf16_instructions_is_warned(monkeypat
     assert p.precision == "bf16"  # the recipe's choice is kept
     assert ("no bf16 instructions" in p.why) == warned and bool(caplog.records) == warned
     assert "no bf16 instructions" not in device.plan("auto").why  # tunelab's own pick never warns
+
+
+def test_the_bf16_matmul_timing_is_a_ratio_measured_once():
+    device.cpu_bf16_matmul_speedup.cache_clear()
+    r = device.cpu_bf16_matmul_speedup()
+    assert r > 0 and device.cpu_bf16_matmul_speedup() == r  # cached: one timing per process
+    if "avx512_bf16" in device.cpu_flags() and "amx_bf16" not in device.cpu_flags():
+        p, why = device.cpu_precision()
+        assert (p == "bf16") == (r >= device.CPU_BF16_MIN_MATMUL_SPEEDUP) and f"{r:.1f}x" in why
 
 
 def test_gpu_devices_keep_16_bit():

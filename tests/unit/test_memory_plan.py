@@ -34,10 +34,28 @@ def test_cpu_splits_the_batch_before_checkpointing_and_keeps_examples_per_step()
     assert p.fits and p.chosen and p.checkpoint_every == 0
     assert p.micro_batch < 8 and p.micro_batch * p.grad_accum == 8 * 2  # same examples per optimizer step
     assert p.estimate_gb <= full * 0.6
-    # a budget only checkpointing can meet: every layer, at the largest micro-batch that then fits
-    one = predicted_gb(Job(**{**JOB.__dict__, "batch_size": 1}), SMOL, "cpu", 0.5)
-    q = _plan(one * 0.9)
-    assert q.fits and q.checkpoint_every == 1 and q.estimate_gb <= one * 0.9
+    # a budget only checkpointing can meet: every 2nd layer if that fits, else every layer, at the largest
+    # micro-batch that then fits
+    def pred(m, ck):
+        return predicted_gb(Job(**{**JOB.__dict__, "batch_size": m, "checkpoint_every": ck}), SMOL, "cpu", 0.5)
+
+    one = pred(1, 0)
+    for budget in (one * 0.9, pred(1, 2) * 0.99):
+        q = _plan(budget)
+        assert q.fits and q.checkpoint_every in (1, 2) and q.estimate_gb <= budget
+        assert (q.checkpoint_every == 2) == any(pred(m, 2) <= budget for m in (1, 2, 4, 8))
+    assert _plan(pred(1, 2) * 0.99).checkpoint_every == 1
+
+
+def test_the_device_default_micro_batch_caps_the_split():
+    p = _plan(100, prefer_micro_batch=4, grad_accum=2)
+    assert (p.micro_batch, p.grad_accum, p.checkpoint_every, p.fits) == (4, 4, 0, True)
+    assert "this device's default" in p.line()
+    # a budget still splits further; a micro-batch the recipe sets wins over the default
+    assert _plan(predicted_gb(Job(**{**JOB.__dict__, "batch_size": 2}), SMOL, "cpu", 0.5), prefer_micro_batch=4
+                 ).micro_batch == 2
+    assert _plan(100, prefer_micro_batch=4, micro_batch=8).micro_batch == 8
+    assert _plan(100, prefer_micro_batch=3, batch_size=8).micro_batch == 2  # the largest divisor under the cap
 
 
 def test_gpu_checkpoints_before_splitting():

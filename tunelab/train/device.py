@@ -1,14 +1,18 @@
 """Per-device defaults: what is fast and safe where the run happens.
 
-On CPU, bf16 autocast is only a win with AMX (measured: ~5x faster matmuls with AMX-bf16,
-but 0.8x the fp32 speed on an AVX512-bf16 CPU without AMX), and gradient checkpointing
-costs ~1.5x time for memory a small model does not need, so neither is forced on CPU by plan().
+On CPU, bf16 autocast is a win where the hardware computes bf16 matmuls faster than fp32: always with AMX
+(~5x), on some AVX512-bf16 CPUs without AMX and not on others (measured: 0.8x fp32 on an Intel Xeon, 2.2x on an
+AMD EPYC of the Zen 4 generation), so on those the plan times one bf16 and one fp32 matmul and picks bf16 only
+where it is clearly faster. Gradient checkpointing costs ~1.5x time for memory a small model does not need, so
+plan() does not force it on CPU.
 SFT adds its own measured choices below (checkpoint_every, padding_free; docs/methods/sft.md).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
 from dataclasses import dataclass
 
 from tunelab.environment import cpu_flags
@@ -29,13 +33,50 @@ class DevicePlan:
     why: str
 
 
+# bf16 autocast pays off where bf16 matmuls run at least this much faster than fp32. Measured with SFT of
+# SmolLM2-135M (LoRA, bench/sft_vs_trl.py --configs tunelab-fp32,tunelab-bf16-nogc) on an AMD EPYC (Zen 4,
+# AVX512-bf16, no AMX): a 2.2x faster bf16 matmul gave 1.47x the fp32 tokens/s; the casts autocast adds cost
+# the rest, so a CPU whose bf16 matmul is only slightly faster would gain nothing.
+CPU_BF16_MIN_MATMUL_SPEEDUP = 1.5
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_matmul_speedup(reps: int = 7) -> float:
+    """bf16 over fp32 throughput of a matmul the size of a small model's MLP projection (1024 x 576 @ 576 x 1536,
+    ~1.8 GFLOP), timed here: the two alternate and the medians are compared, so load from other work hits both.
+    Takes well under a second on CPUs with bf16 instructions; measured once per process."""
+    import torch
+
+    x, w = torch.randn(1024, 576), torch.randn(1536, 576)
+    sides = {torch.float32: (x, w), torch.bfloat16: (x.bfloat16(), w.bfloat16())}
+    times: dict = {dt: [] for dt in sides}
+    with torch.no_grad():
+        for _ in range(2):  # warm-up: oneDNN picks and caches its kernels
+            for a, b in sides.values():
+                torch.nn.functional.linear(a, b)
+        for _ in range(reps):
+            for dt, (a, b) in sides.items():
+                t = time.perf_counter()
+                torch.nn.functional.linear(a, b)
+                times[dt].append(time.perf_counter() - t)
+    med = {dt: sorted(ts)[len(ts) // 2] for dt, ts in times.items()}
+    return med[torch.float32] / max(med[torch.bfloat16], 1e-9)
+
+
 def cpu_precision() -> tuple[str, str]:
     """The precision training picks on this machine's CPU, and why (also what ``tunelab estimate --device cpu``
     reports, so the estimate and the trainer cannot disagree)."""
-    amx = "amx_bf16" in cpu_flags()
-    if amx:
+    flags = cpu_flags()
+    if "amx_bf16" in flags:
         return "bf16", "CPU with AMX-bf16: bf16 autocast"
-    return "fp32", "CPU without AMX: fp32 (bf16 autocast is slower here)"
+    if "avx512_bf16" in flags:
+        speedup = cpu_bf16_matmul_speedup()
+        if speedup >= CPU_BF16_MIN_MATMUL_SPEEDUP:
+            return "bf16", (f"CPU with AVX512-bf16: bf16 autocast (a bf16 matmul timed {speedup:.1f}x fp32's "
+                            f"speed here)")
+        return "fp32", (f"CPU with AVX512-bf16 but no AMX: fp32 (a bf16 matmul timed {speedup:.1f}x fp32's speed "
+                        f"here, under the {CPU_BF16_MIN_MATMUL_SPEEDUP}x where bf16 autocast pays off)")
+    return "fp32", "CPU without bf16 instructions: fp32 (bf16 would be emulated, far slower)"
 
 
 def plan(precision: str = "auto", gradient_checkpointing: bool | None = None) -> DevicePlan:
@@ -63,12 +104,17 @@ def plan(precision: str = "auto", gradient_checkpointing: bool | None = None) ->
 
 
 
-# Measured for SFT of SmolLM2-135M with LoRA on 2 AMX cores, with the CPU speed-ups of
-# train/_cpu_speed.py (bench/sft_vs_trl.py, medians of 2 alternating rounds, docs/methods/sft.md):
-# no checkpointing 253.9 tokens/s at 3.74 GB peak RSS, every 3rd decoder layer 183.0 at 3.36 GB,
-# every 2nd layer 199.6 at 3.13 GB (TRL's defaults: 3.20 GB). Every 2nd layer keeps the peak under
-# TRL's defaults; set train.gradient_checkpointing: false for the fastest run when memory allows.
-CPU_BF16_CHECKPOINT_EVERY = 2
+# SFT under bf16 autocast on a CPU: no gradient checkpointing, and the batch computed in micro-batches of at
+# most 4 examples (accumulated: the same loss and update). Measured for SFT of SmolLM2-135M with LoRA r=16,
+# batch 8 (bench/sft_vs_trl.py, medians of 2 alternating rounds, BENCHMARKS.md):
+#   AMD EPYC Zen 4 (AVX512-bf16, no AMX), 2026-12-07: the whole batch without checkpointing 360.1 tokens/s at
+#   2.87 GB peak RSS; micro-batch 4, no checkpointing 287.1 at 2.13 GB; micro-batch 2 198.7 at 1.85 GB;
+#   checkpointing every 2nd layer (the previous default) 256.9 at 2.42 GB; TRL's defaults 3.14 GB.
+#   2 AMX cores, 2026-11-26: no checkpointing 253.9 at 3.74 GB, every 2nd layer 199.6 at 3.13 GB, every 3rd
+#   183.0 at 3.36 GB (micro-batches not measured there).
+# Splitting the batch costs less time than recomputing the forward pass for less memory; set
+# train.micro_batch_size: 8 (the whole batch) for the fastest run when memory allows.
+CPU_BF16_MICRO_BATCH = 4
 
 
 # A padding-free row of L tokens gets a dense L x L block-causal mask under sdpa/eager attention, and
@@ -95,12 +141,17 @@ def padding_free(choice: bool | str, dplan: DevicePlan, attn_implementation: str
 def checkpoint_every(requested: bool | None, dplan: DevicePlan) -> int:
     """Gradient checkpointing for SFT as "every k-th decoder layer": 0 off, 1 every layer, k > 1 partial.
 
-    ``requested`` is ``train.gradient_checkpointing``: True (all layers) or False as set; None picks
-    per device: partial checkpointing under bf16 autocast on CPU (see CPU_BF16_CHECKPOINT_EVERY),
-    otherwise what :func:`plan` chose.
+    ``requested`` is ``train.gradient_checkpointing``: True (all layers) or False as set; None is what
+    :func:`plan` chose (off on CPU). The memory plan may still turn it on to fit a budget.
     """
     if requested is not None:
         return int(bool(requested))
-    if dplan.device == "cpu" and dplan.precision == "bf16":
-        return CPU_BF16_CHECKPOINT_EVERY
     return int(dplan.gradient_checkpointing)
+
+
+def preferred_micro_batch(dplan: DevicePlan) -> int | None:
+    """The largest micro-batch SFT uses when ``train.micro_batch_size`` is unset (None: the whole batch):
+    :data:`CPU_BF16_MICRO_BATCH` under bf16 autocast on a CPU."""
+    if dplan.device == "cpu" and dplan.precision == "bf16":
+        return CPU_BF16_MICRO_BATCH
+    return None

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
+from tunelab.train.device import preferred_micro_batch
 from tunelab.train.distributed import world_size
 
 FUSED_LORA_METHODS = ("lora", "rslora")  # the recipe methods the fused LoRA linear serves (_cpu_speed.py)
@@ -412,7 +413,7 @@ def _divisors_desc(n: int) -> list[int]:
 
 def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_accum: int,
                 micro_batch: int | None, checkpoint_every: int, checkpoint_set: bool, budget_gb: float,
-                budget_from: str, runtime_gb: float = 0.0) -> MemoryPlan:
+                budget_from: str, runtime_gb: float = 0.0, prefer_micro_batch: int | None = None) -> MemoryPlan:
     """Pick micro-batch x accumulation and gradient checkpointing so the predicted peak fits ``budget_gb``.
 
     The examples per optimizer step (``batch_size x grad_accum``) never change: a micro-batch ``m`` divides
@@ -420,6 +421,8 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
     the same (the loss is summed over the step's label tokens and divided by their count, across micro-batches).
     Values the user set win: ``micro_batch`` (train.micro_batch_size) when not None, checkpointing when
     ``checkpoint_set``; if nothing fits, the smallest choice is taken and ``fits`` is False (the caller warns).
+    ``prefer_micro_batch`` caps the micro-batch when ``micro_batch`` is unset (the per-device default:
+    ``train.device.preferred_micro_batch``).
 
     Order of preference: the recipe's values; then, on CPU, smaller micro-batches before checkpointing
     (measured on a 2-core Xeon without AMX, SmolLM2-135M LoRA at batch 8 of ~140 tokens: micro-batch 4 ran at
@@ -431,8 +434,13 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
         return predicted_gb(Job(**{**job.__dict__, "batch_size": m, "checkpoint_every": ck}), shape, device,
                             runtime_gb)
 
-    ms = [micro_batch] if micro_batch is not None else _divisors_desc(batch_size)
-    cks = [checkpoint_every] if checkpoint_set else list(dict.fromkeys([checkpoint_every, 1]))
+    if micro_batch is not None:
+        ms = [micro_batch]
+    else:
+        ms = [d for d in _divisors_desc(batch_size) if prefer_micro_batch is None or d <= prefer_micro_batch]
+    # on CPU partial checkpointing (every 2nd layer) before every layer: a budget is met with less recompute
+    cks = [checkpoint_every] if checkpoint_set else \
+        list(dict.fromkeys([checkpoint_every, *([2] if device == "cpu" else []), 1]))
     if device == "cpu":
         order = [(m, ck) for ck in cks for m in ms]
     else:
@@ -443,11 +451,15 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
         if est <= budget_gb:
             accum = grad_accum * batch_size // m
             if (m, ck) == first:
-                why = "fits as set" if micro_batch is not None or checkpoint_set else "fits without splitting"
+                why = "fits as set" if micro_batch is not None or checkpoint_set else \
+                    "fits without splitting" if m == batch_size else \
+                    (f"micro-batch {m} of the {batch_size} examples per step: this device's default (faster than "
+                     f"gradient checkpointing for the memory it saves)")
             else:
                 changed = []
                 if m != first[0]:
-                    changed.append(f"micro-batch {m} of the {batch_size} examples per step (the unsplit batch needs "
+                    start = "the unsplit batch" if first[0] == batch_size else f"micro-batch {first[0]}"
+                    changed.append(f"micro-batch {m} of the {batch_size} examples per step ({start} needs "
                                    f"{pred(first[0], first[1]):.2f} GB)")
                 if ck != first[1]:
                     changed.append("gradient checkpointing to fit")
@@ -475,12 +487,14 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
     bf16 on a CPU is modelled with the recipe's CPU speed-ups (:func:`cpu_fast_path`)."""
     t = cfg.train
     budget, source = memory_budget(t.memory_budget_gb, dplan.device)
-    as_set = MemoryPlan(t.micro_batch_size or t.batch_size, t.grad_accum * t.batch_size // (t.micro_batch_size or
-                        t.batch_size), checkpoint_every, None, budget, source, False, None, "")
+    prefer = preferred_micro_batch(dplan)
+    m0 = t.micro_batch_size or next(d for d in _divisors_desc(t.batch_size) if prefer is None or d <= prefer)
+    as_set = MemoryPlan(m0, t.grad_accum * t.batch_size // m0, checkpoint_every, None, budget, source, False, None,
+                        "")
     method = _ESTIMATOR_METHOD.get(cfg.method)
     targets = cfg.lora.target_modules
     if world_size() > 1:  # each rank would measure and choose alone: a different accumulation per rank hangs DDP
-        return _replace(as_set, why="as set: under --nproc the ranks keep the recipe's micro-batch")
+        return _replace(as_set, why="as set: under --nproc the ranks keep the recipe's (or this device's default) micro-batch")
     if method is None:
         return _replace(as_set, why=f"as set: no memory model for method {cfg.method}")
     if method != "full" and targets != "all-linear" and not set(targets) <= set(LINEAR_NAMES):
@@ -498,7 +512,7 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
     return plan_memory(job, shape, device=dplan.device, batch_size=t.batch_size, grad_accum=t.grad_accum,
                        micro_batch=t.micro_batch_size, checkpoint_every=checkpoint_every,
                        checkpoint_set=t.gradient_checkpointing is not None, budget_gb=budget, budget_from=source,
-                       runtime_gb=runtime_gb if dplan.device == "cpu" else 0.0)
+                       runtime_gb=runtime_gb if dplan.device == "cpu" else 0.0, prefer_micro_batch=prefer)
 
 
 def _replace(plan: MemoryPlan, **kw) -> MemoryPlan:

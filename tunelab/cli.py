@@ -792,6 +792,7 @@ def admin_audit(limit: int = typer.Option(50, help="newest N entries"),
 
 
 def main() -> None:
+    import logging
     import os
     import warnings
 
@@ -799,6 +800,10 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # On CPUs with AVX512-bf16 bitsandbytes tries, at import, to fetch a 4-bit kernel from the Hugging Face hub
+    # through the optional `kernels` package, and warns on every command when that is not installed; tunelab
+    # downloads nothing at run time and its QLoRA path uses bitsandbytes' built-in CPU kernels (docs/methods/peft.md)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     app()
 
 

@@ -254,7 +254,7 @@ def _note_saved(speed, name: str, positions: int, computed: int, why_none: str) 
     compute; or, where it never engaged, the speed-up moved to "not applied" with ``why_none`` (not claimed)."""
     if positions:
         speed.applied[name] += (f": {1 - computed / positions:.0%} of the padded batches' positions not computed "
-                                f"({computed:,} of {positions:,})")
+                                f"({computed:,} of {positions:,} computed)")
     else:
         del speed.applied[name]
         speed.note(name, False, why_none)

@@ -153,7 +153,7 @@ def test_noted_with_the_share_saved_or_why_not(tiny_model):
     ids, mask, _ = _batch([([7, 8, 9, 10], [4, 5], [6])], 0)
     with shared_prompts(sp, model), paired_batches(), torch.no_grad():
         model(input_ids=ids, attention_mask=mask)
-    assert "positions not computed (7 of 12)" in sp.applied["shared prompt forward"]
+    assert "positions not computed (7 of 12 computed)" in sp.applied["shared prompt forward"]
     off = _Speed()
     off.on = False
     with shared_prompts(off, model) as fwds:

@@ -51,6 +51,7 @@ cfg, fn = recipes.load_recipe(sys.argv[2])
 s = fn(cfg, ws)
 peak = peak_memory("cpu", reset)["peak_bytes"]
 print("RESULT " + json.dumps({"measured": peak - base, "checkpoint_every": s["checkpoint_every_n_layers"],
+                              "micro_batch": s["memory"]["micro_batch"],
                               "precision": s["device"]["precision"], "params": s["total_params"],
                               "trainable": s["trainable_params"], "tokens": s["tokens_seen"]}))
 '''
@@ -93,7 +94,9 @@ def _recipe(path: Path, model: Path, data: Path, method: str, precision: str, ck
     path.write_text(yaml.safe_dump({
         "recipe": "sft", "model": {"name": str(model)}, "data": {"train": str(data), "max_length": SEQ},
         "method": method, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "train": {"max_steps": STEPS, "batch_size": BATCH, "eval_every": 100, "precision": precision,
+        # the whole batch at once, as set: sized so activations dominate (the CPU bf16 default would split it)
+        "train": {"max_steps": STEPS, "batch_size": BATCH, "micro_batch_size": BATCH, "eval_every": 100,
+                  "precision": precision,
                   "gradient_checkpointing": ckpt, "group_by_length": False}}))
     return path
 
@@ -122,9 +125,9 @@ def test_memory_estimate_within_25_percent_of_measured(medium, tiny_model, tmp_p
         assert p.returncode == 0, p.stderr[-3000:]
         got = json.loads(p.stdout.split("RESULT ", 1)[1])
         assert got["tokens"] == STEPS * BATCH * SEQ  # every sequence is exactly SEQ tokens
-        # all tokens but the prompt's ~10 carry a loss
+        # all tokens but the prompt's ~10 carry a loss; the examples computed at once are the run's micro-batch
         est = estimate(EstimateConfig(model=str(medium / "model"), method=method, precision=precision,
-                                      batch_size=BATCH, seq_len=SEQ, checkpoint_every=got["checkpoint_every"],
+                                      batch_size=got["micro_batch"], seq_len=SEQ, checkpoint_every=got["checkpoint_every"],
                                       device="cpu",
                                       lora_r=8, lora_dropout=0.0, loss_share=(SEQ - 10) / SEQ))
         adapters = got["trainable"] if method != "full" else 0  # the run counts adapter weights in its total

@@ -411,6 +411,13 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
+def _micro_batches(batch_size: int, micro_batch: int | None, prefer: int | None) -> list[int]:
+    """The micro-batches to consider, largest first: the one set, else the divisors of the batch up to ``prefer``."""
+    if micro_batch is not None:
+        return [micro_batch]
+    return [d for d in _divisors_desc(batch_size) if prefer is None or d <= prefer]
+
+
 def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_accum: int,
                 micro_batch: int | None, checkpoint_every: int, checkpoint_set: bool, budget_gb: float,
                 budget_from: str, runtime_gb: float = 0.0, prefer_micro_batch: int | None = None) -> MemoryPlan:
@@ -434,10 +441,7 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
         return predicted_gb(Job(**{**job.__dict__, "batch_size": m, "checkpoint_every": ck}), shape, device,
                             runtime_gb)
 
-    if micro_batch is not None:
-        ms = [micro_batch]
-    else:
-        ms = [d for d in _divisors_desc(batch_size) if prefer_micro_batch is None or d <= prefer_micro_batch]
+    ms = _micro_batches(batch_size, micro_batch, prefer_micro_batch)
     # on CPU partial checkpointing (every 2nd layer) before every layer: a budget is met with less recompute
     cks = [checkpoint_every] if checkpoint_set else \
         list(dict.fromkeys([checkpoint_every, *([2] if device == "cpu" else []), 1]))
@@ -488,13 +492,14 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
     t = cfg.train
     budget, source = memory_budget(t.memory_budget_gb, dplan.device)
     prefer = preferred_micro_batch(dplan)
-    m0 = t.micro_batch_size or next(d for d in _divisors_desc(t.batch_size) if prefer is None or d <= prefer)
+    m0 = _micro_batches(t.batch_size, t.micro_batch_size, prefer)[0]
     as_set = MemoryPlan(m0, t.grad_accum * t.batch_size // m0, checkpoint_every, None, budget, source, False, None,
                         "")
     method = _ESTIMATOR_METHOD.get(cfg.method)
     targets = cfg.lora.target_modules
     if world_size() > 1:  # each rank would measure and choose alone: a different accumulation per rank hangs DDP
-        return _replace(as_set, why="as set: under --nproc the ranks keep the recipe's (or this device's default) micro-batch")
+        return _replace(as_set, why="as set: under --nproc the ranks keep the recipe's (or this device's default) "
+                                    "micro-batch")
     if method is None:
         return _replace(as_set, why=f"as set: no memory model for method {cfg.method}")
     if method != "full" and targets != "all-linear" and not set(targets) <= set(LINEAR_NAMES):

@@ -34,8 +34,8 @@ from tunelab.scoring.stats import bootstrap_ci, mean_statistic, paired_bootstrap
 from tunelab.sections import SFT_ONLY_TRAIN
 from tunelab.train._run import Run, write_rows
 from tunelab.train.numerics import (IGNORE_INDEX, Rendered, _causal_parts, causal_logits, encode_prompt_response,
-                                    encode_prompt_responses,
-                                    fit_prompt, n_special_tokens, prompt_budget, render_prompt, token_nll)
+                                    encode_prompt_responses, fit_prompt, n_special_tokens, prompt_budget,
+                                    render_prompt, token_nll)
 from tunelab.train.peft import peft_config, peft_section
 from tunelab.workspace import Workspace
 

@@ -245,8 +245,8 @@ def shared_prompts(speed, *models):
             f.remove()
         if fwds:
             _note_saved(speed, NAME, sum(f.tokens_in for f in fwds), sum(f.tokens_out for f in fwds),
-                        "no batch had a prefix its chosen and rejected sequences share (e.g. prompts cut from the "
-                        "left for each response separately)")
+                        "no batch had a prefix its chosen and rejected sequences share (e.g. prompts cut "
+                        "differently for each response)")
 
 
 def _note_saved(speed, name: str, positions: int, computed: int, why_none: str) -> None:

@@ -9,7 +9,8 @@ For each recipe both sides train the same model on the same data with the same h
 
   tunelab   the recipe run through tunelab (``train.speedups: auto``, the per-device defaults)
   plain     what a user writes with the library the recipe is built on, at its defaults, with the same
-            precision rule (bf16 only where the device plan picks it: a CPU with AMX, a GPU):
+            precision rule (bf16 only where the device plan picks it: a CPU with AMX or fast AVX-512-bf16, a GPU;
+            ``--precision fp32|bf16`` sets both sides):
               cpt       transformers Trainer + peft LoRA, DataCollatorForLanguageModeling (full logits)
               dpo       TRL DPOTrainer, DPOConfig defaults (gradient checkpointing on) + peft LoRA
               reward    TRL RewardTrainer, RewardConfig defaults (gradient checkpointing on) + peft LoRA
@@ -63,10 +64,13 @@ L = 128  # tokens per block / sequence (classify: 64)
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}  # tunelab's LoraSection defaults
 
 
+PRECISION = "auto"  # --precision: "auto" (the device plan's choice), or fp32 / bf16 on both sides
+
+
 def _bf16() -> bool:
     from tunelab.train.device import plan
 
-    return plan().precision == "bf16"
+    return plan(PRECISION).precision == "bf16"
 
 
 def _rows(metrics: Path, warmup: int) -> list[dict]:
@@ -131,7 +135,7 @@ def child_tunelab(a, recipe: str, tmp: Path) -> dict:
 
     total = a.warmup + a.steps
     train = {"max_steps": total, "batch_size": BATCH[recipe], "learning_rate": LR[recipe], "eval_every": 10 ** 6,
-             "early_stopping_patience": None, "seed": 42}
+             "early_stopping_patience": None, "seed": 42, "precision": PRECISION}
     hh = str(Path(a.shared) / "data" / "hh-rlhf-harmless-base" / "test.jsonl")
     if recipe == "cpt":
         docs = tmp / "docs.jsonl"
@@ -280,6 +284,8 @@ def _cpu_timed_metrics() -> None:
 def child(a) -> None:
     import torch
 
+    global PRECISION
+    PRECISION = a.precision
     torch.set_num_threads(a.threads)
     _cpu_timed_metrics()
     recipe, side = a.child.split(":")
@@ -326,6 +332,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=2, help="measured steps per run (classify: 25x)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads in every run (both sides alike)")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="both sides: auto (the device plan: bf16 on AMX and fast AVX-512-bf16 CPUs, else fp32), or "
+                         "fp32 / bf16 to measure one path on any CPU")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -347,7 +356,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"transformers {transformers.__version__}, trl {trl.__version__}; {a.warmup} warm-up + {a.steps} measured "
           f"steps per run, {a.repeats} repeats, sides alternating, {a.threads} torch thread(s) per run; sequences of {L} "
-          f"tokens (classify 64); the machine may be shared: medians")
+          f"tokens (classify 64); precision {a.precision}; the machine may be shared: medians")
     table = []
     for recipe in recipes:
         sides = SIDES[recipe]
@@ -358,8 +367,7 @@ def main() -> None:
                     out = Path(tmp) / f"{side}-{rep}.json"
                     cmd = [sys.executable, __file__, "--model", a.model, "--encoder", str(a.encoder), "--shared",
                            a.shared, "--warmup", str(a.warmup), "--steps", str(a.steps * STEPS_X.get(recipe, 1)),
-                           "--threads",
-                           str(a.threads), "--child",
+                           "--threads", str(a.threads), "--precision", a.precision, "--child",
                            f"{recipe}:{side}", "--out", str(out)]
                     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
                     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

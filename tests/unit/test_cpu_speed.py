@@ -244,6 +244,105 @@ def test_fused_lora_linear_same_loss_and_gradients_as_peft(tiny_model, dropout):
         assert not torch.allclose(model(input_ids=ids).logits, l2)
 
 
+def _bf16_lora_step(model, ids, seed: int):
+    """One bf16-autocast training forward and backward: logits and the adapter gradients."""
+    model.train()
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach().float(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_lora_linear_under_bf16_is_as_close_to_fp32_as_peft(tiny_model, tmp_path, dropout):
+    """CPU bf16 training with the frozen base in bf16: the fused forward rounds in another order than peft's
+    (the adapter's product accumulated into the base matmul), so it is compared with the fp32 computation of the
+    same masks: its error is no larger than peft's own bf16 error (and both are bf16-sized)."""
+    from tunelab.train._cpu_speed import FrozenBf16, use_fast_lora_dropout, use_fused_lora_linear
+
+    ids = torch.randint(3, 100, (3, 24), generator=torch.Generator().manual_seed(1))
+    ref = _lora_model(tiny_model, dropout)
+    use_fast_lora_dropout(ref)
+    ref.train()
+    torch.manual_seed(7)
+    out = ref(input_ids=ids, labels=ids)  # fp32: the exact values both bf16 paths approximate
+    out.loss.backward()
+    l32, g32 = out.logits.detach(), {k: p.grad for k, p in ref.named_parameters() if p.requires_grad}
+    results = []
+    for fused in (False, True):
+        m = _lora_model(tiny_model, dropout)
+        use_fast_lora_dropout(m)
+        frozen = FrozenBf16(m, tmp_path)
+        if fused:
+            assert use_fused_lora_linear(m) > 0
+        results.append(_bf16_lora_step(m, ids, 7))
+        frozen.restore()
+    (lp, gp), (lf, gf) = results
+
+    def err(a, b):
+        return float((a - b).norm() / b.norm())
+
+    # bf16-sized errors (this tiny model's weights are large: ~2% on the logits, ~5% on the gradients) ...
+    assert err(lf, l32) < 5e-2 and err(lp, l32) < 5e-2
+    # ... and the fused path's no larger than peft's: on the logits, and on all adapter gradients together
+    assert err(lf, l32) <= 1.1 * err(lp, l32), (err(lf, l32), err(lp, l32))
+    cat = lambda g: torch.cat([g[k].flatten() for k in sorted(g32)])  # noqa: E731
+    assert err(cat(gf), cat(g32)) <= 1.1 * err(cat(gp), cat(g32)), (err(cat(gf), cat(g32)), err(cat(gp), cat(g32)))
+    assert all(gf[k].dtype == torch.float32 and err(gf[k], g32[k]) < 0.15 for k in g32)
+
+
+def test_fused_lora_linear_under_bf16_casts_a_shared_input_once(tiny_model, tmp_path):
+    """q, k and v read one input: the fused path casts it to bf16 once and the three saved copies are one tensor;
+    autocast and peft cast it for each linear and each adapter. Per token and layer the fused path keeps less."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from tunelab.train import _cpu_speed
+    from tunelab.train._cpu_speed import FrozenBf16, use_fast_lora_dropout, use_fused_lora_linear
+
+    def saved(model):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        model.train()
+        with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=torch.randint(3, 100, (4, 64))).logits.float().sum()
+        return sum(seen.values())
+
+    sizes = []
+    for fused in (False, True):
+        m = _lora_model(tiny_model, 0.1)
+        use_fast_lora_dropout(m)
+        frozen = FrozenBf16(m, tmp_path)
+        if fused:
+            use_fused_lora_linear(m)
+            casts = []
+            real = _cpu_speed._cast_shared
+
+            def counting(x, dtype):
+                y = real(x, dtype)
+                casts.append(None if y is x else y.untyped_storage().data_ptr())  # None: bf16 already
+                return y
+
+            _cpu_speed._cast_shared = counting
+        try:
+            sizes.append(saved(m))
+        finally:
+            if fused:
+                _cpu_speed._cast_shared = real
+            frozen.restore()
+    layers = m.config.num_hidden_layers
+    # q/k/v (one input), o (bf16 already), gate/up (one input), down (bf16 already): 2 casts a layer
+    made = [c for c in casts if c is not None]
+    assert len(casts) == 7 * layers and len(made) == 5 * layers and len(set(made)) == 2 * layers, casts
+    assert sizes[1] < 0.9 * sizes[0], sizes
+
+
 def test_fused_lora_linear_falls_back_to_peft_outside_fp32_training(tiny_model):
     """Eval, no-grad, a disabled adapter and autocast take peft's own forward: the fused path is only for training."""
     from tunelab.train import _cpu_speed
@@ -325,6 +424,45 @@ def test_frozen_head_nll_exact_on_sharp_logits():
     ref.backward()
     got.backward()
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_frozen_head_nll_reuses_the_cast_head_until_it_changes():
+    """Under grad the bf16 cast of the frozen head is kept between steps: the same tensor while the weight is
+    unchanged, a new one after an in-place change or a new ``.data``; the loss and gradient always those of a
+    fresh computation; released at the end of training."""
+    from tunelab.train import numerics
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 16)
+    t = torch.randint(0, 300, (24,))
+
+    def step(w):
+        h = torch.randn(24, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = numerics.frozen_head_nll(h, w, t, chunk=10)
+        loss.backward()
+        return loss.detach(), h.grad, numerics._head_workspace().weight[4]
+
+    def fresh(w):
+        numerics.release_head_workspace()
+        return step(w)[:2]
+
+    numerics.release_head_workspace()
+    l1, g1, c1 = step(weight)
+    l2, g2, c2 = step(weight)
+    assert c2 is c1 and torch.equal(l1, l2) and torch.equal(g1, g2)
+    weight.mul_(1.5)  # in place: a new cast
+    l3, g3, c3 = step(weight)
+    assert c3 is not c1
+    lf, gf = fresh(weight)
+    assert torch.equal(l3, lf) and torch.equal(g3, gf) and not torch.equal(l3, l1)
+    step(weight)
+    weight.data = torch.randn(300, 16)  # new storage: a new cast
+    l4, g4, _ = step(weight)
+    lf, gf = fresh(weight)
+    assert torch.equal(l4, lf) and torch.equal(g4, gf)
+    numerics.release_head_workspace()
+    assert numerics._head_workspace().weight is None and not numerics._head_workspace().buffers
 
 
 def test_fused_lora_linear_under_gradient_checkpointing_draws_the_same_masks(tiny_model):

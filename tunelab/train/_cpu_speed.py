@@ -38,6 +38,8 @@ import math
 import os
 import sys
 import tempfile
+import threading
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,29 @@ def use_fast_lora_dropout(model) -> int:
     return n
 
 
+_SHARED = threading.local()  # the last layer input cast to the autocast dtype (q/k/v and gate/up read one input)
+
+
+def _cast_shared(x, dtype):
+    """``x.to(dtype)``, the same tensor for consecutive calls on one unchanged ``x`` (q, k and v project one
+    input: autocast casts it once for each; this casts it once and the three backward passes share it)."""
+    if x.dtype == dtype:
+        return x
+    last = getattr(_SHARED, "last", None)
+    if last is not None and last[0]() is x and last[1] == x._version and last[2].dtype == dtype:
+        return last[2]
+    xc = x.to(dtype)
+    _SHARED.last = (weakref.ref(x), x._version, xc)
+    return xc
+
+
+def _mask_as(keep, like):
+    """The bool keep mask as 0/1 in ``like``'s dtype and shape. Elementwise ops that read a bool mask run
+    unvectorized on CPU: ``torch.where(keep, x, 0)`` took 337 us for a 256 x 1536 bf16 input, this
+    conversion (through uint8) and a multiply 53 + 70 us (2 Zen 4 cores, one thread)."""
+    return keep.view(torch.uint8).to(like.dtype).view(like.shape)
+
+
 class _FusedLoraLinear(torch.autograd.Function):
     """y = x W^T + b + c * ((x * keep) A^T) B^T for a frozen base (W, b) and one LoRA adapter (A, B), where
     c = scaling / (1 - p) and ``keep`` is the dropout mask (None: no dropout).
@@ -127,47 +152,60 @@ class _FusedLoraLinear(torch.autograd.Function):
     16, the widths 576-1536) and the adapter's product is accumulated into the base output by the matmul
     itself (``addmm_``); backward saves x (shared with whatever else keeps it) and the 1-byte mask instead
     of a masked copy of x. Same values up to floating-point rounding order.
+
+    ``mm``: the matmul dtype under autocast (bf16, with the frozen base weight stored in it), None in fp32.
+    The input is cast to it once (:func:`_cast_shared`: one copy for q/k/v, one for gate/up, where autocast
+    and peft cast it for each linear and again for each adapter), A and B as autocast casts them, the output
+    is in ``mm`` as autocast's is; the gradient of an fp32 input is summed in fp32 as peft's path sums it.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, keep, c: float):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        xd = x2 if keep is None else torch.where(keep.view(x2.shape), x2, 0.0)  # no float copy of the mask
+    def forward(ctx, x, weight, bias, A, B, keep, c: float, mm=None):
+        shape, ab_dtype = x.shape, A.dtype
+        xm = x if mm is None else _cast_shared(x, mm)
+        if mm is not None:
+            A, B = A.to(mm), B.to(mm)
+            bias = None if bias is None else bias.to(mm)
+        x2 = xm.reshape(-1, shape[-1])
+        xd = x2 if keep is None else x2 * _mask_as(keep, x2)
         u = (xd @ A.t()).mul_(c)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         y.addmm_(u, B.t())
-        ctx.save_for_backward(x, keep, u, weight, A, B)
-        ctx.c = c
+        ctx.save_for_backward(xm, keep, u, weight, A, B)
+        ctx.c, ctx.x_dtype, ctx.ab_dtype = c, x.dtype, ab_dtype
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
         x, keep, u, weight, A, B = ctx.saved_tensors
         c = ctx.c
-        g2 = gy.reshape(-1, gy.shape[-1])
+        g2 = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
         gu = g2 @ B  # [tokens, r]
         gx = gA = gB = None
         if ctx.needs_input_grad[4]:
-            gB = g2.t() @ u
+            gB = (u.t() @ g2).t().to(ctx.ab_dtype)  # = g2^T u; this order is the faster one for a narrow u
+        x2 = x.reshape(-1, x.shape[-1])
+        kf = None if keep is None else _mask_as(keep, x2)
         if ctx.needs_input_grad[3]:
-            x2 = x.reshape(-1, x.shape[-1])
-            xd = x2 if keep is None else torch.where(keep.view(x2.shape), x2, 0.0)
-            gA = (gu.t() @ xd).mul_(c)
+            xd = x2 if kf is None else x2 * kf
+            gA = (gu.t() @ xd).mul_(c).to(ctx.ab_dtype)
         if ctx.needs_input_grad[0]:
-            gx = g2 @ weight
-            if keep is None:
+            gx = (g2 @ weight).to(ctx.x_dtype)  # an fp32 input's gradient: the two parts summed in fp32
+            if kf is not None:
+                gx.view(x2.shape).addcmul_(gu @ A, kf, value=c)
+            elif gx.dtype == A.dtype:
                 gx.addmm_(gu, A, alpha=c)
             else:
-                gx.add_(torch.where(keep.view(gx.shape), gu @ A, 0.0), alpha=c)
+                gx.add_(gu @ A, alpha=c)
             gx = gx.view(x.shape)
-        return gx, None, None, gA, gB, None, None
+        return gx, None, None, gA, gB, None, None, None
 
 
 def _fused_lora_forward(module, orig):
     """The forward that replaces a peft ``lora.Linear``'s: :class:`_FusedLoraLinear` while training one plain
-    LoRA adapter in fp32 with gradients on, peft's own forward in every other case (eval, no-grad, merged,
-    disabled, several adapters, DoRA and other variants, mixed-adapter batches, autocast, other dtypes)."""
+    LoRA adapter with gradients on, in fp32 or under CPU bf16 autocast with the frozen base weight stored in bf16
+    (:class:`FrozenBf16`); peft's own forward in every other case (eval, no-grad, merged, disabled, several
+    adapters, DoRA and other variants, mixed-adapter batches, other dtypes)."""
 
     def forward(x, *args, **kwargs):
         if args or kwargs or not (module.training and torch.is_grad_enabled()) or module.merged \
@@ -175,17 +213,24 @@ def _fused_lora_forward(module, orig):
             return orig(x, *args, **kwargs)
         name = module.active_adapters[0]
         base = module.base_layer
-        if name not in module.lora_A or name in getattr(module, "lora_variant", {}) \
-                or torch.is_autocast_enabled(x.device.type):
+        if name not in module.lora_A or name in getattr(module, "lora_variant", {}):
             return orig(x, *args, **kwargs)
         A, B, drop = module.lora_A[name].weight, module.lora_B[name].weight, module.lora_dropout[name]
         p = drop.p if isinstance(drop, (FastDropout, torch.nn.Dropout)) else 0.0 if isinstance(drop, torch.nn.Identity) else None
         if p is None or module.lora_B[name].bias is not None or base.weight.requires_grad or \
-                (base.bias is not None and base.bias.requires_grad) or \
-                not (x.dtype == base.weight.dtype == A.dtype == B.dtype == torch.float32):
+                (base.bias is not None and base.bias.requires_grad) or not (A.dtype == B.dtype == torch.float32):
+            return orig(x, *args, **kwargs)
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            mm = torch.get_autocast_dtype(dev)
+            if dev != "cpu" or mm != torch.bfloat16 or base.weight.dtype != mm or x.dtype not in (torch.float32, mm):
+                return orig(x, *args, **kwargs)
+        elif x.dtype == base.weight.dtype == torch.float32:
+            mm = None
+        else:
             return orig(x, *args, **kwargs)
         keep = _keep_mask(x.shape, p) if p > 0 else None
-        return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, keep, module.scaling[name] / (1.0 - p))
+        return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, keep, module.scaling[name] / (1.0 - p), mm)
 
     return forward
 
@@ -355,13 +400,16 @@ class Speedups:
         self.note("fast LoRA dropout", n > 0, f"{n} LoRA dropout masks drawn by numpy's PCG64" if n else
                   ("off (train.speedups: off)" if not self.on else
                    "no LoRA dropout (p = 0 or no adapter)" if self.dplan.device == "cpu" else "CPU only"))
-        fused = self.on and self.dplan.device == "cpu" and self.dplan.precision == "fp32" \
-            and self.method in FUSED_LORA_METHODS
+        # fp32, or CPU bf16 with the frozen base stored in bf16 (the fused forward checks both at every call)
+        fused = self.on and self.dplan.device == "cpu" and self.method in FUSED_LORA_METHODS and (
+            self.dplan.precision == "fp32" or (frozen_base and cpu_bf16_training(self.dplan)))
         k = use_fused_lora_linear(model) if fused else 0
         self.note("fused LoRA linear", k > 0, f"{k} LoRA layers: adapter product scaled at rank r and accumulated "
-                  "into the base matmul" if k else "off (train.speedups: off)" if not self.on else
-                  f"needs CPU fp32 training of lora or rslora (this run: {self.method}, {self.dplan.precision} "
-                  f"on {self.dplan.device})" if not fused else "no plain LoRA Linear layer in the model")
+                  "into the base matmul" + (", the layer input cast to bf16 once" if k and self.dplan.precision
+                                            == "bf16" else "") if k else "off (train.speedups: off)" if not self.on
+                  else f"needs CPU training of lora or rslora in fp32, or in bf16 with the frozen base in bf16 "
+                  f"(this run: {self.method}, {self.dplan.precision} on {self.dplan.device})" if not fused
+                  else "no plain LoRA Linear layer in the model")
         ok = self.on and frozen_base and cpu_bf16_training(self.dplan) and self.method in FROZEN_BF16_METHODS
         if ok:
             self._frozen.append(FrozenBf16(model, workdir))
@@ -380,8 +428,11 @@ class Speedups:
         return ok
 
     def restore(self) -> None:
+        from tunelab.train.numerics import release_head_workspace
+
         for f in self._frozen:
             f.restore()
+        release_head_workspace()
 
     def names(self) -> list[str]:
         return list(self.applied)

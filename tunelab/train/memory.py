@@ -174,11 +174,13 @@ def cpu_fast_path(cfg) -> bool:
 
 
 def fused_lora_path(cfg) -> bool:
-    """Whether the estimate models the fused LoRA linear of CPU fp32 training (tunelab/train/_cpu_speed.py:
-    a 1-byte dropout mask per adapted input instead of an fp32 masked copy). ``fused_lora`` (a :class:`Job`
-    field; the estimator has none and gets the default) is False where the recipe does not use it (DoRA,
-    ``train.speedups: off``)."""
-    return cfg.device == "cpu" and cfg.precision == "fp32" and cfg.method == "lora" and getattr(cfg, "fused_lora", True)
+    """Whether the estimate models the fused LoRA linear of CPU training (tunelab/train/_cpu_speed.py): in fp32,
+    or under bf16 with the frozen base in bf16 (the CPU fast path). A 1-byte dropout mask per adapted input
+    instead of a masked copy, and under bf16 one cast of a layer input shared by q/k/v and by gate/up.
+    ``fused_lora`` (a :class:`Job` field; the estimator has none and gets the default) is False where the recipe
+    does not use it (DoRA, ``train.speedups: off``)."""
+    return cfg.device == "cpu" and cfg.method == "lora" and getattr(cfg, "fused_lora", True) and (
+        cfg.precision == "fp32" or cpu_fast_path(cfg))
 
 
 # The frozen LM head's NLL is computed this many tokens at a time (tunelab/train/numerics.py)
@@ -241,10 +243,11 @@ def memory(cfg, s: Shape) -> dict:
         logits = loss_tokens * s.vocab * (4 + 4 + (a if half else 0))
     else:
         # frozen norms and head: the final norm keeps its fp32 input; the head's NLL is computed chunk by
-        # chunk (frozen_head_nll) and keeps only the fp32 gradient of its input; in passing one chunk of
-        # logits (16-bit matmul output, fp32 copy, 16-bit probabilities) and the head's 16-bit copy
+        # chunk (frozen_head_nll) and keeps only the fp32 gradient of its input; its buffers for one chunk of
+        # logits (16-bit matmul output, also reused for the 16-bit probabilities, and an fp32 copy) and the
+        # head's 16-bit copy are kept from step to step
         acts_edges = tokens * 4 * s.hidden + loss_tokens * 4 * s.hidden
-        logits = min(HEAD_CHUNK, loss_tokens) * s.vocab * ((2 + 4 + 2) if half else 4) + (head * 2 if half else 0)
+        logits = min(HEAD_CHUNK, loss_tokens) * s.vocab * ((2 + 4) if half else 4) + (head * 2 if half else 0)
     total = weights + copies + grads + optim + acts_layers + acts_edges + logits
     return {"params": N, "trainable_params": trainable, "weights": weights, "autocast_weight_copies": copies,
             "gradients": grads, "optimizer_states": optim, "activations": acts_layers + acts_edges,
@@ -274,8 +277,9 @@ def layer_activation_bytes(s: Shape, cfg, targets: list[str]) -> int:
     # two RMSNorms: fp32 input, and the normalized output when the norm's weight trains (full)
     norms = 2 * h * 4 * (2 if cfg.method == "full" else 1)
     # inputs of q,k,v,o,gate,up,down: under autocast q/k/v and gate/up each keep their own 16-bit cast
-    # (with LoRA the frozen base op needs no input for its weight gradient, but lora_A's op casts its own)
-    lin_in = (3 * h + q + 2 * h + i) if half else (h + q + h + i)
+    # (with LoRA the frozen base op needs no input for its weight gradient, but lora_A's op casts its own);
+    # the fused LoRA linear casts each distinct input once
+    lin_in = (3 * h + q + 2 * h + i) if half and not (targets and fused_lora_path(cfg)) else (h + q + h + i)
     if cpu_fast_path(cfg):
         # checkpointed eager attention keeps its inputs for the recomputation: q and k after the fp32
         # rotary embedding, v in bf16; the heads x seq probabilities are recomputed, not kept
@@ -290,9 +294,9 @@ def layer_activation_bytes(s: Shape, cfg, targets: list[str]) -> int:
     mlp = 3 * i * (4 if cfg.method == "qlora" else a)
     extra = 0
     if targets and fused_lora_path(cfg):  # the fused LoRA linear keeps the layer input (counted in lin_in), a
-        # 1-byte dropout mask per adapted linear and the fp32 r-wide intermediate
+        # 1-byte dropout mask per adapted linear and the r-wide intermediate (in the matmul dtype)
         lin = _linears(s)
-        extra = sum((lin[t][0] if cfg.lora_dropout > 0 else 0) + cfg.lora_r * 4 for t in targets)
+        extra = sum((lin[t][0] if cfg.lora_dropout > 0 else 0) + cfg.lora_r * a for t in targets)
     elif targets:  # LoRA: dropout output (an input-sized copy) and the r-wide intermediate per adapted linear
         lin = _linears(s)
         extra = sum((lin[t][0] if cfg.lora_dropout > 0 else 0) * 4 + cfg.lora_r * a for t in targets)
@@ -340,7 +344,7 @@ class Job:
     lora_targets: list[str] | str = "all-linear"
     lora_dropout: float = 0.05
     device: str | None = None
-    fused_lora: bool = True  # CPU fp32 LoRA through the fused linear (False: DoRA, or train.speedups: off)
+    fused_lora: bool = True  # CPU LoRA through the fused linear (False: DoRA, or train.speedups: off)
 
 
 @dataclass(frozen=True)

@@ -166,7 +166,9 @@ def test_frozen_head_nll_equals_linear_plus_cross_entropy(autocast):
         frozen_head_nll(h2, torch.nn.Parameter(head.weight.clone()), t)
 
 
-def test_checkpointed_eager_attention_matches_eager(tiny_model):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_checkpointed_eager_attention_matches_eager(tiny_model, bf16):
+    """Under bf16 autocast q and k are cast before the checkpoint (the cast the first matmul makes anyway)."""
     from transformers import AutoModelForCausalLM
 
     from tunelab.train._cpu_speed import checkpointed_eager_attention
@@ -180,7 +182,8 @@ def test_checkpointed_eager_attention_matches_eager(tiny_model):
     for impl in ("eager", name):
         torch.manual_seed(0)
         m = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl, dtype=torch.float32)
-        loss = m(input_ids=ids, attention_mask=mask, labels=ids).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = m(input_ids=ids, attention_mask=mask, labels=ids).loss
         loss.backward()
         out[impl] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None])
     torch.testing.assert_close(out[name][0], out["eager"][0], atol=0, rtol=0)
@@ -424,6 +427,48 @@ def test_frozen_head_nll_exact_on_sharp_logits():
     ref.backward()
     got.backward()
     torch.testing.assert_close(h2.grad, h1.grad, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_recomputed_swiglu_same_values_bit_for_bit_and_keeps_less(tiny_model, bf16):
+    """The MLP's silu(gate) recomputed in backward: the ops autograd runs, so the logits and every gradient are
+    identical; one [tokens x intermediate] activation fewer is kept per layer; eval takes the model's forward."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from tunelab.train._cpu_speed import use_fast_lora_dropout, use_recomputed_swiglu
+
+    ids = torch.randint(3, 100, (4, 32), generator=torch.Generator().manual_seed(2))
+    results, kept = [], []
+    for recompute in (False, True):
+        m = _lora_model(tiny_model, 0.1)
+        use_fast_lora_dropout(m)
+        if recompute:
+            assert use_recomputed_swiglu(m) == m.config.num_hidden_layers
+            assert use_recomputed_swiglu(m) == 0  # already routed
+        m.train()
+        seen: dict[int, int] = {}
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        torch.manual_seed(5)
+        with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = m(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
+        kept.append(sum(seen.values()))
+        m.eval()
+        with torch.no_grad():
+            results[-1] += (m(input_ids=ids).logits,)
+    (l0, g0, e0), (l1, g1, e1) = results
+    assert torch.equal(l0, l1) and torch.equal(e0, e1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    cfg = m.config
+    one = 4 * 32 * cfg.intermediate_size * (2 if bf16 else 4)  # silu(gate) of one layer
+    assert kept[0] - kept[1] >= cfg.num_hidden_layers * one * 0.99, (kept, one)
 
 
 def test_frozen_head_nll_reuses_the_cast_head_until_it_changes():

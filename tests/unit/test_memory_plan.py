@@ -47,15 +47,13 @@ def test_cpu_splits_the_batch_before_checkpointing_and_keeps_examples_per_step()
     assert _plan(pred(1, 2) * 0.99).checkpoint_every == 1
 
 
-def test_the_device_default_micro_batch_caps_the_split():
-    p = _plan(100, prefer_micro_batch=4, grad_accum=2)
-    assert (p.micro_batch, p.grad_accum, p.checkpoint_every, p.fits) == (4, 4, 0, True)
-    assert "this device's default" in p.line()
-    # a budget still splits further; a micro-batch the recipe sets wins over the default
-    assert _plan(predicted_gb(Job(**{**JOB.__dict__, "batch_size": 2}), SMOL, "cpu", 0.5), prefer_micro_batch=4
-                 ).micro_batch == 2
-    assert _plan(100, prefer_micro_batch=4, micro_batch=8).micro_batch == 8
-    assert _plan(100, prefer_micro_batch=3, batch_size=8).micro_batch == 2  # the largest divisor under the cap
+def test_the_whole_batch_when_it_fits_and_a_set_micro_batch_wins():
+    p = _plan(100, grad_accum=2)
+    assert (p.micro_batch, p.grad_accum, p.checkpoint_every, p.fits) == (8, 2, 0, True)
+    assert "fits without splitting" in p.line()
+    assert _plan(100, micro_batch=4).micro_batch == 4
+    # a budget that only a micro-batch of 2 meets splits to 2 (the largest divisor that fits), not to 1
+    assert _plan(predicted_gb(Job(**{**JOB.__dict__, "batch_size": 2}), SMOL, "cpu", 0.5)).micro_batch == 2
 
 
 def test_gpu_checkpoints_before_splitting():

@@ -96,8 +96,7 @@ def test_loss_and_gradients_equal_padded_batching(tiny_model, feats, lora):
 def test_per_device_choices_and_config_check():
     from tunelab import config as cfglib
     from tunelab.errors import ConfigError
-    from tunelab.train.device import (CPU_BF16_MICRO_BATCH, DevicePlan, checkpoint_every, padding_free,
-                                      preferred_micro_batch)
+    from tunelab.train.device import DevicePlan, checkpoint_every, padding_free
     from tunelab.train.sft import SFTConfig
 
     amx = DevicePlan("cpu", "bf16", False, "")
@@ -108,11 +107,8 @@ def test_per_device_choices_and_config_check():
     assert padding_free("auto", gpu, "flash_attention_2")[0] and not padding_free("auto", amx, "flash_attention_2")[0]
     assert padding_free(True, amx, "sdpa")[0]
     assert padding_free(False, gpu, "flash_attention_2") == (False, "set to false by the recipe")
-    # checkpointing: the recipe's explicit choice wins; auto is off (the memory plan may turn it on); under bf16
-    # autocast on a CPU the batch is split into micro-batches instead
+    # checkpointing: the recipe's explicit choice wins; auto is off (the memory plan may turn it on)
     assert (checkpoint_every(None, amx), checkpoint_every(None, fp32), checkpoint_every(None, gpu)) == (0, 0, 0)
-    assert preferred_micro_batch(amx) == CPU_BF16_MICRO_BATCH < 8
-    assert preferred_micro_batch(fp32) is None and preferred_micro_batch(gpu) is None
     assert (checkpoint_every(True, fp32), checkpoint_every(False, amx)) == (1, 0)
     base = {"model": {"name": "m"}, "data": {"train": "t.jsonl"}}
     assert cfglib.validate(SFTConfig, base).train.padding_free == "auto"

@@ -250,6 +250,60 @@ def use_fused_lora_linear(model) -> int:
     return n
 
 
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, keeping gate and up for backward and computing silu(gate) again there.
+
+    Autograd keeps gate (for silu's backward), silu(gate) and up (for the product's): three [tokens x
+    intermediate] tensors, the largest activations of a decoder layer. Recomputing silu (one cheap elementwise
+    pass) keeps two. Forward and backward run the ops autograd runs (``silu``, the products, ``silu_backward``),
+    in the same dtypes: the same values bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return torch.nn.functional.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, g):
+        gate, up = ctx.saved_tensors
+        d_gate = d_up = None
+        if ctx.needs_input_grad[1]:
+            d_up = g * torch.nn.functional.silu(gate)
+        if ctx.needs_input_grad[0]:
+            d_gate = torch.ops.aten.silu_backward(g * up, gate)
+        return d_gate, d_up
+
+
+# MLP classes whose forward is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` (transformers 5)
+SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP", "OlmoMLP", "Olmo2MLP", "GraniteMLP")
+
+
+def _swiglu_forward(module, orig):
+    def forward(x, *args, **kwargs):
+        if args or kwargs or not (module.training and torch.is_grad_enabled()):
+            return orig(x, *args, **kwargs)
+        gate = module.gate_proj(x)  # gate first, as the model's forward: LoRA dropout masks are drawn in order
+        return module.down_proj(_SwiGLU.apply(gate, module.up_proj(x)))
+
+    return forward
+
+
+def use_recomputed_swiglu(model) -> int:
+    """Route the MLP of every decoder layer of a known SwiGLU family (:data:`SWIGLU_MLPS`, SiLU activation)
+    through :class:`_SwiGLU` while training; returns how many MLPs."""
+    n = 0
+    for module in model.modules():
+        act = getattr(module, "act_fn", None)
+        if type(module).__name__ in SWIGLU_MLPS and type(act).__name__ in ("SiLUActivation", "SiLU") \
+                and all(hasattr(module, k) for k in ("gate_proj", "up_proj", "down_proj")) \
+                and not getattr(module, "_tunelab_swiglu", False):
+            module.forward = _swiglu_forward(module, module.forward)
+            module._tunelab_swiglu = True
+            n += 1
+    return n
+
+
 class FrozenBf16:
     """Store a peft model's frozen base ``nn.Linear`` weights in bf16 while training; restore fp32 after.
 
@@ -333,6 +387,13 @@ def checkpointed_eager_attention() -> str:
                                f"load the model with attn_implementation='eager' or 'sdpa'")
         if not torch.is_grad_enabled():
             return eager(module, query, key, value, attention_mask, **kwargs)
+        dev = query.device.type
+        if torch.is_autocast_enabled(dev):
+            # autocast casts q (fp32 after the rotary embedding) for the first matmul anyway: cast it before the
+            # checkpoint, which then keeps it in 16 bits (the same values and gradients; half the bytes kept).
+            # Not k: its gradient is summed over the query heads that share it (grouped-query attention), in
+            # fp32 only while k is fp32
+            query = query.to(torch.get_autocast_dtype(dev))
         return checkpoint(eager, module, query, key, value, attention_mask, use_reentrant=False, **kwargs)
 
     AttentionInterface.register(CHECKPOINTED_EAGER, attention)
@@ -410,6 +471,10 @@ class Speedups:
                   else f"needs CPU training of lora or rslora in fp32, or in bf16 with the frozen base in bf16 "
                   f"(this run: {self.method}, {self.dplan.precision} on {self.dplan.device})" if not fused
                   else "no plain LoRA Linear layer in the model")
+        m = use_recomputed_swiglu(model) if self.on and self.dplan.device == "cpu" else 0
+        self.note("SwiGLU recomputed in backward", m > 0, f"{m} MLPs keep gate and up, not silu(gate) too" if m
+                  else "off (train.speedups: off)" if not self.on else "CPU only" if self.dplan.device != "cpu"
+                  else f"no MLP of a known SwiGLU family ({', '.join(SWIGLU_MLPS)})")
         ok = self.on and frozen_base and cpu_bf16_training(self.dplan) and self.method in FROZEN_BF16_METHODS
         if ok:
             self._frozen.append(FrozenBf16(model, workdir))

@@ -104,17 +104,13 @@ def plan(precision: str = "auto", gradient_checkpointing: bool | None = None) ->
 
 
 
-# SFT under bf16 autocast on a CPU: no gradient checkpointing, and the batch computed in micro-batches of at
-# most 4 examples (accumulated: the same loss and update). Measured for SFT of SmolLM2-135M with LoRA r=16,
-# batch 8 (bench/sft_vs_trl.py, medians of 2 alternating rounds, BENCHMARKS.md):
-#   AMD EPYC Zen 4 (AVX512-bf16, no AMX), 2026-12-07: the whole batch without checkpointing 360.1 tokens/s at
-#   2.87 GB peak RSS; micro-batch 4, no checkpointing 287.1 at 2.13 GB; micro-batch 2 198.7 at 1.85 GB;
-#   checkpointing every 2nd layer (the previous default) 256.9 at 2.42 GB; TRL's defaults 3.14 GB.
-#   2 AMX cores, 2026-11-26: no checkpointing 253.9 at 3.74 GB, every 2nd layer 199.6 at 3.13 GB, every 3rd
-#   183.0 at 3.36 GB (micro-batches not measured there).
-# Splitting the batch costs less time than recomputing the forward pass for less memory; set
-# train.micro_batch_size: 8 (the whole batch) for the fastest run when memory allows.
-CPU_BF16_MICRO_BATCH = 4
+# SFT under bf16 autocast on a CPU: no gradient checkpointing and the whole batch at once, unless the memory plan
+# needs less (smaller micro-batches first, then checkpointing). Measured for SFT of SmolLM2-135M with LoRA r=16,
+# batch 8 (bench/sft_vs_trl.py, medians of 3 alternating rounds, BENCHMARKS.md), AMD EPYC Zen 4 (AVX512-bf16,
+# no AMX), 2026-12-07: the whole batch 381.3 tokens/s at 2.41 GB peak RSS, micro-batches of 4 325.9 at 1.90 GB,
+# TRL's defaults 3.04 GB; then SwiGLU recomputed in backward took the whole batch to 2.28 GB. Micro-batches of
+# 4 were the default for one day, when the whole batch peaked at 2.87 GB (before the fused LoRA linear served
+# bf16); checkpointing every 2nd layer before that (256.9 tokens/s at 2.42 GB then).
 
 
 # A padding-free row of L tokens gets a dense L x L block-causal mask under sdpa/eager attention, and
@@ -147,11 +143,3 @@ def checkpoint_every(requested: bool | None, dplan: DevicePlan) -> int:
     if requested is not None:
         return int(bool(requested))
     return int(dplan.gradient_checkpointing)
-
-
-def preferred_micro_batch(dplan: DevicePlan) -> int | None:
-    """The largest micro-batch SFT uses when ``train.micro_batch_size`` is unset (None: the whole batch):
-    :data:`CPU_BF16_MICRO_BATCH` under bf16 autocast on a CPU."""
-    if dplan.device == "cpu" and dplan.precision == "bf16":
-        return CPU_BF16_MICRO_BATCH
-    return None

@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tunelab.errors import TunelabError
-from tunelab.train.device import preferred_micro_batch
 from tunelab.train.distributed import world_size
 
 FUSED_LORA_METHODS = ("lora", "rslora")  # the recipe methods the fused LoRA linear serves (_cpu_speed.py)
@@ -281,17 +280,20 @@ def layer_activation_bytes(s: Shape, cfg, targets: list[str]) -> int:
     # the fused LoRA linear casts each distinct input once
     lin_in = (3 * h + q + 2 * h + i) if half and not (targets and fused_lora_path(cfg)) else (h + q + h + i)
     if cpu_fast_path(cfg):
-        # checkpointed eager attention keeps its inputs for the recomputation: q and k after the fp32
-        # rotary embedding, v in bf16; the heads x seq probabilities are recomputed, not kept
-        attn = 4 * q + 4 * kv + 2 * kv
+        # checkpointed eager attention keeps its inputs for the recomputation: q cast to bf16 after the fp32
+        # rotary embedding (the cast autocast makes for the first matmul), k in fp32, v in bf16; the heads x seq
+        # probabilities are recomputed, not kept
+        attn = 2 * q + 4 * kv + 2 * kv
     elif cfg.attention == "eager":
         attn = (q + 2 * kv) * a + s.heads * cfg.seq_len * a
     else:  # sdpa keeps q, k, v and its output; o_proj's input is that output, except under autocast
         # with a LoRA o_proj, whose peft forward casts it to the adapter's fp32 and autocast back to 16 bits
         attn = (q + 2 * kv) * a + (q * a if half and "o_proj" in targets else 0)
     # gate, up, act(gate) outputs (act·up is down_proj's input, counted in lin_in); bitsandbytes' 4-bit
-    # linear returns its output in its input's dtype, the fp32 of the residual stream, so QLoRA keeps them in fp32
-    mlp = 3 * i * (4 if cfg.method == "qlora" else a)
+    # linear returns its output in its input's dtype, the fp32 of the residual stream, so QLoRA keeps them in fp32.
+    # The CPU speed-ups recompute act(gate) in backward (_cpu_speed._SwiGLU): gate and up only
+    recompute = cfg.device == "cpu" and getattr(cfg, "speedups", True)
+    mlp = (2 if recompute else 3) * i * (4 if cfg.method == "qlora" else a)
     extra = 0
     if targets and fused_lora_path(cfg):  # the fused LoRA linear keeps the layer input (counted in lin_in), a
         # 1-byte dropout mask per adapted linear and the r-wide intermediate (in the matmul dtype)
@@ -345,6 +347,7 @@ class Job:
     lora_dropout: float = 0.05
     device: str | None = None
     fused_lora: bool = True  # CPU LoRA through the fused linear (False: DoRA, or train.speedups: off)
+    speedups: bool = True  # train.speedups is not off (on CPU: the MLP's act(gate) recomputed in backward)
 
 
 @dataclass(frozen=True)
@@ -415,16 +418,16 @@ def _divisors_desc(n: int) -> list[int]:
     return [d for d in range(n, 0, -1) if n % d == 0]
 
 
-def _micro_batches(batch_size: int, micro_batch: int | None, prefer: int | None) -> list[int]:
-    """The micro-batches to consider, largest first: the one set, else the divisors of the batch up to ``prefer``."""
+def _micro_batches(batch_size: int, micro_batch: int | None) -> list[int]:
+    """The micro-batches to consider, largest first: the one set, else the divisors of the batch."""
     if micro_batch is not None:
         return [micro_batch]
-    return [d for d in _divisors_desc(batch_size) if prefer is None or d <= prefer]
+    return _divisors_desc(batch_size)
 
 
 def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_accum: int,
                 micro_batch: int | None, checkpoint_every: int, checkpoint_set: bool, budget_gb: float,
-                budget_from: str, runtime_gb: float = 0.0, prefer_micro_batch: int | None = None) -> MemoryPlan:
+                budget_from: str, runtime_gb: float = 0.0) -> MemoryPlan:
     """Pick micro-batch x accumulation and gradient checkpointing so the predicted peak fits ``budget_gb``.
 
     The examples per optimizer step (``batch_size x grad_accum``) never change: a micro-batch ``m`` divides
@@ -432,8 +435,6 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
     the same (the loss is summed over the step's label tokens and divided by their count, across micro-batches).
     Values the user set win: ``micro_batch`` (train.micro_batch_size) when not None, checkpointing when
     ``checkpoint_set``; if nothing fits, the smallest choice is taken and ``fits`` is False (the caller warns).
-    ``prefer_micro_batch`` caps the micro-batch when ``micro_batch`` is unset (the per-device default:
-    ``train.device.preferred_micro_batch``).
 
     Order of preference: the recipe's values; then, on CPU, smaller micro-batches before checkpointing
     (measured on a 2-core Xeon without AMX, SmolLM2-135M LoRA at batch 8 of ~140 tokens: micro-batch 4 ran at
@@ -445,7 +446,7 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
         return predicted_gb(Job(**{**job.__dict__, "batch_size": m, "checkpoint_every": ck}), shape, device,
                             runtime_gb)
 
-    ms = _micro_batches(batch_size, micro_batch, prefer_micro_batch)
+    ms = _micro_batches(batch_size, micro_batch)
     # on CPU partial checkpointing (every 2nd layer) before every layer: a budget is met with less recompute
     cks = [checkpoint_every] if checkpoint_set else \
         list(dict.fromkeys([checkpoint_every, *([2] if device == "cpu" else []), 1]))
@@ -459,10 +460,7 @@ def plan_memory(job: Job, shape: Shape, *, device: str, batch_size: int, grad_ac
         if est <= budget_gb:
             accum = grad_accum * batch_size // m
             if (m, ck) == first:
-                why = "fits as set" if micro_batch is not None or checkpoint_set else \
-                    "fits without splitting" if m == batch_size else \
-                    (f"micro-batch {m} of the {batch_size} examples per step: this device's default (faster than "
-                     f"gradient checkpointing for the memory it saves)")
+                why = "fits as set" if micro_batch is not None or checkpoint_set else "fits without splitting"
             else:
                 changed = []
                 if m != first[0]:
@@ -495,8 +493,7 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
     bf16 on a CPU is modelled with the recipe's CPU speed-ups (:func:`cpu_fast_path`)."""
     t = cfg.train
     budget, source = memory_budget(t.memory_budget_gb, dplan.device)
-    prefer = preferred_micro_batch(dplan)
-    m0 = _micro_batches(t.batch_size, t.micro_batch_size, prefer)[0]
+    m0 = _micro_batches(t.batch_size, t.micro_batch_size)[0]
     as_set = MemoryPlan(m0, t.grad_accum * t.batch_size // m0, checkpoint_every, None, budget, source, False, None,
                         "")
     method = _ESTIMATOR_METHOD.get(cfg.method)
@@ -517,11 +514,12 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
               loss_share=min(1.0, max(train_stats["label_tokens"], 1) / tokens), precision=dplan.precision,
               lora_r=cfg.lora.r, lora_targets=targets,
               lora_dropout=cfg.lora.dropout, device="cpu" if dplan.device == "cpu" else None,
-              fused_lora=cfg.method in FUSED_LORA_METHODS and cfg.train.speedups != "off")
+              fused_lora=cfg.method in FUSED_LORA_METHODS and cfg.train.speedups != "off",
+              speedups=cfg.train.speedups != "off")
     return plan_memory(job, shape, device=dplan.device, batch_size=t.batch_size, grad_accum=t.grad_accum,
                        micro_batch=t.micro_batch_size, checkpoint_every=checkpoint_every,
                        checkpoint_set=t.gradient_checkpointing is not None, budget_gb=budget, budget_from=source,
-                       runtime_gb=runtime_gb if dplan.device == "cpu" else 0.0, prefer_micro_batch=prefer)
+                       runtime_gb=runtime_gb if dplan.device == "cpu" else 0.0)
 
 
 def _replace(plan: MemoryPlan, **kw) -> MemoryPlan:

@@ -22,15 +22,15 @@ Configurations:
   tunelab-pf         ... with train.padding_free=true
   tunelab-nogc       ... with train.gradient_checkpointing=false
   tunelab-gc         ... with train.gradient_checkpointing=true (every layer)
-  tunelab-ckpt2      ... checkpointing every 2nd decoder layer, the whole batch (the CPU bf16 default until 2026-12-07)
+  tunelab-ckpt2      ... checkpointing every 2nd decoder layer (the CPU bf16 default until 2026-12-07)
   tunelab-fp32       ... with train.precision=fp32
-  tunelab-bf16       ... with train.precision=bf16 (checkpointing as the bf16 default picks: every 2nd layer on CPU)
+  tunelab-bf16       ... with train.precision=bf16 (checkpointing and micro-batch as the defaults pick)
   tunelab-bf16-nogc  ... with train.precision=bf16 and train.gradient_checkpointing=false
   tunelab-bf16-nogc-mb4, tunelab-bf16-nogc-mb2  ... and train.micro_batch_size=4 or 2
   tunelab-mb4        ... with train.micro_batch_size=4 (two micro-batches of 4 accumulated: the same 8 per step)
   tunelab-mb2        ... with train.micro_batch_size=2 (four micro-batches of 2)
   tunelab-peft-lora  ... with peft's own LoRA forward instead of the fused LoRA linear (CPU fp32)
-  tunelab-whole      ... with train.micro_batch_size=8 (the whole batch: no CPU default micro-batch split)
+  tunelab-whole      ... with train.micro_batch_size=8 (the whole batch, the default unless a memory budget splits it)
   tunelab-sdpa       ... with SDPA attention instead of the checkpointed eager attention of CPU bf16 runs
   tunelab-noprefix   ... without the shared prompt prefix (every row computes the system prompt and header itself)
   trl-defaults       TRL SFTConfig defaults (bf16 autocast, gradient checkpointing)

@@ -295,10 +295,10 @@ def layer_activation_bytes(s: Shape, cfg, targets: list[str]) -> int:
     recompute = cfg.device == "cpu" and getattr(cfg, "speedups", True)
     mlp = (2 if recompute else 3) * i * (4 if cfg.method == "qlora" else a)
     extra = 0
-    if targets and fused_lora_path(cfg):  # the fused LoRA linear keeps the layer input (counted in lin_in), a
-        # 1-byte dropout mask per adapted linear and the r-wide intermediate (in the matmul dtype)
+    if targets and fused_lora_path(cfg):  # the fused LoRA linear keeps the layer input (counted in lin_in), the
+        # dropout mask as bits per adapted linear and the r-wide intermediate (in the matmul dtype)
         lin = _linears(s)
-        extra = sum((lin[t][0] if cfg.lora_dropout > 0 else 0) + cfg.lora_r * a for t in targets)
+        extra = sum((lin[t][0] / 8 if cfg.lora_dropout > 0 else 0) + cfg.lora_r * a for t in targets)
     elif targets:  # LoRA: dropout output (an input-sized copy) and the r-wide intermediate per adapted linear
         lin = _linears(s)
         extra = sum((lin[t][0] if cfg.lora_dropout > 0 else 0) * 4 + cfg.lora_r * a for t in targets)

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from tunelab.train.memory import FUSED_LORA_METHODS  # lora, rslora: DoRA is a peft variant with its own forward
-from tunelab.train.numerics import _causal_parts, response_only_loss
+from tunelab.train.numerics import _causal_parts, release_head_workspace, response_only_loss
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -509,8 +509,6 @@ class Speedups:
         return ok
 
     def restore(self) -> None:
-        from tunelab.train.numerics import release_head_workspace
-
         for f in self._frozen:
             f.restore()
         release_head_workspace()

@@ -50,7 +50,7 @@ from tunelab.train.numerics import _causal_parts, release_head_workspace, respon
 
 
 class _MaskedScale(torch.autograd.Function):
-    """y = (x * keep / (1 - p)) in ``out_dtype``; saves only the bool mask (1 byte an element) for backward.
+    """y = (x * keep / (1 - p)) in ``out_dtype``; saves only the mask (as bits on CPU) for backward.
 
     nn.Dropout under autocast keeps a mask and an fp32 output, and the next matmul keeps a bf16 copy of
     it (6 bytes an element); emitting the bf16 result here (computed in fp32, then rounded: the
@@ -59,14 +59,15 @@ class _MaskedScale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, keep, scale: float, out_dtype):
-        ctx.save_for_backward(keep)
+        ctx.save_for_backward(_pack_mask(keep))  # as bits on CPU
         ctx.scale, ctx.x_dtype = scale, x.dtype
-        return (x * keep * scale).to(out_dtype)
+        return (x * _mask_as(keep, x)).mul_(scale).to(out_dtype)  # a 0/1 multiply: a bool operand runs unvectorized
 
     @staticmethod
     def backward(ctx, grad):
         (keep,) = ctx.saved_tensors
-        return (grad.to(ctx.x_dtype) * keep * ctx.scale), None, None, None
+        g = grad.to(ctx.x_dtype)
+        return (g * _mask_as(_unpack_mask(keep, g.shape), g)).mul_(ctx.scale), None, None, None
 
 
 def _keep_mask(shape, p: float) -> torch.Tensor:

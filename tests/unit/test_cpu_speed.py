@@ -79,6 +79,38 @@ def _lora_model(tiny_model, dropout: float):
     return model
 
 
+class _KeptBytes:
+    """Bytes autograd keeps for backward inside the block: activations only (storages that are not ``model``'s
+    parameters), each storage counted once.
+
+        with _KeptBytes(model) as kept: model(...)
+        kept.total
+    """
+
+    def __init__(self, model):
+        from torch.autograd.graph import saved_tensors_hooks
+
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.seen: dict[int, int] = {}
+        self.hooks = saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
+        if t.untyped_storage().data_ptr() not in self.params:
+            self.seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def __enter__(self):
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.seen.values())
+
+
 def test_use_fast_lora_dropout_swaps_every_lora_dropout(tiny_model):
     from tunelab.train._cpu_speed import FastDropout, use_fast_lora_dropout
 
@@ -298,24 +330,14 @@ def test_fused_lora_linear_under_bf16_is_as_close_to_fp32_as_peft(tiny_model, tm
 def test_fused_lora_linear_under_bf16_casts_a_shared_input_once(tiny_model, tmp_path):
     """q, k and v read one input: the fused path casts it to bf16 once and the three saved copies are one tensor;
     autocast and peft cast it for each linear and each adapter. Per token and layer the fused path keeps less."""
-    from torch.autograd.graph import saved_tensors_hooks
-
     from tunelab.train import _cpu_speed
     from tunelab.train._cpu_speed import FrozenBf16, use_fast_lora_dropout, use_fused_lora_linear
 
     def saved(model):
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         model.train()
-        with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        with _KeptBytes(model) as kept, torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=torch.randint(3, 100, (4, 64))).logits.float().sum()
-        return sum(seen.values())
+        return kept.total
 
     sizes = []
     for fused in (False, True):
@@ -376,23 +398,13 @@ def test_fused_lora_linear_falls_back_to_peft_outside_fp32_training(tiny_model):
 def test_fused_lora_linear_keeps_less_for_backward(tiny_model):
     """What autograd keeps for backward in one training forward: the fused path saves the layer input once and a
     1-byte mask instead of an fp32 masked copy per adapted linear."""
-    from torch.autograd.graph import saved_tensors_hooks
-
     from tunelab.train._cpu_speed import use_fast_lora_dropout, use_fused_lora_linear
 
-    def saved_bytes(model):  # activations only: storages that are not the model's parameters
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
+    def saved_bytes(model):
         model.train()
-        with saved_tensors_hooks(pack, lambda t: t):
+        with _KeptBytes(model) as kept:
             model(input_ids=torch.randint(3, 100, (4, 64))).logits.sum()
-        return sum(seen.values())
+        return kept.total
 
     plain, fused = _lora_model(tiny_model, 0.1), _lora_model(tiny_model, 0.1)
     use_fast_lora_dropout(plain), use_fast_lora_dropout(fused)
@@ -433,8 +445,6 @@ def test_frozen_head_nll_exact_on_sharp_logits():
 def test_recomputed_swiglu_same_values_bit_for_bit_and_keeps_less(tiny_model, bf16):
     """The MLP's silu(gate) recomputed in backward: the ops autograd runs, so the logits and every gradient are
     identical; one [tokens x intermediate] activation fewer is kept per layer; eval takes the model's forward."""
-    from torch.autograd.graph import saved_tensors_hooks
-
     from tunelab.train._cpu_speed import use_fast_lora_dropout, use_recomputed_swiglu
 
     ids = torch.randint(3, 100, (4, 32), generator=torch.Generator().manual_seed(2))
@@ -446,20 +456,12 @@ def test_recomputed_swiglu_same_values_bit_for_bit_and_keeps_less(tiny_model, bf
             assert use_recomputed_swiglu(m) == m.config.num_hidden_layers
             assert use_recomputed_swiglu(m) == 0  # already routed
         m.train()
-        seen: dict[int, int] = {}
-        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() not in params:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         torch.manual_seed(5)
-        with saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with _KeptBytes(m) as k, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             out = m(input_ids=ids, labels=ids)
         out.loss.backward()
-        results.append((out.logits.detach(), {k: p.grad for k, p in m.named_parameters() if p.requires_grad}))
-        kept.append(sum(seen.values()))
+        results.append((out.logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+        kept.append(k.total)
         m.eval()
         with torch.no_grad():
             results[-1] += (m(input_ids=ids).logits,)

@@ -473,6 +473,22 @@ def test_recomputed_swiglu_same_values_bit_for_bit_and_keeps_less(tiny_model, bf
     assert kept[0] - kept[1] >= cfg.num_hidden_layers * one * 0.99, (kept, one)
 
 
+def test_every_listed_swiglu_mlp_computes_what_the_recompute_assumes():
+    """The recompute replaces a forward it assumes is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: true for
+    every class it lists in the installed transformers (a release that changes one fails here)."""
+    import importlib
+    import inspect
+    import re
+
+    from tunelab.train._cpu_speed import SWIGLU_MLPS
+
+    for cls in SWIGLU_MLPS:
+        name = re.sub(r"MLP$", "", cls).lower()
+        mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+        src = inspect.getsource(getattr(mod, cls).forward)
+        assert "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))" in src, cls
+
+
 def test_frozen_head_nll_reuses_the_cast_head_until_it_changes():
     """Under grad the bf16 cast of the frozen head is kept between steps: the same tensor while the weight is
     unchanged, a new one after an in-place change or a new ``.data``; the loss and gradient always those of a

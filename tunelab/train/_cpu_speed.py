@@ -184,7 +184,7 @@ class _FusedLoraLinear(torch.autograd.Function):
             bias = None if bias is None else bias.to(mm)
         x2 = xm.reshape(-1, shape[-1])
         xd = x2 if keep is None else x2 * _mask_as(keep, x2)
-        u = (xd @ A.t()).mul_(c)
+        u = (A @ xd.t()).t().mul_(c)  # = xd A^T; this order is the faster one for a narrow A (fp32 1536: 107 vs 185 us)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         y.addmm_(u, B.t())
         ctx.save_for_backward(xm, _pack_mask(keep), u, weight, A, B)
@@ -197,7 +197,9 @@ class _FusedLoraLinear(torch.autograd.Function):
         keep = _unpack_mask(keep, x.shape)
         c = ctx.c
         g2 = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
-        gu = g2 @ B  # [tokens, r]
+        # [tokens, r]; in fp32 the transposed order is the faster one (256 x 1536 by 1536 x 8: 121 vs 454 us), in
+        # bf16 not (97 vs 83 us; one Zen 4 core)
+        gu = (B.t() @ g2.t()).t() if g2.dtype == torch.float32 else g2 @ B
         gx = gA = gB = None
         if ctx.needs_input_grad[4]:
             gB = (u.t() @ g2).t().to(ctx.ab_dtype)  # = g2^T u; this order is the faster one for a narrow u

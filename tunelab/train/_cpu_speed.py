@@ -39,14 +39,13 @@ import os
 import sys
 import tempfile
 import threading
-import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tunelab.train.memory import FUSED_LORA_METHODS  # lora, rslora: DoRA is a peft variant with its own forward
-from tunelab.train.numerics import _causal_parts, release_head_workspace, response_only_loss
+from tunelab.train.numerics import _causal_parts, release_head_workspace, response_only_loss, reuse_cast
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -128,11 +127,7 @@ def _cast_shared(x, dtype):
     input: autocast casts it once for each; this casts it once and the three backward passes share it)."""
     if x.dtype == dtype:
         return x
-    last = getattr(_SHARED, "last", None)
-    if last is not None and last[0]() is x and last[1] == x._version and last[2].dtype == dtype:
-        return last[2]
-    xc = x.to(dtype)
-    _SHARED.last = (weakref.ref(x), x._version, xc)
+    _SHARED.last, xc = reuse_cast(getattr(_SHARED, "last", None), x, dtype)
     return xc
 
 
@@ -480,9 +475,10 @@ class Speedups:
         self.note("fast LoRA dropout", n > 0, f"{n} LoRA dropout masks drawn by numpy's PCG64" if n else
                   ("off (train.speedups: off)" if not self.on else
                    "no LoRA dropout (p = 0 or no adapter)" if self.dplan.device == "cpu" else "CPU only"))
+        frozen = self.on and frozen_base and cpu_bf16_training(self.dplan) and self.method in FROZEN_BF16_METHODS
         # fp32, or CPU bf16 with the frozen base stored in bf16 (the fused forward checks both at every call)
         fused = self.on and self.dplan.device == "cpu" and self.method in FUSED_LORA_METHODS and (
-            self.dplan.precision == "fp32" or (frozen_base and cpu_bf16_training(self.dplan)))
+            self.dplan.precision == "fp32" or frozen)
         k = use_fused_lora_linear(model) if fused else 0
         self.note("fused LoRA linear", k > 0, f"{k} LoRA layers: adapter product scaled at rank r and accumulated "
                   "into the base matmul" + (", the layer input cast to bf16 once" if k and self.dplan.precision
@@ -494,11 +490,10 @@ class Speedups:
         self.note("SwiGLU recomputed in backward", m > 0, f"{m} MLPs keep gate and up, not silu(gate) too" if m
                   else "off (train.speedups: off)" if not self.on else "CPU only" if self.dplan.device != "cpu"
                   else f"no MLP of a known SwiGLU family ({', '.join(SWIGLU_MLPS)})")
-        ok = self.on and frozen_base and cpu_bf16_training(self.dplan) and self.method in FROZEN_BF16_METHODS
-        if ok:
+        if frozen:
             self._frozen.append(FrozenBf16(model, workdir))
-        self.note("frozen base in bf16", ok, f"{self._frozen[-1].count} frozen LoRA base weights stored in bf16"
-                  if ok else self._why_not(self.method in FROZEN_BF16_METHODS, "lora or rslora"))
+        self.note("frozen base in bf16", frozen, f"{self._frozen[-1].count} frozen LoRA base weights stored in bf16"
+                  if frozen else self._why_not(self.method in FROZEN_BF16_METHODS, "lora or rslora"))
         return self
 
     def freeze_model_bf16(self, name: str, model, workdir) -> bool:
@@ -515,6 +510,7 @@ class Speedups:
         for f in self._frozen:
             f.restore()
         release_head_workspace()
+        _SHARED.last = None  # the last layer input's bf16 cast: not kept past training
 
     def names(self) -> list[str]:
         return list(self.applied)

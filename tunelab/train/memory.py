@@ -174,7 +174,7 @@ def cpu_fast_path(cfg) -> bool:
 
 def fused_lora_path(cfg) -> bool:
     """Whether the estimate models the fused LoRA linear of CPU training (tunelab/train/_cpu_speed.py): in fp32,
-    or under bf16 with the frozen base in bf16 (the CPU fast path). A 1-byte dropout mask per adapted input
+    or under bf16 with the frozen base in bf16 (the CPU fast path). The dropout mask as bits per adapted input
     instead of a masked copy, and under bf16 one cast of a layer input shared by q/k/v and by gate/up.
     ``fused_lora`` (a :class:`Job` field; the estimator has none and gets the default) is False where the recipe
     does not use it (DoRA, ``train.speedups: off``)."""
@@ -499,8 +499,8 @@ def sft_memory_plan(cfg, dplan, checkpoint_every: int, train_stats: dict, model_
     method = _ESTIMATOR_METHOD.get(cfg.method)
     targets = cfg.lora.target_modules
     if world_size() > 1:  # each rank would measure and choose alone: a different accumulation per rank hangs DDP
-        return _replace(as_set, why="as set: under --nproc the ranks keep the recipe's (or this device's default) "
-                                    "micro-batch")
+        return _replace(as_set, why="as set: under --nproc the ranks keep the recipe's micro-batch (or the whole "
+                                    "batch)")
     if method is None:
         return _replace(as_set, why=f"as set: no memory model for method {cfg.method}")
     if method != "full" and targets != "all-linear" and not set(targets) <= set(LINEAR_NAMES):

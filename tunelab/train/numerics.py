@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -295,30 +296,33 @@ def _frozen_plain_head(head) -> bool:
     return isinstance(head, torch.nn.Linear) and head.bias is None and not head.weight.requires_grad
 
 
+def reuse_cast(entry, t, dtype):
+    """``(entry, t cast to dtype)``: the cast ``entry`` holds while ``t`` is the same tensor with the same storage
+    and version (an in-place change or a new ``.data`` makes a new cast), else a new cast and its entry
+    ``(weakref to t, data_ptr, _version, dtype, cast)``. The caller keeps the entry (one per cached tensor)."""
+    if entry is not None and entry[0]() is t and entry[1] == t.data_ptr() and entry[2] == t._version \
+            and entry[3] == dtype:
+        return entry, entry[4]
+    cast = t.detach().to(dtype)
+    return (weakref.ref(t), t.data_ptr(), t._version, dtype, cast), cast
+
+
 class _HeadWorkspace:
     """What the frozen head's loss reuses from one training step to the next: the head weight cast to the matmul
-    dtype (the head is frozen: the same values every step) and the logits buffers of one chunk.
+    dtype (the head is frozen: the same values every step; :func:`reuse_cast`) and the logits buffers of one chunk.
 
     Allocated afresh each step, these are new memory mappings (glibc maps blocks over 32 MiB): 150 MB of page
-    faults for SmolLM2's 49,152-token vocabulary at 254 tokens, ~60 ms of a 1.3 s cpt step on 2 Zen 4 cores. A
-    cast is recognised by the weight's identity, storage and version (an in-place change or a new ``.data``
-    makes a new one). :func:`release_head_workspace` drops it (``Speedups.restore`` after training)."""
+    faults for SmolLM2's 49,152-token vocabulary at 254 tokens, ~60 ms of a 1.3 s cpt step on 2 Zen 4 cores.
+    :func:`release_head_workspace` drops it (``Speedups.restore`` after training)."""
 
     def __init__(self):
         self.weight = None  # (weakref to the weight, data_ptr, _version, dtype, cast)
         self.buffers: dict = {}
 
     def cast(self, weight, dtype):
-        import weakref
-
         if weight.dtype == dtype:
             return weight
-        w = self.weight
-        if w is not None and w[0]() is weight and w[1] == weight.data_ptr() and w[2] == weight._version \
-                and w[3] == dtype:
-            return w[4]
-        cast = weight.detach().to(dtype)
-        self.weight = (weakref.ref(weight), weight.data_ptr(), weight._version, dtype, cast)
+        self.weight, cast = reuse_cast(self.weight, weight, dtype)
         return cast
 
     def buffer(self, name: str, rows: int, cols: int, dtype, device):

@@ -61,6 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 RECIPE = ROOT / "examples" / "sft_lora_support.yaml"
 CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-gc", "tunelab-ckpt2", "tunelab-fp32",
+           "tunelab-fp32-mb4", "tunelab-fp32-mb2",
            "tunelab-bf16", "tunelab-bf16-nogc", "tunelab-bf16-nogc-mb4", "tunelab-bf16-nogc-mb2",
            "tunelab-mb4", "tunelab-mb2", "tunelab-whole", "tunelab-peft-lora", "tunelab-noprefix", "tunelab-sdpa",
            "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
@@ -97,8 +98,10 @@ def child_tunelab(a, variant: str, tmp: Path) -> dict:
         raw["train"]["padding_free"] = True
     elif variant in ("tunelab-nogc", "tunelab-gc"):
         raw["train"]["gradient_checkpointing"] = variant == "tunelab-gc"
-    elif variant == "tunelab-fp32":
+    elif variant.startswith("tunelab-fp32"):
         raw["train"]["precision"] = "fp32"
+        if "-mb" in variant:
+            raw["train"]["micro_batch_size"] = int(variant[-1])
     elif variant.startswith("tunelab-bf16"):
         raw["train"]["precision"] = "bf16"
         if "-nogc" in variant:

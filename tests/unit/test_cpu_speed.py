@@ -473,6 +473,62 @@ def test_recomputed_swiglu_same_values_bit_for_bit_and_keeps_less(tiny_model, bf
     assert kept[0] - kept[1] >= cfg.num_hidden_layers * one * 0.99, (kept, one)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_lora_linear_recomputes_norm_and_swiglu_inputs_bit_for_bit(tiny_model, tmp_path, bf16):
+    """With the fused LoRA linear, q/k/v and gate/up keep their norm's input (which the norm keeps anyway) instead
+    of its output, and down_proj keeps gate and up (which the recomputed MLP keeps) instead of act(gate) * up; each
+    input is computed again in backward: the same logits and gradients bit for bit as keeping them, and per layer
+    two [tokens x hidden] and one [tokens x intermediate] activations fewer."""
+    from tunelab.train import _cpu_speed
+    from tunelab.train._cpu_speed import FrozenBf16, use_fast_lora_dropout, use_fused_lora_linear, \
+        use_recomputed_norms, use_recomputed_swiglu
+
+    ids = torch.randint(3, 100, (4, 32), generator=torch.Generator().manual_seed(3))
+    results, kept, calls = [], [], []
+    real = _cpu_speed._recomputed
+
+    def counting(fn, inputs, dtype):
+        out = real(fn, inputs, dtype)
+        calls.append(out)
+        return out
+
+    for recompute in (False, True):
+        m = _lora_model(tiny_model, 0.1)
+        use_fast_lora_dropout(m)
+        frozen = FrozenBf16(m, tmp_path) if bf16 else None
+        assert use_fused_lora_linear(m) > 0 and use_recomputed_swiglu(m) == m.config.num_hidden_layers
+        if recompute:
+            assert use_recomputed_norms(m) == 2 * m.config.num_hidden_layers
+            assert use_recomputed_norms(m) == 0  # already routed
+        else:  # a view of down_proj's input does not carry the recipe: down_proj keeps it
+            for name, mod in m.named_modules():
+                if name.endswith("mlp.down_proj"):
+                    mod.register_forward_pre_hook(lambda mod, args: (args[0].view_as(args[0]),))
+        m.train()
+        torch.manual_seed(5)
+        _cpu_speed._recomputed = counting
+        try:
+            with _KeptBytes(m) as k, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                out = m(input_ids=ids, labels=ids)
+            out.loss.backward()
+        finally:
+            _cpu_speed._recomputed = real
+        results.append((out.logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+        kept.append(k.total)
+        if frozen is not None:
+            frozen.restore()
+    (l0, g0), (l1, g1) = results
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and all(torch.equal(g0[k], g1[k]) for k in g0)
+    cfg, tokens, a = m.config, 4 * 32, 2 if bf16 else 4
+    layers, h, i = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size
+    # 6 adapted linears a layer read a recomputable input (not o_proj), computed 3 times: q/k/v share one, gate/up one
+    fresh = sum(1 for before, now in zip([None, *calls], calls) if now is not before)
+    assert len(calls) == 6 * layers and fresh == 3 * layers, (len(calls), fresh)
+    # the first layer's norm input (the frozen embedding's fp32 output) is kept only for the recomputation
+    assert kept[0] - kept[1] >= 0.99 * tokens * (layers * (i + 2 * h) * a - h * 4), (kept, tokens * (i + 2 * h) * a)
+
+
 def test_every_listed_swiglu_mlp_computes_what_the_recompute_assumes():
     """The recompute replaces a forward it assumes is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: true for
     every class it lists in the installed transformers (a release that changes one fails here)."""

@@ -82,7 +82,7 @@ def test_cpt_fused_loss_same_losses_and_recorded(data, tmp_path):
            "data": {"files": [str(data["text"])], "text_unit": "paragraph", "heldout_share": 0.1, "block_size": 32}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
     _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused response-only loss",
-                                       "fused LoRA linear"})
+                                       "fused LoRA linear", "norms recomputed in backward"})
     assert "no LoRA dropout" in fast["speedups"]["not_applied"]["fast LoRA dropout"]
 
 
@@ -94,7 +94,7 @@ def test_cpt_fast_dropout_recorded(data, tmp_path):
     fast, lf, plain, lp = _both(cfg, tmp_path)
     assert lf[0] == pytest.approx(lp[0], rel=1e-5)
     assert set(fast["cpu_speedups"]) == {"SwiGLU recomputed in backward", "fused response-only loss",
-                                         "fast LoRA dropout", "fused LoRA linear"}
+                                         "fast LoRA dropout", "fused LoRA linear", "norms recomputed in backward"}
 
 
 @pytest.mark.slow
@@ -103,7 +103,7 @@ def test_cpt_bf16_path_frozen_base_and_attention(data, tmp_path):
            "data": {"files": [str(data["text"])], "text_unit": "paragraph", "heldout_share": 0.1, "block_size": 32}}
     fast, lf, plain, lp = _both(cfg, tmp_path, precision="bf16")
     _check(fast, lf, plain, lp, 2e-2, {"SwiGLU recomputed in backward", "fused response-only loss",
-                                       "frozen base in bf16", "checkpointed eager attention", "fused LoRA linear"})
+                                       "frozen base in bf16", "checkpointed eager attention", "fused LoRA linear", "norms recomputed in backward"})
     # the fp32 base is back after training: the perplexity after is the trained model's, not a bf16 one
     assert fast["domain_perplexity_after"] == pytest.approx(plain["domain_perplexity_after"], rel=5e-2)
 
@@ -126,7 +126,7 @@ def test_dpo_compact_fused_head_same_losses(data, tmp_path):
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
     # TRL disables dropout for DPO (disable_dropout): no LoRA dropout to speed up
-    _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused response-only loss", "fused LoRA linear", "shared prompt forward"})
+    _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused response-only loss", "fused LoRA linear", "norms recomputed in backward", "shared prompt forward"})
     assert "positions not computed" in fast["speedups"]["applied"]["shared prompt forward"]
 
 
@@ -170,7 +170,7 @@ def test_reward_speedups_recorded_same_losses(data, tmp_path):
     cfg = {"recipe": "reward", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
-    _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused LoRA linear", "shared prompt forward"})
+    _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused LoRA linear", "norms recomputed in backward", "shared prompt forward"})
     assert "positions not computed" in fast["speedups"]["applied"]["shared prompt forward"]
     assert "scalar head" in fast["speedups"]["not_applied"]["fused response-only loss"]
 
@@ -180,7 +180,7 @@ def test_reward_bf16_frozen_base_same_losses(data, tmp_path):
     cfg = {"recipe": "reward", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path, precision="bf16")
-    _check(fast, lf, plain, lp, 2e-2, {"SwiGLU recomputed in backward", "frozen base in bf16", "shared prompt forward", "fused LoRA linear"})
+    _check(fast, lf, plain, lp, 2e-2, {"SwiGLU recomputed in backward", "frozen base in bf16", "shared prompt forward", "fused LoRA linear", "norms recomputed in backward"})
     assert "cast to bf16 once" in fast["speedups"]["applied"]["fused LoRA linear"]
 
 
@@ -216,7 +216,7 @@ def _distill(data) -> dict:
 def test_distill_same_losses_recorded(data, tmp_path):
     fast, lf, plain, lp = _both(_distill(data), tmp_path)
     _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused response-only loss",
-                                       "fused LoRA linear"})
+                                       "fused LoRA linear", "norms recomputed in backward"})
     assert "teacher in bf16" in fast["speedups"]["not_applied"]
 
 
@@ -225,7 +225,7 @@ def test_distill_bf16_teacher_same_losses(data, tmp_path):
     fast, lf, plain, lp = _both(_distill(data), tmp_path, precision="bf16")
     assert min(lp) > 0.1, lp  # the KL is the teacher's distance, not rounding noise
     _check(fast, lf, plain, lp, 2e-2, {"SwiGLU recomputed in backward", "fused response-only loss", "frozen base in bf16", "teacher in bf16",
-                                       "fused LoRA linear"})
+                                       "fused LoRA linear", "norms recomputed in backward"})
 
 
 def test_classify_records_grouping_and_no_fused_loss(tmp_path, tiny_bert):

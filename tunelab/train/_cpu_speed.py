@@ -131,6 +131,30 @@ def _cast_shared(x, dtype):
     return xc
 
 
+def recomputable(out, fn, *inputs):
+    """Mark ``out`` as ``fn(*inputs)`` (deterministic, with ``inputs`` kept for backward by their own op anyway):
+    a fused LoRA linear reading ``out`` keeps ``inputs`` instead and calls ``fn`` again in backward."""
+    out._tunelab_recompute = (fn, inputs)
+    return out
+
+
+_AGAIN = threading.local()  # the last input recomputed in backward: q/k/v (gate/up) share one recomputation
+
+
+def _recomputed(fn, inputs, dtype):
+    """``fn(*inputs)`` cast to ``dtype``, the same tensor while ``fn``, ``dtype`` and the inputs (storage, view and
+    version) are unchanged since the last call on this thread. Backward may hand out each saved input as a new
+    tensor object (saved-tensor hooks, checkpointing), so the inputs are compared by what they address; the entry
+    holds them, so no other tensor can take their memory while it is kept."""
+    key = [(t.data_ptr(), t.shape, t.stride(), t.dtype, t._version) for t in inputs]
+    entry = getattr(_AGAIN, "last", None)
+    if entry is not None and entry[0] is fn and entry[1] == dtype and entry[2] == key:
+        return entry[4]
+    out = fn(*inputs).to(dtype)
+    _AGAIN.last = (fn, dtype, key, tuple(inputs), out)
+    return out
+
+
 def _pack_mask(keep):
     """A CPU bool mask as bits (numpy's packbits: 13 us for 256 x 1536), for what backward keeps: an eighth of
     the bytes. Another device's mask is kept as it is."""
@@ -182,14 +206,22 @@ class _FusedLoraLinear(torch.autograd.Function):
         u = (A @ xd.t()).t().mul_(c)  # = xd A^T; this order is the faster one for a narrow A (fp32 1536: 107 vs 185 us)
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else x2 @ weight.t()
         y.addmm_(u, B.t())
-        ctx.save_for_backward(xm, _pack_mask(keep), u, weight, A, B)
-        ctx.c, ctx.x_dtype, ctx.ab_dtype = c, x.dtype, ab_dtype
+        # an input that says how to compute it again from tensors kept anyway (:func:`recomputable`: the SwiGLU
+        # product from gate and up, a norm's output from its input) is not kept: recomputed in backward (and cast
+        # again to ``mm``), bit for bit
+        again = getattr(x, "_tunelab_recompute", None)
+        kept = again[1] if again is not None else (xm,)
+        ctx.save_for_backward(*kept, _pack_mask(keep), u, weight, A, B)
+        ctx.again = None if again is None else again[0]
+        ctx.c, ctx.x_dtype, ctx.ab_dtype, ctx.x_shape, ctx.xm_dtype = c, x.dtype, ab_dtype, xm.shape, xm.dtype
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, gy):
-        x, keep, u, weight, A, B = ctx.saved_tensors
-        keep = _unpack_mask(keep, x.shape)
+        *kept, keep, u, weight, A, B = ctx.saved_tensors
+        x = kept[0] if ctx.again is None else _recomputed(ctx.again, kept, ctx.xm_dtype) \
+            if ctx.needs_input_grad[3] else None
+        keep = _unpack_mask(keep, ctx.x_shape)
         c = ctx.c
         g2 = gy.reshape(-1, gy.shape[-1]).to(weight.dtype)
         # [tokens, r]; in fp32 the transposed order is the faster one (256 x 1536 by 1536 x 8: 121 vs 454 us), in
@@ -198,20 +230,21 @@ class _FusedLoraLinear(torch.autograd.Function):
         gx = gA = gB = None
         if ctx.needs_input_grad[4]:
             gB = (u.t() @ g2).t().to(ctx.ab_dtype)  # = g2^T u; this order is the faster one for a narrow u
-        x2 = x.reshape(-1, x.shape[-1])
-        kf = None if keep is None else _mask_as(keep, x2)
+        rows = (math.prod(ctx.x_shape[:-1]), ctx.x_shape[-1])
+        kf = None if keep is None else keep.view(torch.uint8).to(ctx.xm_dtype).view(rows)  # as _mask_as
         if ctx.needs_input_grad[3]:
+            x2 = x.reshape(rows)
             xd = x2 if kf is None else x2 * kf
             gA = (gu.t() @ xd).mul_(c).to(ctx.ab_dtype)
         if ctx.needs_input_grad[0]:
             gx = (g2 @ weight).to(ctx.x_dtype)  # an fp32 input's gradient: the two parts summed in fp32
             if kf is not None:
-                gx.view(x2.shape).addcmul_(gu @ A, kf, value=c)
+                gx.view(rows).addcmul_(gu @ A, kf, value=c)
             elif gx.dtype == A.dtype:
                 gx.addmm_(gu, A, alpha=c)
             else:
                 gx.add_(gu @ A, alpha=c)
-            gx = gx.view(x.shape)
+            gx = gx.view(ctx.x_shape)
         return gx, None, None, gA, gB, None, None, None
 
 
@@ -264,6 +297,10 @@ def use_fused_lora_linear(model) -> int:
     return n
 
 
+def _swiglu_product(gate, up):
+    return torch.nn.functional.silu(gate) * up
+
+
 class _SwiGLU(torch.autograd.Function):
     """``silu(gate) * up``, keeping gate and up for backward and computing silu(gate) again there.
 
@@ -276,7 +313,7 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         ctx.save_for_backward(gate, up)
-        return torch.nn.functional.silu(gate) * up
+        return _swiglu_product(gate, up)
 
     @staticmethod
     def backward(ctx, g):
@@ -298,7 +335,9 @@ def _swiglu_forward(module, orig):
         if args or kwargs or not (module.training and torch.is_grad_enabled()):
             return orig(x, *args, **kwargs)
         gate = module.gate_proj(x)  # gate first, as the model's forward: LoRA dropout masks are drawn in order
-        return module.down_proj(_SwiGLU.apply(gate, module.up_proj(x)))
+        up = module.up_proj(x)
+        # down_proj's fused LoRA linear keeps gate and up (kept here anyway) instead of its input
+        return module.down_proj(recomputable(_SwiGLU.apply(gate, up), _swiglu_product, gate, up))
 
     return forward
 
@@ -315,6 +354,35 @@ def use_recomputed_swiglu(model) -> int:
             module.forward = _swiglu_forward(module, module.forward)
             module._tunelab_swiglu = True
             n += 1
+    return n
+
+
+NORMS = ("input_layernorm", "post_attention_layernorm")  # a decoder layer's norms before q/k/v and gate/up
+
+
+def _norm_forward(module, orig):
+    def forward(x, *args, **kwargs):
+        out = orig(x, *args, **kwargs)
+        if args or kwargs or not torch.is_grad_enabled():
+            return out
+        return recomputable(out, orig, x)  # the norm keeps its input: the fused q/k/v (gate/up) keep it, not out
+
+    return forward
+
+
+def use_recomputed_norms(model) -> int:
+    """Mark the output of each decoder layer's RMSNorms (:data:`NORMS`) as recomputable from its input while
+    training (:func:`recomputable`: the fused LoRA linears of q/k/v and gate/up keep the norm's input, which the
+    norm keeps anyway, and compute the norm again in backward); returns how many norms."""
+    n = 0
+    for layer in model.modules():
+        for name in NORMS:
+            norm = getattr(layer, name, None)
+            if norm is not None and type(norm).__name__.endswith("RMSNorm") \
+                    and not getattr(norm, "_tunelab_recompute", False):
+                norm.forward = _norm_forward(norm, norm.forward)
+                norm._tunelab_recompute = True
+                n += 1
     return n
 
 
@@ -486,6 +554,10 @@ class Speedups:
                   else f"needs CPU training of lora or rslora in fp32, or in bf16 with the frozen base in bf16 "
                   f"(this run: {self.method}, {self.dplan.precision} on {self.dplan.device})" if not fused
                   else "no plain LoRA Linear layer in the model")
+        r = use_recomputed_norms(model) if k else 0
+        self.note("norms recomputed in backward", r > 0, f"{r} RMSNorms: the fused LoRA linears keep their input, "
+                  "not their output" if r else "needs the fused LoRA linear" if not k
+                  else "no decoder layer RMSNorm found")
         m = use_recomputed_swiglu(model) if self.on and self.dplan.device == "cpu" else 0
         self.note("SwiGLU recomputed in backward", m > 0, f"{m} MLPs keep gate and up, not silu(gate) too" if m
                   else "off (train.speedups: off)" if not self.on else "CPU only" if self.dplan.device != "cpu"
@@ -511,6 +583,7 @@ class Speedups:
             f.restore()
         release_head_workspace()
         _SHARED.last = None  # the last layer input's bf16 cast: not kept past training
+        _AGAIN.last = None  # nor the last input recomputed in backward
 
     def names(self) -> list[str]:
         return list(self.applied)

@@ -278,7 +278,12 @@ def layer_activation_bytes(s: Shape, cfg, targets: list[str]) -> int:
     # inputs of q,k,v,o,gate,up,down: under autocast q/k/v and gate/up each keep their own 16-bit cast
     # (with LoRA the frozen base op needs no input for its weight gradient, but lora_A's op casts its own);
     # the fused LoRA linear casts each distinct input once
-    lin_in = (3 * h + q + 2 * h + i) if half and not (targets and fused_lora_path(cfg)) else (h + q + h + i)
+    fused = bool(targets) and fused_lora_path(cfg)
+    recompute = cfg.device == "cpu" and getattr(cfg, "speedups", True)
+    lin_in = (3 * h + q + 2 * h + i) if half and not fused else (h + q + h + i)
+    if fused:  # q/k/v and gate/up keep their norm's input (kept by the norm) and recompute the norm in backward;
+        # down_proj keeps gate and up (kept by the recomputed MLP) and recomputes act(gate)·up (_cpu_speed.recomputable)
+        lin_in -= 2 * h + i
     if cpu_fast_path(cfg):
         # checkpointed eager attention keeps its inputs for the recomputation: q cast to bf16 after the fp32
         # rotary embedding (the cast autocast makes for the first matmul), k in fp32, v in bf16; the heads x seq
@@ -292,10 +297,9 @@ def layer_activation_bytes(s: Shape, cfg, targets: list[str]) -> int:
     # gate, up, act(gate) outputs (act·up is down_proj's input, counted in lin_in); bitsandbytes' 4-bit
     # linear returns its output in its input's dtype, the fp32 of the residual stream, so QLoRA keeps them in fp32.
     # The CPU speed-ups recompute act(gate) in backward (_cpu_speed._SwiGLU): gate and up only
-    recompute = cfg.device == "cpu" and getattr(cfg, "speedups", True)
     mlp = (2 if recompute else 3) * i * (4 if cfg.method == "qlora" else a)
     extra = 0
-    if targets and fused_lora_path(cfg):  # the fused LoRA linear keeps the layer input (counted in lin_in), the
+    if fused:  # the fused LoRA linear keeps the layer input (counted in lin_in), the
         # dropout mask as bits per adapted linear and the r-wide intermediate (in the matmul dtype)
         lin = _linears(s)
         extra = sum((lin[t][0] / 8 if cfg.lora_dropout > 0 else 0) + cfg.lora_r * a for t in targets)

@@ -529,6 +529,29 @@ def test_fused_lora_linear_recomputes_norm_and_swiglu_inputs_bit_for_bit(tiny_mo
     assert kept[0] - kept[1] >= 0.99 * tokens * (layers * (i + 2 * h) * a - h * 4), (kept, tokens * (i + 2 * h) * a)
 
 
+def test_fused_lora_linear_keeps_an_input_changed_in_place_after_it_was_marked():
+    """An input marked recomputable but changed in place before the fused linear reads it is kept as it is: the
+    recipe would compute the unchanged value."""
+    from tunelab.train._cpu_speed import _FusedLoraLinear, recomputable
+
+    torch.manual_seed(0)
+    src = torch.randn(6, 8, requires_grad=True)
+    weight, A, B = torch.randn(5, 8), torch.randn(2, 8, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+
+    def grads(change: bool):
+        x = recomputable(src * 2, lambda t: t * 2, src)
+        if change:
+            x.add_(1.0)  # after marking: the recipe no longer computes x
+        y = _FusedLoraLinear.apply(x, weight, None, A, B, None, 0.5, None)
+        gA, = torch.autograd.grad(y.sum(), [A])
+        return gA
+
+    x_true = src.detach() * 2 + 1.0
+    gu = torch.ones(6, 5) @ B.detach()  # dL/du for L = sum(y)
+    torch.testing.assert_close(grads(True), (gu.t() @ x_true) * 0.5)
+    torch.testing.assert_close(grads(False), (gu.t() @ (src.detach() * 2)) * 0.5)
+
+
 def test_every_listed_swiglu_mlp_computes_what_the_recompute_assumes():
     """The recompute replaces a forward it assumes is ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: true for
     every class it lists in the installed transformers (a release that changes one fails here)."""

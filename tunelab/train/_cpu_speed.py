@@ -133,8 +133,9 @@ def _cast_shared(x, dtype):
 
 def recomputable(out, fn, *inputs):
     """Mark ``out`` as ``fn(*inputs)`` (deterministic, with ``inputs`` kept for backward by their own op anyway):
-    a fused LoRA linear reading ``out`` keeps ``inputs`` instead and calls ``fn`` again in backward."""
-    out._tunelab_recompute = (fn, inputs)
+    a fused LoRA linear reading ``out`` keeps ``inputs`` instead and calls ``fn`` again in backward, unless ``out``
+    was changed in place since (its version)."""
+    out._tunelab_recompute = (fn, inputs, out._version)
     return out
 
 
@@ -235,6 +236,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         # product from gate and up, a norm's output from its input) is not kept: recomputed in backward (and cast
         # again to ``mm``), bit for bit
         again = getattr(x, "_tunelab_recompute", None)
+        if again is not None and again[2] != x._version:
+            again = None
         kept = again[1] if again is not None else (xm,)
         ctx.save_for_backward(*kept, _pack_mask(keep), u, weight, A, B)
         ctx.again = None if again is None else again[0]

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 
 from tunelab.train.memory import FUSED_LORA_METHODS  # lora, rslora: DoRA is a peft variant with its own forward
-from tunelab.train.numerics import _causal_parts, release_head_workspace, response_only_loss, reuse_cast
+from tunelab.train.numerics import _causal_parts, release_head_workspace, response_only_loss, reuse_cast, \
+    workspace_buffer
 
 
 class _MaskedScale(torch.autograd.Function):
@@ -156,23 +157,14 @@ def _recomputed(fn, inputs, dtype):
     return out
 
 
-_SCRATCH = threading.local()  # the fused LoRA linear's [tokens x in] temporaries, reused from call to call
-
-
 def _scratch(name: str, shape, dtype, device) -> torch.Tensor:
-    """A [rows x cols] buffer of this thread's, reused by every call that asks for ``name`` in ``dtype`` (grown
-    when a call needs more). The masked input and the float mask of each adapted linear in forward and backward
-    (12 [tokens x in] temporaries a layer and step) allocated afresh each time left freed blocks among the kept
-    activations, which the allocator did not all reuse: LoRA SFT of SmolLM2-135M in fp32 (8 x 138 tokens)
-    peaked 0.43 GB above the same run without dropout. Nothing kept for backward or returned is a buffer."""
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    n = math.prod(shape)
-    buf = bufs.get((name, dtype, device))
-    if buf is None or buf.numel() < n:
-        buf = bufs[(name, dtype, device)] = torch.empty(n, dtype=dtype, device=device)
-    return buf[:n].view(shape)
+    """A reused per-thread buffer (:func:`numerics.workspace_buffer`) for the fused LoRA linear's temporaries. The
+    masked input and the float mask of each adapted linear in forward and backward (12 [tokens x in] temporaries a
+    layer and step) allocated afresh each time left freed blocks among the kept activations, which the allocator
+    did not all reuse: LoRA SFT of SmolLM2-135M in fp32 (8 x 138 tokens) peaked 0.43 GB above the same run without
+    dropout. Nothing kept for backward or returned is a buffer."""
+    rows, cols = shape
+    return workspace_buffer(f"lora {name}", rows, cols, dtype, device)
 
 
 def _scratch_mask(keep, shape, dtype) -> torch.Tensor:
@@ -609,10 +601,9 @@ class Speedups:
     def restore(self) -> None:
         for f in self._frozen:
             f.restore()
-        release_head_workspace()
+        release_head_workspace()  # the head's cast and buffers, the fused linear's temporaries
         _SHARED.last = None  # the last layer input's bf16 cast: not kept past training
         _AGAIN.last = None  # nor the last input recomputed in backward
-        _SCRATCH.bufs = None  # nor the fused linear's temporaries
 
     def names(self) -> list[str]:
         return list(self.applied)

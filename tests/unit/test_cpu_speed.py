@@ -223,6 +223,54 @@ def test_checkpointed_eager_attention_matches_eager(tiny_model, bf16):
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
 
 
+def test_grouped_sdpa_matches_sdpa_and_keeps_less(tiny_model):
+    """fp32 CPU LoRA training: SDPA with the key/value heads shared inside the kernel. Same loss as transformers'
+    SDPA (which copies k and v per query head when there is a mask, and keeps the copies), gradients equal up to
+    rounding, at least those copies fewer bytes kept for backward; generation (one query token, the fallback to
+    transformers' SDPA) unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train._cpu_speed import grouped_sdpa_attention
+
+    name = grouped_sdpa_attention()
+    assert grouped_sdpa_attention() == name  # registering twice is harmless
+    ids = torch.randint(3, 100, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding in one row
+    mask[2, 9:] = 0  # right padding in another
+    # padded positions are no one's keys; as queries (a fully masked row) their outputs differ: the float mask
+    # is uniform there. Nothing is predicted from them, as in training (position 3 would predict token 4)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 4] = -100
+    out = {}
+    for impl in ("sdpa", name):
+        torch.manual_seed(0)
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=impl, dtype=torch.float32)
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+        kept = sum(n for ptr, n in storages.items() if ptr not in params)
+        with torch.no_grad():
+            gen = m.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=4, do_sample=False)
+        out[impl] = (loss.detach(), [p.grad.clone() for p in m.parameters() if p.grad is not None], kept, gen)
+    c = m.config
+    assert c.num_key_value_heads < c.num_attention_heads  # the tiny model groups its heads
+    torch.testing.assert_close(out[name][0], out["sdpa"][0], rtol=1e-6, atol=0)
+    for g1, g2 in zip(out[name][1], out["sdpa"][1]):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
+    head_dim = c.hidden_size // c.num_attention_heads
+    copies = 2 * (c.num_attention_heads - c.num_key_value_heads) * ids.numel() * head_dim * 4 * c.num_hidden_layers
+    assert out["sdpa"][2] - out[name][2] >= copies, (out["sdpa"][2], out[name][2], copies)
+    assert torch.equal(out[name][3], out["sdpa"][3])
+
+
 def test_frozen_bf16_releases_the_memory_mapped_weights_file(tiny_model, tmp_path):
     """transformers loads safetensors weights as views of the mapped file; after the cast no parameter may
     still view it, or the whole file (the fp32 copy of what was just cast) stays resident while training."""

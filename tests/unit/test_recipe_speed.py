@@ -82,7 +82,7 @@ def test_cpt_fused_loss_same_losses_and_recorded(data, tmp_path):
            "data": {"files": [str(data["text"])], "text_unit": "paragraph", "heldout_share": 0.1, "block_size": 32}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
     _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused response-only loss",
-                                       "fused LoRA linear", "norms recomputed in backward"})
+                                       "fused LoRA linear", "norms recomputed in backward", "grouped-query SDPA"})
     assert "no LoRA dropout" in fast["speedups"]["not_applied"]["fast LoRA dropout"]
 
 
@@ -94,7 +94,8 @@ def test_cpt_fast_dropout_recorded(data, tmp_path):
     fast, lf, plain, lp = _both(cfg, tmp_path)
     assert lf[0] == pytest.approx(lp[0], rel=1e-5)
     assert set(fast["cpu_speedups"]) == {"SwiGLU recomputed in backward", "fused response-only loss",
-                                         "fast LoRA dropout", "fused LoRA linear", "norms recomputed in backward"}
+                                         "fast LoRA dropout", "fused LoRA linear", "norms recomputed in backward",
+                                         "grouped-query SDPA"}
 
 
 @pytest.mark.slow

@@ -503,6 +503,50 @@ def checkpointed_eager_attention() -> str:
     return CHECKPOINTED_EAGER
 
 
+GROUPED_SDPA = "tunelab_sdpa_grouped"
+
+
+def grouped_sdpa_attention() -> str:
+    """Register (once) and return the name of an ``attn_implementation``: SDPA with grouped-query attention done by
+    the kernel (``enable_gqa``) and the additive mask eager attention uses, built once per forward.
+
+    transformers' SDPA path copies k and v once per query head (``repeat_kv``) whenever there is a mask, and the
+    CPU kernel keeps those copies for backward; a boolean mask is also converted to a float mask inside every
+    layer's call and kept there. Measured on SmolLM2-135M (9 query heads over 3 key/value heads, batch 8 x 159
+    tokens, fp32): 12.6 → 8.7 MB kept per layer, forward + backward of the attention core 21 → 18 ms. Values
+    equal ``sdpa``'s; k and v gradients differ by rounding (the sum over a group's heads runs in another order).
+    Anything this path does not cover (one query token, attention weights asked for, position bias, a paged
+    cache, no grouping) goes to transformers' own SDPA function.
+    """
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    if GROUPED_SDPA in AttentionInterface._global_mapping:
+        return GROUPED_SDPA
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        if (getattr(module, "num_key_value_groups", 1) <= 1 or query.shape[2] == 1 or key.shape[-1] != value.shape[-1]
+                or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "cache"))
+                or kwargs.get("output_attentions")):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                          scaling=scaling, is_causal=is_causal, **kwargs)
+        if attention_mask is not None and attention_mask.ndim == 4:
+            attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+            is_causal=bool(causal and attention_mask is None), enable_gqa=True)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register(GROUPED_SDPA, attention)
+    AttentionMaskInterface.register(GROUPED_SDPA, eager_mask)
+    return GROUPED_SDPA
+
+
+ATTENTION_SPEEDUPS = {CHECKPOINTED_EAGER: "checkpointed eager attention", GROUPED_SDPA: "grouped-query SDPA"}
+
+
 # ----------------------------------------------------------------------------- the shared layer every recipe uses
 
 LORA_FAMILY = ("lora", "rslora", "dora")
@@ -515,16 +559,19 @@ def enabled(choice: str | None) -> bool:
 
 
 def attention_kwargs(dplan, method: str, choice: str | None = "auto") -> dict:
-    """Model-loading kwargs: checkpointed eager attention for a LoRA-family adapter under CPU bf16 autocast."""
-    if enabled(choice) and cpu_bf16_training(dplan) and method in LORA_FAMILY:
+    """Model-loading kwargs for a LoRA-family adapter trained on a CPU: checkpointed eager attention under bf16
+    autocast, grouped-query SDPA in fp32."""
+    if not (enabled(choice) and dplan.device == "cpu" and method in LORA_FAMILY):
+        return {}
+    if cpu_bf16_training(dplan):
         return {"attn_implementation": checkpointed_eager_attention()}
-    return {}
+    return {"attn_implementation": grouped_sdpa_attention()} if dplan.precision == "fp32" else {}
 
 
 class Speedups:
     """What a run's speed-ups are, applied to one model, and why the others are not; ``restore()`` after training.
 
-        sp = Speedups(dplan, method, "auto", attention=bool(attn))
+        sp = Speedups(dplan, method, "auto", attention=attn.get("attn_implementation"))
         sp.apply(model, run_dir)                       # fast LoRA dropout, frozen base in bf16 (where they apply)
         sp.note("fused response-only loss", True, "logits only where labels are set")
         try: trainer.train()
@@ -535,15 +582,24 @@ class Speedups:
     losses are fused and which frozen models it has (a DPO reference, a distillation teacher).
     """
 
-    def __init__(self, dplan, method: str, choice: str | None = "auto", *, attention: bool = False):
+    def __init__(self, dplan, method: str, choice: str | None = "auto", *, attention: str | None = None):
+        """``attention``: the model's ``attn_implementation`` (one of :func:`attention_kwargs`' or another)."""
         self.dplan, self.method, self.on = dplan, method, enabled(choice)
         self.applied: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
         self._frozen: list[FrozenBf16] = []
         bf16 = cpu_bf16_training(dplan)
-        self.note("checkpointed eager attention", attention,
+        self.note("checkpointed eager attention", attention == CHECKPOINTED_EAGER,
                   "eager attention under activation checkpointing (CPU bf16: SDPA's bf16 backward is slow)"
-                  if attention else self._why_not(bf16 and method in LORA_FAMILY, "a LoRA-family adapter"))
+                  if attention == CHECKPOINTED_EAGER else
+                  self._why_not(bf16 and method in LORA_FAMILY, "a LoRA-family adapter"))
+        if dplan.device == "cpu" and not bf16:
+            self.note("grouped-query SDPA", attention == GROUPED_SDPA,
+                      "k and v shared by their query heads inside SDPA, one additive mask per forward"
+                      if attention == GROUPED_SDPA else "off (train.speedups: off)" if not self.on else
+                      f"needs a LoRA-family adapter (method {method})" if method not in LORA_FAMILY else
+                      f"needs fp32 training; this run: {dplan.precision}" if dplan.precision != "fp32" else
+                      "not used by this recipe")
 
     def _why_not(self, applies: bool, needs: str) -> str:
         if not self.on:

@@ -271,6 +271,31 @@ def test_grouped_sdpa_matches_sdpa_and_keeps_less(tiny_model):
     assert torch.equal(out[name][3], out["sdpa"][3])
 
 
+def test_speedups_switch_to_grouped_sdpa_for_training_only(tiny_model, tmp_path):
+    """fp32 CPU LoRA training in any recipe: Speedups.apply switches the model's SDPA to the grouped one, restore()
+    switches it back (evaluation after training runs transformers' own); bf16 and speedups off leave it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train._cpu_speed import GROUPED_SDPA, Speedups
+    from tunelab.train.device import DevicePlan
+
+    def model():
+        m = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa", dtype=torch.float32)
+        return get_peft_model(m, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+
+    m = model()
+    sp = Speedups(DevicePlan("cpu", "fp32", False, ""), "lora").apply(m, tmp_path)
+    assert m.config._attn_implementation == GROUPED_SDPA and "grouped-query SDPA" in sp.applied
+    sp.restore()
+    assert m.config._attn_implementation == "sdpa"
+    for plan, choice in ((DevicePlan("cpu", "fp32", False, ""), "off"), (DevicePlan("cpu", "bf16", False, ""), "auto")):
+        m = model()
+        sp = Speedups(plan, "lora", choice).apply(m, tmp_path)
+        assert m.config._attn_implementation == "sdpa" and "grouped-query SDPA" not in sp.applied
+        sp.restore()
+
+
 def test_frozen_bf16_releases_the_memory_mapped_weights_file(tiny_model, tmp_path):
     """transformers loads safetensors weights as views of the mapped file; after the cast no parameter may
     still view it, or the whole file (the fp32 copy of what was just cast) stays resident while training."""

@@ -127,7 +127,8 @@ def test_dpo_compact_fused_head_same_losses(data, tmp_path):
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
     # TRL disables dropout for DPO (disable_dropout): no LoRA dropout to speed up
-    _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused response-only loss", "fused LoRA linear", "norms recomputed in backward", "shared prompt forward"})
+    _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused response-only loss", "fused LoRA linear",
+                                       "norms recomputed in backward", "shared prompt forward", "grouped-query SDPA"})
     assert "positions not computed" in fast["speedups"]["applied"]["shared prompt forward"]
 
 
@@ -171,7 +172,8 @@ def test_reward_speedups_recorded_same_losses(data, tmp_path):
     cfg = {"recipe": "reward", "model": {"name": data["model"]}, "method": "lora", "lora": LORA,
            "data": {"train": str(data["pairs"]), "validation_split": 0.0, "max_length": 64, "test_limit": 4}}
     fast, lf, plain, lp = _both(cfg, tmp_path)
-    _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused LoRA linear", "norms recomputed in backward", "shared prompt forward"})
+    _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused LoRA linear", "norms recomputed in backward",
+                                       "shared prompt forward", "grouped-query SDPA"})
     assert "positions not computed" in fast["speedups"]["applied"]["shared prompt forward"]
     assert "scalar head" in fast["speedups"]["not_applied"]["fused response-only loss"]
 
@@ -217,7 +219,7 @@ def _distill(data) -> dict:
 def test_distill_same_losses_recorded(data, tmp_path):
     fast, lf, plain, lp = _both(_distill(data), tmp_path)
     _check(fast, lf, plain, lp, 1e-4, {"SwiGLU recomputed in backward", "fused response-only loss",
-                                       "fused LoRA linear", "norms recomputed in backward"})
+                                       "fused LoRA linear", "norms recomputed in backward", "grouped-query SDPA"})
     assert "teacher in bf16" in fast["speedups"]["not_applied"]
 
 

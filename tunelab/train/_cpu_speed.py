@@ -29,6 +29,8 @@ layers, dropout 0.05, batch 8 of up to 256 tokens; ``/usr/bin/time`` of 4 steps,
    :class:`_FusedLoraLinear` keeps the layer input (shared by q/k/v and by gate/up) and a 1-byte mask,
    scales the r-wide intermediate and accumulates the adapter's product into the base matmul: peak RSS
    5.41 → 4.12 GB at the same step time (4.8-5.1 s either way) and the same losses.
+5. **Grouped-query SDPA.** With a mask, transformers' SDPA copies k and v once per query head and the CPU kernel
+   keeps the copies for backward; :func:`grouped_sdpa_attention` lets the kernel share them (``enable_gqa``).
 """
 
 from __future__ import annotations
@@ -544,9 +546,6 @@ def grouped_sdpa_attention() -> str:
     return GROUPED_SDPA
 
 
-ATTENTION_SPEEDUPS = {CHECKPOINTED_EAGER: "checkpointed eager attention", GROUPED_SDPA: "grouped-query SDPA"}
-
-
 # ----------------------------------------------------------------------------- the shared layer every recipe uses
 
 LORA_FAMILY = ("lora", "rslora", "dora")
@@ -559,13 +558,26 @@ def enabled(choice: str | None) -> bool:
 
 
 def attention_kwargs(dplan, method: str, choice: str | None = "auto") -> dict:
-    """Model-loading kwargs for a LoRA-family adapter trained on a CPU: checkpointed eager attention under bf16
-    autocast, grouped-query SDPA in fp32."""
-    if not (enabled(choice) and dplan.device == "cpu" and method in LORA_FAMILY):
-        return {}
-    if cpu_bf16_training(dplan):
+    """Model-loading kwargs: checkpointed eager attention for a LoRA-family adapter under CPU bf16 autocast (in
+    fp32 :meth:`Speedups.apply` switches SDPA to :func:`grouped_sdpa_attention` for training, in every recipe)."""
+    if enabled(choice) and cpu_bf16_training(dplan) and method in LORA_FAMILY:
         return {"attn_implementation": checkpointed_eager_attention()}
-    return {"attn_implementation": grouped_sdpa_attention()} if dplan.precision == "fp32" else {}
+    return {}
+
+
+def use_grouped_sdpa(model) -> str | None:
+    """Switch ``model`` (a transformers model, or a peft model around one) from ``sdpa`` to
+    :func:`grouped_sdpa_attention` where its query heads are grouped over fewer key/value heads and it takes its
+    attention from transformers' AttentionInterface; returns the transformers model switched (to switch back with
+    ``set_attn_implementation("sdpa")``), or None where nothing changed."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = getattr(base, "config", None)
+    heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
+    if cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa" or not heads or not kv or kv >= heads \
+            or not getattr(base, "_can_set_attn_implementation", lambda: False)():
+        return None
+    base.set_attn_implementation(grouped_sdpa_attention())
+    return base if base.config._attn_implementation == GROUPED_SDPA else None
 
 
 class Speedups:
@@ -593,13 +605,7 @@ class Speedups:
                   "eager attention under activation checkpointing (CPU bf16: SDPA's bf16 backward is slow)"
                   if attention == CHECKPOINTED_EAGER else
                   self._why_not(bf16 and method in LORA_FAMILY, "a LoRA-family adapter"))
-        if dplan.device == "cpu" and not bf16:
-            self.note("grouped-query SDPA", attention == GROUPED_SDPA,
-                      "k and v shared by their query heads inside SDPA, one additive mask per forward"
-                      if attention == GROUPED_SDPA else "off (train.speedups: off)" if not self.on else
-                      f"needs a LoRA-family adapter (method {method})" if method not in LORA_FAMILY else
-                      f"needs fp32 training; this run: {dplan.precision}" if dplan.precision != "fp32" else
-                      "not used by this recipe")
+        self._grouped = []  # models switched to grouped-query SDPA for training
 
     def _why_not(self, applies: bool, needs: str) -> str:
         if not self.on:
@@ -638,6 +644,17 @@ class Speedups:
         self.note("SwiGLU recomputed in backward", m > 0, f"{m} MLPs keep gate and up, not silu(gate) too" if m
                   else "off (train.speedups: off)" if not self.on else "CPU only" if self.dplan.device != "cpu"
                   else f"no MLP of a known SwiGLU family ({', '.join(SWIGLU_MLPS)})")
+        grouped = self.on and self.dplan.device == "cpu" and self.dplan.precision == "fp32" and lora
+        g = use_grouped_sdpa(model) if grouped else None
+        if g is not None:
+            self._grouped.append(g)
+        if self.dplan.device == "cpu" and not cpu_bf16_training(self.dplan):
+            self.note("grouped-query SDPA", g is not None,
+                      "k and v shared by their query heads inside SDPA, one additive mask per forward" if g else
+                      "off (train.speedups: off)" if not self.on else
+                      f"needs a LoRA-family adapter (method {self.method})" if not lora else
+                      f"needs fp32 training; this run: {self.dplan.precision}" if not grouped else
+                      "needs SDPA attention over grouped key/value heads, through transformers' AttentionInterface")
         if frozen:
             self._frozen.append(FrozenBf16(model, workdir))
         self.note("frozen base in bf16", frozen, f"{self._frozen[-1].count} frozen LoRA base weights stored in bf16"
@@ -657,6 +674,9 @@ class Speedups:
     def restore(self) -> None:
         for f in self._frozen:
             f.restore()
+        for m in self._grouped:  # evaluation after training runs the model's own SDPA
+            m.set_attn_implementation("sdpa")
+        self._grouped = []
         release_head_workspace()  # the head's cast and buffers, the fused linear's temporaries
         _SHARED.last = None  # the last layer input's bf16 cast: not kept past training
         _AGAIN.last = None  # nor the last input recomputed in backward

@@ -565,7 +565,7 @@ def attention_kwargs(dplan, method: str, choice: str | None = "auto") -> dict:
     return {}
 
 
-def use_grouped_sdpa(model) -> str | None:
+def use_grouped_sdpa(model):
     """Switch ``model`` (a transformers model, or a peft model around one) from ``sdpa`` to
     :func:`grouped_sdpa_attention` where its query heads are grouped over fewer key/value heads and it takes its
     attention from transformers' AttentionInterface; returns the transformers model switched (to switch back with

@@ -113,6 +113,38 @@ def test_distill_two_processes_match_one(tmp_path, tiny_model, mode):
     assert len((run2 / "eval" / "tuned.jsonl").read_text().splitlines()) == 4  # generated once, by rank 0
 
 
+_MAIN_FIRST = """
+import os, sys, time
+from pathlib import Path
+from tunelab.train.distributed import main_first, rank
+out = Path(sys.argv[1])
+with main_first():
+    if rank() == 0:
+        time.sleep(2)  # the other rank must not enter before this block ends
+        out.joinpath("rank0.done").write_text("x")
+    else:
+        out.joinpath("rank1.saw").write_text(str(out.joinpath("rank0.done").exists()))
+"""
+
+
+@pytest.mark.slow  # torchrun with 2 processes
+def test_main_first_orders_the_ranks_on_cpu(tmp_path):
+    """Rank 0 runs a main_first block before the others (a teacher's answers, a trained tokenizer are made once):
+    on a CPU-only machine too, where accelerate's PartialState() without cpu=True is not distributed and its
+    barrier does nothing."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "main_first.py"
+    script.write_text(_MAIN_FIRST)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "rank1.saw").read_text() == "True"
+
+
 @pytest.mark.parametrize("recipe, why", [("rlhf", "online RL"), ("pipeline", "stages one by one")])
 def test_unsupported_recipes_say_why(tmp_path, recipe, why):
     from tunelab.errors import TunelabError

@@ -64,10 +64,25 @@ def main_first():
     if world_size() == 1:
         yield
         return
+    import torch
+    import torch.distributed as dist
     from accelerate import PartialState
+    from accelerate.utils import DistributedType
 
-    with PartialState().main_process_first():
-        yield
+    # PartialState() is distributed on a CPU-only machine only when made with cpu=True; without it its barrier does
+    # nothing and every rank ran the block at once (tests/recipes/test_distributed_recipes_cli.py)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    if state.distributed_type != DistributedType.NO:
+        wait = state.wait_for_everyone
+    else:  # the shared state was made earlier in this process without cpu=True
+        if not dist.is_initialized():
+            dist.init_process_group(backend="gloo")
+        wait = dist.barrier
+    if rank() != 0:
+        wait()
+    yield
+    if rank() == 0:
+        wait()
 
 
 def local_device(device: str) -> str:

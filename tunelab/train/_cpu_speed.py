@@ -565,12 +565,21 @@ def attention_kwargs(dplan, method: str, choice: str | None = "auto") -> dict:
     return {}
 
 
+def _transformers_model(model):
+    """The transformers model under a peft wrapper (or ``model`` itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _attention_of(model) -> str | None:
+    return getattr(getattr(_transformers_model(model), "config", None), "_attn_implementation", None)
+
+
 def use_grouped_sdpa(model):
     """Switch ``model`` (a transformers model, or a peft model around one) from ``sdpa`` to
     :func:`grouped_sdpa_attention` where its query heads are grouped over fewer key/value heads and it takes its
     attention from transformers' AttentionInterface; returns the transformers model switched (to switch back with
     ``set_attn_implementation("sdpa")``), or None where nothing changed."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _transformers_model(model)
     cfg = getattr(base, "config", None)
     heads, kv = getattr(cfg, "num_attention_heads", None), getattr(cfg, "num_key_value_heads", None)
     if cfg is None or getattr(cfg, "_attn_implementation", None) != "sdpa" or not heads or not kv or kv >= heads \
@@ -583,7 +592,7 @@ def use_grouped_sdpa(model):
 class Speedups:
     """What a run's speed-ups are, applied to one model, and why the others are not; ``restore()`` after training.
 
-        sp = Speedups(dplan, method, "auto", attention=attn.get("attn_implementation"))
+        sp = Speedups(dplan, method, "auto")
         sp.apply(model, run_dir)                       # fast LoRA dropout, frozen base in bf16 (where they apply)
         sp.note("fused response-only loss", True, "logits only where labels are set")
         try: trainer.train()
@@ -594,17 +603,11 @@ class Speedups:
     losses are fused and which frozen models it has (a DPO reference, a distillation teacher).
     """
 
-    def __init__(self, dplan, method: str, choice: str | None = "auto", *, attention: str | None = None):
-        """``attention``: the model's ``attn_implementation`` (one of :func:`attention_kwargs`' or another)."""
+    def __init__(self, dplan, method: str, choice: str | None = "auto"):
         self.dplan, self.method, self.on = dplan, method, enabled(choice)
         self.applied: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
         self._frozen: list[FrozenBf16] = []
-        bf16 = cpu_bf16_training(dplan)
-        self.note("checkpointed eager attention", attention == CHECKPOINTED_EAGER,
-                  "eager attention under activation checkpointing (CPU bf16: SDPA's bf16 backward is slow)"
-                  if attention == CHECKPOINTED_EAGER else
-                  self._why_not(bf16 and method in LORA_FAMILY, "a LoRA-family adapter"))
         self._grouped = []  # models switched to grouped-query SDPA for training
 
     def _why_not(self, applies: bool, needs: str) -> str:
@@ -621,6 +624,10 @@ class Speedups:
     def apply(self, model, workdir, *, frozen_base: bool = True) -> "Speedups":
         """Fast LoRA dropout masks (CPU) and the frozen LoRA base weights in bf16 (CPU bf16) on ``model``."""
         lora = self.method in LORA_FAMILY
+        eager = _attention_of(model) == CHECKPOINTED_EAGER  # chosen at load (attention_kwargs)
+        self.note("checkpointed eager attention", eager,
+                  "eager attention under activation checkpointing (CPU bf16: SDPA's bf16 backward is slow)" if eager
+                  else self._why_not(cpu_bf16_training(self.dplan) and lora, "a LoRA-family adapter"))
         n = use_fast_lora_dropout(model) if self.on and self.dplan.device == "cpu" and lora else 0
         self.note("fast LoRA dropout", n > 0, f"{n} LoRA dropout masks drawn by numpy's PCG64" if n else
                   ("off (train.speedups: off)" if not self.on else

@@ -55,8 +55,7 @@ def train_blocks(r: _run.Run, model, tokenizer, train: list[list[int]], evals: l
     from tunelab.train._cpu_speed import Speedups, fused_loss_applies, fused_loss_trainer
 
     tc = r.cfg.train
-    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    speed = Speedups(dplan, getattr(r.cfg, "method", "full"), tc.speedups, attention=attention).apply(model, r.dir)
+    speed = Speedups(dplan, getattr(r.cfg, "method", "full"), tc.speedups).apply(model, r.dir)
     # every position of a packed block is a target: "response-only" is all of them, but the frozen head of a
     # LoRA model still computes its NLL in chunks, without the [tokens x vocab] logits and their gradient
     speed.note("fused response-only loss", speed.on and fused_loss_applies(model),

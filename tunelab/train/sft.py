@@ -128,8 +128,7 @@ def _steps(r: _run.Run, extra_callbacks: list | None) -> dict:
             adapter_cfg = peft_section(cfg)
             model = refs.load(model_ref, **attn, **load_kwargs(adapter_cfg))
             model = apply_peft(model, adapter_cfg, "CAUSAL_LM", tokenizer_path=str(model_ref.path))
-        speed = Speedups(dplan, cfg.method, cfg.train.speedups,
-                         attention=attn.get("attn_implementation")).apply(model, r.dir)
+        speed = Speedups(dplan, cfg.method, cfg.train.speedups).apply(model, r.dir)
         speed.note("fused response-only loss", speed.on and fused_loss_applies(model),
                            "logits only at response tokens, a frozen head's NLL in chunks" if speed.on and
                            fused_loss_applies(model) else "off (train.speedups: off)" if not speed.on else

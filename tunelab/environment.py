@@ -7,6 +7,8 @@ import os
 import platform
 import sys
 
+from tunelab.train import allocator
+
 PACKAGES = ["tunelab", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "tokenizers",
             "safetensors", "rouge-score", "sacrebleu", "numpy"]
 
@@ -57,6 +59,7 @@ def capture() -> dict:
         "amx_bf16": "amx_bf16" in cpu_flags(),
         "packages": versions,
         "gpus": [],
+        "allocator": allocator.loaded(),
     }
     try:
         import torch

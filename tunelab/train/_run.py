@@ -41,6 +41,7 @@ from tunelab import config as cfglib
 from tunelab.catalog import HEARTBEAT_S
 from tunelab.environment import capture
 from tunelab.errors import TunelabError
+from tunelab.train import allocator
 from tunelab.train.distributed import is_main, rank, world_size
 from tunelab.workspace import CANCEL_FILE, Workspace, umask_modes, write_json
 
@@ -243,6 +244,8 @@ def execute(kind: str, cfg, steps: Callable[[Run], dict], config_cls, workspace:
         raise TunelabError(f"{kind}: give a recipe, or resume a run")
     restore = _sigterm_as_interrupt()
     restore_threads = _set_threads(getattr(getattr(r.cfg, "train", None), "threads", None))
+    if r.main and parent_id is None:
+        print(allocator.describe())
     try:
         return steps(r)
     except Cancelled as c:
@@ -282,6 +285,9 @@ def release_freed_memory() -> None:
     import gc
 
     gc.collect()
+    if allocator.loaded() != "system":
+        allocator.purge()
+        return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.malloc_trim(0)

@@ -1,0 +1,98 @@
+"""The allocator choice for training processes (tunelab/train/allocator.py): what `auto` and each value of
+TUNELAB_ALLOCATOR pick, the environment a re-executed process gets, and which commands re-execute."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tunelab.train import allocator
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
+
+
+@pytest.fixture
+def libs(tmp_path, monkeypatch):
+    """A library folder holding what each test puts there; no GPU device."""
+    monkeypatch.setattr(allocator, "_gpu_present", lambda: False)
+    d = tmp_path / "lib"
+    d.mkdir()
+    return d
+
+
+def _put(d: Path, name: str) -> Path:
+    p = d / name
+    p.write_bytes(b"\x7fELF")
+    return p
+
+
+def test_auto_picks_jemalloc_else_the_c_library(libs):
+    assert allocator.choose({}, [libs])[:2] == ("system", None)
+    assert "libjemalloc2" in allocator.choose({}, [libs])[2]  # says what to install
+    tc = _put(libs, "libtcmalloc_minimal.so.4")
+    assert allocator.choose({}, [libs])[:2] == ("system", None)  # tcmalloc only when asked for
+    assert allocator.choose({"TUNELAB_ALLOCATOR": "tcmalloc"}, [libs])[:2] == ("tcmalloc", tc)
+    je = _put(libs, "libjemalloc.so.2")
+    assert allocator.choose({}, [libs])[:2] == ("jemalloc", je)
+    assert allocator.choose({"TUNELAB_ALLOCATOR": "auto"}, [libs])[:2] == ("jemalloc", je)
+
+
+def test_each_setting_is_honoured(libs, tmp_path):
+    je = _put(libs, "libjemalloc.so.2")
+    for off in ("system", "glibc", "SYSTEM", " none "):
+        name, lib, why = allocator.choose({"TUNELAB_ALLOCATOR": off}, [libs])
+        assert (name, lib) == ("system", None) and "TUNELAB_ALLOCATOR" in why
+    assert allocator.choose({"TUNELAB_ALLOCATOR": "jemalloc"}, [libs])[:2] == ("jemalloc", je)
+    name, lib, why = allocator.choose({"TUNELAB_ALLOCATOR": "tcmalloc"}, [libs])  # asked for, not installed
+    assert (name, lib) == ("system", None) and "libtcmalloc-minimal4" in why
+    custom = _put(tmp_path, "libtcmalloc.so.4")
+    assert allocator.choose({"TUNELAB_ALLOCATOR": str(custom)}, [libs])[:2] == ("tcmalloc", custom)
+    name, lib, why = allocator.choose({"TUNELAB_ALLOCATOR": str(tmp_path / "missing.so")}, [libs])
+    assert lib is None and "neither" in why
+
+
+def test_auto_leaves_gpu_machines_alone(libs, monkeypatch):
+    _put(libs, "libjemalloc.so.2")
+    monkeypatch.setattr(allocator, "_gpu_present", lambda: True)
+    name, lib, why = allocator.choose({}, [libs])
+    assert lib is None and "GPU" in why
+    assert allocator.choose({"TUNELAB_ALLOCATOR": "jemalloc"}, [libs])[0] == "jemalloc"  # asked for: given
+
+
+def test_preload_env_prepends_once_and_marks_the_process(libs):
+    je = _put(libs, "libjemalloc.so.2")
+    env = allocator.preload_env({"LD_PRELOAD": "/opt/other.so", "PATH": "/bin"}, [libs])
+    assert env["LD_PRELOAD"] == f"{je} /opt/other.so" and env["PATH"] == "/bin"
+    assert env[allocator.CHOSEN] == "jemalloc"
+    assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # no purging between steps
+    assert allocator.preload_env({"MALLOC_CONF": "narenas:1"}, [libs])["MALLOC_CONF"] == "narenas:1"  # the user's
+    tc = allocator.preload_env({"TUNELAB_ALLOCATOR": "tcmalloc"}, [_put(libs, "libtcmalloc.so.4").parent])
+    assert "MALLOC_CONF" not in tc and tc[allocator.CHOSEN] == "tcmalloc"
+    assert allocator.preload_env(env, [libs]) is None  # the re-executed process does not start over again
+    assert allocator.preload_env({"LD_PRELOAD": f"/x.so:{je}"}, [libs]) is None  # already preloaded by the user
+    assert allocator.preload_env({"TUNELAB_ALLOCATOR": "system"}, [libs]) is None
+
+
+def test_only_the_commands_that_train_reexecute(libs, monkeypatch):
+    je = _put(libs, "libjemalloc.so.2")
+    monkeypatch.setattr(allocator, "_dirs", lambda: [libs])
+    monkeypatch.delenv(allocator.CHOSEN, raising=False)
+    monkeypatch.delenv("TUNELAB_ALLOCATOR", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    calls = []
+    monkeypatch.setattr(allocator.os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+    for argv in (["tunelab"], ["tunelab", "eval", "RUN"], ["tunelab", "serve", "RUN"], ["tunelab", "train", "--help"],
+                 ["tunelab", "data", "prepare", "x.yaml"]):
+        allocator.reexec(argv)
+    assert calls == []
+    given = ["/venv/bin/tunelab", "train", "r.yaml", "--set", "train.max_steps=2"]
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-X", "utf8", *given], raising=False)
+    allocator.reexec(given)
+    (exe, argv, env), = calls  # the same command line, interpreter options included, on this interpreter
+    assert exe == sys.executable and argv == [sys.executable, "-X", "utf8", *given]
+    assert env["LD_PRELOAD"] == str(je) and env[allocator.CHOSEN] == "jemalloc"
+    monkeypatch.setenv("TUNELAB_ALLOCATOR", "system")
+    allocator.reexec(["tunelab", "demo"])
+    assert len(calls) == 1

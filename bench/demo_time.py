@@ -4,7 +4,8 @@
 
 Prints the machine, a matmul calibration (fp32 GFLOP/s, so numbers from other machines can
 be compared), the time of each phase and the total against the 10-minute target, and the
-base-vs-tuned ROUGE-L with its 95% interval. Run it alone: a second job on 2 cores slows both 5-6x.
+base-vs-tuned ROUGE-L with its 95% interval. It starts on the allocator `tunelab demo` starts on (jemalloc or
+tcmalloc preloaded where installed; TUNELAB_ALLOCATOR=system for the C library's). Run it alone: a second job on 2 cores slows both 5-6x.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def main() -> None:
     ap.add_argument("--keep", help="workspace folder to use and keep (default: a temporary one)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
+    from tunelab.train import allocator
+
+    pre = allocator.preload_env()  # start over on the allocator `tunelab demo` runs on (tunelab/train/allocator.py)
+    if pre is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], pre)
 
     from tunelab.demo import run_demo
     from tunelab.environment import capture
@@ -49,7 +55,8 @@ def main() -> None:
 
     env = capture()
     print(f"machine: {env['cpu']}, {env['cpu_count']} cores, {env['memory_gb']} GB, torch threads "
-          f"{env['torch_threads']}, AMX-bf16: {env['amx_bf16']}, GPUs: {env['gpus'] or 'none'}")
+          f"{env['torch_threads']}, AMX-bf16: {env['amx_bf16']}, GPUs: {env['gpus'] or 'none'}, allocator: "
+          f"{env['allocator']}")
     cal = matmul_gflops()
     print(f"calibration: fp32 1024x1024 matmul {cal:.1f} GFLOP/s (median of 20)")
     root = args.keep or tempfile.mkdtemp(prefix="tunelab-demo-bench-")

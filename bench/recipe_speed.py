@@ -25,7 +25,9 @@ teacher), all-MiniLM-L6-v2 (full fine-tuning) for classify. Data from ../shared:
 hh-rlhf harmless pairs (dpo, reward; prompts cut from the left to fit, the same pairs both sides), the
 support chats in examples/data (distill), banking77 (classify).
 
-Every run is its own subprocess (peak RSS: that child's ``ru_maxrss`` from ``os.wait4``), in alternating
+tunelab's runs start with the allocator ``tunelab train`` preloads (jemalloc or tcmalloc where installed on a
+CPU machine, ``TUNELAB_ALLOCATOR`` decides: tunelab/train/allocator.py); the plain side keeps the C library's
+malloc, its default. Each run's line says which. Every run is its own subprocess (peak RSS: that child's ``ru_maxrss`` from ``os.wait4``), in alternating
 order (repeat 1: tunelab, plain; repeat 2: plain, tunelab; ...) so that load from other jobs on a shared
 machine hits both sides alike. A run trains ``warmup + steps`` optimizer steps; examples/s is examples
 of the measured steps over their summed step time (step begin → step end, the same callback both sides),
@@ -292,6 +294,9 @@ def child(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = (child_tunelab(a, recipe, Path(tmp)) if side == "tunelab"
                else child_plain(a, recipe, Path(tmp), nogc=side == "plain-nogc"))
+    from tunelab.train.allocator import loaded
+
+    res["setup"]["allocator"] = loaded()
     rows = res["rows"]
     secs = sum(r["step_time_s"] for r in rows)
     n = BATCH[recipe] * len(rows)
@@ -349,6 +354,8 @@ def main() -> None:
     import transformers
     import trl
 
+    from tunelab.train import allocator
+
     recipes = RECIPES if a.recipe == "all" else tuple(a.recipe.split(","))
     bad = [r for r in recipes if r not in RECIPES]
     if bad:
@@ -370,6 +377,8 @@ def main() -> None:
                            "--threads", str(a.threads), "--precision", a.precision, "--child",
                            f"{recipe}:{side}", "--out", str(out)]
                     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+                    if side == "tunelab":  # the allocator `tunelab train` starts with (tunelab/train/allocator.py)
+                        env = allocator.preload_env(env) or env
                     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                     log = p.stdout.read()
                     _, status, usage = os.wait4(p.pid, 0)

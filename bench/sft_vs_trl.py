@@ -42,6 +42,12 @@ Configurations:
   trl-packing        ... packing=True (best-fit-decreasing rows of max_length, padding-free)
   trl-packing-nogc   ... packing=True without gradient checkpointing
   trl-fp32           ... bf16=False, no gradient checkpointing
+  tunelab-system     tunelab's defaults under the C library's malloc (TUNELAB_ALLOCATOR=system)
+  trl-defaults-jemalloc, trl-fp32-jemalloc  ... TRL's with jemalloc preloaded, as tunelab's children
+
+Allocator: tunelab's children start as `tunelab train` does (tunelab/train/allocator.py: jemalloc or
+tcmalloc preloaded on a CPU machine that has one, TUNELAB_ALLOCATOR decides); TRL's under the C library's
+malloc, its default, unless the configuration ends in -jemalloc. Each row says which it ran on.
 Run it alone: a second job on 2 cores slows every side.
 """
 
@@ -65,7 +71,7 @@ CONFIGS = ("tunelab", "tunelab-padded", "tunelab-pf", "tunelab-nogc", "tunelab-g
            "tunelab-bf16", "tunelab-bf16-nogc", "tunelab-bf16-nogc-mb4", "tunelab-bf16-nogc-mb2",
            "tunelab-mb4", "tunelab-mb2", "tunelab-whole", "tunelab-peft-lora", "tunelab-noprefix", "tunelab-sdpa",
            "trl-defaults", "trl-nogc", "trl-grouped", "trl-nogc-grouped", "trl-pf", "trl-pf-nogc", "trl-packing",
-           "trl-packing-nogc", "trl-fp32")
+           "trl-packing-nogc", "trl-fp32", "tunelab-system", "trl-defaults-jemalloc", "trl-fp32-jemalloc")
 
 
 def _recipe(model: str, data: str, total_steps: int) -> dict:
@@ -153,6 +159,7 @@ def child_trl(a, variant: str, tmp: Path) -> dict:
     from tunelab.train.sft import SFTConfig as TLConfig
 
     transformers.logging.set_verbosity_error()
+    variant = variant.removesuffix("-jemalloc")
     total = a.warmup + a.steps
     tl = validate(TLConfig, _recipe(a.model, a.data, total))
     chats = load_chats(tl.data.train, tl.data, [], tl.data.limit)
@@ -198,6 +205,9 @@ def child(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fn = child_tunelab if a.child.startswith("tunelab") else child_trl
         res = fn(a, a.child, Path(tmp))
+    from tunelab.train.allocator import loaded
+
+    res["setup"]["allocator"] = loaded()
     rows = res["rows"]
     tokens = sum(r["step_tokens"] for r in rows)
     secs = sum(r["step_time_s"] for r in rows)
@@ -205,6 +215,24 @@ def child(a) -> None:
                median_step_s=statistics.median(r["step_time_s"] for r in rows),
                losses=[r.get("loss") for r in rows])
     Path(a.out).write_text(json.dumps(res))
+
+
+def _env(config: str) -> dict:
+    """A child's environment: tunelab's pick the allocator as `tunelab train` does; TRL's keep the C library's
+    unless the configuration asks for jemalloc."""
+    from tunelab.train import allocator
+
+    env = {k: v for k, v in os.environ.items() if k not in (allocator.CHOSEN,)}
+    if config == "tunelab-system":
+        return {**env, allocator.ENV: "system"}
+    if config.startswith("tunelab"):
+        return allocator.preload_env(env) or env
+    if config.endswith("-jemalloc"):
+        pre = allocator.preload_env({**env, allocator.ENV: "jemalloc"})
+        if pre is None:
+            sys.exit(f"{config}: no jemalloc library found (apt-get install libjemalloc2)")
+        return pre
+    return env
 
 
 def machine() -> str:
@@ -259,7 +287,7 @@ def main() -> None:
                 out = Path(tmp) / f"{c}-{r}.json"
                 cmd = [sys.executable, __file__, "--model", a.model, "--data", a.data, "--warmup", str(a.warmup),
                        "--steps", str(a.steps), "--child", c, "--out", str(out)]
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(c))
                 log = p.stdout.read()
                 _, status, usage = os.wait4(p.pid, 0)
                 if status != 0 or not out.exists():

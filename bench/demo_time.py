@@ -43,9 +43,9 @@ def main() -> None:
     ap.add_argument("--keep", help="workspace folder to use and keep (default: a temporary one)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
-    from tunelab.train import allocator
+    from tunelab import allocator
 
-    pre = allocator.preload_env()  # start over on the allocator `tunelab demo` runs on (tunelab/train/allocator.py)
+    pre = allocator.preload_env()  # start over on the allocator `tunelab demo` runs on (tunelab/allocator.py)
     if pre is not None:
         os.execve(sys.executable, [sys.executable, *sys.argv], pre)
 

@@ -26,7 +26,7 @@ hh-rlhf harmless pairs (dpo, reward; prompts cut from the left to fit, the same 
 support chats in examples/data (distill), banking77 (classify).
 
 tunelab's runs start with the allocator ``tunelab train`` preloads (jemalloc or tcmalloc where installed on a
-CPU machine, ``TUNELAB_ALLOCATOR`` decides: tunelab/train/allocator.py); the plain side keeps the C library's
+CPU machine, ``TUNELAB_ALLOCATOR`` decides: tunelab/allocator.py); the plain side keeps the C library's
 malloc, its default. Each run's line says which. Every run is its own subprocess (peak RSS: that child's ``ru_maxrss`` from ``os.wait4``), in alternating
 order (repeat 1: tunelab, plain; repeat 2: plain, tunelab; ...) so that load from other jobs on a shared
 machine hits both sides alike. A run trains ``warmup + steps`` optimizer steps; examples/s is examples
@@ -294,7 +294,7 @@ def child(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         res = (child_tunelab(a, recipe, Path(tmp)) if side == "tunelab"
                else child_plain(a, recipe, Path(tmp), nogc=side == "plain-nogc"))
-    from tunelab.train.allocator import loaded
+    from tunelab.allocator import loaded
 
     res["setup"]["allocator"] = loaded()
     rows = res["rows"]
@@ -354,7 +354,7 @@ def main() -> None:
     import transformers
     import trl
 
-    from tunelab.train import allocator
+    from tunelab import allocator
 
     recipes = RECIPES if a.recipe == "all" else tuple(a.recipe.split(","))
     bad = [r for r in recipes if r not in RECIPES]
@@ -377,7 +377,7 @@ def main() -> None:
                            "--threads", str(a.threads), "--precision", a.precision, "--child",
                            f"{recipe}:{side}", "--out", str(out)]
                     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
-                    if side == "tunelab":  # the allocator `tunelab train` starts with (tunelab/train/allocator.py)
+                    if side == "tunelab":  # the allocator `tunelab train` starts with (tunelab/allocator.py)
                         env = allocator.preload_env(env) or env
                     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
                     log = p.stdout.read()

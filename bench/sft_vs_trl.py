@@ -45,7 +45,7 @@ Configurations:
   tunelab-system     tunelab's defaults under the C library's malloc (TUNELAB_ALLOCATOR=system)
   trl-defaults-jemalloc, trl-fp32-jemalloc  ... TRL's with jemalloc preloaded, as tunelab's children
 
-Allocator: tunelab's children start as `tunelab train` does (tunelab/train/allocator.py: jemalloc or
+Allocator: tunelab's children start as `tunelab train` does (tunelab/allocator.py: jemalloc or
 tcmalloc preloaded on a CPU machine that has one, TUNELAB_ALLOCATOR decides); TRL's under the C library's
 malloc, its default, unless the configuration ends in -jemalloc. Each row says which it ran on.
 Run it alone: a second job on 2 cores slows every side.
@@ -205,7 +205,7 @@ def child(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         fn = child_tunelab if a.child.startswith("tunelab") else child_trl
         res = fn(a, a.child, Path(tmp))
-    from tunelab.train.allocator import loaded
+    from tunelab.allocator import loaded
 
     res["setup"]["allocator"] = loaded()
     rows = res["rows"]
@@ -220,7 +220,7 @@ def child(a) -> None:
 def _env(config: str) -> dict:
     """A child's environment: tunelab's pick the allocator as `tunelab train` does; TRL's keep the C library's
     unless the configuration asks for jemalloc."""
-    from tunelab.train import allocator
+    from tunelab import allocator
 
     env = {k: v for k, v in os.environ.items() if k not in (allocator.CHOSEN,)}
     if config == "tunelab-system":

@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 
-from tunelab.train import allocator
+from tunelab import allocator
 
 PACKAGES = ["tunelab", "torch", "transformers", "peft", "trl", "datasets", "accelerate", "tokenizers",
             "safetensors", "rouge-score", "sacrebleu", "numpy"]

@@ -1,5 +1,5 @@
 """`tunelab train` starts over once with jemalloc/tcmalloc preloaded where the machine has one
-(tunelab/train/allocator.py), says so, and records the allocator it ran on in environment.json."""
+(tunelab/allocator.py), says so, and records the allocator it ran on in environment.json."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import run_cli
 from tests.recipes.test_run_lifecycle import _recipe
-from tunelab.train import allocator
+from tunelab import allocator
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 

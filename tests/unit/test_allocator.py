@@ -1,4 +1,4 @@
-"""The allocator choice for training processes (tunelab/train/allocator.py): what `auto` and each value of
+"""The allocator choice for training processes (tunelab/allocator.py): what `auto` and each value of
 TUNELAB_ALLOCATOR pick, the environment a re-executed process gets, and which commands re-execute."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tunelab.train import allocator
+from tunelab import allocator
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD is Linux's")
 

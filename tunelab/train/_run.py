@@ -41,7 +41,7 @@ from tunelab import config as cfglib
 from tunelab.catalog import HEARTBEAT_S
 from tunelab.environment import capture
 from tunelab.errors import TunelabError
-from tunelab.train import allocator
+from tunelab import allocator
 from tunelab.train.distributed import is_main, rank, world_size
 from tunelab.workspace import CANCEL_FILE, Workspace, umask_modes, write_json
 

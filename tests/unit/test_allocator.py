@@ -3,6 +3,7 @@ TUNELAB_ALLOCATOR pick, the environment a re-executed process gets, and which co
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -96,3 +97,28 @@ def test_only_the_commands_that_train_reexecute(libs, monkeypatch):
     monkeypatch.setenv("TUNELAB_ALLOCATOR", "system")
     allocator.reexec(["tunelab", "demo"])
     assert len(calls) == 1
+
+
+def test_purge_hands_back_what_jemalloc_kept_without_decay(tmp_path):
+    """Without decay jemalloc keeps freed pages resident; the end-of-training release must return them."""
+    import subprocess
+
+    env = allocator.preload_env({k: v for k, v in os.environ.items()
+                                 if k not in (allocator.CHOSEN, "LD_PRELOAD", "MALLOC_CONF")}
+                                | {"TUNELAB_ALLOCATOR": "jemalloc", "OMP_NUM_THREADS": "1"})
+    if env is None:
+        pytest.skip("jemalloc is not installed here")
+    code = (
+        "import numpy as np\n"
+        "from tunelab import allocator\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 / 2**20\n"
+        "assert allocator.loaded() == 'jemalloc'\n"
+        "xs = [np.ones(3_000_000) for _ in range(20)]\n"  # 480 MB in 24 MB blocks
+        "del xs\n"
+        "kept = rss()\n"
+        "allocator.purge()\n"
+        "print(kept, rss())\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    kept, after = map(float, out.stdout.split())
+    assert kept - after > 300, (kept, after)  # MB handed back

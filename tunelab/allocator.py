@@ -111,8 +111,8 @@ def preload_env(env: dict | None = None, dirs: list[Path] | None = None) -> dict
     env[CHOSEN] = name
     if name == "jemalloc":
         # no time-based purging while training: with jemalloc's default 10-second decay the pages of freed
-        # temporaries went back to the OS and were faulted in again every step (12% slower than glibc in fp32
-        # SFT; without decay 4% faster at the same 2.05-2.09 GB). The memory freed at the end of training is
+        # temporaries went back to the OS and were faulted in again every step (13% slower than glibc in fp32
+        # SFT; without decay glibc's speed at 2.09 GB instead of 2.56, BENCHMARKS.md). The memory freed at the end of training is
         # purged explicitly (purge(), from release_freed_memory). A MALLOC_CONF of the user's is kept.
         env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
     return env

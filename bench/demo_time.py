@@ -4,8 +4,8 @@
 
 Prints the machine, a matmul calibration (fp32 GFLOP/s, so numbers from other machines can
 be compared), the time of each phase and the total against the 10-minute target, and the
-base-vs-tuned ROUGE-L with its 95% interval. It starts on the allocator `tunelab demo` starts on (jemalloc or
-tcmalloc preloaded where installed; TUNELAB_ALLOCATOR=system for the C library's). Run it alone: a second job on 2 cores slows both 5-6x.
+base-vs-tuned ROUGE-L with its 95% interval. It starts on the allocator `tunelab demo` starts on (jemalloc
+preloaded where installed; TUNELAB_ALLOCATOR=system for the C library's). Run it alone: a second job on 2 cores slows both 5-6x.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
 
     pre = allocator.preload_env()  # start over on the allocator `tunelab demo` runs on (tunelab/allocator.py)
     if pre is not None:
-        os.execve(sys.executable, [sys.executable, *sys.argv], pre)
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], pre)
 
     from tunelab.demo import run_demo
     from tunelab.environment import capture

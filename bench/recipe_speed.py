@@ -25,7 +25,7 @@ teacher), all-MiniLM-L6-v2 (full fine-tuning) for classify. Data from ../shared:
 hh-rlhf harmless pairs (dpo, reward; prompts cut from the left to fit, the same pairs both sides), the
 support chats in examples/data (distill), banking77 (classify).
 
-tunelab's runs start with the allocator ``tunelab train`` preloads (jemalloc or tcmalloc where installed on a
+tunelab's runs start with the allocator ``tunelab train`` preloads (jemalloc where installed on a
 CPU machine, ``TUNELAB_ALLOCATOR`` decides: tunelab/allocator.py); the plain side keeps the C library's
 malloc, its default. Each run's line says which. Every run is its own subprocess (peak RSS: that child's ``ru_maxrss`` from ``os.wait4``), in alternating
 order (repeat 1: tunelab, plain; repeat 2: plain, tunelab; ...) so that load from other jobs on a shared
@@ -376,7 +376,8 @@ def main() -> None:
                            a.shared, "--warmup", str(a.warmup), "--steps", str(a.steps * STEPS_X.get(recipe, 1)),
                            "--threads", str(a.threads), "--precision", a.precision, "--child",
                            f"{recipe}:{side}", "--out", str(out)]
-                    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads)}
+                    env = {**allocator.without(os.environ), "OMP_NUM_THREADS": str(a.threads),
+                           "MKL_NUM_THREADS": str(a.threads)}
                     if side == "tunelab":  # the allocator `tunelab train` starts with (tunelab/allocator.py)
                         env = allocator.preload_env(env) or env
                     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -45,9 +45,9 @@ Configurations:
   tunelab-system     tunelab's defaults under the C library's malloc (TUNELAB_ALLOCATOR=system)
   trl-defaults-jemalloc, trl-fp32-jemalloc  ... TRL's with jemalloc preloaded, as tunelab's children
 
-Allocator: tunelab's children start as `tunelab train` does (tunelab/allocator.py: jemalloc or
-tcmalloc preloaded on a CPU machine that has one, TUNELAB_ALLOCATOR decides); TRL's under the C library's
-malloc, its default, unless the configuration ends in -jemalloc. Each row says which it ran on.
+Allocator: tunelab's children start as `tunelab train` does (tunelab/allocator.py: jemalloc
+preloaded on a CPU machine that has it, TUNELAB_ALLOCATOR decides); TRL's under the C library's malloc, its
+default, unless the configuration ends in -jemalloc (an allocator this bench was started with is removed first). Each row says which it ran on.
 Run it alone: a second job on 2 cores slows every side.
 """
 
@@ -222,7 +222,7 @@ def _env(config: str) -> dict:
     unless the configuration asks for jemalloc."""
     from tunelab import allocator
 
-    env = {k: v for k, v in os.environ.items() if k not in (allocator.CHOSEN,)}
+    env = allocator.without(os.environ)  # whatever this bench was started with
     if config == "tunelab-system":
         return {**env, allocator.ENV: "system"}
     if config.startswith("tunelab"):

@@ -1,4 +1,4 @@
-"""The memory allocator a training process runs on: jemalloc or tcmalloc preloaded on CPU machines.
+"""The memory allocator a training process runs on: jemalloc preloaded on CPU machines that have it.
 
 Why: CPU training allocates and frees many large per-layer temporaries (norms, rotary embeddings,
 projections) whose sizes differ from layer to layer. glibc's malloc keeps the holes they leave and
@@ -26,8 +26,8 @@ from pathlib import Path
 
 ENV = "TUNELAB_ALLOCATOR"
 CHOSEN = "TUNELAB_ALLOCATOR_CHOSEN"  # set in the re-executed process: never re-execute twice
-COMMANDS = ("train", "tune", "demo")
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # the commands that train
+COMMANDS = ("train", "tune", "demo")  # the commands that train
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # why: preload_env
 LIBRARIES = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
@@ -39,11 +39,11 @@ def _dirs() -> list[Path]:
     out = [Path(sys.prefix) / "lib"]
     if os.environ.get("CONDA_PREFIX"):
         out.append(Path(os.environ["CONDA_PREFIX"]) / "lib")
-    for base in ("/usr/lib", "/lib", "/usr/local/lib"):
-        if arch:
-            out.append(Path(base) / arch)
-        out.append(Path(base))
-    out += [Path("/usr/lib64"), Path("/lib64")]
+    if arch:  # Debian/Ubuntu
+        out += [Path(base) / arch for base in ("/usr/lib", "/lib", "/usr/local/lib")]
+    # 64-bit folders before /usr/lib, which holds the 32-bit libraries on multilib Fedora/RHEL
+    out += [Path("/usr/lib64"), Path("/lib64"), Path("/usr/local/lib64"), Path("/usr/lib"), Path("/lib"),
+            Path("/usr/local/lib")]
     return out
 
 
@@ -76,9 +76,11 @@ def choose(env: dict | None = None, dirs: list[Path] | None = None) -> tuple[str
                                     f"{'libjemalloc2' if want.lower() == 'jemalloc' else 'libtcmalloc-minimal4'})")
         return want.lower(), lib, f"{ENV}={want}"
     if want.lower() != "auto":
-        p = Path(want).expanduser()
+        p = Path(want).expanduser().resolve()
         if not p.is_file():
             return "system", None, f"{ENV}={want} is neither auto, system, jemalloc, tcmalloc nor a library file"
+        if any(c in str(p) for c in " :"):
+            return "system", None, f"{ENV}={want}: LD_PRELOAD cannot name a path with a space or a colon"
         return _name_of(str(p)), p, f"{ENV}={want}"
     if _gpu_present():
         return "system", None, "a GPU is present (the preloaded allocator is a CPU-training default)"
@@ -105,8 +107,8 @@ def preload_env(env: dict | None = None, dirs: list[Path] | None = None) -> dict
     if lib is None:
         return None
     current = env.get("LD_PRELOAD", "")
-    if str(lib) in current.replace(":", " ").split():
-        return None
+    if any("malloc" in os.path.basename(e) for e in current.replace(":", " ").split()):
+        return None  # an allocator the user preloaded (this one included) is kept
     env["LD_PRELOAD"] = f"{lib} {current}".strip() if current else str(lib)
     env[CHOSEN] = name
     if name == "jemalloc":
@@ -114,8 +116,19 @@ def preload_env(env: dict | None = None, dirs: list[Path] | None = None) -> dict
         # temporaries went back to the OS and were faulted in again every step (13% slower than glibc in fp32
         # SFT; without decay glibc's speed at 2.09 GB instead of 2.56, BENCHMARKS.md). The memory freed at the end of training is
         # purged explicitly (purge(), from release_freed_memory). A MALLOC_CONF of the user's is kept.
-        env.setdefault("MALLOC_CONF", JEMALLOC_CONF)
+        if not env.get("MALLOC_CONF"):
+            env["MALLOC_CONF"] = JEMALLOC_CONF
     return env
+
+
+def without(env: dict) -> dict:
+    """``env`` with no preloaded allocator: LD_PRELOAD's malloc libraries, MALLOC_CONF and the re-execution mark
+    removed (a baseline measured on the C library's malloc whatever the caller was started with)."""
+    out = {k: v for k, v in env.items() if k not in (CHOSEN, "MALLOC_CONF")}
+    rest = [e for e in out.pop("LD_PRELOAD", "").replace(":", " ").split() if "malloc" not in os.path.basename(e)]
+    if rest:
+        out["LD_PRELOAD"] = " ".join(rest)
+    return out
 
 
 def reexec(argv: list[str]) -> None:
@@ -123,13 +136,18 @@ def reexec(argv: list[str]) -> None:
     Returns without doing anything when there is nothing to preload; otherwise does not return."""
     if len(argv) < 2 or argv[1] not in COMMANDS or any(a in ("--help", "-h") for a in argv[2:]):
         return
+    # the command line as it was given (interpreter options, console script or -m or -c), but only when it is
+    # this one: main() called in-process with its own argv (a notebook, a test, a wrapper script) or a script
+    # read from stdin would run something else, or nothing, again
+    orig = list(sys.orig_argv)
+    if len(orig) < len(argv) or orig[len(orig) - len(argv) + 1:] != argv[1:] or (len(orig) > 1 and orig[1] == "-"):
+        return
     env = preload_env()
     if env is None:
         return
     sys.stdout.flush()
     sys.stderr.flush()
-    # the command line as it was given, interpreter options and how tunelab was named (console script, -m) included
-    again = [sys.executable, *getattr(sys, "orig_argv", [sys.executable, "-m", "tunelab", *argv[1:]])[1:]]
+    again = [sys.executable, *orig[1:]]
     try:
         os.execve(sys.executable, again, env)
     except OSError:  # could not re-execute: go on under the C library's allocator
@@ -137,14 +155,17 @@ def reexec(argv: list[str]) -> None:
 
 
 def loaded() -> str:
-    """The allocator this process runs on: ``jemalloc``, ``tcmalloc``, or ``system`` (the C library's)."""
+    """The allocator this process runs on: ``jemalloc``, ``tcmalloc``, another preloaded library's file name,
+    or ``system`` (the C library's). A library counts when LD_PRELOAD names it and it is mapped into the process
+    (a jemalloc pulled in as some package's dependency is not the process's malloc)."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    for name in LIBRARIES:
-        if f"lib{name}" in maps:
-            return name
+    for entry in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+        base = os.path.basename(entry)
+        if base and base in maps:
+            return _name_of(base)
     return "system"
 
 
@@ -154,7 +175,9 @@ def describe() -> str:
     if now != "system":
         return f"memory allocator: {now} (preloaded; {ENV}=system for the C library's)"
     name, lib, why = choose()
-    if lib is not None and not os.environ.get(CHOSEN):  # e.g. training called from Python, not the CLI
+    if os.environ.get(CHOSEN):  # chosen and re-executed, yet not mapped: the loader refused it
+        return f"memory allocator: the C library's (preloading {os.environ[CHOSEN]} failed; see the loader's message)"
+    if lib is not None:  # e.g. training called from Python, not the CLI
         why = f"{name} is installed but this process did not start with it: LD_PRELOAD={lib}"
     return f"memory allocator: the C library's ({why})"
 
@@ -168,7 +191,11 @@ def purge() -> None:
     try:
         lib = ctypes.CDLL(None)
         if now == "jemalloc":
-            lib.mallctl(b"arena.4096.purge", None, None, None, ctypes.c_size_t(0))  # 4096: MALLCTL_ARENAS_ALL
+            mallctl = lib.mallctl
+            mallctl.restype = ctypes.c_int
+            mallctl.argtypes = [ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+            mallctl(b"thread.tcache.flush", None, None, None, 0)  # this thread's cached blocks first
+            mallctl(b"arena.4096.purge", None, None, None, 0)  # 4096: MALLCTL_ARENAS_ALL (jemalloc >= 4)
         elif now == "tcmalloc":
             lib.MallocExtension_ReleaseFreeMemory()
     except (OSError, AttributeError):

@@ -73,6 +73,8 @@ def test_preload_env_prepends_once_and_marks_the_process(libs):
     assert "MALLOC_CONF" not in tc and tc[allocator.CHOSEN] == "tcmalloc"
     assert allocator.preload_env(env, [libs]) is None  # the re-executed process does not start over again
     assert allocator.preload_env({"LD_PRELOAD": f"/x.so:{je}"}, [libs]) is None  # already preloaded by the user
+    assert allocator.preload_env({"LD_PRELOAD": "/opt/libtcmalloc.so"}, [libs]) is None  # another one: kept
+    assert allocator.preload_env({"LD_PRELOAD": "/opt/libmimalloc.so.2"}, [libs]) is None
     assert allocator.preload_env({"TUNELAB_ALLOCATOR": "system"}, [libs]) is None
 
 
@@ -94,9 +96,42 @@ def test_only_the_commands_that_train_reexecute(libs, monkeypatch):
     (exe, argv, env), = calls  # the same command line, interpreter options included, on this interpreter
     assert exe == sys.executable and argv == [sys.executable, "-X", "utf8", *given]
     assert env["LD_PRELOAD"] == str(je) and env[allocator.CHOSEN] == "jemalloc"
-    monkeypatch.setenv("TUNELAB_ALLOCATOR", "system")
-    allocator.reexec(["tunelab", "demo"])
+    # main() called in-process with an argv of its own (a notebook, a test, a wrapper), or a script read from
+    # stdin: the process's command line is something else, and running it again would not run this command
+    for orig, argv in ((["python3", "-m", "pytest", "-q"], ["tunelab", "train", "r.yaml"]),
+                       (["python3", "-", "train", "r.yaml"], ["-", "train", "r.yaml"]),
+                       (["python3", "wrapper.py"], ["tunelab", "train", "r.yaml"])):
+        monkeypatch.setattr(sys, "orig_argv", orig, raising=False)
+        allocator.reexec(argv)
     assert len(calls) == 1
+    for orig, argv in ((["python3", "-m", "tunelab", "demo"], ["/src/tunelab/__main__.py", "demo"]),
+                       (["python3", "-c", "from tunelab.cli import main; main()", "tune", "t.yaml"],
+                        ["-c", "tune", "t.yaml"])):
+        monkeypatch.setattr(sys, "orig_argv", orig, raising=False)
+        allocator.reexec(argv)
+        assert calls[-1][1] == [sys.executable, *orig[1:]]
+    assert len(calls) == 3
+    monkeypatch.setenv("TUNELAB_ALLOCATOR", "system")
+    monkeypatch.setattr(sys, "orig_argv", ["python3", "-m", "tunelab", "demo"], raising=False)
+    allocator.reexec(["x/__main__.py", "demo"])
+    assert len(calls) == 3
+
+
+def test_without_removes_preloaded_allocators_only():
+    env = {"LD_PRELOAD": "/a/libjemalloc.so.2 /b/libfoo.so:/c/libtcmalloc_minimal.so.4", "MALLOC_CONF": "x:1",
+           allocator.CHOSEN: "jemalloc", "PATH": "/bin"}
+    assert allocator.without(env) == {"LD_PRELOAD": "/b/libfoo.so", "PATH": "/bin"}
+    assert allocator.without({"LD_PRELOAD": "/a/libjemalloc.so.2"}) == {}
+
+
+def test_loaded_and_describe_read_the_process(monkeypatch):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv(allocator.CHOSEN, raising=False)
+    assert allocator.loaded() == "system"  # pytest's own process: nothing preloaded
+    monkeypatch.setenv("LD_PRELOAD", "/nowhere/libjemalloc.so.2")  # named but not mapped: not the allocator
+    assert allocator.loaded() == "system"
+    monkeypatch.setenv(allocator.CHOSEN, "jemalloc")  # re-executed for it, and the loader refused it
+    assert "preloading jemalloc failed" in allocator.describe()
 
 
 def test_purge_hands_back_what_jemalloc_kept_without_decay(tmp_path):

@@ -125,7 +125,8 @@ class RayExecutor:
         self._n += 1
         sub_id = f"{job_id}-{os.getpid()}-{self._n}"  # one Ray job per attempt
         keep = {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                                             "HF_HOME", "HF_HUB_OFFLINE", "TUNELAB_SHARED")}
+                                                             "HF_HOME", "HF_HUB_OFFLINE", "TUNELAB_SHARED",
+                                                             "TUNELAB_ALLOCATOR")}
         entry = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "tunelab", *argv])
         resources = {k: v for k, v in (("entrypoint_num_cpus", self.num_cpus), ("entrypoint_num_gpus", self.num_gpus))
                      if v is not None}

@@ -804,7 +804,7 @@ def main() -> None:
     # through the optional `kernels` package, and warns on every command when that is not installed; tunelab
     # downloads nothing at run time and its QLoRA path uses bitsandbytes' built-in CPU kernels (docs/methods/peft.md)
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # commands that train start over once with jemalloc/tcmalloc preloaded on CPU machines (tunelab/allocator.py)
+    # commands that train start over once with jemalloc preloaded on CPU machines that have it (tunelab/allocator.py)
     import sys
 
     from tunelab.allocator import reexec

@@ -4,8 +4,9 @@
 
 Prints the machine, a matmul calibration (fp32 GFLOP/s, so numbers from other machines can
 be compared), the time of each phase and the total against the 10-minute target, and the
-base-vs-tuned ROUGE-L with its 95% interval. It starts on the allocator `tunelab demo` starts on (jemalloc
-preloaded where installed; TUNELAB_ALLOCATOR=system for the C library's). Run it alone: a second job on 2 cores slows both 5-6x.
+base-vs-tuned ROUGE-L with its 95% interval. It starts on the allocator `tunelab demo` starts on
+(jemalloc preloaded where installed; TUNELAB_ALLOCATOR=system for the C library's). Run it alone: a
+second job on 2 cores slows both 5-6x.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ support chats in examples/data (distill), banking77 (classify).
 
 tunelab's runs start with the allocator ``tunelab train`` preloads (jemalloc where installed on a
 CPU machine, ``TUNELAB_ALLOCATOR`` decides: tunelab/allocator.py); the plain side keeps the C library's
-malloc, its default. Each run's line says which. Every run is its own subprocess (peak RSS: that child's ``ru_maxrss`` from ``os.wait4``), in alternating
-order (repeat 1: tunelab, plain; repeat 2: plain, tunelab; ...) so that load from other jobs on a shared
-machine hits both sides alike. A run trains ``warmup + steps`` optimizer steps; examples/s is examples
+malloc, its default. Each run's line says which. Every run is its own subprocess (peak RSS: that
+child's ``ru_maxrss`` from ``os.wait4``), in alternating order (repeat 1: tunelab, plain; repeat 2:
+plain, tunelab; ...) so that load from other jobs on a shared machine hits both sides alike. A run trains ``warmup + steps`` optimizer steps; examples/s is examples
 of the measured steps over their summed step time (step begin → step end, the same callback both sides),
 and examples per CPU-second over the process CPU time of those steps: with one torch thread that counts the
 work and not the waits for a core, so it stays comparable when other jobs load a shared machine.

@@ -47,7 +47,8 @@ Configurations:
 
 Allocator: tunelab's children start as `tunelab train` does (tunelab/allocator.py: jemalloc
 preloaded on a CPU machine that has it, TUNELAB_ALLOCATOR decides); TRL's under the C library's malloc, its
-default, unless the configuration ends in -jemalloc (an allocator this bench was started with is removed first). Each row says which it ran on.
+default, unless the configuration ends in -jemalloc (an allocator this bench was started with is removed
+first). Each row says which it ran on.
 Run it alone: a second job on 2 cores slows every side.
 """
 

@@ -57,6 +57,15 @@ def find(name: str, dirs: list[Path] | None = None) -> Path | None:
     return None
 
 
+def _preloaded(env) -> list[str]:
+    """LD_PRELOAD's entries (the loader takes spaces or colons between them)."""
+    return env.get("LD_PRELOAD", "").replace(":", " ").split()
+
+
+def _is_allocator(entry: str) -> bool:
+    return "malloc" in os.path.basename(entry)  # libjemalloc, libtcmalloc, libmimalloc, ...
+
+
 def _gpu_present() -> bool:
     return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
 
@@ -107,15 +116,15 @@ def preload_env(env: dict | None = None, dirs: list[Path] | None = None) -> dict
     if lib is None:
         return None
     current = env.get("LD_PRELOAD", "")
-    if any("malloc" in os.path.basename(e) for e in current.replace(":", " ").split()):
+    if any(map(_is_allocator, _preloaded(env))):
         return None  # an allocator the user preloaded (this one included) is kept
     env["LD_PRELOAD"] = f"{lib} {current}".strip() if current else str(lib)
     env[CHOSEN] = name
     if name == "jemalloc":
         # no time-based purging while training: with jemalloc's default 10-second decay the pages of freed
         # temporaries went back to the OS and were faulted in again every step (13% slower than glibc in fp32
-        # SFT; without decay glibc's speed at 2.09 GB instead of 2.56, BENCHMARKS.md). The memory freed at the end of training is
-        # purged explicitly (purge(), from release_freed_memory). A MALLOC_CONF of the user's is kept.
+        # SFT; without decay glibc's speed at 2.09 GB instead of 2.56, BENCHMARKS.md). The memory freed at the
+        # end of training is purged explicitly (purge(), from release_freed_memory). A user's MALLOC_CONF is kept.
         if not env.get("MALLOC_CONF"):
             env["MALLOC_CONF"] = JEMALLOC_CONF
     return env
@@ -124,8 +133,8 @@ def preload_env(env: dict | None = None, dirs: list[Path] | None = None) -> dict
 def without(env: dict) -> dict:
     """``env`` with no preloaded allocator: LD_PRELOAD's malloc libraries, MALLOC_CONF and the re-execution mark
     removed (a baseline measured on the C library's malloc whatever the caller was started with)."""
-    out = {k: v for k, v in env.items() if k not in (CHOSEN, "MALLOC_CONF")}
-    rest = [e for e in out.pop("LD_PRELOAD", "").replace(":", " ").split() if "malloc" not in os.path.basename(e)]
+    out = {k: v for k, v in env.items() if k not in (CHOSEN, "MALLOC_CONF", "LD_PRELOAD")}
+    rest = [e for e in _preloaded(env) if not _is_allocator(e)]
     if rest:
         out["LD_PRELOAD"] = " ".join(rest)
     return out
@@ -162,7 +171,7 @@ def loaded() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "system"
-    for entry in os.environ.get("LD_PRELOAD", "").replace(":", " ").split():
+    for entry in _preloaded(os.environ):
         base = os.path.basename(entry)
         if base and base in maps:
             return _name_of(base)
@@ -182,12 +191,15 @@ def describe() -> str:
     return f"memory allocator: the C library's ({why})"
 
 
-def purge() -> None:
+def purge() -> bool:
     """Return the preloaded allocator's freed pages to the operating system (jemalloc: purge every arena;
-    tcmalloc: release the free page heap). Nothing under the C library's (``release_freed_memory`` trims)."""
+    tcmalloc: release the free page heap). False under the C library's malloc, which the caller trims itself
+    (``release_freed_memory``)."""
     import ctypes
 
     now = loaded()
+    if now == "system":
+        return False
     try:
         lib = ctypes.CDLL(None)
         if now == "jemalloc":
@@ -200,3 +212,4 @@ def purge() -> None:
             lib.MallocExtension_ReleaseFreeMemory()
     except (OSError, AttributeError):
         pass
+    return True

@@ -37,11 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from tunelab import allocator
 from tunelab import config as cfglib
 from tunelab.catalog import HEARTBEAT_S
 from tunelab.environment import capture
 from tunelab.errors import TunelabError
-from tunelab import allocator
 from tunelab.train.distributed import is_main, rank, world_size
 from tunelab.workspace import CANCEL_FILE, Workspace, umask_modes, write_json
 
@@ -285,8 +285,7 @@ def release_freed_memory() -> None:
     import gc
 
     gc.collect()
-    if allocator.loaded() != "system":
-        allocator.purge()
+    if allocator.purge():  # a preloaded allocator handed its freed pages back
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

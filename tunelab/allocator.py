@@ -27,7 +27,7 @@ from pathlib import Path
 ENV = "TUNELAB_ALLOCATOR"
 CHOSEN = "TUNELAB_ALLOCATOR_CHOSEN"  # set in the re-executed process: never re-execute twice
 COMMANDS = ("train", "tune", "demo")  # the commands that train
-JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # why: preload_env
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1,lg_extent_max_active_fit:20"  # why: preload_env
 LIBRARIES = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
     "tcmalloc": ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4", "libtcmalloc_minimal.so", "libtcmalloc.so"),
@@ -124,7 +124,11 @@ def preload_env(env: dict | None = None, dirs: list[Path] | None = None) -> dict
         # no time-based purging while training: with jemalloc's default 10-second decay the pages of freed
         # temporaries went back to the OS and were faulted in again every step (13% slower than glibc in fp32
         # SFT; without decay glibc's speed at 2.09 GB instead of 2.56, BENCHMARKS.md). The memory freed at the
-        # end of training is purged explicitly (purge(), from release_freed_memory). A user's MALLOC_CONF is kept.
+        # end of training is purged explicitly (purge(), from release_freed_memory). Never purged, freed blocks
+        # merge into ever larger free extents, and jemalloc does not split one more than 2^6 = 64 times the size
+        # asked for (lg_extent_max_active_fit), so it mapped new memory instead: the demo's SFT at learning rate
+        # 8e-4 grew 1.5 -> 5.9 GB resident by step 53 with 1.5 GB in use; 2^20 lets any free extent serve (2.6 GB
+        # peak over 70 steps; BENCHMARKS.md). A user's MALLOC_CONF is kept.
         if not env.get("MALLOC_CONF"):
             env["MALLOC_CONF"] = JEMALLOC_CONF
     return env

@@ -67,7 +67,8 @@ def test_preload_env_prepends_once_and_marks_the_process(libs):
     env = allocator.preload_env({"LD_PRELOAD": "/opt/other.so", "PATH": "/bin"}, [libs])
     assert env["LD_PRELOAD"] == f"{je} /opt/other.so" and env["PATH"] == "/bin"
     assert env[allocator.CHOSEN] == "jemalloc"
-    assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"  # no purging between steps
+    # no purging between steps, and any free extent may serve a request (else the merged ones pile up)
+    assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1,lg_extent_max_active_fit:20"
     assert allocator.preload_env({"MALLOC_CONF": "narenas:1"}, [libs])["MALLOC_CONF"] == "narenas:1"  # the user's
     tc = allocator.preload_env({"TUNELAB_ALLOCATOR": "tcmalloc"}, [_put(libs, "libtcmalloc.so.4").parent])
     assert "MALLOC_CONF" not in tc and tc[allocator.CHOSEN] == "tcmalloc"

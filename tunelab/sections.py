@@ -45,6 +45,10 @@ class LoraSection(Strict):
     alpha: int = Field(16, ge=1)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: list[str] | str = "all-linear"
+    last_layers: int | None = Field(
+        None, ge=1, description="adapt only the last N transformer layers (None: all). The backward pass then "
+                                "stops below them: with N of L layers it costs ~N/L of the full one (docs/methods/"
+                                "speed.md); fewer layers can learn less, so measure the quality")
 
 
 class TrainSection(Strict):

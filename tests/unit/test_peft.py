@@ -182,3 +182,47 @@ def test_prompt_tuning_starts_from_init_text(tiny_model):
                                          prompt=PromptSection(num_virtual_tokens=len(ids), init_text=text)))
     virtual = model.prompt_encoder["default"].embedding.weight
     torch.testing.assert_close(virtual, words[ids])
+
+
+def test_lora_last_layers_adapts_the_top_layers_and_the_backward_stops_below_them(tiny_model, batch):
+    """``lora.last_layers``: adapters only in the last N layers (every linear there, never the LM head), and
+    nothing below them joins the autograd graph, so the backward pass does not run through those layers."""
+    import re
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    n = base.config.num_hidden_layers
+    linears = {k.rsplit(".", 1)[-1] for k, m in base.model.layers.named_modules() if isinstance(m, torch.nn.Linear)}
+    model = apply_peft(base, PeftSection(method="lora", lora=LoraSection(last_layers=1, dropout=0.0)))
+    trained = [k for k, p in model.named_parameters() if p.requires_grad]
+    assert {int(re.search(r"\.layers\.(\d+)\.", k).group(1)) for k in trained} == {n - 1}
+    assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in trained} == linears
+    assert not any("lm_head" in k for k in trained)
+
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                output_hidden_states=True)
+    assert not out.hidden_states[n - 1].requires_grad   # the last layer's input: no graph below it
+    assert out.hidden_states[n].requires_grad
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert sum(float(p.grad.abs().sum()) for n_, p in model.named_parameters() if "lora_B" in n_) > 0
+
+    every = apply_peft(AutoModelForCausalLM.from_pretrained(tiny_model), PeftSection(method="lora"))
+    assert every.model(input_ids=batch["input_ids"][:, :4], output_hidden_states=True).hidden_states[1].requires_grad
+
+
+def test_lora_last_layers_errors_are_one_clear_line(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with pytest.raises(TunelabError, match="has 2 layers"):
+        peft_config(PeftSection(method="lora", lora=LoraSection(last_layers=3)), model=base)
+    with pytest.raises(TunelabError, match="pattern"):
+        peft_config(PeftSection(method="lora", lora=LoraSection(last_layers=1, target_modules=".*proj")), model=base)
+    with pytest.raises(TunelabError, match="layer count"):
+        peft_config(PeftSection(method="lora", lora=LoraSection(last_layers=1)))
+    cfg = peft_config(PeftSection(method="dora", lora=LoraSection(last_layers=2, target_modules=["q_proj"])),
+                      model=base)
+    assert cfg.layers_to_transform == [0, 1] and cfg.target_modules == {"q_proj"} and cfg.use_dora

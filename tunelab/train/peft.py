@@ -34,6 +34,7 @@ The methods, and the paper each comes from:
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,9 +160,47 @@ def load_kwargs(section: PeftSection) -> dict:
         "dtype": dtype, "device_map": {"": 0 if torch.cuda.is_available() else "cpu"}}
 
 
-def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None, **extra):
+def layer_count(model) -> int | None:
+    """The number of transformer layers of a (PEFT-wrapped or not) model, from its config; None if unknown."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        n = getattr(cfg, key, None)
+        if isinstance(n, int) and n > 0:
+            return n
+    return None
+
+
+def last_layers(lora: LoraSection, model) -> dict:
+    """peft fields for ``lora.last_layers``: ``layers_to_transform`` (the last N layer indices) and, for
+    'all-linear', the names of the linear layers inside the numbered layers (peft takes a layer subset only
+    with a list of names; heads and the LM head sit outside the layers and are never in it)."""
+    import torch
+
+    n_layers = layer_count(model) if model is not None else None
+    if n_layers is None:
+        raise TunelabError("lora.last_layers: cannot read this model's layer count from its config; "
+                           "remove lora.last_layers to adapt every layer")
+    n = lora.last_layers
+    if n > n_layers:
+        raise TunelabError(f"lora.last_layers is {n} but the model has {n_layers} layers; use at most "
+                           f"{n_layers} (or remove it: every layer)")
+    targets = lora.target_modules
+    if targets == "all-linear":
+        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear) and re.search(r"\.\d+\.", name)})
+    elif isinstance(targets, str):
+        raise TunelabError(f"lora.last_layers needs lora.target_modules as a list of names or 'all-linear', not "
+                           f"the pattern {targets!r} (peft cannot restrict a pattern to some layers)")
+    return {"layers_to_transform": list(range(n_layers - n, n_layers)), "target_modules": targets}
+
+
+def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None,
+                model=None, **extra):
     """The peft library's config object for ``section``; ``extra`` sets or overrides fields of it (a recipe's
-    own ``target_modules`` list, ``modules_to_save`` for a head trained in full)."""
+    own ``target_modules`` list, ``modules_to_save`` for a head trained in full). ``model`` (the model the
+    adapter goes on) is read only by ``lora.last_layers``."""
     from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     m = section.method
@@ -170,6 +209,8 @@ def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_pa
         lo = section.lora
         cls, kw = LoraConfig, dict(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                                    target_modules=lo.target_modules, use_dora=m == "dora", use_rslora=m == "rslora")
+        if lo.last_layers is not None:
+            kw.update(last_layers(lo, model))
     elif m == "ia3":
         cls, kw = IA3Config, dict(target_modules=section.ia3.target_modules,
                                   feedforward_modules=section.ia3.feedforward_modules)
@@ -212,7 +253,7 @@ def apply_peft(model, section: PeftSection, task_type: str = "CAUSAL_LM", tokeni
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         _cpu_4bit_inference_guard(model)
     path = tokenizer_path or getattr(model, "name_or_path", None) or None
-    return get_peft_model(model, peft_config(section, task_type, path, **extra))
+    return get_peft_model(model, peft_config(section, task_type, path, model=model, **extra))
 
 
 def _cpu_4bit_inference_guard(model) -> None:

@@ -275,7 +275,7 @@ def policy_for_training(start: refs.ModelRef, cfg):
     model = refs.load(start, trainable=True)
     if start.adapter is not None or cfg.method == "full":
         return model, None
-    return model, peft_config(peft_section(cfg), "CAUSAL_LM")
+    return model, peft_config(peft_section(cfg), "CAUSAL_LM", model=model)
 
 
 def load_trained(start: refs.ModelRef, out_dir: Path, adapter: bool):

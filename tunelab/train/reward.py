@@ -107,7 +107,8 @@ def _steps(r: _run.Run) -> dict:
         eval_dataset=Dataset.from_list(val_feats) if has_val else None, processing_class=tokenizer,
         callbacks=r.callbacks(extra=("accuracy", "margin", "mean_reward"),
                               patience=cfg.train.early_stopping_patience if has_val else None),
-        peft_config=peft_config(peft_section(cfg), "SEQ_CLS") if cfg.method != "full" else None)
+        peft_config=peft_config(peft_section(cfg), "SEQ_CLS", model=model)
+        if cfg.method != "full" else None)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in trainer.model.parameters())
     print(f"device: {dplan.why}; {trainable:,} trainable of {total:,} parameters; {total_steps} steps")

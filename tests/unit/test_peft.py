@@ -226,3 +226,52 @@ def test_lora_last_layers_errors_are_one_clear_line(tiny_model):
     cfg = peft_config(PeftSection(method="dora", lora=LoraSection(last_layers=2, target_modules=["q_proj"])),
                       model=base)
     assert cfg.layers_to_transform == [0, 1] and cfg.target_modules == {"q_proj"} and cfg.use_dora
+
+
+def test_checkpointed_lora_leaves_the_frozen_layers_out_of_the_backward_with_the_same_gradients(tiny_model, batch):
+    """Turning gradient checkpointing on makes the embedding output require a gradient (transformers'
+    ``enable_input_require_grads``), so the backward runs through the frozen layers below the adapters too.
+    ``release_input_grads`` (the run layer's ``InputGradsOff`` callback, under non-reentrant checkpointing)
+    removes that: the layers below ``lora.last_layers`` leave the graph and every adapter gradient stays the same."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.train.callbacks import InputGradsOff, release_input_grads
+
+    def run(release: bool):
+        torch.manual_seed(0)
+        model = apply_peft(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           PeftSection(method="lora", lora=LoraSection(last_layers=1, dropout=0.0)))
+        with torch.no_grad():  # B starts at zero: give it values so the gradients reach A through it
+            for k, p in model.named_parameters():
+                if "lora_B" in k:
+                    p.normal_(0, 0.05)
+        model.train()
+        model.get_base_model().activation_checkpointing_enable()  # what the Trainer calls, hook included
+        if release:
+            InputGradsOff().on_train_begin(SimpleNamespace(gradient_checkpointing=True,
+                                                           gradient_checkpointing_kwargs=None), None, None, model=model)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    output_hidden_states=True)
+        n = model.config.num_hidden_layers
+        below = out.hidden_states[n - 1].requires_grad  # the last layer's input
+        out.loss.backward()
+        return below, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}, model
+
+    kept, g_kept, _ = run(release=False)
+    cut, g_cut, model = run(release=True)
+    assert kept and not cut
+    assert g_kept.keys() == g_cut.keys() and g_cut
+    for k in g_kept:
+        torch.testing.assert_close(g_cut[k], g_kept[k], rtol=1e-5, atol=1e-7)
+        assert g_cut[k].abs().sum() > 0
+    assert not release_input_grads(model)  # nothing left to remove
+
+    # reentrant checkpointing needs the hook: kept
+    model.get_base_model().enable_input_require_grads()
+    InputGradsOff().on_train_begin(SimpleNamespace(gradient_checkpointing=True,
+                                                   gradient_checkpointing_kwargs={"use_reentrant": True}),
+                                   None, None, model=model)
+    assert model.get_base_model()._require_grads_hook is not None

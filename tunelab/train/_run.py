@@ -184,6 +184,7 @@ class Run:
         from tunelab.train import callbacks as cb
 
         trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(cb.InputGradsOff())
         resume_from = last_checkpoint(self.checkpoints) if self.resumed else None
         if self.resumed and resume_from is None:
             print("no complete checkpoint yet: starting this run from the beginning")

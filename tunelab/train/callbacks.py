@@ -100,6 +100,30 @@ class Progress(TrainerCallback):
             self.bar = None
 
 
+def release_input_grads(model) -> bool:
+    """Remove the hook that makes the input embeddings' output require a gradient (``enable_input_require_grads``,
+    which transformers sets whenever it turns on gradient checkpointing and TRL's trainers set for PEFT models);
+    True if there was one. Reentrant checkpointing needed it: a checkpointed block whose input needs no gradient
+    gave its parameters none. Non-reentrant checkpointing (transformers' default) does not, and with the hook the
+    backward pass also runs through the frozen layers below the lowest adapter (every layer with
+    ``lora.last_layers``; the first layer's input gradient otherwise): computed and thrown away."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base, "_require_grads_hook", None) is None or not hasattr(base, "disable_input_require_grads"):
+        return False
+    base.disable_input_require_grads()
+    return True
+
+
+class InputGradsOff(TrainerCallback):
+    """At the start of training, :func:`release_input_grads` when gradient checkpointing is on and not reentrant
+    (the Trainer turns checkpointing on, with the hook, just before ``on_train_begin``)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None and args.gradient_checkpointing \
+                and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+            release_input_grads(model)
+
+
 def truncate_metrics(path: Path, after_step: int) -> None:
     """Drop rows logged after ``after_step`` (work lost to an interruption, redone on resume)."""
     if not path.exists():

@@ -251,8 +251,9 @@ def test_checkpointed_lora_leaves_the_frozen_layers_out_of_the_backward_with_the
         model.train()
         model.get_base_model().activation_checkpointing_enable()  # what the Trainer calls, hook included
         if release:
-            InputGradsOff().on_train_begin(SimpleNamespace(gradient_checkpointing=True,
-                                                           gradient_checkpointing_kwargs=None), None, None, model=model)
+            InputGradsOff().on_train_begin(SimpleNamespace(activation_checkpointing=True,
+                                                           activation_checkpointing_kwargs={"every_n_layers": 1}),
+                                           None, None, model=model)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     output_hidden_states=True)
         n = model.config.num_hidden_layers
@@ -271,7 +272,7 @@ def test_checkpointed_lora_leaves_the_frozen_layers_out_of_the_backward_with_the
 
     # reentrant checkpointing needs the hook: kept
     model.get_base_model().enable_input_require_grads()
-    InputGradsOff().on_train_begin(SimpleNamespace(gradient_checkpointing=True,
-                                                   gradient_checkpointing_kwargs={"use_reentrant": True}),
+    InputGradsOff().on_train_begin(SimpleNamespace(activation_checkpointing=True,
+                                                   activation_checkpointing_kwargs={"use_reentrant": True}),
                                    None, None, model=model)
     assert model.get_base_model()._require_grads_hook is not None

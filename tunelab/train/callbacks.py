@@ -119,8 +119,12 @@ class InputGradsOff(TrainerCallback):
     (the Trainer turns checkpointing on, with the hook, just before ``on_train_begin``)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if model is not None and args.gradient_checkpointing \
-                and not (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", False):
+        # transformers 5 names them activation_checkpointing(_kwargs); gradient_checkpointing* are older aliases
+        on = getattr(args, "activation_checkpointing", None)
+        on = getattr(args, "gradient_checkpointing", False) if on is None else on
+        kw = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
+                                                                                 None) or {}
+        if model is not None and on and not kw.get("use_reentrant", False):
             release_input_grads(model)
 
 

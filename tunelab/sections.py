@@ -48,7 +48,7 @@ class LoraSection(Strict):
     last_layers: int | None = Field(
         None, ge=1, description="adapt only the last N transformer layers (None: all). The backward pass then "
                                 "stops below them: with N of L layers it costs ~N/L of the full one (docs/methods/"
-                                "speed.md); fewer layers can learn less, so measure the quality")
+                                "peft.md); fewer layers can learn less, so measure the quality")
 
 
 class TrainSection(Strict):

@@ -214,6 +214,7 @@ def test_lora_last_layers_adapts_the_top_layers_and_the_backward_stops_below_the
 
 
 def test_lora_last_layers_errors_are_one_clear_line(tiny_model):
+    import torch
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model)
@@ -225,7 +226,14 @@ def test_lora_last_layers_errors_are_one_clear_line(tiny_model):
         peft_config(PeftSection(method="lora", lora=LoraSection(last_layers=1)))
     cfg = peft_config(PeftSection(method="dora", lora=LoraSection(last_layers=2, target_modules=["q_proj"])),
                       model=base)
-    assert cfg.layers_to_transform == [0, 1] and cfg.target_modules == {"q_proj"} and cfg.use_dora
+    assert cfg.target_modules == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"}
+    assert cfg.use_dora
+    with pytest.raises(TunelabError, match="no layer named"):
+        peft_config(PeftSection(method="lora", lora=LoraSection(last_layers=1, target_modules=["nope"])), model=base)
+    # a recipe's own list of full names (classify passes one) is restricted to the last layers too
+    every = [n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    cfg = peft_config(PeftSection(method="lora", lora=LoraSection(last_layers=1)), model=base, target_modules=every)
+    assert cfg.target_modules == {n for n in every if n.startswith("model.layers.1.")} != set(every)
 
 
 def test_checkpointed_lora_leaves_the_frozen_layers_out_of_the_backward_with_the_same_gradients(tiny_model, batch):
@@ -269,10 +277,24 @@ def test_checkpointed_lora_leaves_the_frozen_layers_out_of_the_backward_with_the
         torch.testing.assert_close(g_cut[k], g_kept[k], rtol=1e-5, atol=1e-7)
         assert g_cut[k].abs().sum() > 0
     assert not release_input_grads(model)  # nothing left to remove
+    # TRL's trainers turn checkpointing off and on around each reference forward: the hook stays off while training
+    base = model.get_base_model()
+    base.activation_checkpointing_enable()
+    assert getattr(base, "_require_grads_hook", None) is None
+    cb = InputGradsOff()
+    cb.on_train_begin(SimpleNamespace(activation_checkpointing=True, activation_checkpointing_kwargs=None), None,
+                      None, model=model)
+    base.activation_checkpointing_enable()
+    assert getattr(base, "_require_grads_hook", None) is None
+    cb.on_train_end(None, None, None)
+    base.activation_checkpointing_enable()  # after training: transformers' behaviour again
+    assert base._require_grads_hook is not None
+    base.disable_input_require_grads()
 
-    # reentrant checkpointing needs the hook: kept
-    model.get_base_model().enable_input_require_grads()
-    InputGradsOff().on_train_begin(SimpleNamespace(activation_checkpointing=True,
-                                                   activation_checkpointing_kwargs={"use_reentrant": True}),
-                                   None, None, model=model)
-    assert model.get_base_model()._require_grads_hook is not None
+    # reentrant checkpointing needs the hook: kept (asked for, or torch's default when other arguments are given)
+    for kw in ({"use_reentrant": True}, {"preserve_rng_state": False}):
+        model.get_base_model().enable_input_require_grads()
+        InputGradsOff().on_train_begin(SimpleNamespace(activation_checkpointing=True,
+                                                       activation_checkpointing_kwargs=kw), None, None, model=model)
+        assert model.get_base_model()._require_grads_hook is not None
+        model.get_base_model().disable_input_require_grads()

@@ -114,18 +114,41 @@ def release_input_grads(model) -> bool:
     return True
 
 
+def _no_input_grads() -> None:
+    """Stands in for ``enable_input_require_grads`` on a model while :class:`InputGradsOff` trains it."""
+
+
 class InputGradsOff(TrainerCallback):
     """At the start of training, :func:`release_input_grads` when gradient checkpointing is on and not reentrant
-    (the Trainer turns checkpointing on, with the hook, just before ``on_train_begin``)."""
+    (the Trainer turns checkpointing on, with the hook, just before ``on_train_begin``), and keep it off until
+    the end: TRL's DPO, GRPO and RLOO trainers turn checkpointing off and on again around each reference forward,
+    which would add the hook back every step, so ``enable_input_require_grads`` is a no-op on the model meanwhile."""
+
+    def __init__(self):
+        self._model = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         # transformers 5 names them activation_checkpointing(_kwargs); gradient_checkpointing* are older aliases
         on = getattr(args, "activation_checkpointing", None)
         on = getattr(args, "gradient_checkpointing", False) if on is None else on
-        kw = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
-                                                                                 None) or {}
-        if model is not None and on and not kw.get("use_reentrant", False):
-            release_input_grads(model)
+        kw = dict(getattr(args, "activation_checkpointing_kwargs", None)
+                  or getattr(args, "gradient_checkpointing_kwargs", None) or {})
+        kw.pop("every_n_layers", None)
+        kw.pop("offload", None)
+        # transformers checkpoints non-reentrant when given no other arguments; with others, torch's own default
+        # decides, which has been reentrant: keep the hook then
+        if model is None or not on or kw.get("use_reentrant", bool(kw)):
+            return
+        release_input_grads(model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads = _no_input_grads
+            self._model = base
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._model is not None and "enable_input_require_grads" in vars(self._model):
+            del self._model.enable_input_require_grads
+        self._model = None
 
 
 def truncate_metrics(path: Path, after_step: int) -> None:

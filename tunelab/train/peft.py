@@ -34,7 +34,6 @@ The methods, and the paper each comes from:
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,12 +171,33 @@ def layer_count(model) -> int | None:
     return None
 
 
-def last_layers(lora: LoraSection, model) -> dict:
-    """peft fields for ``lora.last_layers``: ``layers_to_transform`` (the last N layer indices) and, for
-    'all-linear', the names of the linear layers inside the numbered layers (peft takes a layer subset only
-    with a list of names; heads and the LM head sit outside the layers and are never in it)."""
+def _is_linear(m) -> bool:
+    """torch.nn.Linear and its subclasses (bitsandbytes' 4/8-bit layers), and GPT-2's Conv1D (peft's all-linear)."""
     import torch
 
+    return isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"
+
+
+def _layer_list(model, n_layers: int) -> str:
+    """The name of the model's stack of ``n_layers`` transformer layers (a ModuleList); of several that long, the
+    language model's (a vision tower's stack of the same length is not it)."""
+    import torch
+
+    found = [name for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_layers]
+    if not found:
+        raise TunelabError(f"lora.last_layers: found no stack of {n_layers} layers in this model; remove "
+                           f"lora.last_layers to adapt every layer")
+    text = [f for f in found if "language_model" in f or "decoder" in f or "text" in f]
+    plain = [f for f in found if not any(w in f for w in ("vision", "visual", "image", "audio", "encoder"))]
+    return (text or plain or found)[0]
+
+
+def last_layers(lora: LoraSection, model, targets: list[str] | str | None = None) -> dict:
+    """peft's ``target_modules`` for ``lora.last_layers``: the full names of the targeted linear layers inside the
+    last N layers of the model's layer stack (the text decoder's in a multimodal model). ``targets``: the recipe's
+    list (short names such as ``q_proj``, or full names) or 'all-linear' (every linear layer in those layers;
+    heads and the LM head sit outside them), default ``lora.target_modules``. Full names, not peft's
+    ``layers_to_transform``: peft matches an exact full name before it looks at the layer index."""
     n_layers = layer_count(model) if model is not None else None
     if n_layers is None:
         raise TunelabError("lora.last_layers: cannot read this model's layer count from its config; "
@@ -186,14 +206,22 @@ def last_layers(lora: LoraSection, model) -> dict:
     if n > n_layers:
         raise TunelabError(f"lora.last_layers is {n} but the model has {n_layers} layers; use at most "
                            f"{n_layers} (or remove it: every layer)")
-    targets = lora.target_modules
-    if targets == "all-linear":
-        targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                          if isinstance(m, torch.nn.Linear) and re.search(r"\.\d+\.", name)})
-    elif isinstance(targets, str):
+    targets = lora.target_modules if targets is None else targets
+    if isinstance(targets, str) and targets != "all-linear":
         raise TunelabError(f"lora.last_layers needs lora.target_modules as a list of names or 'all-linear', not "
                            f"the pattern {targets!r} (peft cannot restrict a pattern to some layers)")
-    return {"layers_to_transform": list(range(n_layers - n, n_layers)), "target_modules": targets}
+    stack = _layer_list(model, n_layers)
+    keep = tuple(f"{stack}.{i}." for i in range(n_layers - n, n_layers))
+    names = []
+    for name, m in model.named_modules():
+        if not name.startswith(keep) or not _is_linear(m) or ".lora_" in name:
+            continue
+        if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets):
+            names.append(name)
+    if not names:
+        raise TunelabError(f"lora.last_layers: no layer named in lora.target_modules ({targets}) inside the last "
+                           f"{n} layers ({stack}.{n_layers - n} to {stack}.{n_layers - 1})")
+    return {"target_modules": names}
 
 
 def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_path: str | None = None,
@@ -209,8 +237,8 @@ def peft_config(section: PeftSection, task_type: str = "CAUSAL_LM", tokenizer_pa
         lo = section.lora
         cls, kw = LoraConfig, dict(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
                                    target_modules=lo.target_modules, use_dora=m == "dora", use_rslora=m == "rslora")
-        if lo.last_layers is not None:
-            kw.update(last_layers(lo, model))
+        if lo.last_layers is not None:  # a recipe's own target list (extra) is restricted too
+            kw.update(last_layers(lo, model, extra.pop("target_modules", None)))
     elif m == "ia3":
         cls, kw = IA3Config, dict(target_modules=section.ia3.target_modules,
                                   feedforward_modules=section.ia3.feedforward_modules)

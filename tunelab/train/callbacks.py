@@ -107,7 +107,9 @@ def release_input_grads(model) -> bool:
     gave its parameters none. Non-reentrant checkpointing (transformers' default) does not, and with the hook the
     backward pass also runs through the frozen layers below the lowest adapter (every layer with
     ``lora.last_layers``; the first layer's input gradient otherwise): computed and thrown away."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    from tunelab.train._cpu_speed import _transformers_model
+
+    base = _transformers_model(model)
     if getattr(base, "_require_grads_hook", None) is None or not hasattr(base, "disable_input_require_grads"):
         return False
     base.disable_input_require_grads()
@@ -139,8 +141,10 @@ class InputGradsOff(TrainerCallback):
         # decides, which has been reentrant: keep the hook then
         if model is None or not on or kw.get("use_reentrant", bool(kw)):
             return
-        release_input_grads(model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        from tunelab.train._cpu_speed import _transformers_model
+
+        base = _transformers_model(model)
+        release_input_grads(base)
         if hasattr(base, "enable_input_require_grads"):
             base.enable_input_require_grads = _no_input_grads
             self._model = base
